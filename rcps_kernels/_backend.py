@@ -1,0 +1,121 @@
+"""The ``backend=`` switch: which implementation runs, and whether it can run here.
+
+``auto`` picks the fused CPU kernel for CPU tensors and the faster GPU backend for CUDA tensors
+(``RCPS_GPU_BACKEND=triton|cuda`` overrides the choice), and falls back to the plain PyTorch
+reference, with one warning, when nothing compiled is usable.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+
+import torch
+
+from ._extension import load_cpu_extension, load_cuda_extension
+
+BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
+
+#: Measured order of preference on CUDA tensors (see benchmarks/results/); first usable wins.
+GPU_PREFERENCE = ("cuda", "triton")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_reason() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not (torch.cuda.is_available() or triton_interpreting()):
+        return "no CUDA device (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
+    return None
+
+
+def backend_status() -> dict[str, dict[str, object]]:
+    """Per backend: whether it is built (importable) and usable on this machine, and why not."""
+    cpu = load_cpu_extension()
+    cuda = load_cuda_extension()
+    triton_installed = importlib.util.find_spec("triton") is not None
+    triton = _triton_reason()
+    return {
+        "reference": {"built": True, "usable": True},
+        "cpu": {"built": cpu is None, "usable": cpu is None, **({"reason": cpu} if cpu else {})},
+        "triton": {"built": triton_installed, "usable": triton is None,
+                   **({"reason": triton} if triton else {})},
+        "cuda": {
+            "built": cuda is None,
+            "usable": cuda is None and torch.cuda.is_available(),
+            **({"reason": cuda} if cuda else
+               {} if torch.cuda.is_available() else {"reason": "no CUDA device"}),
+        },
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback_once(device_type: str, reason: str) -> None:
+    warnings.warn(
+        f"rcps_kernels: no fused backend is usable for {device_type} tensors ({reason}); "
+        "falling back to the plain PyTorch reference (exact, but it materialises large tensors)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _usable(name: str) -> str | None:
+    """None when backend `name` can run here, else why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        return load_cpu_extension()
+    if name == "triton":
+        return _triton_reason()
+    if name == "cuda":
+        reason = load_cuda_extension()
+        return reason or (None if torch.cuda.is_available() else "no CUDA device")
+    raise AssertionError(name)
+
+
+def resolve_backend(backend: str, device: torch.device, available: tuple[str, ...]) -> str:
+    """The concrete backend for tensors on `device`.
+
+    Args:
+        backend: one of BACKENDS.
+        device: where the inputs live.
+        available: the backends this op implements (besides "auto").
+
+    Raises:
+        ValueError: unknown backend, or one that cannot take tensors on `device`.
+        RuntimeError: an explicitly requested backend that is not usable here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            override = os.environ.get("RCPS_GPU_BACKEND")
+            order = (override,) if override else GPU_PREFERENCE
+        else:
+            order = ("cpu",)
+        reasons = []
+        for name in order:
+            if name in available and (reason := _usable(name)) is None:
+                return name
+            reasons.append(f"{name}: {_usable(name) if name in available else 'not implemented'}")
+        _warn_fallback_once(device.type, "; ".join(reasons))
+        return "reference"
+    if backend not in available:
+        raise ValueError(f"backend={backend!r} is not implemented for this op (have {available})")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}"
+        )
+    reason = _usable(backend)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is not usable here: {reason}")
+    return backend

@@ -1,0 +1,46 @@
+"""Input checks shared by the public functions: ValueErrors that name the argument and shapes."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_volume(name: str, tensor: object) -> torch.Tensor:
+    """A floating (B, C, *S) tensor with 1-3 spatial dims and no empty axis."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not 3 <= tensor.dim() <= 5:
+        raise ValueError(
+            f"{name} must be (B, C, *spatial) with 1-3 spatial dims, got shape {tuple(tensor.shape)}"
+        )
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating tensor, got dtype {tensor.dtype}")
+    if tensor.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(tensor.shape)}")
+    return tensor
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """NaN/Inf would propagate silently through the kernels' log-sum-exps: refuse them."""
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf (shape {tuple(tensor.shape)})")
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all inputs must be on one device, got {listed}")
+    return first
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def shape_str(tensor: torch.Tensor) -> str:
+    return str(tuple(tensor.shape))

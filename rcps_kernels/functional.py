@@ -1,0 +1,176 @@
+"""Public functional API of the bidirectional voxel InfoNCE (DESIGN.md section 2)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _validation as v
+from ._backend import resolve_backend
+from .ops import infonce as ops
+from .reference.infonce import bidirectional_voxel_infonce_reference
+from .selection import eligible_negatives, pseudo_labels, select_confident_negatives
+
+SAMPLING_MODES = ("topk", "random")
+_BACKENDS = ("cpu", "triton", "cuda", "reference")
+
+
+def _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
+              temperature, sampling, confidence_threshold, reduction) -> None:
+    for name, t in (("anchor", anchor), ("positive", positive), ("negative", negative),
+                    ("anchor_logits", anchor_logits), ("negative_logits", negative_logits)):
+        v.check_volume(name, t)
+    v.check_same_device(anchor=anchor, positive=positive, negative=negative,
+                        anchor_logits=anchor_logits, negative_logits=negative_logits)
+    if positive.shape != anchor.shape:
+        raise ValueError(f"positive must have anchor's shape {v.shape_str(anchor)}, "
+                         f"got {v.shape_str(positive)}")
+    if positive.dtype != anchor.dtype or negative.dtype != anchor.dtype:
+        raise ValueError(f"anchor, positive and negative must share a dtype, got {anchor.dtype}, "
+                         f"{positive.dtype} and {negative.dtype}")
+    if negative.dim() != anchor.dim() or negative.shape[1] != anchor.shape[1]:
+        raise ValueError(f"negative must be (Bn, C, *S) with anchor's C={anchor.shape[1]} and "
+                         f"{anchor.dim() - 2} spatial dims, got {v.shape_str(negative)}")
+    if anchor_logits.shape[0] != anchor.shape[0] or anchor_logits.shape[2:] != anchor.shape[2:]:
+        raise ValueError(f"anchor_logits must be (B, K_cls, *S) matching anchor "
+                         f"{v.shape_str(anchor)}, got {v.shape_str(anchor_logits)}")
+    if negative_logits.shape[0] != negative.shape[0] or negative_logits.shape[2:] != negative.shape[2:]:
+        raise ValueError(f"negative_logits must be (Bn, K_cls, *S) matching negative "
+                         f"{v.shape_str(negative)}, got {v.shape_str(negative_logits)}")
+    if negative_logits.shape[1] != anchor_logits.shape[1]:
+        raise ValueError(f"anchor_logits and negative_logits must have the same number of classes, "
+                         f"got {v.shape_str(anchor_logits)} and {v.shape_str(negative_logits)}")
+    if anchor_logits.shape[1] < 2:
+        raise ValueError(f"anchor_logits needs at least 2 classes, got {v.shape_str(anchor_logits)}")
+    if not isinstance(num_negatives, int) or num_negatives < 1:
+        raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+    if not 0.0 <= confidence_threshold <= 1.0:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold!r}")
+    v.check_reduction(reduction)
+    for name, t in (("anchor", anchor), ("positive", positive), ("negative", negative),
+                    ("anchor_logits", anchor_logits), ("negative_logits", negative_logits)):
+        v.check_finite(name, t)
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
+
+
+def bidirectional_voxel_infonce(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    anchor_logits: Tensor,
+    negative_logits: Tensor,
+    *,
+    num_negatives: int = 400,
+    temperature: float = 0.1,
+    sampling: str = "topk",
+    confidence_threshold: float = 0.0,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Bidirectional voxel InfoNCE with confident negative sampling (RCPS's L_bc).
+
+    Every voxel of `anchor` is an anchor; its positive is the same voxel of `positive`; its
+    negatives come from the pool `negative` (the other image's un-augmented view), chosen by the
+    pseudo-labels of the logits. Per anchor i of pseudo-class c, with u = z / max(||z||, 1e-12)
+    and s_i = u1_i . u2_i::
+
+        l1_i = -s_i/tau + log(exp(s_i/tau) + sum_{n in N_c} exp(u1_i . u_n / tau))
+        l2_i = -s_i/tau + log(exp(s_i/tau) + sum_{n in N_c} exp(u2_i . u_n / tau))
+
+    ``sampling="topk"`` (official): N_c is the K most confident pool voxels whose pseudo-class is
+    not c, shared by all anchors of class c. Unlike the official code, when fewer than K are
+    eligible only those are used (no same-class "negatives"); an anchor with none gets l = 0.
+    ``sampling="random"``: each anchor draws K negatives uniformly, with replacement, from the
+    pool voxels of another class whose confidence is >= confidence_threshold (counter-based
+    Philox draws keyed by a seed from `generator`, regenerated in backward, never stored).
+
+    Gradients flow into anchor, positive and negative; none into the logits. Zero-norm features
+    are allowed (u = 0). Memory of the fused backends is O(anchors * C), independent of K.
+
+    Args:
+        anchor: (B, C, *S) projections of augmented view 1 (1-3 spatial dims).
+        positive: (B, C, *S) projections of augmented view 2.
+        negative: (Bn, C, *Sn) projections of the negative pool.
+        anchor_logits: (B, K_cls, *S) logits giving the anchors' pseudo-labels.
+        negative_logits: (Bn, K_cls, *Sn) logits giving the pool's pseudo-labels and confidences.
+        num_negatives: K, negatives per anchor.
+        temperature: tau > 0.
+        sampling: "topk" or "random".
+        confidence_threshold: "random" only, minimum max-softmax confidence of a negative.
+        generator: seeds "random" sampling (default: torch's global generator).
+        reduction: "mean" (mean_i l1_i + mean_i l2_i), "sum", or "none" (l1 + l2, shape (B, *S)).
+        backend: "auto", "cpu", "triton", "cuda" or "reference".
+
+    Returns:
+        The loss: a scalar, or (B, *S) for reduction="none". float32 for float16/bfloat16/float32
+        inputs on the fused backends, the input dtype on the reference.
+
+    Raises:
+        ValueError: bad shapes, dtypes, devices, NaN/Inf inputs or arguments (names the argument).
+        RuntimeError: an explicitly requested backend that is not usable here.
+    """
+    _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
+              temperature, sampling, confidence_threshold, reduction)
+    impl = resolve_backend(backend, anchor.device, _BACKENDS)
+    seed = _draw_seed(generator) if sampling == "random" else 0
+    if impl == "reference":
+        return bidirectional_voxel_infonce_reference(
+            anchor, positive, negative, anchor_logits, negative_logits,
+            num_negatives=num_negatives, temperature=temperature, sampling=sampling,
+            confidence_threshold=confidence_threshold, seed=seed, reduction=reduction,
+        )
+
+    num_classes = anchor_logits.shape[1]
+    anchor_labels, _ = pseudo_labels(anchor_logits)
+    if sampling == "topk":
+        neg_index, neg_count = select_confident_negatives(negative_logits, num_negatives, num_classes)
+    else:
+        neg_index, neg_count = eligible_negatives(negative_logits, confidence_threshold, num_classes)
+    # (B, C, P) views (copies only for layouts that cannot be flattened); kernels take any strides.
+    z1 = anchor.reshape(anchor.shape[0], anchor.shape[1], -1)
+    z2 = positive.reshape(z1.shape)
+    zn = negative.reshape(negative.shape[0], negative.shape[1], -1)
+    args = (z1, z2, zn, anchor_labels, neg_index, neg_count, float(temperature), num_negatives,
+            sampling == "random", seed, 0, impl)
+    out_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    wants_grad = torch.is_grad_enabled() and (
+        anchor.requires_grad or positive.requires_grad or negative.requires_grad
+    )
+    if reduction == "mean" and wants_grad:
+        loss, _, _, _ = ops.voxel_infonce_mean(*args, negative.requires_grad)
+        return loss.to(out_dtype)
+    per_anchor = ops.voxel_infonce_loss(*args).to(out_dtype)
+    if reduction == "mean":
+        return per_anchor.mean()
+    if reduction == "sum":
+        return per_anchor.sum()
+    return per_anchor.reshape(anchor.shape[0], *anchor.shape[2:])
+
+
+def random_negative_draws(
+    anchor_logits: Tensor,
+    negative_logits: Tensor,
+    *,
+    num_negatives: int,
+    seed: int,
+    confidence_threshold: float = 0.0,
+    offset: int = 0,
+) -> Tensor:
+    """The negatives that "random" sampling draws for each anchor, for inspection and tests.
+
+    Returns:
+        (B * prod(S), K) int64 flat pool voxels (-1 where the anchor's class has no eligible
+        negative), computed by the CPU kernel's Philox generator.
+    """
+    num_classes = anchor_logits.shape[1]
+    labels, _ = pseudo_labels(anchor_logits)
+    idx, counts = eligible_negatives(negative_logits, confidence_threshold, num_classes)
+    return ops.random_draws(labels, idx, counts, num_negatives, seed, offset)

@@ -1,0 +1,1 @@
+"""Fused kernels registered as torch ops (torch.library custom ops with fake implementations)."""

@@ -1,0 +1,189 @@
+"""torch ops of the fused bidirectional voxel InfoNCE, shared by the cpu, triton and cuda kernels.
+
+Two custom ops, both with fake (meta) implementations so that ``torch.compile(fullgraph=True)``
+traces through them:
+
+- ``rcps::voxel_infonce_loss`` -> per-anchor loss l1 + l2 (N,) float32. Its backward is the op
+  ``rcps::voxel_infonce_backward``, which recomputes the similarity tiles for per-anchor weights
+  grad_loss (any reduction, any grad_output).
+- ``rcps::voxel_infonce_mean`` -> (mean loss, grad_anchor, grad_positive, grad_negative): the
+  training path. Because the mean's gradient is a single scalar times a fixed weight per anchor,
+  the kernel computes the gradients of mean_i l_i while the similarity tiles are still in cache
+  (as fused linear-cross-entropy kernels do) and backward only scales them by grad_output.
+
+Every kernel has the signature of ``torch.ops.rcps_C.voxel_infonce_cpu`` (csrc/cpu/infonce.cpp):
+
+    kernel(anchor (B, C, P), positive (B, C, P), negative (Bn, C, Pn), anchor_labels (N,),
+           neg_index (classes, L), neg_count (classes,), temperature, num_negatives, random,
+           seed, offset, grad_weight (N,) | None, grad_scale, negative_grad)
+        -> (loss (N,) float32, grad_anchor, grad_positive, grad_negative)
+
+computing gradients of grad_scale * sum_i grad_weight[i] * l_i when grad_scale != 0 (empty
+tensors otherwise, and for the pool unless negative_grad). GPU backends add theirs with
+:func:`register_kernel`; the op's ``impl`` argument selects one.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .._extension import load_cpu_extension
+
+Kernel = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+_KERNELS: dict[str, Kernel] = {}
+
+
+def register_kernel(impl: str, kernel: Kernel) -> None:
+    """Make `kernel` (signature above) available to the ops as ``impl``."""
+    _KERNELS[impl] = kernel
+
+
+def _cpu_kernel(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    reason = load_cpu_extension()
+    if reason is not None:
+        raise RuntimeError(f"the rcps_kernels CPU extension is not usable: {reason}")
+    return torch.ops.rcps_C.voxel_infonce_cpu(*args)
+
+
+register_kernel("cpu", _cpu_kernel)
+
+
+def _kernel(impl: str) -> Kernel:
+    if impl not in _KERNELS:
+        # GPU backends live in ops/infonce_<impl>.py and register themselves on import, so that
+        # triton is imported only when it is asked for.
+        try:
+            importlib.import_module(f"{__package__}.infonce_{impl}")
+        except ImportError as exc:
+            raise RuntimeError(f"no voxel InfoNCE kernel for impl={impl!r}: {exc}") from exc
+    return _KERNELS[impl]
+
+
+# --------------------------------------------------------------------------------------------
+# rcps::voxel_infonce_loss and its backward
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("rcps::voxel_infonce_loss", mutates_args=())
+def voxel_infonce_loss(
+    anchor: Tensor, positive: Tensor, negative: Tensor, anchor_labels: Tensor,
+    neg_index: Tensor, neg_count: Tensor, temperature: float, num_negatives: int,
+    random: bool, seed: int, offset: int, impl: str,
+) -> Tensor:
+    loss, _, _, _ = _kernel(impl)(
+        anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
+        num_negatives, random, seed, offset, None, 0.0, False,
+    )
+    return loss
+
+
+@voxel_infonce_loss.register_fake
+def _(anchor, positive, negative, anchor_labels, *_args) -> Tensor:
+    return anchor_labels.new_empty(anchor_labels.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("rcps::voxel_infonce_backward", mutates_args=())
+def voxel_infonce_backward(
+    grad_loss: Tensor, anchor: Tensor, positive: Tensor, negative: Tensor,
+    anchor_labels: Tensor, neg_index: Tensor, neg_count: Tensor, temperature: float,
+    num_negatives: int, random: bool, seed: int, offset: int, impl: str, negative_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    _, grad_anchor, grad_positive, grad_negative = _kernel(impl)(
+        anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
+        num_negatives, random, seed, offset, grad_loss.float().contiguous(), 1.0, negative_grad,
+    )
+    return grad_anchor, grad_positive, grad_negative
+
+
+@voxel_infonce_backward.register_fake
+def _(grad_loss, anchor, positive, negative, *args):
+    negative_grad = args[-1]
+    return (
+        anchor.new_empty(anchor.shape),
+        positive.new_empty(positive.shape),
+        negative.new_empty(negative.shape if negative_grad else (0,)),
+    )
+
+
+def _setup_loss(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:6])
+    ctx.options = inputs[6:]
+    ctx.negative_grad = inputs[2].requires_grad
+
+
+def _backward_loss(ctx, grad_loss):
+    tensors = ctx.saved_tensors
+    grad_anchor, grad_positive, grad_negative = voxel_infonce_backward(
+        grad_loss, *tensors, *ctx.options, ctx.negative_grad
+    )
+    return (grad_anchor, grad_positive, grad_negative if ctx.negative_grad else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+voxel_infonce_loss.register_autograd(_backward_loss, setup_context=_setup_loss)
+
+
+# --------------------------------------------------------------------------------------------
+# rcps::voxel_infonce_mean: forward computes the gradients of the mean as well
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("rcps::voxel_infonce_mean", mutates_args=())
+def voxel_infonce_mean(
+    anchor: Tensor, positive: Tensor, negative: Tensor, anchor_labels: Tensor,
+    neg_index: Tensor, neg_count: Tensor, temperature: float, num_negatives: int,
+    random: bool, seed: int, offset: int, impl: str, negative_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    num_anchors = anchor_labels.numel()
+    loss, grad_anchor, grad_positive, grad_negative = _kernel(impl)(
+        anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
+        num_negatives, random, seed, offset, None, 1.0 / max(num_anchors, 1), negative_grad,
+    )
+    return loss.mean(), grad_anchor, grad_positive, grad_negative
+
+
+@voxel_infonce_mean.register_fake
+def _(anchor, positive, negative, anchor_labels, *args):
+    negative_grad = args[-1]
+    return (
+        anchor_labels.new_empty((), dtype=torch.float32),
+        anchor.new_empty(anchor.shape),
+        positive.new_empty(positive.shape),
+        negative.new_empty(negative.shape if negative_grad else (0,)),
+    )
+
+
+def _setup_mean(ctx, inputs, output) -> None:
+    _, grad_anchor, grad_positive, grad_negative = output
+    ctx.save_for_backward(grad_anchor, grad_positive, grad_negative)
+    ctx.negative_grad = inputs[-1]
+
+
+def _backward_mean(ctx, grad_loss, *_unused):
+    # d(mean)/dz was computed in forward; the chain rule only scales it by grad_output.
+    grad_anchor, grad_positive, grad_negative = ctx.saved_tensors
+    return (
+        grad_loss * grad_anchor,
+        grad_loss * grad_positive,
+        grad_loss * grad_negative if ctx.negative_grad else None,
+        None, None, None, None, None, None, None, None, None, None,
+    )
+
+
+voxel_infonce_mean.register_autograd(_backward_mean, setup_context=_setup_mean)
+
+
+def random_draws(
+    anchor_labels: Tensor, neg_index: Tensor, neg_count: Tensor, num_negatives: int, seed: int,
+    offset: int = 0,
+) -> Tensor:
+    """(N, K) pool voxels that the CPU kernel's random mode draws (-1: nothing eligible)."""
+    reason = load_cpu_extension()
+    if reason is not None:
+        raise RuntimeError(f"the rcps_kernels CPU extension is not usable: {reason}")
+    return torch.ops.rcps_C.random_draws_cpu(
+        anchor_labels.cpu(), neg_index.cpu(), neg_count.cpu(), num_negatives, seed, offset
+    ).to(anchor_labels.device)
+
+
+__all__ = ["register_kernel", "voxel_infonce_loss", "voxel_infonce_backward",
+           "voxel_infonce_mean", "random_draws"]

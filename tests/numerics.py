@@ -1,0 +1,44 @@
+"""The correctness rule of DESIGN.md section 5, shared by all kernel tests.
+
+A kernel passes when its error against the float64 reference is at most `factor` times the
+error of the reference run in the kernel's own dtype, plus `atol` (the CCE / flash-attention
+rule). Reports the worst element on failure.
+"""
+from __future__ import annotations
+
+import torch
+
+#: Absolute slack per input dtype, on top of the same-dtype reference's own error.
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def assert_close_to_reference(
+    actual: torch.Tensor,
+    same_dtype_reference: torch.Tensor,
+    float64_reference: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    factor: float = 2.0,
+    name: str = "value",
+) -> None:
+    """Elementwise |actual - gt| <= factor * |ref - gt| + atol, with gt the float64 result."""
+    assert actual is not float64_reference and actual is not same_dtype_reference
+    assert actual.shape == float64_reference.shape, (
+        f"{name}: shape {tuple(actual.shape)} != reference {tuple(float64_reference.shape)}"
+    )
+    gt = float64_reference.detach().double().cpu()
+    err = (actual.detach().double().cpu() - gt).abs()
+    ref_err = (same_dtype_reference.detach().double().cpu() - gt).abs()
+    # atol is relative to the largest value compared: gradients of a mean over anchors are tiny.
+    scale = gt.abs().max().item() if gt.numel() else 0.0
+    bound = factor * ref_err + ATOL[dtype] * (scale if scale > 0 else 1.0)
+    bad = ~(err <= bound)
+    if bad.any():
+        i = int(torch.argmax((err - bound).masked_fill(~bad, float("-inf")).flatten()))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{err.numel()} elements out of tolerance; worst at flat "
+            f"index {i}: actual={actual.detach().double().cpu().flatten()[i].item():.8g} "
+            f"float64={gt.flatten()[i].item():.8g} "
+            f"same-dtype reference={same_dtype_reference.detach().double().cpu().flatten()[i].item():.8g} "
+            f"(err {err.flatten()[i].item():.3g} > bound {bound.flatten()[i].item():.3g})"
+        )
