@@ -23,11 +23,16 @@ constexpr float kNormEps = 1e-12f;
 // L2 normalisation: u = z / max(||z||, eps).
 // ---------------------------------------------------------------------------------------------
 
-// 1 / max(||z||, eps) from the squared norm.
-RCPS_HD float inv_norm_from_sq(float sq_norm) {
+// max(||z||, eps) from the squared norm. Normalise by dividing by it (u = z / n, as torch's
+// F.normalize does) rather than multiplying by its inverse: for 1-channel features that keeps
+// u exactly +-1, so the normalisation's analytically zero gradient is computed as exactly zero.
+RCPS_HD float clamped_norm_from_sq(float sq_norm) {
   float norm = sqrtf(sq_norm);
-  return 1.0f / (norm > kNormEps ? norm : kNormEps);
+  return norm > kNormEps ? norm : kNormEps;
 }
+
+// 1 / max(||z||, eps) from the squared norm.
+RCPS_HD float inv_norm_from_sq(float sq_norm) { return 1.0f / clamped_norm_from_sq(sq_norm); }
 
 // Chain rule through u = z / max(||z||, eps), per element.
 // Where ||z|| > eps:  dz = (du - u (u . du)) / ||z||   (the Jacobian of z/||z|| is (I - u u^T)/||z||);

@@ -78,6 +78,9 @@ def _usable(name: str) -> str | None:
     raise AssertionError(name)
 
 
+# Evaluated eagerly while torch.compile traces (the answer is a constant for a given call site),
+# so that loading the extension and reading the environment never enter the graph.
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device, available: tuple[str, ...]) -> str:
     """The concrete backend for tensors on `device`.
 

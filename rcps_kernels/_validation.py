@@ -22,10 +22,20 @@ def check_volume(name: str, tensor: object) -> torch.Tensor:
     return tensor
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """NaN/Inf would propagate silently through the kernels' log-sum-exps: refuse them."""
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contains NaN or Inf (shape {tuple(tensor.shape)})")
+def check_finite(**tensors: torch.Tensor) -> None:
+    """NaN/Inf would propagate silently through the kernels' log-sum-exps: refuse them.
+
+    One host sync for all tensors; skipped while tracing (torch.compile), where data-dependent
+    checks cannot run, and on meta tensors.
+    """
+    if torch.compiler.is_compiling() or next(iter(tensors.values())).device.type == "meta":
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    if bool(finite.all()):
+        return
+    for (name, t), ok in zip(tensors.items(), finite.tolist()):
+        if not ok:
+            raise ValueError(f"{name} contains NaN or Inf (shape {tuple(t.shape)})")
 
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:

@@ -50,9 +50,6 @@ def _validate(anchor, positive, negative, anchor_logits, negative_logits, num_ne
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold!r}")
     v.check_reduction(reduction)
-    for name, t in (("anchor", anchor), ("positive", positive), ("negative", negative),
-                    ("anchor_logits", anchor_logits), ("negative_logits", negative_logits)):
-        v.check_finite(name, t)
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:
@@ -120,6 +117,8 @@ def bidirectional_voxel_infonce(
     _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
               temperature, sampling, confidence_threshold, reduction)
     impl = resolve_backend(backend, anchor.device, _BACKENDS)
+    v.check_finite(anchor=anchor, positive=positive, negative=negative,
+                   anchor_logits=anchor_logits, negative_logits=negative_logits)
     seed = _draw_seed(generator) if sampling == "random" else 0
     if impl == "reference":
         return bidirectional_voxel_infonce_reference(

@@ -12,12 +12,9 @@
 //   dU_n  = sum_i w_i/tau (p1_in u1_i + p2_in u2_i),
 // then dz = (du - u (u.du)) / ||z|| through the normalisation (rcps_math.h).
 //
-// topk mode: anchors are counting-sorted by class so that a tile of anchors shares one bank;
-// S = U_tile N_c^T is a small GEMM whose rows stay in cache while they turn into softmax weights
-// and then into the three gradient products. Nothing of size anchors x K is ever stored: the extra
-// memory is the normalised anchors, one bank and one bank-gradient partial per thread.
-// The bank gradient is accumulated per thread slot and summed in slot order, so results are
-// identical run to run for a given thread count.
+// topk mode (topk_pass below): tiles of class-sorted anchors against their class bank with small
+// GEMMs; nothing of size anchors x K is ever stored, and results are deterministic.
+// random mode (random_pass): K Philox draws per anchor, regenerated whenever they are needed.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -72,24 +69,30 @@ NormalisedRows normalise_rows(const FeatureMap& z, const int64_t* rows, int64_t 
       const float* src = z.data + z.offset(rows ? rows[r] : r);
       float sq = 0.f;
       for (int64_t c = 0; c < C; ++c) sq += src[c * z.stride_c] * src[c * z.stride_c];
-      const float inv = inv_norm_from_sq(sq);
+      const float norm = clamped_norm_from_sq(sq);
       float* dst = out.u.data() + r * C;
-      for (int64_t c = 0; c < C; ++c) dst[c] = src[c * z.stride_c] * inv;
-      out.inv_norm[r] = inv;
+      for (int64_t c = 0; c < C; ++c) dst[c] = src[c * z.stride_c] / norm;
+      out.inv_norm[r] = 1.0f / norm;
       out.clamped[r] = norm_is_clamped(sq);
     }
   });
   return out;
 }
 
-// dz for one voxel from du (fp32, C contiguous), written with the output's channel stride.
-inline void write_input_grad(const float* du, const float* u, float inv_norm, bool clamped,
+// dz for one voxel from du (fp32, C contiguous), written (or added, for pool voxels that
+// collect several contributions) with the output's channel stride.
+template <bool kAccumulate>
+inline void chain_input_grad(const float* du, const float* u, float inv_norm, bool clamped,
                              int64_t C, float* dz, int64_t stride_c) {
   float u_dot_du = 0.f;
   for (int64_t c = 0; c < C; ++c) u_dot_du += u[c] * du[c];
-  for (int64_t c = 0; c < C; ++c)
-    dz[c * stride_c] = normalize_backward(du[c], u[c], u_dot_du, inv_norm, clamped);
+  for (int64_t c = 0; c < C; ++c) {
+    const float g = normalize_backward(du[c], u[c], u_dot_du, inv_norm, clamped);
+    dz[c * stride_c] = kAccumulate ? dz[c * stride_c] + g : g;
+  }
 }
+constexpr auto write_input_grad = chain_input_grad<false>;
+constexpr auto accumulate_input_grad = chain_input_grad<true>;
 
 // Contiguous fp32 (B, C, P) gradient buffer and where voxel v's channel 0 lives in it.
 struct GradMap {
@@ -113,23 +116,31 @@ Tensor matrix(const float* data, int64_t rows, int64_t cols) {
   return at::from_blob(const_cast<float*>(data), {rows, cols}, at::kFloat);
 }
 
-// Softmax of [x, S_row / tau] for one direction: turns S_row into exp(S/tau - m) in place and
-// returns (log-sum-exp, sum, exp(x - m)).
-struct RowSoftmax {
-  float lse, sum, positive;
-};
-
-inline RowSoftmax row_softmax(float* row, int64_t K, float x, float inv_tau) {
-  float m = x;
+// exp(S/tau - m) in place over one row block, m its max: returns (m, sum of the exps).
+// Separate simple loops so that the compiler vectorises them (OpenMP simd reductions).
+inline LseState exp_block(float* row, int64_t K, float inv_tau) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
   for (int64_t k = 0; k < K; ++k) m = std::max(m, row[k] * inv_tau);
+  if (K == 0) return lse_init();
   float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < K; ++k) {
     row[k] = fast_exp(row[k] * inv_tau - m);
     sum += row[k];
   }
-  const float positive = std::exp(x - m);
-  sum += positive;
-  return RowSoftmax{m + std::log(sum), sum, positive};
+  return LseState{m, sum};
+}
+
+inline void scale_block(float* row, int64_t K, float scale) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) row[k] *= scale;
+}
+
+// S/tau -> exp(S/tau - lse) * scale in place, from a known log-sum-exp.
+inline void softmax_weights(float* row, int64_t K, float inv_tau, float lse, float scale) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) row[k] = fast_exp(row[k] * inv_tau - lse) * scale;
 }
 
 struct Options {
@@ -138,20 +149,98 @@ struct Options {
   bool want_negative_grad;   // ... including the pool's
   float grad_scale;          // w_i = grad_scale * grad_weight[i] (or grad_scale)
   const float* grad_weight;  // (N,) or null
-};
 
-// Rows of the anchor tile per GEMM: keep each (tile x K) similarity block around 128 KB.
-int64_t tile_rows(int64_t K) {
-  return std::clamp<int64_t>(32768 / std::max<int64_t>(K, 1), 16, 256);
-}
+  float weight(int64_t anchor) const {
+    return grad_scale * (grad_weight ? grad_weight[anchor] : 1.f);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // topk mode
+//
+// Anchors are counting-sorted by class, so a tile of anchors shares one bank N_c. Tiles are
+// independent tasks: S = U_tile N_c^T (one GEMM per direction), exact row log-sum-exps with the
+// positive logit, S turned in place into softmax weights times w/tau, then dU = P N_c (two GEMMs)
+// and dN_c += P^T U (two GEMMs) while S is still in cache: six GEMMs in all, the floor.
+//
+// The bank gradient dN_c is summed over tiles. While one copy of it per thread is small
+// (kPartialBudget), each thread accumulates its own and the copies are added in thread order.
+// For larger banks a second pass owns blocks of bank rows and recomputes the similarity of every
+// tile against its block from the stored log-sum-exps (two more GEMMs), so memory stays flat in
+// K. Both orders are fixed: results are deterministic for a given thread count.
 // ---------------------------------------------------------------------------------------------
+
+// Rows of the anchor tile: keep a (tile x K) similarity block around 128 KB.
+int64_t tile_rows(int64_t K) {
+  return std::clamp<int64_t>(32768 / std::max<int64_t>(K, 1), 8, 128);
+}
+
+// Largest per-thread bank-gradient copies (floats, all threads together) before the second pass.
+constexpr int64_t kPartialBudget = 1 << 18;
+// Bank rows per task of the second pass.
+constexpr int64_t kBankBlock = 128;
+
+struct ClassTiles {
+  const NormalisedRows& a1;
+  const NormalisedRows& a2;
+  const NormalisedRows& bank;
+  const int64_t* order;  // sorted row -> anchor
+  int64_t first, count, K, C;
+};
+
+// Similarities of sorted rows [r0, r0 + rows) against bank rows [k0, k0 + nk), both directions.
+void similarity_block(const ClassTiles& ct, int64_t r0, int64_t rows, int64_t k0, int64_t nk,
+                      Tensor& s1, Tensor& s2) {
+  const Tensor bank_t = matrix(ct.bank.u.data() + k0 * ct.C, nk, ct.C);
+  at::mm_out(s1, matrix(ct.a1.u.data() + r0 * ct.C, rows, ct.C), bank_t.t());
+  at::mm_out(s2, matrix(ct.a2.u.data() + r0 * ct.C, rows, ct.C), bank_t.t());
+}
+
+// Add dN (rows x C, fp32) of bank rows [k0, k0 + nk) into the pool gradient, through the
+// normalisation of those rows. Callers own these rows: no other thread writes them meanwhile.
+void chain_bank_grad(const ClassTiles& ct, const int64_t* bank_voxels, const float* grad,
+                     int64_t k0, int64_t nk, GradMap* gn) {
+  for (int64_t b = 0; b < nk; ++b) {
+    const int64_t k = k0 + b;
+    accumulate_input_grad(grad + b * ct.C, ct.bank.u.data() + k * ct.C, ct.bank.inv_norm[k],
+                          ct.bank.clamped[k], ct.C, gn->voxel(bank_voxels[k]),
+                          gn->voxels_per_item);
+  }
+}
+
+// Second pass for large banks: each task owns kBankBlock bank rows and sweeps all tiles,
+// recomputing P from the stored log-sum-exps: dN_block = sum_tiles P_block^T U_tile.
+void bank_grad_pass(const ClassTiles& ct, const int64_t* bank_voxels, const float* lse1,
+                    const float* lse2, const Options& opt, GradMap* gn) {
+  const int64_t C = ct.C, num_blocks = (ct.K + kBankBlock - 1) / kBankBlock;
+  const int64_t T = tile_rows(kBankBlock);
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<float> s1(T * kBankBlock), s2(T * kBankBlock), grad(kBankBlock * C);
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      const int64_t k0 = block * kBankBlock, nk = std::min(kBankBlock, ct.K - k0);
+      Tensor grad_t = matrix(grad.data(), nk, C);
+      grad_t.zero_();
+      for (int64_t r0 = ct.first; r0 < ct.first + ct.count; r0 += T) {
+        const int64_t rows = std::min(T, ct.first + ct.count - r0);
+        Tensor s1_t = matrix(s1.data(), rows, nk), s2_t = matrix(s2.data(), rows, nk);
+        similarity_block(ct, r0, rows, k0, nk, s1_t, s2_t);
+        for (int64_t t = 0; t < rows; ++t) {
+          const float wt = opt.weight(ct.order[r0 + t]) * opt.inv_tau;
+          softmax_weights(s1.data() + t * nk, nk, opt.inv_tau, lse1[r0 + t], wt);
+          softmax_weights(s2.data() + t * nk, nk, opt.inv_tau, lse2[r0 + t], wt);
+        }
+        grad_t.addmm_(s1_t.t(), matrix(ct.a1.u.data() + r0 * C, rows, C));
+        grad_t.addmm_(s2_t.t(), matrix(ct.a2.u.data() + r0 * C, rows, C));
+      }
+      chain_bank_grad(ct, bank_voxels, grad.data(), k0, nk, gn);
+    }
+  });
+}
+
 void topk_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& zn,
                const int64_t* labels, const int64_t* neg_index, int64_t index_stride,
                const int64_t* neg_count, int64_t num_classes, int64_t N, const Options& opt,
-               float* loss, GradMap* g1, GradMap* g2, float* pool_grad /* (M, C) or null */) {
+               float* loss, GradMap* g1, GradMap* g2, GradMap* gn) {
   const int64_t C = z1.channels;
 
   // Counting sort of anchors by class: class c owns sorted rows [start[c], start[c + 1]).
@@ -164,15 +253,20 @@ void topk_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& zn,
   }
   const NormalisedRows a1 = normalise_rows(z1, order.data(), N);
   const NormalisedRows a2 = normalise_rows(z2, order.data(), N);
-  const int num_slots = at::get_num_threads();
+  const int num_slots = std::max(1, at::get_num_threads());
+  // Row log-sum-exps, kept for the second pass of large banks.
+  std::vector<float> lse1(N), lse2(N);
 
   for (int64_t c = 0; c < num_classes; ++c) {
     const int64_t first = start[c], count = start[c + 1] - first;
     const int64_t K = neg_count[c];
     if (count == 0) continue;
-    const NormalisedRows bank = normalise_rows(zn, neg_index + c * index_stride, K);
+    const int64_t* bank_voxels = neg_index + c * index_stride;
+    const NormalisedRows bank = normalise_rows(zn, bank_voxels, K);
+    const ClassTiles ct{a1, a2, bank, order.data(), first, count, K, C};
     const bool bank_grad = opt.want_negative_grad && K > 0;
-    std::vector<float> bank_partials(bank_grad ? num_slots * K * C : 0, 0.f);
+    const bool use_partials = bank_grad && num_slots * K * C <= kPartialBudget;
+    std::vector<float> partials(use_partials ? num_slots * K * C : 0, 0.f);
     const Tensor bank_t = matrix(bank.u.data(), K, C);
 
     const int64_t T = tile_rows(K);
@@ -184,35 +278,34 @@ void topk_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& zn,
         const int64_t r0 = first + tile * T, rows = std::min(T, first + count - r0);
         const float* u1 = a1.u.data() + r0 * C;
         const float* u2 = a2.u.data() + r0 * C;
-        const Tensor u1_t = matrix(u1, rows, C), u2_t = matrix(u2, rows, C);
         Tensor s1_t = matrix(s1.data(), rows, K), s2_t = matrix(s2.data(), rows, K);
-        if (K > 0) {
-          at::mm_out(s1_t, u1_t, bank_t.t());
-          at::mm_out(s2_t, u2_t, bank_t.t());
-        }
+        if (K > 0) similarity_block(ct, r0, rows, 0, K, s1_t, s2_t);
         for (int64_t t = 0; t < rows; ++t) {
-          const float* u1r = u1 + t * C;
-          const float* u2r = u2 + t * C;
-          float s = 0.f;
-          for (int64_t ch = 0; ch < C; ++ch) s += u1r[ch] * u2r[ch];
-          const float x = s * opt.inv_tau;
-          const RowSoftmax d1 = row_softmax(s1.data() + t * K, K, x, opt.inv_tau);
-          const RowSoftmax d2 = row_softmax(s2.data() + t * K, K, x, opt.inv_tau);
-          const int64_t anchor = order[r0 + t];
-          loss[anchor] = (d1.lse - x) + (d2.lse - x);
+          const int64_t r = r0 + t, anchor = order[r];
+          float dot = 0.f;
+          for (int64_t ch = 0; ch < C; ++ch) dot += u1[t * C + ch] * u2[t * C + ch];
+          const float x = dot * opt.inv_tau;
+          // lse = log(exp(x) + sum_k exp(S_k/tau)), merged from the block's (max, sum).
+          const LseState b1 = exp_block(s1.data() + t * K, K, opt.inv_tau);
+          const LseState b2 = exp_block(s2.data() + t * K, K, opt.inv_tau);
+          const LseState st1 = lse_merge(lse_push(lse_init(), x), b1.max, b1.sum);
+          const LseState st2 = lse_merge(lse_push(lse_init(), x), b2.max, b2.sum);
+          lse1[r] = lse_value(st1);
+          lse2[r] = lse_value(st2);
+          loss[anchor] = (lse1[r] - x) + (lse2[r] - x);
           if (!opt.want_grad) continue;
-          const float w = opt.grad_scale * (opt.grad_weight ? opt.grad_weight[anchor] : 1.f);
-          // Softmax weights times w / tau, in place: these rows feed all three GEMMs below.
-          const float scale1 = w * opt.inv_tau / d1.sum, scale2 = w * opt.inv_tau / d2.sum;
-          for (int64_t k = 0; k < K; ++k) {
-            s1[t * K + k] *= scale1;
-            s2[t * K + k] *= scale2;
+          // p_k = exp(S_k/tau - lse) = stored exp(S_k/tau - block max) * exp(block max - lse);
+          // folded with w/tau, these rows feed the GEMMs below.
+          const float wt = opt.weight(anchor) * opt.inv_tau;
+          if (K > 0) {
+            scale_block(s1.data() + t * K, K, wt * std::exp(b1.max - lse1[r]));
+            scale_block(s2.data() + t * K, K, wt * std::exp(b2.max - lse2[r]));
           }
-          // dU1 = coef u2 + P1 N_c, dU2 = coef u1 + P2 N_c; the GEMM part is added after the loop.
-          const float coef = w * opt.inv_tau * (d1.positive / d1.sum + d2.positive / d2.sum - 2.f);
+          // dU1 = coef u2 + P1 N_c, dU2 = coef u1 + P2 N_c; the GEMM part is added below.
+          const float coef = wt * (std::exp(x - lse1[r]) + std::exp(x - lse2[r]) - 2.f);
           for (int64_t ch = 0; ch < C; ++ch) {
-            du1[t * C + ch] = coef * u2r[ch];
-            du2[t * C + ch] = coef * u1r[ch];
+            du1[t * C + ch] = coef * u2[t * C + ch];
+            du2[t * C + ch] = coef * u1[t * C + ch];
           }
         }
         if (!opt.want_grad) continue;
@@ -228,21 +321,21 @@ void topk_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& zn,
           write_input_grad(du2.data() + t * C, u2 + t * C, a2.inv_norm[r], a2.clamped[r], C,
                            g2->voxel(anchor), g2->voxels_per_item);
         }
-        if (bank_grad) {
-          // dN_c += P1^T U1 + P2^T U2 into this thread's slot.
-          Tensor partial = matrix(bank_partials.data() + slot * K * C, K, C);
-          partial.addmm_(s1_t.t(), u1_t);
-          partial.addmm_(s2_t.t(), u2_t);
+        if (use_partials) {
+          // dN_c += P1^T U1 + P2^T U2 into this thread's copy.
+          Tensor partial = matrix(partials.data() + slot * K * C, K, C);
+          partial.addmm_(s1_t.t(), matrix(u1, rows, C));
+          partial.addmm_(s2_t.t(), matrix(u2, rows, C));
         }
       }
     });
-    if (!bank_grad) continue;
-    // Sum the slots in a fixed order, then scatter into the pool's (un-normalised-chain) gradient.
-    for (int s = 1; s < num_slots; ++s)
-      for (int64_t e = 0; e < K * C; ++e) bank_partials[e] += bank_partials[s * K * C + e];
-    const int64_t* rows = neg_index + c * index_stride;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t ch = 0; ch < C; ++ch) pool_grad[rows[k] * C + ch] += bank_partials[k * C + ch];
+    if (use_partials) {
+      for (int s = 1; s < num_slots; ++s)
+        for (int64_t e = 0; e < K * C; ++e) partials[e] += partials[s * K * C + e];
+      chain_bank_grad(ct, bank_voxels, partials.data(), 0, K, gn);
+    } else if (bank_grad) {
+      bank_grad_pass(ct, bank_voxels, lse1.data(), lse2.data(), opt, gn);
+    }
   }
 }
 
@@ -288,11 +381,12 @@ void random_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& z
         sq1 += src1[ch * z1.stride_c] * src1[ch * z1.stride_c];
         sq2 += src2[ch * z2.stride_c] * src2[ch * z2.stride_c];
       }
-      const float inv1 = inv_norm_from_sq(sq1), inv2 = inv_norm_from_sq(sq2);
+      const float norm1 = clamped_norm_from_sq(sq1), norm2 = clamped_norm_from_sq(sq2);
+      const float inv1 = 1.0f / norm1, inv2 = 1.0f / norm2;
       float s = 0.f;
       for (int64_t ch = 0; ch < C; ++ch) {
-        u1[ch] = src1[ch * z1.stride_c] * inv1;
-        u2[ch] = src2[ch * z2.stride_c] * inv2;
+        u1[ch] = src1[ch * z1.stride_c] / norm1;
+        u2[ch] = src2[ch * z2.stride_c] / norm2;
         s += u1[ch] * u2[ch];
       }
       const float x = s * opt.inv_tau;
@@ -315,7 +409,7 @@ void random_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& z
       const float l1 = lse_value(lse1), l2 = lse_value(lse2);
       loss[i] = (l1 - x) + (l2 - x);
       if (!opt.want_grad) continue;
-      const float w = opt.grad_scale * (opt.grad_weight ? opt.grad_weight[i] : 1.f);
+      const float w = opt.weight(i);
       const float wt = w * opt.inv_tau;
       const float coef = wt * (std::exp(x - l1) + std::exp(x - l2) - 2.f);
       for (int64_t ch = 0; ch < C; ++ch) {
@@ -356,9 +450,9 @@ void pool_input_grad(const FeatureMap& zn, const float* pool_grad, int64_t M, Gr
       const float* src = zn.data + zn.offset(j);
       float sq = 0.f;
       for (int64_t c = 0; c < C; ++c) sq += src[c * zn.stride_c] * src[c * zn.stride_c];
-      const float inv = inv_norm_from_sq(sq);
-      for (int64_t c = 0; c < C; ++c) u[c] = src[c * zn.stride_c] * inv;
-      write_input_grad(du, u.data(), inv, norm_is_clamped(sq), C, gn->voxel(j),
+      const float norm = clamped_norm_from_sq(sq);
+      for (int64_t c = 0; c < C; ++c) u[c] = src[c * zn.stride_c] / norm;
+      write_input_grad(du, u.data(), 1.0f / norm, norm_is_clamped(sq), C, gn->voxel(j),
                        gn->voxels_per_item);
     }
   });
@@ -403,37 +497,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce_cpu(
 
   Tensor loss = at::zeros({N}, at::kFloat);
   const FeatureMap f1(z1), f2(z2), fn(zn);
-  GradMap g1 = opt.want_grad ? GradMap(B, C, P) : GradMap(0, C, 1);
-  GradMap g2 = opt.want_grad ? GradMap(B, C, P) : GradMap(0, C, 1);
-  Tensor pool_grad = opt.want_negative_grad ? at::zeros({M, C}, at::kFloat) : Tensor();
-  float* pool_grad_ptr = pool_grad.defined() ? pool_grad.data_ptr<float>() : nullptr;
+  const int64_t rows = opt.want_grad ? B : 0, pool_rows = opt.want_negative_grad ? zn.size(0) : 0;
+  GradMap g1(rows, C, P), g2(rows, C, P), gn(pool_rows, C, zn.size(2));
 
   if (random) {
     const Draws draws{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), num_negatives};
+    // Random draws scatter anywhere in the pool: collect du per pool row, then chain once.
+    Tensor pool_grad = opt.want_negative_grad ? at::zeros({M, C}, at::kFloat) : Tensor();
+    float* pool_grad_ptr = pool_grad.defined() ? pool_grad.data_ptr<float>() : nullptr;
     random_pass(f1, f2, fn, anchor_labels.data_ptr<int64_t>(), neg_index.data_ptr<int64_t>(),
                 neg_index.size(1), neg_count.data_ptr<int64_t>(), N, M, draws, opt,
                 loss.data_ptr<float>(), &g1, &g2, pool_grad_ptr);
+    if (opt.want_negative_grad) pool_input_grad(fn, pool_grad_ptr, M, &gn);
   } else {
     topk_pass(f1, f2, fn, anchor_labels.data_ptr<int64_t>(), neg_index.data_ptr<int64_t>(),
               neg_index.size(1), neg_count.data_ptr<int64_t>(), num_classes, N, opt,
-              loss.data_ptr<float>(), &g1, &g2, pool_grad_ptr);
+              loss.data_ptr<float>(), &g1, &g2, &gn);
   }
 
-  Tensor grad_anchor, grad_positive, grad_negative;
-  if (opt.want_grad) {
-    grad_anchor = g1.tensor.to(anchor.scalar_type());
-    grad_positive = g2.tensor.to(anchor.scalar_type());
-  } else {
-    grad_anchor = at::empty({0}, anchor.options());
-    grad_positive = at::empty({0}, anchor.options());
-  }
-  if (opt.want_negative_grad) {
-    GradMap gn(zn.size(0), C, zn.size(2));
-    pool_input_grad(fn, pool_grad_ptr, M, &gn);
-    grad_negative = gn.tensor.to(negative.scalar_type());
-  } else {
-    grad_negative = at::empty({0}, negative.options());
-  }
+  const auto as_output = [](GradMap& g, const Tensor& like) {
+    return g.tensor.size(0) > 0 ? g.tensor.to(like.scalar_type()) : at::empty({0}, like.options());
+  };
+  Tensor grad_anchor = as_output(g1, anchor), grad_positive = as_output(g2, positive),
+         grad_negative = as_output(gn, negative);
   return {loss, grad_anchor, grad_positive, grad_negative};
 }
 
