@@ -17,8 +17,10 @@ from ._extension import load_cpu_extension, load_cuda_extension
 
 BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
 
-#: Measured order of preference on CUDA tensors (see benchmarks/results/); first usable wins.
-GPU_PREFERENCE = ("cuda", "triton")
+#: Order of preference on CUDA tensors; first usable wins. Triton first until a GPU benchmark
+#: (benchmarks/bench_infonce_gpu.py) says otherwise: its tiles use tensor cores, the CUDA
+#: kernels plain FP32 FMAs.
+GPU_PREFERENCE = ("triton", "cuda")
 
 
 def triton_interpreting() -> bool:

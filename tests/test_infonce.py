@@ -383,3 +383,18 @@ def test_fuzz_against_reference(dims, size, pool_size, channels, classes, k, sam
                               pool_spatial=pool_spatial, seed=seed)
     check_against_reference(feats, logits, num_negatives=k, sampling=sampling,
                             reduction=reduction, temperature=temperature, seed=seed)
+
+
+def test_mean_path_refuses_a_second_backward_through_the_graph():
+    feats, logits = make_case((4, 4, 3), classes=2)
+    leaves = [f.clone().requires_grad_() for f in feats]
+    loss = rk.bidirectional_voxel_infonce(*leaves, *logits, num_negatives=6, backend="cpu")
+    (2 * loss).backward(retain_graph=True)
+    once = [t.grad.clone() for t in leaves]
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    reference = [f.clone().requires_grad_() for f in feats]
+    (2 * rk.bidirectional_voxel_infonce(*reference, *logits, num_negatives=6,
+                                        backend="reference")).backward()
+    for got, want in zip(once, reference):
+        torch.testing.assert_close(got, want.grad.float(), rtol=1e-4, atol=1e-6)

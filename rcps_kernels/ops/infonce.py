@@ -156,15 +156,30 @@ def _setup_mean(ctx, inputs, output) -> None:
     _, grad_anchor, grad_positive, grad_negative = output
     ctx.save_for_backward(grad_anchor, grad_positive, grad_negative)
     ctx.negative_grad = inputs[-1]
+    ctx.used = False
 
 
 def _backward_mean(ctx, grad_loss, *_unused):
-    # d(mean)/dz was computed in forward; the chain rule only scales it by grad_output.
-    grad_anchor, grad_positive, grad_negative = ctx.saved_tensors
+    # d(mean)/dz was computed in forward; the chain rule only scales it by grad_output. The
+    # buffers belong to this node alone, so they are scaled in place (no second copy of three
+    # feature-sized gradients at the peak); a second backward through the same graph would see
+    # them scaled already, hence the guard.
+    if ctx.used:
+        raise RuntimeError(
+            "rcps_kernels: backward ran twice through a bidirectional_voxel_infonce(reduction="
+            "'mean') call; for retain_graph=True use reduction='none' and take the mean yourself"
+        )
+    ctx.used = True
+    grads = ctx.saved_tensors
+    tracing = torch.compiler.is_compiling() or any(
+        type(t) is not torch.Tensor for t in (grad_loss, *grads)  # fake/functional tensors
+    )
+    if tracing:
+        scaled = [grad_loss * g for g in grads]
+    else:
+        scaled = [g.mul_(grad_loss.to(g.dtype)) for g in grads]
     return (
-        grad_loss * grad_anchor,
-        grad_loss * grad_positive,
-        grad_loss * grad_negative if ctx.negative_grad else None,
+        scaled[0], scaled[1], scaled[2] if ctx.negative_grad else None,
         None, None, None, None, None, None, None, None, None, None,
     )
 
