@@ -11,3 +11,4 @@ __version__ = "0.1.0"
 from .functional import bidirectional_voxel_infonce, random_negative_draws  # noqa: F401
 from .modules import BidirectionalVoxelContrastiveLoss  # noqa: F401
 from .selection import select_confident_negatives  # noqa: F401
+from .pseudo_supervision import rectified_pseudo_supervision, logit_cosine_consistency, RectifiedPseudoSupervisionLoss, LogitCosineConsistencyLoss  # noqa: F401

@@ -1,0 +1,138 @@
+// Per-voxel math of the rectified pseudo supervision (L_urp) and the logit cosine consistency
+// (L_cr), shared by the C++ CPU kernels (csrc/cpu/pseudo_supervision.cpp) and the CUDA kernels
+// (csrc/cuda/pseudo_supervision.cu), so that the CPU tests check the arithmetic the GPU runs.
+//
+// Every function works on one voxel (or one class of one voxel) in the accumulation type `T`
+// (float for fp32/fp16/bf16 inputs, double for float64). The caller owns the memory layout and
+// supplies the exponential (`ExpFn`): a vectorisable polynomial on the CPU, __expf on the GPU.
+// An `ExpFn` must return exactly 0 for -inf (and may flush very small results to 0).
+//
+// L_urp, per voxel with student logits z, teacher logits t (K classes), temperature T:
+//   shifted values  zs = z - max z,  ts = t - max t (ts = -inf where t = -inf)
+//   sums            Sz = sum e^zs,  St = sum e^ts,  Ss = sum e^(ts/T)
+//   CE = -sum q~ log p           = log Sz - sum e^(ts/T) zs / Ss      (q~ = softmax(t/T))
+//   D  = sum q (log q - log p)   = sum e^ts (ts - zs) / St - log St + log Sz   (q = softmax(t))
+//   loss = exp(-D) CE + D
+// Gradient (teacher detached), with p = softmax(z), w = exp(-D):
+//   dCE/dz = p - q~,  dD/dz = p - q,  dw/dz = -w (p - q)
+//   dloss/dz = w (p - q~) + (1 - w CE)(p - q)
+//
+// L_cr, per voxel with logits a, b: n_a = max(||a||, eps), n_b = max(||b||, eps),
+//   cos = a.b / (n_a n_b),  loss = 1 - cos
+//   dloss/da = -(b / (n_a n_b) - cos a / n_a^2)   (the last term only where ||a|| > eps: a clamped
+//   norm is a constant), symmetrically for b.
+#pragma once
+
+#include "rcps_math.h"
+
+namespace rcps {
+namespace pseudo_supervision {
+
+// ---------------------------------------------------------------------------------------------
+// L_urp
+// ---------------------------------------------------------------------------------------------
+
+// What one class adds to the voxel's forward sums (the maxima already known).
+template <typename T>
+struct UrpClassTerms {
+  T exp_student;     // e^zs
+  T exp_teacher;     // e^ts
+  T exp_sharpened;   // e^(ts/T)
+  T sharpened_dot;   // e^(ts/T) zs
+  T teacher_gap;     // e^ts (ts - zs), 0 where the teacher class has zero probability
+  // (student logits must be finite: a -inf student logit makes the loss non-finite)
+};
+
+template <typename T, typename ExpFn>
+RCPS_HD UrpClassTerms<T> urp_class_terms(T student, T teacher, T student_max, T teacher_max,
+                                         T inv_temperature, ExpFn exp_fn) {
+  const T zs = student - student_max;
+  const T ts = teacher - teacher_max;
+  UrpClassTerms<T> terms;
+  terms.exp_student = exp_fn(zs);
+  terms.exp_teacher = exp_fn(ts);
+  terms.exp_sharpened = exp_fn(ts * inv_temperature);
+  // 0 * log 0 := 0: a class the teacher rules out (ts = -inf, e^ts = 0) must add nothing, so ts
+  // is floored at a finite value before the product (e^ts is 0 long before the floor matters).
+  // A select of values rather than of products keeps the CPU loops branch-free (vectorised).
+  const T ts_floored = ts > T(-1e30) ? ts : T(-1e30);
+  terms.sharpened_dot = terms.exp_sharpened * zs;
+  terms.teacher_gap = terms.exp_teacher * (ts_floored - zs);
+  return terms;
+}
+
+// Per-voxel results, also everything the backward needs besides the logits.
+template <typename T>
+struct UrpVoxel {
+  T loss;              // exp(-D) CE + D
+  T inv_sum_student;   // 1 / Sz
+  T inv_sum_teacher;   // 1 / St
+  T inv_sum_sharpened; // 1 / Ss
+  T weight;            // w = exp(-D)
+  T kl_coefficient;    // 1 - w CE
+};
+
+template <typename T, typename LogFn, typename ExpFn>
+RCPS_HD UrpVoxel<T> urp_voxel(T sum_student, T sum_teacher, T sum_sharpened, T sharpened_dot,
+                              T teacher_gap, LogFn log_fn, ExpFn exp_fn) {
+  UrpVoxel<T> v;
+  v.inv_sum_student = T(1) / sum_student;
+  v.inv_sum_teacher = T(1) / sum_teacher;
+  v.inv_sum_sharpened = T(1) / sum_sharpened;
+  const T log_sum_student = log_fn(sum_student);
+  const T cross_entropy = log_sum_student - sharpened_dot * v.inv_sum_sharpened;
+  const T kl = teacher_gap * v.inv_sum_teacher - log_fn(sum_teacher) + log_sum_student;
+  v.weight = exp_fn(-kl);
+  v.loss = v.weight * cross_entropy + kl;
+  v.kl_coefficient = T(1) - v.weight * cross_entropy;
+  return v;
+}
+
+// d(grad_scale * loss) / d z_c from the class's exponentials (as urp_class_terms returns them).
+template <typename T>
+RCPS_HD T urp_student_grad(T exp_student, T exp_teacher, T exp_sharpened, const UrpVoxel<T>& v,
+                           T grad_scale) {
+  const T p = exp_student * v.inv_sum_student;
+  const T q = exp_teacher * v.inv_sum_teacher;
+  const T q_sharpened = exp_sharpened * v.inv_sum_sharpened;
+  return grad_scale * (v.weight * (p - q_sharpened) + v.kl_coefficient * (p - q));
+}
+
+// ---------------------------------------------------------------------------------------------
+// L_cr
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct CosineVoxel {
+  T loss;        // 1 - cos
+  T cosine;
+  T inv_norm_a;  // 1 / max(||a||, eps)
+  T inv_norm_b;
+  bool clamped_a;  // ||a|| <= eps: the norm is the constant eps
+  bool clamped_b;
+};
+
+template <typename T, typename SqrtFn>
+RCPS_HD CosineVoxel<T> cosine_voxel(T sq_norm_a, T sq_norm_b, T dot, T eps, SqrtFn sqrt_fn) {
+  CosineVoxel<T> v;
+  const T norm_a = sqrt_fn(sq_norm_a);
+  const T norm_b = sqrt_fn(sq_norm_b);
+  v.clamped_a = !(norm_a > eps);
+  v.clamped_b = !(norm_b > eps);
+  v.inv_norm_a = T(1) / (v.clamped_a ? eps : norm_a);
+  v.inv_norm_b = T(1) / (v.clamped_b ? eps : norm_b);
+  v.cosine = dot * v.inv_norm_a * v.inv_norm_b;
+  v.loss = T(1) - v.cosine;
+  return v;
+}
+
+// d(grad_scale * (1 - cos)) / d x_c for x = a (other = b) or x = b (other = a).
+template <typename T>
+RCPS_HD T cosine_grad(T x, T other, T inv_norm_x, T inv_norm_other, bool clamped_x, T cosine,
+                      T grad_scale) {
+  const T radial = cosine * x * inv_norm_x * (clamped_x ? T(0) : T(1));
+  return -grad_scale * inv_norm_x * (other * inv_norm_other - radial);
+}
+
+}  // namespace pseudo_supervision
+}  // namespace rcps

@@ -1,0 +1,266 @@
+"""Triton kernels of the rectified pseudo supervision (L_urp) and logit cosine consistency (L_cr).
+
+Same contract as the C++ kernels (csrc/cpu/pseudo_supervision.cpp): inputs are (B, K, P) views
+with any strides; forward returns a (B, P) loss map (reduction code 0) or a 0-dim mean/sum
+(codes 1/2) in float32 (float64 for float64 inputs); backward returns gradients shaped and strided
+like torch.empty_like of the inputs. One program handles BLOCK_V voxels with all their classes in
+registers (a BLOCK_C x BLOCK_V tile), so each kernel reads the logits exactly once. Reductions
+write one partial sum per program, added by torch in program order (deterministic).
+
+Loads are cast to the accumulation type right away (bf16 arithmetic is broken in the Triton
+interpreter, and fp16/bf16 inputs accumulate in fp32 anyway). Under TRITON_INTERPRET=1 these run
+on CPU tensors. The per-voxel formulas and their derivations are in csrc/pseudo_supervision_math.h.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import triton_interpreting
+
+
+@triton.jit
+def _load_tile(ptr, stride_b, stride_c, stride_p, item, position, classes, voxel_mask,
+               padding, IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(BLOCK_C, BLOCK_V) logits in the accumulation type; `padding` outside the classes."""
+    cls = tl.arange(0, BLOCK_C)
+    class_mask = cls < classes
+    offsets = item[None, :] * stride_b + cls[:, None] * stride_c + position[None, :] * stride_p
+    mask = class_mask[:, None] & voxel_mask[None, :]
+    x = tl.load(ptr + offsets, mask=mask, other=0.0)
+    if IS_FP64:
+        x = x.to(tl.float64)
+    else:
+        x = x.to(tl.float32)
+    return tl.where(class_mask[:, None], x, padding)
+
+
+@triton.jit
+def _urp_tile(student, teacher, inv_temperature):
+    """Per-voxel loss and softmax statistics of a (BLOCK_C, BLOCK_V) tile (padded with -inf)."""
+    shifted_student = student - tl.max(student, axis=0)[None, :]
+    shifted_teacher = teacher - tl.max(teacher, axis=0)[None, :]
+    exp_student = tl.exp(shifted_student)
+    exp_teacher = tl.exp(shifted_teacher)
+    exp_sharpened = tl.exp(shifted_teacher * inv_temperature)
+    # 0 * log 0 := 0 for classes the teacher rules out (and for the padding).
+    sharpened_dot = tl.sum(tl.where(exp_sharpened > 0, exp_sharpened * shifted_student, 0.0), axis=0)
+    teacher_gap = tl.sum(
+        tl.where(exp_teacher > 0, exp_teacher * (shifted_teacher - shifted_student), 0.0), axis=0
+    )
+    inv_sum_student = 1.0 / tl.sum(exp_student, axis=0)
+    inv_sum_teacher = 1.0 / tl.sum(exp_teacher, axis=0)
+    inv_sum_sharpened = 1.0 / tl.sum(exp_sharpened, axis=0)
+    log_sum_student = -tl.log(inv_sum_student)
+    cross_entropy = log_sum_student - sharpened_dot * inv_sum_sharpened
+    kl = teacher_gap * inv_sum_teacher + tl.log(inv_sum_teacher) + log_sum_student
+    weight = tl.exp(-kl)
+    loss = weight * cross_entropy + kl
+    return (loss, exp_student * inv_sum_student[None, :], exp_teacher * inv_sum_teacher[None, :],
+            exp_sharpened * inv_sum_sharpened[None, :], weight, 1.0 - weight * cross_entropy)
+
+
+@triton.jit
+def _cosine_tile(a, b, eps):
+    """Per-voxel 1 - cos and normalisation factors of two (BLOCK_C, BLOCK_V) tiles."""
+    norm_a = tl.sqrt(tl.sum(a * a, axis=0))
+    norm_b = tl.sqrt(tl.sum(b * b, axis=0))
+    clamped_a = norm_a <= eps
+    clamped_b = norm_b <= eps
+    inv_norm_a = 1.0 / tl.where(clamped_a, eps, norm_a)
+    inv_norm_b = 1.0 / tl.where(clamped_b, eps, norm_b)
+    cosine = tl.sum(a * b, axis=0) * inv_norm_a * inv_norm_b
+    return 1.0 - cosine, cosine, inv_norm_a, inv_norm_b, clamped_a, clamped_b
+
+
+@triton.jit
+def _store_loss(loss_ptr, loss, voxels, voxel_mask, REDUCE: tl.constexpr):
+    loss = tl.where(voxel_mask, loss, 0.0)
+    if REDUCE:
+        tl.store(loss_ptr + tl.program_id(0), tl.sum(loss, axis=0))
+    else:
+        tl.store(loss_ptr + voxels, loss, mask=voxel_mask)
+
+
+@triton.jit
+def _grad_scale(grad_output_ptr, voxels, voxel_mask, uniform_factor, PER_VOXEL: tl.constexpr):
+    if PER_VOXEL:
+        scale = tl.load(grad_output_ptr + voxels, mask=voxel_mask, other=0.0)
+    else:
+        scale = tl.load(grad_output_ptr) * uniform_factor
+    return scale
+
+
+@triton.jit
+def _store_tile(ptr, value, stride_b, stride_c, stride_p, item, position, classes, voxel_mask,
+                BLOCK_C: tl.constexpr):
+    cls = tl.arange(0, BLOCK_C)
+    offsets = item[None, :] * stride_b + cls[:, None] * stride_c + position[None, :] * stride_p
+    mask = (cls < classes)[:, None] & voxel_mask[None, :]
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _urp_kernel(student_ptr, teacher_ptr, loss_ptr, grad_output_ptr, grad_ptr,
+                num_voxels, voxels_per_item, classes,
+                s_sb, s_sc, s_sp, t_sb, t_sc, t_sp, g_sb, g_sc, g_sp,
+                inv_temperature, uniform_factor,
+                BACKWARD: tl.constexpr, REDUCE: tl.constexpr, PER_VOXEL_GRAD: tl.constexpr,
+                IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    voxels = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    voxel_mask = voxels < num_voxels
+    item = voxels // voxels_per_item
+    position = voxels % voxels_per_item
+    student = _load_tile(student_ptr, s_sb, s_sc, s_sp, item, position, classes, voxel_mask,
+                         float("-inf"), IS_FP64, BLOCK_C)
+    teacher = _load_tile(teacher_ptr, t_sb, t_sc, t_sp, item, position, classes, voxel_mask,
+                         float("-inf"), IS_FP64, BLOCK_C)
+    loss, p, q, q_sharpened, weight, kl_coefficient = _urp_tile(student, teacher, inv_temperature)
+    if BACKWARD:
+        # d/dz [w CE + D] = w (p - q~) + (1 - w CE)(p - q), since dw/dz = -w (p - q).
+        scale = _grad_scale(grad_output_ptr, voxels, voxel_mask, uniform_factor, PER_VOXEL_GRAD)
+        grad = scale[None, :] * (weight[None, :] * (p - q_sharpened)
+                                 + kl_coefficient[None, :] * (p - q))
+        _store_tile(grad_ptr, grad, g_sb, g_sc, g_sp, item, position, classes, voxel_mask, BLOCK_C)
+    else:
+        _store_loss(loss_ptr, loss, voxels, voxel_mask, REDUCE)
+
+
+@triton.jit
+def _cosine_kernel(a_ptr, b_ptr, loss_ptr, grad_output_ptr, grad_a_ptr, grad_b_ptr,
+                   num_voxels, voxels_per_item, classes,
+                   a_sb, a_sc, a_sp, b_sb, b_sc, b_sp, ga_sb, ga_sc, ga_sp, gb_sb, gb_sc, gb_sp,
+                   eps, uniform_factor,
+                   BACKWARD: tl.constexpr, REDUCE: tl.constexpr, PER_VOXEL_GRAD: tl.constexpr,
+                   NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr,
+                   IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+    voxels = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    voxel_mask = voxels < num_voxels
+    item = voxels // voxels_per_item
+    position = voxels % voxels_per_item
+    a = _load_tile(a_ptr, a_sb, a_sc, a_sp, item, position, classes, voxel_mask, 0.0, IS_FP64,
+                   BLOCK_C)
+    b = _load_tile(b_ptr, b_sb, b_sc, b_sp, item, position, classes, voxel_mask, 0.0, IS_FP64,
+                   BLOCK_C)
+    loss, cosine, inv_norm_a, inv_norm_b, clamped_a, clamped_b = _cosine_tile(a, b, eps)
+    if BACKWARD:
+        # d(1 - cos)/da = -(b / (|a||b|) - cos a / |a|^2); a clamped norm is a constant.
+        scale = _grad_scale(grad_output_ptr, voxels, voxel_mask, uniform_factor, PER_VOXEL_GRAD)
+        if NEED_GRAD_A:
+            radial_a = tl.where(clamped_a[None, :], 0.0, (cosine * inv_norm_a)[None, :] * a)
+            grad_a = -(scale * inv_norm_a)[None, :] * (b * inv_norm_b[None, :] - radial_a)
+            _store_tile(grad_a_ptr, grad_a, ga_sb, ga_sc, ga_sp, item, position, classes,
+                        voxel_mask, BLOCK_C)
+        if NEED_GRAD_B:
+            radial_b = tl.where(clamped_b[None, :], 0.0, (cosine * inv_norm_b)[None, :] * b)
+            grad_b = -(scale * inv_norm_b)[None, :] * (a * inv_norm_a[None, :] - radial_b)
+            _store_tile(grad_b_ptr, grad_b, gb_sb, gb_sc, gb_sp, item, position, classes,
+                        voxel_mask, BLOCK_C)
+    else:
+        _store_loss(loss_ptr, loss, voxels, voxel_mask, REDUCE)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _tile_sizes(classes: int) -> tuple[int, int]:
+    block_c = triton.next_power_of_2(classes)
+    block_v = max(16, min(256, 4096 // block_c))
+    if triton_interpreting():  # each program instance costs milliseconds in the interpreter
+        block_v = max(block_v, min(1024, 16384 // block_c))
+    return block_c, block_v
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    batch, classes, voxels_per_item = x.shape
+    block_c, block_v = _tile_sizes(classes)
+    num_voxels = batch * voxels_per_item
+    return num_voxels, voxels_per_item, block_c, block_v, triton.cdiv(num_voxels, block_v)
+
+
+def _forward_output(x: torch.Tensor, reduction: int, programs: int) -> torch.Tensor:
+    shape = (x.shape[0], x.shape[2]) if reduction == 0 else (programs,)
+    return torch.empty(shape, dtype=_loss_dtype(x.dtype), device=x.device)
+
+
+def _reduce(loss: torch.Tensor, reduction: int, num_voxels: int) -> torch.Tensor:
+    if reduction == 0:
+        return loss
+    total = loss.sum()
+    return total / num_voxels if reduction == 1 else total
+
+
+def _grad_output_arguments(grad_output: torch.Tensor, x: torch.Tensor, reduction: int):
+    """(tensor, uniform factor, per-voxel flag) for the gradient scale of each voxel."""
+    accumulate = _loss_dtype(x.dtype)
+    if reduction == 0:
+        return grad_output.to(accumulate).contiguous(), 1.0, True
+    num_voxels = x.shape[0] * x.shape[2]
+    return grad_output.to(accumulate), (1.0 / num_voxels if reduction == 1 else 1.0), False
+
+
+def urp_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                reduction: int) -> torch.Tensor:
+    num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(student)
+    loss = _forward_output(student, reduction, programs)
+    _urp_kernel[(programs,)](
+        student, teacher, loss, loss, loss, num_voxels, voxels_per_item, student.shape[1],
+        *student.stride(), *teacher.stride(), 0, 0, 0, 1.0 / temperature, 1.0,
+        BACKWARD=False, REDUCE=reduction != 0, PER_VOXEL_GRAD=False,
+        IS_FP64=student.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
+    )
+    return _reduce(loss, reduction, num_voxels)
+
+
+def urp_backward(grad_output: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
+                 temperature: float, reduction: int) -> torch.Tensor:
+    num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(student)
+    scale, uniform_factor, per_voxel = _grad_output_arguments(grad_output, student, reduction)
+    grad = torch.empty_like(student)
+    _urp_kernel[(programs,)](
+        student, teacher, scale, scale, grad, num_voxels, voxels_per_item, student.shape[1],
+        *student.stride(), *teacher.stride(), *grad.stride(), 1.0 / temperature, uniform_factor,
+        BACKWARD=True, REDUCE=False, PER_VOXEL_GRAD=per_voxel,
+        IS_FP64=student.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
+    )
+    return grad
+
+
+def cosine_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, eps: float,
+                   reduction: int) -> torch.Tensor:
+    num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(logits_a)
+    loss = _forward_output(logits_a, reduction, programs)
+    _cosine_kernel[(programs,)](
+        logits_a, logits_b, loss, loss, loss, loss, num_voxels, voxels_per_item,
+        logits_a.shape[1], *logits_a.stride(), *logits_b.stride(), 0, 0, 0, 0, 0, 0, eps, 1.0,
+        BACKWARD=False, REDUCE=reduction != 0, PER_VOXEL_GRAD=False, NEED_GRAD_A=False,
+        NEED_GRAD_B=False, IS_FP64=logits_a.dtype == torch.float64, BLOCK_C=block_c,
+        BLOCK_V=block_v,
+    )
+    return _reduce(loss, reduction, num_voxels)
+
+
+def cosine_backward(grad_output: torch.Tensor, logits_a: torch.Tensor, logits_b: torch.Tensor,
+                    eps: float, reduction: int, need_grad_a: bool,
+                    need_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(logits_a)
+    scale, uniform_factor, per_voxel = _grad_output_arguments(grad_output, logits_a, reduction)
+    grad_a = torch.empty_like(logits_a) if need_grad_a else logits_a.new_empty((0,))
+    grad_b = torch.empty_like(logits_b) if need_grad_b else logits_b.new_empty((0,))
+    if need_grad_a or need_grad_b:
+        grad_a_strides = grad_a.stride() if need_grad_a else (0, 0, 0)
+        grad_b_strides = grad_b.stride() if need_grad_b else (0, 0, 0)
+        _cosine_kernel[(programs,)](
+            logits_a, logits_b, scale, scale, grad_a if need_grad_a else scale,
+            grad_b if need_grad_b else scale, num_voxels, voxels_per_item, logits_a.shape[1],
+            *logits_a.stride(), *logits_b.stride(), *grad_a_strides, *grad_b_strides, eps,
+            uniform_factor, BACKWARD=True, REDUCE=False, PER_VOXEL_GRAD=per_voxel,
+            NEED_GRAD_A=need_grad_a, NEED_GRAD_B=need_grad_b,
+            IS_FP64=logits_a.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
+        )
+    return grad_a, grad_b

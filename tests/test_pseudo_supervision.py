@@ -1,0 +1,426 @@
+"""Fused L_urp (rectified pseudo supervision) and L_cr (logit cosine consistency) against the
+float64 reference, by the rule of DESIGN.md section 5 (tests/numerics.py).
+
+Triton runs under TRITON_INTERPRET=1 on tiny CPU tensors (fp32/fp64/fp16 only: the interpreter
+gets bf16 wrong); the CUDA tier is marked ``gpu``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import rcps_kernels as rk
+from rcps_kernels._extension import load_cpu_extension
+from rcps_kernels.reference.pseudo_supervision import (
+    logit_cosine_consistency_reference,
+    rectified_pseudo_supervision_reference,
+)
+from numerics import assert_close_to_reference
+
+HAVE_CPU = load_cpu_extension() is None
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason="the CPU extension is not usable")
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+
+CPU_BACKENDS = [
+    pytest.param("cpu", marks=needs_cpu),
+    pytest.param("triton", marks=needs_triton),
+]
+TEMPERATURE = 0.5
+
+# The interpreter computes -inf - -inf in masked-out lanes; numpy warns about it.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def logits(shape, scale=3.0, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+
+def as_layout(leaf: torch.Tensor, layout: str) -> torch.Tensor:
+    """A view of `leaf` with the given memory layout (leaf shapes come from leaf_shape)."""
+    if layout == "contiguous":
+        return leaf
+    if layout == "channels_last":
+        return leaf.movedim(-1, 1)
+    if layout == "strided":
+        return leaf[..., ::2]
+    if layout == "transposed":
+        return leaf.transpose(-1, -2)
+    raise AssertionError(layout)
+
+
+def leaf_shape(shape, layout):
+    if layout == "channels_last":
+        return (shape[0], *shape[2:], shape[1])
+    if layout == "strided":
+        return (*shape[:-1], 2 * shape[-1])
+    if layout == "transposed":
+        return (*shape[:-2], shape[-1], shape[-2])
+    return tuple(shape)
+
+
+def evaluate(backend, student, teacher, other, reduction, layout="contiguous"):
+    """L_urp(student, teacher) and L_cr(student, other) with their gradients.
+
+    Inputs are float64 tensors of the logical shape; they are cast to `student.dtype` leaves laid
+    out as `layout`, and backward uses fixed non-uniform grad_outputs.
+    """
+    leaves = []
+    for x in (student, teacher, other):
+        leaf = torch.empty(leaf_shape(x.shape, layout), dtype=x.dtype)
+        with torch.no_grad():
+            as_layout(leaf, layout).copy_(x)
+        leaves.append(leaf.requires_grad_())
+    s, t, o = (as_layout(leaf, layout) for leaf in leaves)
+    if layout != "contiguous":
+        assert not s.is_contiguous()
+    urp = rk.rectified_pseudo_supervision(s, t, temperature=TEMPERATURE, reduction=reduction,
+                                          backend=backend)
+    cr = rk.logit_cosine_consistency(s, o, reduction=reduction, backend=backend)
+    g_urp = logits(urp.shape, 1.0, seed=11, dtype=urp.dtype)
+    g_cr = logits(cr.shape, 1.0, seed=12, dtype=cr.dtype)
+    (grad_urp,) = torch.autograd.grad(urp, leaves[0], g_urp)
+    grad_cr_a, grad_cr_b = torch.autograd.grad(cr, (leaves[0], leaves[2]), g_cr)
+    return {
+        "urp": urp, "urp_grad": as_layout(grad_urp, layout),
+        "cr": cr, "cr_grad_a": as_layout(grad_cr_a, layout), "cr_grad_b": as_layout(grad_cr_b, layout),
+    }
+
+
+def check_against_reference(backend, student, teacher, other, reduction, dtype, layout="contiguous"):
+    """student/teacher/other: float64 logits; the kernel runs in `dtype`."""
+    cast = [x.to(dtype) for x in (student, teacher, other)]
+    exact = evaluate("reference", *(x.double() for x in cast), reduction)
+    same_dtype = evaluate("reference", *cast, reduction)
+    actual = evaluate(backend, *cast, reduction, layout)
+    for name, value in actual.items():
+        if name in ("urp", "cr"):
+            expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        else:
+            expected_dtype = dtype
+        assert value.dtype == expected_dtype, f"{name}: dtype {value.dtype}"
+        assert torch.isfinite(value).all(), f"{name} has non-finite values"
+        assert_close_to_reference(value, same_dtype[name], exact[name], dtype=dtype,
+                                  name=f"{backend}/{dtype}/{reduction}/{name}")
+    return actual
+
+
+# --------------------------------------------------------------------------------------------
+# The reference against the official formulation (F.cross_entropy / F.kl_div / cosine_similarity)
+# --------------------------------------------------------------------------------------------
+def test_reference_matches_official_formulation():
+    student = logits((2, 3, 4, 5), seed=1).requires_grad_()
+    teacher = logits((2, 3, 4, 5), seed=2)
+    other = logits((2, 3, 4, 5), seed=3).requires_grad_()
+
+    ce = F.cross_entropy(student, torch.softmax(teacher / TEMPERATURE, dim=1), reduction="none")
+    kl = F.kl_div(torch.log_softmax(student, 1), torch.softmax(teacher, 1), reduction="none").sum(1)
+    official_urp = (torch.exp(-kl) * ce).mean() + kl.mean()
+    official_cr = (1 - F.cosine_similarity(student, other, dim=1, eps=1e-8)).mean()
+    ours_urp = rectified_pseudo_supervision_reference(student, teacher, TEMPERATURE, "mean")
+    ours_cr = logit_cosine_consistency_reference(student, other, 1e-8, "mean")
+    torch.testing.assert_close(ours_urp, official_urp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_cr, official_cr, rtol=1e-12, atol=1e-12)
+    for ours, official in ((ours_urp, official_urp), (ours_cr, official_cr)):
+        torch.testing.assert_close(torch.autograd.grad(ours, student, retain_graph=True)[0],
+                                   torch.autograd.grad(official, student, retain_graph=True)[0],
+                                   rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Values and gradients of the fused backends
+# --------------------------------------------------------------------------------------------
+SHAPES = [(2, 3, 7), (1, 2, 4, 6), (2, 4, 3, 4, 5), (1, 33, 2, 3, 2)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
+def test_matches_reference_fp32(backend, shape, reduction):
+    check_against_reference(backend, logits(shape, seed=1), logits(shape, seed=2),
+                            logits(shape, seed=3), reduction, torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_matches_reference_other_dtypes(backend, dtype, reduction):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 wrongly; tested on a GPU")
+    shape = (2, 5, 4, 3, 2)
+    check_against_reference(backend, logits(shape, seed=4), logits(shape, seed=5),
+                            logits(shape, seed=6), reduction, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "strided", "transposed"])
+def test_non_contiguous_layouts(backend, layout):
+    shape = (2, 3, 4, 3, 5)
+    check_against_reference(backend, logits(shape, seed=7), logits(shape, seed=8),
+                            logits(shape, seed=9), "none", torch.float32, layout)
+
+
+@needs_cpu
+def test_cpu_kernel_covers_many_blocks_and_threads():
+    # Several voxel blocks per batch item, a ragged last block, and more than one thread chunk.
+    shape = (2, 17, 9, 10, 11)
+    check_against_reference("cpu", logits(shape, seed=10), logits(shape, seed=11),
+                            logits(shape, seed=12), "mean", torch.float32)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_confident_and_masked_teacher(backend):
+    shape = (2, 4, 3, 5)
+    teacher = logits(shape, scale=60.0, seed=13)  # one-hot to fp32 precision
+    teacher[:, 1, 0] = float("-inf")              # classes ruled out entirely
+    teacher[0, :3, 1, 1] = float("-inf")          # a voxel with a single possible class
+    student = logits(shape, scale=40.0, seed=14)  # confident student, often against the teacher
+    out = check_against_reference(backend, student, teacher, logits(shape, seed=15), "none",
+                                  torch.float32)
+    assert out["urp"].max() > 10  # the confident-disagreement regime was reached
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_zero_norm_logits_in_cosine(backend, dtype):
+    shape = (1, 3, 8)
+    a, b = logits(shape, seed=16), logits(shape, seed=17)
+    a[0, :, 0] = 0.0
+    b[0, :, 1] = 0.0
+    a[0, :, 2] = 1e-9  # below eps: the clamped norm
+    out = check_against_reference(backend, a, logits(shape, seed=18), b, "none", dtype)
+    assert out["cr"][0, 0].item() == pytest.approx(1.0)
+
+
+@needs_cpu
+def test_double_precision_gradcheck_of_fused_ops():
+    student = logits((1, 3, 2, 3), seed=19).requires_grad_()
+    teacher = logits((1, 3, 2, 3), seed=20)
+    other = logits((1, 3, 2, 3), seed=21).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda s: rk.rectified_pseudo_supervision(s, teacher, reduction="none", backend="cpu"),
+        (student,))
+    assert torch.autograd.gradcheck(
+        lambda s, o: rk.logit_cosine_consistency(s, o, reduction="none", backend="cpu"),
+        (student, other))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
+def test_gradient_flows_only_where_asked(backend):
+    student = logits((1, 3, 4), seed=22).float().requires_grad_()
+    teacher = logits((1, 3, 4), seed=23).float().requires_grad_()
+    other = logits((1, 3, 4), seed=24).float()
+    rk.rectified_pseudo_supervision(student, teacher, backend=backend).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    student.grad = None
+    rk.logit_cosine_consistency(student, other, backend=backend).backward()
+    assert other.grad is None and student.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+def _urp(student, teacher, **kw):
+    return rk.rectified_pseudo_supervision(student, teacher, **kw)
+
+
+def _cr(a, b, **kw):
+    return rk.logit_cosine_consistency(a, b, **kw)
+
+
+X = torch.zeros(2, 3, 4, 4)
+BAD_CALLS = [
+    ("shape", lambda: _urp(X, torch.zeros(2, 3, 4, 5)), r"teacher_logits.*\(2, 3, 4, 5\)"),
+    ("one class", lambda: _urp(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4)), r"student_logits.*\(2, 1, 4\)"),
+    ("rank 2", lambda: _cr(torch.zeros(2, 3), torch.zeros(2, 3)), r"logits_a.*\(2, 3\)"),
+    ("rank 6", lambda: _cr(torch.zeros(1, 2, 1, 1, 1, 1), torch.zeros(1, 2, 1, 1, 1, 1)), "logits_a"),
+    ("integer", lambda: _urp(X.long(), X.long()), r"student_logits.*int64"),
+    ("dtype mix", lambda: _cr(X, X.double()), r"logits_a and logits_b.*dtype"),
+    ("device", lambda: _urp(X, X.to("meta")), r"teacher_logits.*meta"),
+    ("temperature 0", lambda: _urp(X, X, temperature=0.0), "temperature"),
+    ("temperature < 0", lambda: _urp(X, X, temperature=-1.0), "temperature"),
+    ("eps 0", lambda: _cr(X, X, eps=0.0), "eps"),
+    ("reduction", lambda: _cr(X, X, reduction="avg"), "reduction"),
+    ("module temperature", lambda: rk.RectifiedPseudoSupervisionLoss(temperature=0), "temperature"),
+    ("module eps", lambda: rk.LogitCosineConsistencyLoss(eps=-1e-8), "eps"),
+]
+
+
+@pytest.mark.parametrize("call,pattern", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_invalid_arguments_raise(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+def _with(value, index):
+    x = torch.randn(2, 3, 4)
+    x[index] = value
+    return x
+
+
+NON_FINITE = [
+    ("student nan", lambda b: _urp(_with(float("nan"), (0, 1, 2)), torch.randn(2, 3, 4), backend=b), "student_logits"),
+    ("student -inf", lambda b: _urp(_with(float("-inf"), (0, 1, 2)), torch.randn(2, 3, 4), backend=b), "student_logits"),
+    ("teacher +inf", lambda b: _urp(torch.randn(2, 3, 4), _with(float("inf"), (1, 0, 0)), backend=b), "teacher_logits"),
+    ("teacher nan", lambda b: _urp(torch.randn(2, 3, 4), _with(float("nan"), (1, 0, 0)), backend=b), "teacher_logits"),
+    ("teacher all -inf", lambda b: _urp(torch.randn(2, 3, 4), _with(float("-inf"), (1, slice(None), 3)), backend=b), "all -inf"),
+    ("cosine b inf", lambda b: _cr(torch.randn(2, 3, 4), _with(float("inf"), (0, 0, 0)), backend=b), "logits_b"),
+    ("cosine a nan", lambda b: _cr(_with(float("nan"), (0, 2, 1)), torch.randn(2, 3, 4), backend=b), "logits_a"),
+]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), "reference"])
+@pytest.mark.parametrize("call,pattern", [c[1:] for c in NON_FINITE], ids=[c[0] for c in NON_FINITE])
+def test_non_finite_inputs_raise(backend, call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call(backend)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile, opcheck, modules
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), "reference"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    shape = (2, 3, 4, 5)
+    student64, teacher64, other64 = logits(shape, seed=25), logits(shape, seed=26), logits(shape, seed=27)
+
+    def step(s, t, o):
+        urp = rk.rectified_pseudo_supervision(s, t, backend=backend)
+        return urp + rk.logit_cosine_consistency(s, o, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = {}
+    for name, fn, dtype in (("exact", step, torch.float64), ("same", step, torch.float32),
+                            ("compiled", compiled, torch.float32)):
+        s = student64.to(dtype).requires_grad_()
+        o = other64.to(dtype).requires_grad_()
+        loss = fn(s, teacher64.to(dtype), o)
+        results[name] = (loss, *torch.autograd.grad(loss, (s, o)))
+    for i, label in enumerate(("loss", "grad_student", "grad_other")):
+        assert_close_to_reference(results["compiled"][i], results["same"][i], results["exact"][i],
+                                  dtype=torch.float32, name=f"compiled {backend} {label}")
+
+
+@pytest.mark.parametrize("impl", [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(impl, reduction):
+    student = logits((2, 3, 3, 4), seed=28).float().requires_grad_()
+    teacher = logits((2, 3, 3, 4), seed=29).float()
+    other = logits((2, 3, 3, 4), seed=30).float().contiguous(memory_format=torch.channels_last)
+    other.requires_grad_()
+    grad = torch.ones(()) if reduction != "none" else torch.randn(2, 3, 4)
+    ops = torch.ops.rcps
+    cases = [
+        (ops.rectified_pseudo_supervision.default, (student, teacher, 0.5, reduction, impl)),
+        (ops.logit_cosine_consistency.default, (student, other, 1e-8, reduction, impl)),
+        (ops.rectified_pseudo_supervision_backward.default,
+         (grad, student.detach(), teacher, 0.5, reduction, impl)),
+        (ops.logit_cosine_consistency_backward.default,
+         (grad, student.detach(), other.detach(), 1e-8, reduction, impl, True, False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@needs_cpu
+def test_modules_match_reference():
+    shape = (2, 3, 4, 4, 2)
+    s, t, o = logits(shape, seed=31), logits(shape, seed=32), logits(shape, seed=33)
+    urp = rk.RectifiedPseudoSupervisionLoss(temperature=0.7, reduction="sum", backend="cpu")
+    cr = rk.LogitCosineConsistencyLoss(eps=1e-6, reduction="none", backend="cpu")
+    torch.testing.assert_close(urp(s, t), rectified_pseudo_supervision_reference(s, t, 0.7, "sum"),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cr(s, o), logit_cosine_consistency_reference(s, o, 1e-6, "none"),
+                               rtol=1e-12, atol=1e-12)
+
+
+@needs_cpu
+def test_auto_backend_uses_fused_cpu_kernel():
+    x = torch.randn(1, 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        rk.rectified_pseudo_supervision(x, x, backend="auto")
+    assert rk.pseudo_supervision._resolve_impl("auto", "cpu") == "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzzing
+# --------------------------------------------------------------------------------------------
+@needs_cpu
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    classes=st.integers(2, 9),
+    spatial=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    scale=st.sampled_from([0.1, 1.0, 5.0, 30.0]),
+    temperature=st.sampled_from([0.1, 0.5, 1.0, 2.0]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_cpu_against_reference(batch, classes, spatial, scale, temperature, reduction, seed):
+    shape = (batch, classes, *spatial)
+    s = logits(shape, scale, seed).float().requires_grad_()
+    t = logits(shape, scale, seed + 1).float()
+    o = logits(shape, scale, seed + 2).float().requires_grad_()
+    urp = rk.rectified_pseudo_supervision(s, t, temperature=temperature, reduction=reduction, backend="cpu")
+    cr = rk.logit_cosine_consistency(s, o, reduction=reduction, backend="cpu")
+    # .sum() is the identity on a reduced loss and gives grad_output = 1 per voxel for "none".
+    actual = (urp, cr, *torch.autograd.grad(urp.sum(), s), *torch.autograd.grad(cr.sum(), (s, o)))
+
+    def reference(dtype):
+        s_, o_ = s.detach().to(dtype).requires_grad_(), o.detach().to(dtype).requires_grad_()
+        u = rectified_pseudo_supervision_reference(s_, t.to(dtype), temperature, reduction)
+        c = logit_cosine_consistency_reference(s_, o_, 1e-8, reduction)
+        return (u, c, *torch.autograd.grad(u.sum(), s_), *torch.autograd.grad(c.sum(), (s_, o_)))
+
+    exact, same = reference(torch.float64), reference(torch.float32)
+    for i, name in enumerate(("urp", "cr", "urp_grad", "cr_grad_a", "cr_grad_b")):
+        assert_close_to_reference(actual[i], same[i], exact[i], dtype=torch.float32, name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU tier
+# --------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_backends_match_reference(backend, dtype, layout, reduction):
+    shape = (2, 5, 24, 20, 16)
+    cast = [logits(shape, seed=s).to(dtype) for s in (34, 35, 36)]
+    cast[1][:, 0, :4] = float("-inf")
+    exact = evaluate("reference", *(x.double() for x in cast), reduction)
+    same = evaluate("reference", *cast, reduction)
+    actual = evaluate(backend, *(x.cuda() for x in cast), reduction, layout)
+    for name, value in actual.items():
+        assert value.is_cuda
+        assert_close_to_reference(value, same[name], exact[name], dtype=dtype,
+                                  name=f"{backend}/{layout}/{name}")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_cuda_backend():
+    s = torch.randn(2, 3, 8, 8, 8, device="cuda", requires_grad=True)
+    t = torch.randn(2, 3, 8, 8, 8, device="cuda")
+    compiled = torch.compile(
+        lambda s, t: rk.rectified_pseudo_supervision(s, t, backend="cuda")
+        + rk.logit_cosine_consistency(s, t, backend="cuda"), fullgraph=True)
+    loss = compiled(s, t)
+    expected = (rectified_pseudo_supervision_reference(s.double(), t.double())
+                + logit_cosine_consistency_reference(s.double(), t.double()))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
