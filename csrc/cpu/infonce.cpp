@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "../rcps_math.h"
-#include "fast_exp.h"
+#include "fast_math.h"
 
 namespace rcps {
 namespace cpu {
