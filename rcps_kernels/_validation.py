@@ -54,3 +54,22 @@ def check_reduction(reduction: str) -> None:
 
 def shape_str(tensor: torch.Tensor) -> str:
     return str(tuple(tensor.shape))
+
+
+def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tensor, bool], ...]) -> None:
+    """Non-finite inputs always make the loss non-finite, so only a bad loss costs a full scan.
+
+    ``checks`` holds (name, tensor, allow_minus_inf): a teacher may rule classes out with -inf
+    logits, as long as every voxel keeps one finite logit.
+    """
+    if torch.compiler.is_compiling() or bool(torch.isfinite(loss).all()):
+        return
+    for name, tensor, allow_minus_inf in checks:
+        shape = tuple(tensor.shape)
+        if allow_minus_inf:
+            if bool(torch.isnan(tensor).any()) or bool(torch.isposinf(tensor).any()):
+                raise ValueError(f"{name} contains NaN or +Inf (shape {shape})")
+            if bool(torch.isneginf(tensor).all(dim=1).any()):
+                raise ValueError(f"{name} has a voxel whose logits are all -inf (shape {shape})")
+        elif not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN or Inf (shape {shape})")

@@ -111,14 +111,27 @@ def bidirectional_voxel_infonce(
         inputs on the fused backends, the input dtype on the reference.
 
     Raises:
-        ValueError: bad shapes, dtypes, devices, NaN/Inf inputs or arguments (names the argument).
+        ValueError: bad shapes, dtypes, devices or arguments, NaN/Inf logits, or NaN/Inf
+            features that reach the loss (names the argument; a non-finite pool voxel that is
+            never selected as a negative does not affect the result and is not reported).
         RuntimeError: an explicitly requested backend that is not usable here.
     """
     _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
               temperature, sampling, confidence_threshold, reduction)
     impl = resolve_backend(backend, anchor.device, _BACKENDS)
-    v.check_finite(anchor=anchor, positive=positive, negative=negative,
-                   anchor_logits=anchor_logits, negative_logits=negative_logits)
+    # Logits are small and a NaN in them need not reach the loss: check them up front. A bad
+    # feature always makes the loss non-finite, so the features are scanned only then.
+    v.check_finite(anchor_logits=anchor_logits, negative_logits=negative_logits)
+    loss = _infonce(impl, anchor, positive, negative, anchor_logits, negative_logits,
+                    num_negatives, temperature, sampling, confidence_threshold, generator,
+                    reduction)
+    v.check_result_finite(loss, (("anchor", anchor, False), ("positive", positive, False),
+                                 ("negative", negative, False)))
+    return loss
+
+
+def _infonce(impl, anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
+             temperature, sampling, confidence_threshold, generator, reduction) -> Tensor:
     seed = _draw_seed(generator) if sampling == "random" else 0
     if impl == "reference":
         return bidirectional_voxel_infonce_reference(

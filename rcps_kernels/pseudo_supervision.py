@@ -25,6 +25,7 @@ import types
 import torch
 from torch import Tensor, nn
 
+from . import _validation as v
 from ._backend import resolve_backend
 from ._extension import load_cpu_extension, load_cuda_extension
 from .reference.pseudo_supervision import (
@@ -298,25 +299,6 @@ def _check_options(reduction: str, **positive: float) -> None:
             raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
-def _check_result_finite(loss: Tensor, checks: tuple[tuple[str, Tensor, bool], ...]) -> None:
-    """Non-finite inputs always make the loss non-finite, so only a bad loss costs a full scan.
-
-    ``checks`` holds (name, tensor, allow_minus_inf): a teacher may rule classes out with -inf
-    logits, as long as every voxel keeps one finite logit.
-    """
-    if torch.compiler.is_compiling() or bool(torch.isfinite(loss).all()):
-        return
-    for name, tensor, allow_minus_inf in checks:
-        shape = tuple(tensor.shape)
-        if allow_minus_inf:
-            if bool(torch.isnan(tensor).any()) or bool(torch.isposinf(tensor).any()):
-                raise ValueError(f"{name} contains NaN or +Inf (shape {shape})")
-            if bool(torch.isneginf(tensor).all(dim=1).any()):
-                raise ValueError(f"{name} has a voxel whose logits are all -inf (shape {shape})")
-        elif not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} contains NaN or Inf (shape {shape})")
-
-
 # --------------------------------------------------------------------------------------------
 # Public functions and modules
 # --------------------------------------------------------------------------------------------
@@ -360,7 +342,7 @@ def rectified_pseudo_supervision(
         )
     else:
         loss = _urp_op(student_logits, teacher_logits, float(temperature), reduction, impl)
-    _check_result_finite(loss, (("student_logits", student_logits, False),
+    v.check_result_finite(loss, (("student_logits", student_logits, False),
                                 ("teacher_logits", teacher_logits, True)))
     return loss
 
@@ -401,7 +383,7 @@ def logit_cosine_consistency(
         loss = logit_cosine_consistency_reference(logits_a, logits_b, eps, reduction)
     else:
         loss = _cosine_op(logits_a, logits_b, float(eps), reduction, impl)
-    _check_result_finite(loss, (("logits_a", logits_a, False), ("logits_b", logits_b, False)))
+    v.check_result_finite(loss, (("logits_a", logits_a, False), ("logits_b", logits_b, False)))
     return loss
 
 

@@ -116,13 +116,16 @@ Tensor matrix(const float* data, int64_t rows, int64_t cols) {
   return at::from_blob(const_cast<float*>(data), {rows, cols}, at::kFloat);
 }
 
-// exp(S/tau - m) in place over one row block, m its max: returns (m, sum of the exps).
-// Separate simple loops so that the compiler vectorises them (OpenMP simd reductions).
-inline LseState exp_block(float* row, int64_t K, float inv_tau) {
-  float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t k = 0; k < K; ++k) m = std::max(m, row[k] * inv_tau);
+// exp(S/tau - m) in place over one row block: returns (m, sum of the exps). m is `shift` when
+// that is a known upper bound of the row (saving a pass), else the row's max. Simple loops with
+// OpenMP simd reductions, so that the compiler vectorises them.
+inline LseState exp_block(float* row, int64_t K, float inv_tau, float shift) {
   if (K == 0) return lse_init();
+  float m = shift;
+  if (std::isinf(shift)) {
+#pragma omp simd reduction(max : m)
+    for (int64_t k = 0; k < K; ++k) m = std::max(m, row[k] * inv_tau);
+  }
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < K; ++k) {
@@ -132,10 +135,9 @@ inline LseState exp_block(float* row, int64_t K, float inv_tau) {
   return LseState{m, sum};
 }
 
-inline void scale_block(float* row, int64_t K, float scale) {
-#pragma omp simd
-  for (int64_t k = 0; k < K; ++k) row[k] *= scale;
-}
+// Upper bound of every logit u.v/tau of normalised rows (|u.v| <= 1), usable as the shift of
+// exp_block while exp(-2/tau) stays far from float underflow; -inf: compute each row's max.
+inline float logit_bound(float inv_tau) { return 2.f * inv_tau < 80.f ? inv_tau : -INFINITY; }
 
 // S/tau -> exp(S/tau - lse) * scale in place, from a known log-sum-exp.
 inline void softmax_weights(float* row, int64_t K, float inv_tau, float lse, float scale) {
@@ -271,8 +273,10 @@ void topk_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& zn,
 
     const int64_t T = tile_rows(K);
     const int64_t num_tiles = (count + T - 1) / T;
+    const float shift = logit_bound(opt.inv_tau);
     at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-      std::vector<float> s1(T * K), s2(T * K), du1(T * C), du2(T * C);
+      std::vector<float> s1(T * K), s2(T * K), du1(T * C), du2(T * C), us1(T * C), us2(T * C);
+      std::vector<float> scale1(T), scale2(T), coef(T);
       const int slot = at::get_thread_num();
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
         const int64_t r0 = first + tile * T, rows = std::min(T, first + count - r0);
@@ -285,47 +289,54 @@ void topk_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& zn,
           float dot = 0.f;
           for (int64_t ch = 0; ch < C; ++ch) dot += u1[t * C + ch] * u2[t * C + ch];
           const float x = dot * opt.inv_tau;
-          // lse = log(exp(x) + sum_k exp(S_k/tau)), merged from the block's (max, sum).
-          const LseState b1 = exp_block(s1.data() + t * K, K, opt.inv_tau);
-          const LseState b2 = exp_block(s2.data() + t * K, K, opt.inv_tau);
-          const LseState st1 = lse_merge(lse_push(lse_init(), x), b1.max, b1.sum);
-          const LseState st2 = lse_merge(lse_push(lse_init(), x), b2.max, b2.sum);
-          lse1[r] = lse_value(st1);
-          lse2[r] = lse_value(st2);
+          // lse = log(exp(x) + sum_k exp(S_k/tau)), merged from the block's (shift, sum); the
+          // rows of S now hold E = exp(S/tau - shift).
+          const LseState b1 = exp_block(s1.data() + t * K, K, opt.inv_tau, shift);
+          const LseState b2 = exp_block(s2.data() + t * K, K, opt.inv_tau, shift);
+          lse1[r] = lse_value(lse_merge(lse_push(lse_init(), x), b1.max, b1.sum));
+          lse2[r] = lse_value(lse_merge(lse_push(lse_init(), x), b2.max, b2.sum));
           loss[anchor] = (lse1[r] - x) + (lse2[r] - x);
           if (!opt.want_grad) continue;
-          // p_k = exp(S_k/tau - lse) = stored exp(S_k/tau - block max) * exp(block max - lse);
-          // folded with w/tau, these rows feed the GEMMs below.
+          // Softmax weights times w/tau: P = diag(scale) E with scale = w/tau exp(shift - lse).
+          // The scale is applied to the (rows x C) operands and results of the GEMMs below,
+          // never to the (rows x K) block: P N = diag(scale) (E N), P^T U = E^T (diag(scale) U).
           const float wt = opt.weight(anchor) * opt.inv_tau;
-          if (K > 0) {
-            scale_block(s1.data() + t * K, K, wt * std::exp(b1.max - lse1[r]));
-            scale_block(s2.data() + t * K, K, wt * std::exp(b2.max - lse2[r]));
-          }
-          // dU1 = coef u2 + P1 N_c, dU2 = coef u1 + P2 N_c; the GEMM part is added below.
-          const float coef = wt * (std::exp(x - lse1[r]) + std::exp(x - lse2[r]) - 2.f);
+          scale1[t] = wt * std::exp(b1.max - lse1[r]);
+          scale2[t] = wt * std::exp(b2.max - lse2[r]);
+          // dU1 = coef u2 + P1 N_c, dU2 = coef u1 + P2 N_c.
+          coef[t] = wt * (std::exp(x - lse1[r]) + std::exp(x - lse2[r]) - 2.f);
           for (int64_t ch = 0; ch < C; ++ch) {
-            du1[t * C + ch] = coef * u2[t * C + ch];
-            du2[t * C + ch] = coef * u1[t * C + ch];
+            us1[t * C + ch] = scale1[t] * u1[t * C + ch];
+            us2[t * C + ch] = scale2[t] * u2[t * C + ch];
           }
         }
         if (!opt.want_grad) continue;
         Tensor du1_t = matrix(du1.data(), rows, C), du2_t = matrix(du2.data(), rows, C);
         if (K > 0) {
-          du1_t.addmm_(s1_t, bank_t);
-          du2_t.addmm_(s2_t, bank_t);
+          at::mm_out(du1_t, s1_t, bank_t);
+          at::mm_out(du2_t, s2_t, bank_t);
+        } else {
+          du1_t.zero_();
+          du2_t.zero_();
         }
         for (int64_t t = 0; t < rows; ++t) {
           const int64_t r = r0 + t, anchor = order[r];
-          write_input_grad(du1.data() + t * C, u1 + t * C, a1.inv_norm[r], a1.clamped[r], C,
+          float* d1 = du1.data() + t * C;
+          float* d2 = du2.data() + t * C;
+          for (int64_t ch = 0; ch < C; ++ch) {
+            d1[ch] = scale1[t] * d1[ch] + coef[t] * u2[t * C + ch];
+            d2[ch] = scale2[t] * d2[ch] + coef[t] * u1[t * C + ch];
+          }
+          write_input_grad(d1, u1 + t * C, a1.inv_norm[r], a1.clamped[r], C,
                            g1->voxel(anchor), g1->voxels_per_item);
-          write_input_grad(du2.data() + t * C, u2 + t * C, a2.inv_norm[r], a2.clamped[r], C,
+          write_input_grad(d2, u2 + t * C, a2.inv_norm[r], a2.clamped[r], C,
                            g2->voxel(anchor), g2->voxels_per_item);
         }
         if (use_partials) {
           // dN_c += P1^T U1 + P2^T U2 into this thread's copy.
           Tensor partial = matrix(partials.data() + slot * K * C, K, C);
-          partial.addmm_(s1_t.t(), matrix(u1, rows, C));
-          partial.addmm_(s2_t.t(), matrix(u2, rows, C));
+          partial.addmm_(s1_t.t(), matrix(us1.data(), rows, C));
+          partial.addmm_(s2_t.t(), matrix(us2.data(), rows, C));
         }
       }
     });
