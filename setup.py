@@ -51,12 +51,19 @@ if _CUDA_HOME:
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(build_config.cuda_archs()))
 
 import torch  # noqa: E402
+
+
+def _relative(paths: list[str]) -> list[str]:
+    # setuptools refuses absolute source paths.
+    return [os.path.relpath(p, ROOT) for p in paths]
+
+
 from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
 ext_modules = [
     CppExtension(
         "rcps_kernels._C",
-        build_config.cpu_sources(),
+        _relative(build_config.cpu_sources()),
         extra_compile_args={"cxx": build_config.cpu_compile_args()},
         extra_link_args=build_config.cpu_link_args(),
     )
@@ -82,7 +89,7 @@ if _want_cuda():
         ext_modules.append(
             CUDAExtension(
                 "rcps_kernels._C_cuda",
-                build_config.cuda_sources(),
+                _relative(build_config.cuda_sources()),
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
             )
