@@ -6,6 +6,7 @@ Tensors are MONAI-style ``(B, C, D, H, W)``. With widths (16, 32, 64, 128, 256) 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +37,42 @@ class ResBlock(nn.Module):
         y = self.norm2(self.conv2(y))
         return self.act2(y + self.shortcut(x))
 
+    def forward_concat(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        """``forward(cat([first, second], 1))`` without materialising the concatenation: each convolution on
+        the concatenation is the sum of convolutions on the parts with the matching weight slices. Backward then
+        keeps the two parts (the first is the skip, stored anyway) instead of a third, wider tensor."""
+        split = first.shape[1]
+
+        def conv_on_concat(conv: nn.Conv3d) -> torch.Tensor:
+            options = dict(stride=conv.stride, padding=conv.padding)
+            return (F.conv3d(first, conv.weight[:, :split], **options)
+                    + F.conv3d(second, conv.weight[:, split:], **options))
+
+        y = self.act1(self.norm1(conv_on_concat(self.conv1)))
+        y = self.norm2(self.conv2(y))
+        conv, norm = self.shortcut  # decoder blocks always change the width, so the shortcut is conv + BN
+        return self.act2(y + norm(conv_on_concat(conv)))
+
 
 @contextlib.contextmanager
 def _frozen_batchnorm_stats(module: nn.Module):
     """Stop BatchNorm running statistics from updating: the checkpoint recomputation must not count twice."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
     try:
         yield
     finally:
-        for m, momentum in zip(norms, saved):
+        for m, (momentum, tracked) in zip(norms, saved):
             m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+def _decoder_stage(block: nn.Module, skip: torch.Tensor, deeper: torch.Tensor) -> torch.Tensor:
+    """Upsample ``deeper`` to the skip's size and apply the stage's ResBlock to ``[skip, up]``."""
+    up = F.interpolate(deeper, size=skip.shape[2:], mode="trilinear", align_corners=False)
+    return block.forward_concat(skip, up)
 
 
 class ProjectorUNet(nn.Module):
@@ -80,24 +104,23 @@ class ProjectorUNet(nn.Module):
         self.projector = nn.Sequential(
             nn.Conv3d(w2, project_dim, 1), nn.PReLU(), nn.Conv3d(project_dim, project_dim, 1))
 
-    def _run(self, block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    def _run(self, block: nn.Module, function, *inputs: torch.Tensor) -> torch.Tensor:
+        """``function(*inputs)``, recomputed in backward when checkpointing (only ``inputs`` are stored)."""
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(lambda *xs: block(torch.cat(xs, 1) if len(xs) > 1 else xs[0]), *inputs,
-                              use_reentrant=False,
+            return checkpoint(function, *inputs, use_reentrant=False,
                               context_fn=lambda: (contextlib.nullcontext(), _frozen_batchnorm_stats(block)))
-        return block(torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0])
+        return function(*inputs)
 
     def _decode(self, x: torch.Tensor) -> list[torch.Tensor]:
         skips = []
         for block in self.encoder:
-            x = self._run(block, x)
+            x = self._run(block, block, x)
             skips.append(x)
         x = skips.pop()
         stages = []
         for block in self.decoder:
-            skip = skips.pop()
-            up = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
-            x = self._run(block, skip, up)
+            # The upsampling runs inside the checkpointed stage, so the low-resolution map is what gets stored.
+            x = self._run(block, functools.partial(_decoder_stage, block), skips.pop(), x)
             stages.append(x)
         return stages  # resolutions 1/8, 1/4, 1/2, 1
 

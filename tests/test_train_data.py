@@ -1,0 +1,169 @@
+"""Data loading: NIfTI and h5 layouts, the labeled subset, start-up errors, crops and the epoch plan."""
+import gzip
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+from rcps_train.augment import random_crop, random_grid_distortion
+from rcps_train.data import (DataError, PairedPatchDataset, VolumeStore, epoch_plan, list_cases, load_case,
+                             split_labeled)
+from rcps_train.synthetic import make_synthetic_dataset
+
+SHAPE = (32, 32, 24)
+
+
+def tiny_dataset(root, num_train=4, num_val=2):
+    """A small synthetic NIfTI dataset shared by the trainer tests."""
+    return make_synthetic_dataset(root, num_train, num_val, SHAPE, seed=0)
+
+
+def tiny_overrides(data_root, out_dir, **extra):
+    """Config overrides for a run that takes seconds: width 4, 16x16x16 patches, 2 steps per epoch."""
+    values = {"data.root": f'"{data_root}"', "run.out_dir": f'"{out_dir}"', "data.labeled": 1,
+              "data.patch_size": "[16, 16, 16]", "data.num_workers": 0, "model.widths": "[4, 8, 8, 16, 16]",
+              "model.project_dim": 16, "train.epochs": 2, "train.max_steps_per_epoch": 2,
+              "train.warmup_epochs": 1, "train.progress": "false", "loss.num_negatives": 16,
+              "eval.every_epochs": 1, "eval.overlap": 0.5, "data.grid_distortion_prob": 0.5}
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def test_nifti_layout_loads_sorted_normalised_cases(tmp_path):
+    root = tiny_dataset(tmp_path / "data")
+    cases = list_cases(root, "train", "nifti")
+    assert [c.name for c in cases] == [f"case_{i:03d}" for i in range(4)]
+    image, label = load_case(cases[0], num_classes=2)
+    assert image.shape == label.shape == SHAPE
+    assert abs(image.mean()) < 1e-4 and abs(image.std() - 1) < 1e-3
+    raw = np.asarray(nib.load(cases[0].label).dataobj)
+    np.testing.assert_array_equal(label, raw)
+    assert set(np.unique(label)) <= {0, 1} and label.any()
+
+
+def test_h5_layout_la_style(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "2018LA_Seg_Training Set"
+    ids = ["B", "A", "C"]
+    for case_id in ids:
+        (folder / case_id).mkdir(parents=True)
+        with h5py.File(folder / case_id / "mri_norm2.h5", "w") as f:
+            f["image"] = rng.random(SHAPE, dtype=np.float32) * 5 + 2
+            f["label"] = (rng.random(SHAPE) > 0.7).astype(np.uint8)
+    (tmp_path / "train.list").write_text("B\nA\n")
+    (tmp_path / "test.list").write_text("C\n")
+    train = list_cases(tmp_path, "train", "h5")
+    assert [c.name for c in train] == ["A", "B"]
+    image, label = load_case(train[0], 2)
+    with h5py.File(folder / "A" / "mri_norm2.h5") as f:
+        expected = np.asarray(f["label"])
+    np.testing.assert_array_equal(label, expected)
+    assert abs(image.std() - 1) < 1e-3
+    assert [c.name for c in list_cases(tmp_path, "val", "h5")] == ["C"]
+
+
+def test_h5_pancreas_float_labels_and_missing_file(tmp_path):
+    (tmp_path / "Pancreas_h5").mkdir()
+    with h5py.File(tmp_path / "Pancreas_h5" / "image0001_norm.h5", "w") as f:
+        f["image"] = np.ones(SHAPE, np.float32) + np.arange(SHAPE[-1], dtype=np.float32)
+        f["label"] = np.zeros(SHAPE, np.float32)
+    (tmp_path / "train.list").write_text("image0001\nimage0002\n")
+    with pytest.raises(DataError, match="image0002"):
+        list_cases(tmp_path, "train", "h5")
+
+
+def test_labeled_subset_by_count_and_by_id_file(tmp_path):
+    cases = list_cases(tiny_dataset(tmp_path / "data"), "train", "nifti")
+    labeled, unlabeled = split_labeled(cases, 1)
+    assert [c.name for c in labeled] == ["case_000"] and len(unlabeled) == 3
+    ids = tmp_path / "ids.txt"
+    ids.write_text("case_002\ncase_001\n")
+    labeled, unlabeled = split_labeled(cases, str(ids))
+    assert [c.name for c in labeled] == ["case_001", "case_002"]
+    assert [c.name for c in unlabeled] == ["case_000", "case_003"]
+    ids.write_text("case_999\n")
+    with pytest.raises(DataError, match="case_999"):
+        split_labeled(cases, str(ids))
+    with pytest.raises(DataError, match="unlabeled"):
+        split_labeled(cases, 4)
+
+
+def test_errors_name_the_file(tmp_path):
+    root = tiny_dataset(tmp_path / "data")
+    cases = list_cases(root, "train", "nifti")
+    # Label values outside the classes.
+    bad = np.full(SHAPE, 3, np.uint8)
+    nib.save(nib.Nifti1Image(bad, np.eye(4)), cases[0].label)
+    with pytest.raises(DataError, match=r"case_000.*outside the classes"):
+        VolumeStore(cases, num_classes=2)
+    # Shape mismatch.
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), cases[1].label)
+    with pytest.raises(DataError, match=r"case_001.*shape"):
+        load_case(cases[1], 2)
+    # Corrupt (truncated) file.
+    data = cases[2].image.read_bytes()
+    cases[2].image.write_bytes(gzip.compress(gzip.decompress(data)[:400]))
+    with pytest.raises(DataError, match=r"cannot read NIfTI file .*case_002"):
+        load_case(cases[2], 2)
+    # Missing label file.
+    cases[3].label.unlink()
+    with pytest.raises(DataError, match=r"label file .*case_003"):
+        list_cases(root, "train", "nifti")
+
+
+def test_empty_dataset_and_missing_root(tmp_path):
+    (tmp_path / "train_images").mkdir()
+    (tmp_path / "train_labels").mkdir()
+    with pytest.raises(DataError, match="no train cases"):
+        list_cases(tmp_path, "train", "nifti")
+    with pytest.raises(DataError, match="not a folder"):
+        list_cases(tmp_path / "nope", "train", "nifti")
+
+
+def test_random_crop_pads_small_volumes_and_keeps_alignment():
+    rng = np.random.default_rng(0)
+    image = np.arange(10 * 6 * 4, dtype=np.float32).reshape(10, 6, 4) + 1
+    label = (image % 3 == 0).astype(np.int64)
+    crop_image, crop_label = random_crop(image, label, (8, 8, 8), rng)
+    assert crop_image.shape == crop_label.shape == (8, 8, 8)
+    assert (crop_image == 0).sum() == 8 * 8 * 8 - 8 * 6 * 4  # padding only where the volume is short
+    inside = crop_image > 0
+    np.testing.assert_array_equal(crop_label[inside], (crop_image[inside] % 3 == 0))
+
+
+def test_grid_distortion_moves_voxels_but_keeps_labels_aligned():
+    rng = np.random.default_rng(1)
+    image = np.random.default_rng(2).random((20, 20, 20)).astype(np.float32)
+    label = (image > 0.5).astype(np.int64)
+    out_image, out_label = random_grid_distortion(image, label.copy(), rng, num_cells=5, limit=0.3)
+    assert out_image.shape == image.shape and not np.allclose(out_image, image)
+    assert set(np.unique(out_label)) <= {0, 1}
+    # Nearest-neighbour labels come from the same source voxels as the image: with limit 0 nothing moves.
+    same_image, same_label = random_grid_distortion(image, label, rng, limit=0.0)
+    np.testing.assert_allclose(same_image, image, atol=1e-6)
+    np.testing.assert_array_equal(same_label, label)
+
+
+def test_epoch_plan_is_deterministic_and_shards_ranks():
+    plan = epoch_plan(3, 10, epoch=2, seed=7)
+    assert plan == epoch_plan(3, 10, epoch=2, seed=7)
+    assert plan != epoch_plan(3, 10, epoch=3, seed=7)
+    assert sorted(item[2] for item in plan) == list(range(10))  # one pass over the unlabeled cases
+    assert {item[0] for item in plan} == {0, 1, 2}  # labeled cases cycle
+    rank0, rank1 = (epoch_plan(3, 10, 2, 7, rank=r, world_size=2) for r in (0, 1))
+    assert len(rank0) == len(rank1) == 5
+    assert sorted(i[2] for i in rank0 + rank1) == list(range(10))
+    assert len(epoch_plan(3, 10, 0, 7, max_steps=4)) == 4
+
+
+def test_paired_dataset_items_are_reproducible(tmp_path):
+    root = tiny_dataset(tmp_path / "data")
+    labeled, unlabeled = split_labeled(list_cases(root, "train", "nifti"), 1)
+    dataset = PairedPatchDataset(VolumeStore(labeled, 2), VolumeStore(unlabeled, 2, cache=False), (16, 16, 16),
+                                 distortion_prob=1.0)
+    a, b = dataset[(0, 11, 1, 12)], dataset[(0, 11, 1, 12)]
+    other = dataset[(0, 13, 1, 12)]
+    assert a["image_l"].shape == (1, 16, 16, 16) and a["label_l"].dtype.is_floating_point is False
+    assert all((a[k] == b[k]).all() for k in a)
+    assert not (a["image_l"] == other["image_l"]).all()

@@ -1,0 +1,97 @@
+"""Whole runs on tiny data: run folder contents, resume after an interrupted run, and the eval command."""
+import csv
+import json
+
+import pytest
+import torch
+
+from rcps_train import engine
+from rcps_train.cli import main
+from rcps_train.config import ConfigError, load_config
+from test_train_data import tiny_dataset, tiny_overrides
+
+
+def _config(data_root, out_dir, name, **extra):
+    return load_config(None, tiny_overrides(data_root, out_dir, **{"run.name": f'"{name}"', **extra}))
+
+
+def _log(run_dir):
+    with open(run_dir / "train_log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    data = tiny_dataset(tmp_path / "data")
+    summary = engine.train(_config(data, tmp_path, "full", **{"train.checkpoint_every": 2}))
+    full_dir = tmp_path / "full"
+    assert set(summary) >= {"dice", "hd95", "asd"}
+    for name in ("config.toml", "train_log.csv", "val_log.csv", "checkpoint.pt", "metrics.csv", "metrics.json",
+                 "loss_terms.png", "val_dice.png"):
+        assert (full_dir / name).exists(), name
+    rows = _log(full_dir)
+    assert [int(r["global_step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r[k]) > 0 for r in rows for k in ("bc_l", "urp_u", "cr_l", "step_time_s", "peak_mem_mb"))
+    assert float(rows[0]["lr"]) == pytest.approx(1e-4) and float(rows[2]["lr"]) == pytest.approx(0.01)
+    metrics = json.loads((full_dir / "metrics.json").read_text())
+    assert {"dice", "hd95", "asd", "per_case"} <= set(metrics) and len(metrics["per_case"]) == 2
+
+    # Kill the second run during its 4th step: the last checkpoint is at step 2, the log has 3 rows.
+    real_step, calls = engine.train_step, []
+
+    def dying_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", dying_step)
+    config = _config(data, tmp_path, "killed", **{"train.checkpoint_every": 2})
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(config)
+    killed_dir = tmp_path / "killed"
+    assert len(_log(killed_dir)) == 3
+    assert torch.load(killed_dir / "checkpoint.pt", weights_only=False)["global_step"] == 2
+    monkeypatch.setattr(engine, "train_step", real_step)
+    with pytest.raises(ConfigError, match="--resume"):
+        engine.train(config)
+    engine.train(config, resume=True)
+
+    resumed_rows = _log(killed_dir)
+    assert [r["global_step"] for r in resumed_rows] == [r["global_step"] for r in rows]
+    for a, b in zip(rows, resumed_rows):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+    final_full = torch.load(full_dir / "checkpoint.pt", weights_only=False)["model"]
+    final_resumed = torch.load(killed_dir / "checkpoint.pt", weights_only=False)["model"]
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], rtol=1e-5, atol=1e-6, msg=key)
+    # And the run did train: the weights moved away from the initial ones.
+    assert not torch.equal(final_full["heads.3.weight"], engine.build_model(config).state_dict()["heads.3.weight"])
+
+
+def test_eval_command_writes_metrics(tmp_path, capsys):
+    data = tiny_dataset(tmp_path / "data")
+    config = _config(data, tmp_path, "run", **{"train.epochs": 1, "train.max_steps_per_epoch": 1,
+                                                "train.method": '"supervised"', "eval.every_epochs": 0,
+                                                # batch 1 alone: the deepest level needs > 1 voxel for BatchNorm
+                                                "data.patch_size": "[32, 32, 16]"})
+    engine.train(config)
+    out = tmp_path / "eval_out"
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(data),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mean" in printed and "case_001" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [row["case"] for row in metrics["per_case"]] == ["case_000", "case_001"]
+    assert 0.0 <= metrics["dice"] <= 1.0
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    # The README's main-job command, shortened to one step: data, training, evaluation and the table.
+    assert main(["demo", "--out", str(tmp_path), "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=1",
+                 "--set", "train.progress=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "Dice" in printed and "HD95" in printed and "ASD" in printed and "mean" in printed
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert len(metrics["per_case"]) == 4
