@@ -398,3 +398,20 @@ def test_mean_path_refuses_a_second_backward_through_the_graph():
                                         backend="reference")).backward()
     for got, want in zip(once, reference):
         torch.testing.assert_close(got, want.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    import warnings
+
+    from rcps_kernels import _backend
+
+    monkeypatch.setattr(_backend, "load_cpu_extension", lambda: "pretend the build failed")
+    _backend._warn_fallback_once.cache_clear()
+    with pytest.warns(RuntimeWarning, match="pretend the build failed"):
+        assert _backend.resolve_backend("auto", torch.device("cpu"), ("cpu", "reference")) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve_backend("auto", torch.device("cpu"), ("cpu", "reference")) == "reference"
+    with pytest.raises(RuntimeError, match="not usable here"):
+        _backend.resolve_backend("cpu", torch.device("cpu"), ("cpu", "reference"))
+    _backend._warn_fallback_once.cache_clear()
