@@ -162,8 +162,9 @@ struct Options {
 //
 // Anchors are counting-sorted by class, so a tile of anchors shares one bank N_c. Tiles are
 // independent tasks: S = U_tile N_c^T (one GEMM per direction), exact row log-sum-exps with the
-// positive logit, S turned in place into softmax weights times w/tau, then dU = P N_c (two GEMMs)
-// and dN_c += P^T U (two GEMMs) while S is still in cache: six GEMMs in all, the floor.
+// positive logit, S turned in place into E = exp(S/tau - shift), then dU = P N_c and
+// dN_c += P^T U (two GEMMs each, P = diag(row scale) E with the scale folded into the small
+// operands) while E is still in cache: six GEMMs in all, the floor.
 //
 // The bank gradient dN_c is summed over tiles. While one copy of it per thread is small
 // (kPartialBudget), each thread accumulates its own and the copies are added in thread order.
