@@ -362,7 +362,7 @@ def test_torch_compile_fullgraph(backend):
 
 # --- fuzzing -----------------------------------------------------------------------------
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     dims=st.integers(1, 3),
     size=st.integers(1, 5),
