@@ -152,6 +152,20 @@ def _load_tile(u1_ptr, u2_ptr, tile_cls_ptr, tile_row0_ptr, tile_end_ptr, neg_co
 
 
 @triton.jit
+def _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Bank rows [n0, n0 + BLOCK_N) of a class and the tile's logits against them, both directions."""
+    ns = n0 + tl.arange(0, BLOCK_N)
+    nmask = ns < kc
+    bank = tl.load(bank_base + ns[:, None] * C + cc[None, :],
+                   mask=nmask[:, None] & cmask[None, :], other=0.0)
+    bank_t = tl.trans(bank)
+    a1 = tl.dot(u1, bank_t, input_precision=PRECISION) * inv_tau
+    a2 = tl.dot(u2, bank_t, input_precision=PRECISION) * inv_tau
+    return bank, nmask, a1, a2
+
+
+@triton.jit
 def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, tile_cls_ptr, tile_row0_ptr, tile_end_ptr,
                      neg_count_ptr, order_ptr, lse1_ptr, lse2_ptr, loss_ptr, C, L, inv_tau,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -166,13 +180,8 @@ def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, tile_cls_ptr, tile_row0_ptr, tile
     s2 = tl.full([BLOCK_M], 1.0, tl.float32)
     bank_base = bank_ptr + cls * L * C
     for n0 in range(0, kc, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
-        nmask = ns < kc
-        bank = tl.load(bank_base + ns[:, None] * C + cc[None, :],
-                       mask=nmask[:, None] & cmask[None, :], other=0.0)
-        bank_t = tl.trans(bank)
-        a1 = tl.dot(u1, bank_t, input_precision=PRECISION) * inv_tau
-        a2 = tl.dot(u2, bank_t, input_precision=PRECISION) * inv_tau
+        bank, nmask, a1, a2 = _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau,
+                                           BLOCK_N, PRECISION)
         a1 = tl.where(nmask[None, :], a1, float("-inf"))
         a2 = tl.where(nmask[None, :], a2, float("-inf"))
         new1 = tl.maximum(m1, tl.max(a1, 1))
@@ -211,13 +220,8 @@ def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, sq1_ptr, sq2_ptr, bank_ptr, tile_cl
     du2 = coef[:, None] * u1
     bank_base = bank_ptr + cls * L * C
     for n0 in range(0, kc, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
-        nmask = ns < kc
-        bank = tl.load(bank_base + ns[:, None] * C + cc[None, :],
-                       mask=nmask[:, None] & cmask[None, :], other=0.0)
-        bank_t = tl.trans(bank)
-        a1 = tl.dot(u1, bank_t, input_precision=PRECISION) * inv_tau
-        a2 = tl.dot(u2, bank_t, input_precision=PRECISION) * inv_tau
+        bank, nmask, a1, a2 = _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau,
+                                           BLOCK_N, PRECISION)
         p1 = tl.where(nmask[None, :], tl.exp(a1 - l1[:, None]) * wt[:, None], 0.0)
         p2 = tl.where(nmask[None, :], tl.exp(a2 - l2[:, None]) * wt[:, None], 0.0)
         du1 += tl.dot(p1, bank, input_precision=PRECISION)
