@@ -80,6 +80,15 @@ RCPS_HD LseState lse_merge(LseState st, float block_max, float block_sum) {
 
 RCPS_HD float lse_value(LseState st) { return st.max + logf(st.sum); }
 
+// One direction's loss of an anchor, -log softmax of its positive logit x, from the state of its
+// negatives alone: log(1 + sum_n exp(s_n - x)) = softplus(t) with t = log sum_n exp(s_n - x).
+// Not lse - x: that difference cancels at |x| ~ 1/tau and leaves a near-zero loss (a confident
+// anchor) with few correct digits in fp32. The softmax normaliser is then x + positive_nll.
+RCPS_HD float positive_nll(LseState negatives, float x) {
+  const float t = (negatives.max - x) + logf(negatives.sum);
+  return fmaxf(t, 0.0f) + log1pf(expf(-fabsf(t)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Philox4x32-10, laid out exactly like Triton's tl.randint(seed, offset) with a 64-bit offset:
 // counter (c0, c1, c2, c3) = (lo32(offset), hi32(offset), 0, 0), key (k0, k1) = (lo32(seed),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from medpy import metric
 
 
 def binary_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float | str]:
@@ -21,6 +20,8 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float | str]:
     Returns:
         ``dice``, ``hd95``, ``asd`` and ``empty`` (``""``, ``"both"``, ``"pred_empty"`` or ``"gt_empty"``).
     """
+    from medpy import metric  # evaluation-only dependency: training imports this module without it
+
     pred, gt = pred.astype(bool), gt.astype(bool)
     if not pred.any() and not gt.any():
         return {"dice": 1.0, "hd95": 0.0, "asd": 0.0, "empty": "both"}

@@ -44,3 +44,33 @@ def assert_close_to_reference(
             f"same-dtype reference={same_dtype_reference.detach().double().cpu().flatten()[i].item():.8g} "
             f"(err {err.flatten()[i].item():.3g} > bound {bound.flatten()[i].item():.3g})"
         )
+
+
+def confident_features(*, channels=8, spatial=(6, 5), pool_spatial=(5, 4), seed=0):
+    """Anchor, positive (= anchor) and pool features, float64, for a case of confident anchors.
+
+    Every anchor lies near one direction d and every pool voxel near cos 0.65 to d, so with
+    temperature 0.05 each direction's loss is about K exp(-7) ~ 1e-3 per anchor: far below the
+    ulp of the logits (1/tau = 20). A kernel that forms the loss as lse - x loses it there.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = torch.zeros(channels, dtype=torch.float64)
+    d[0] = 1.0
+    near_d = 0.65 * d
+    near_d[1] = (1 - 0.65**2) ** 0.5
+
+    def around(direction, spatial_shape):
+        noise = torch.randn(1, channels, *spatial_shape, generator=g, dtype=torch.float64)
+        return direction.view(1, -1, *[1] * len(spatial_shape)) + 0.02 * noise
+
+    anchor = around(d, spatial)
+    return [anchor, anchor.clone(), around(near_d, pool_spatial)]
+
+
+def assert_relative_error_below(actual, float64_reference, *, rtol, name="value"):
+    """Elementwise |actual - gt| <= rtol |gt|: for values the same-dtype reference itself gets
+    wrong in relative terms (the tiny losses of confident anchors), where the rule above is loose."""
+    gt = float64_reference.detach().double().cpu()
+    rel = (actual.detach().double().cpu() - gt).abs() / gt.abs().clamp_min(1e-30)
+    worst = rel.max().item()
+    assert worst <= rtol, f"{name}: relative error {worst:.3g} > {rtol:g}"

@@ -13,7 +13,8 @@ import rcps_kernels as rk
 from rcps_kernels.ops import infonce as ops
 from rcps_kernels.reference.infonce import philox_randint, random_negative_draws_reference
 from rcps_kernels.selection import eligible_negatives, pseudo_labels
-from tests.numerics import assert_close_to_reference
+from tests.numerics import (assert_close_to_reference, assert_relative_error_below,
+                            confident_features)
 
 
 def make_case(spatial, channels=8, classes=2, pool_spatial=None, batch=1, pool_batch=1,
@@ -81,6 +82,20 @@ def test_matches_float64_reference(sampling, reduction, spatial, pool_spatial, c
 def test_half_precision_inputs_accumulate_in_fp32(dtype, sampling):
     feats, logits = make_case((6, 5, 4), channels=16, classes=3)
     check_against_reference(feats, logits, dtype=dtype, num_negatives=24, sampling=sampling)
+
+
+@pytest.mark.parametrize("sampling", ["topk", "random"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_confident_anchors_keep_a_tiny_loss_accurate(sampling, reduction):
+    # Per-anchor losses ~1e-3 under logits ~20: the kernel must not form them as lse - x.
+    # The fp32 reference forms them that way itself, so the loss also gets a relative bound.
+    _, logits = make_case((6, 5), classes=2, pool_spatial=(5, 4), seed=3)
+    kw = dict(sampling=sampling, num_negatives=4, temperature=0.05, reduction=reduction)
+    feats = confident_features()
+    loss, _ = check_against_reference(feats, logits, seed=1, **kw)
+    gen = torch.Generator().manual_seed(1) if sampling == "random" else None
+    gt = rk.bidirectional_voxel_infonce(*feats, *logits, backend="reference", generator=gen, **kw)
+    assert_relative_error_below(loss, gt, rtol=1e-5, name="loss")
 
 
 def test_batches_on_both_sides():

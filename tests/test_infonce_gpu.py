@@ -14,7 +14,7 @@ from rcps_kernels._extension import load_cuda_extension
 from rcps_kernels.ops import infonce as ops
 from rcps_kernels.selection import eligible_negatives, pseudo_labels, select_confident_negatives
 
-from numerics import assert_close_to_reference
+from numerics import assert_close_to_reference, assert_relative_error_below, confident_features
 
 
 def test_cuda_extension_registers_ops():
@@ -74,6 +74,28 @@ def test_backend_matches_reference(backend, dtype, sampling, reduction):
                              actual, same, gt):
         assert torch.isfinite(x).all(), name
         assert_close_to_reference(x, y, z, dtype=dtype, name=f"{backend} {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("sampling", ["topk", "random"])
+def test_confident_anchors_keep_a_tiny_loss_accurate(backend, sampling):
+    # Per-anchor losses ~1e-3 under logits ~20: the kernel must not form them as lse - x.
+    feats = [f.float() for f in confident_features(channels=32, spatial=(8, 6, 5),
+                                                   pool_spatial=(7, 6, 5))]
+    _, al, nl = make_inputs(torch.float32)
+    go = torch.rand((1, 8, 6, 5)) + 0.5
+    kw = dict(num_negatives=70, sampling=sampling, temperature=0.05, reduction="none",
+              grad_out=go)
+    actual = run(feats, al, nl, backend=backend, **kw)
+    same = run(feats, al, nl, backend="reference", **kw)
+    gt = run([f.double() for f in feats], al.double(), nl.double(), backend="reference",
+             device="cpu", **{**kw, "grad_out": go.double()})
+    for name, x, y, z in zip(("loss", "grad_anchor", "grad_positive", "grad_negative"),
+                             actual, same, gt):
+        assert_close_to_reference(x, y, z, dtype=torch.float32, name=f"{backend} {name}")
+    # The fp32 reference forms them as lse - x itself, so the loss also gets a relative bound.
+    assert_relative_error_below(actual[0], gt[0], rtol=1e-5, name=f"{backend} loss")
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ from rcps_kernels.ops import infonce as ops
 from rcps_kernels.reference.infonce import philox_randint, random_negative_draws_reference
 from rcps_kernels.selection import eligible_negatives, pseudo_labels, select_confident_negatives
 
-from numerics import assert_close_to_reference
+from numerics import assert_close_to_reference, assert_relative_error_below, confident_features
 
 pytest.importorskip("triton")
 T = pytest.importorskip("rcps_kernels.ops.infonce_triton")
@@ -44,8 +44,9 @@ def run(feats, al, nl, *, backend, reduction, grad_out, **kw):
     return [loss.detach()] + [t.grad for t in leaves]
 
 
-def check_against_reference(dtype, reduction, **kw):
-    feats, al, nl = make_inputs(dtype)
+def check_against_reference(dtype, reduction, feats=None, **kw):
+    made, al, nl = make_inputs(dtype)
+    feats = made if feats is None else [f.to(dtype) for f in feats]
     shape = (1, 4, 3, 2) if reduction == "none" else ()
     grad_out = torch.rand(shape, generator=torch.Generator().manual_seed(5)) + 0.5
     actual = run(feats, al, nl, backend="triton", reduction=reduction, grad_out=grad_out, **kw)
@@ -66,6 +67,20 @@ def check_against_reference(dtype, reduction, **kw):
 def test_topk_matches_reference(dtype, reduction):
     # K=7 of 18 pool voxels, 2 classes: banks of up to 7, several anchor tiles and bank blocks.
     check_against_reference(dtype, reduction, num_negatives=7, sampling="topk")
+
+
+@pytest.mark.parametrize("sampling", ["topk", "random"])
+def test_confident_anchors_keep_a_tiny_loss_accurate(sampling):
+    # Per-anchor losses ~1e-3 under logits ~20: the kernel must not form them as lse - x.
+    feats = confident_features(channels=12, spatial=(4, 3, 2), pool_spatial=(3, 3, 2))
+    # The fp32 reference forms them that way itself, so the loss also gets a relative bound.
+    kw = dict(sampling=sampling, num_negatives=4, temperature=0.05)
+    loss = check_against_reference(torch.float32, "none", feats=feats, **kw)[0]
+    _, al, nl = make_inputs(torch.float32)
+    gt = rk.bidirectional_voxel_infonce(*feats, al.double(), nl.double(), backend="reference",
+                                        generator=torch.Generator().manual_seed(1234),
+                                        reduction="none", **kw)
+    assert_relative_error_below(loss, gt, rtol=1e-5, name="loss")
 
 
 def test_topk_bank_spans_blocks_three_classes():

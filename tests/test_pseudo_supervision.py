@@ -77,7 +77,7 @@ def evaluate(backend, student, teacher, other, reduction, layout="contiguous"):
     """
     leaves = []
     for x in (student, teacher, other):
-        leaf = torch.empty(leaf_shape(x.shape, layout), dtype=x.dtype)
+        leaf = torch.empty(leaf_shape(x.shape, layout), dtype=x.dtype, device=x.device)
         with torch.no_grad():
             as_layout(leaf, layout).copy_(x)
         leaves.append(leaf.requires_grad_())
@@ -87,8 +87,8 @@ def evaluate(backend, student, teacher, other, reduction, layout="contiguous"):
     urp = rk.rectified_pseudo_supervision(s, t, temperature=TEMPERATURE, reduction=reduction,
                                           backend=backend)
     cr = rk.logit_cosine_consistency(s, o, reduction=reduction, backend=backend)
-    g_urp = logits(urp.shape, 1.0, seed=11, dtype=urp.dtype)
-    g_cr = logits(cr.shape, 1.0, seed=12, dtype=cr.dtype)
+    g_urp = logits(urp.shape, 1.0, seed=11, dtype=urp.dtype).to(urp.device)
+    g_cr = logits(cr.shape, 1.0, seed=12, dtype=cr.dtype).to(cr.device)
     (grad_urp,) = torch.autograd.grad(urp, leaves[0], g_urp)
     grad_cr_a, grad_cr_b = torch.autograd.grad(cr, (leaves[0], leaves[2]), g_cr)
     return {

@@ -290,13 +290,14 @@ void topk_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& zn,
           float dot = 0.f;
           for (int64_t ch = 0; ch < C; ++ch) dot += u1[t * C + ch] * u2[t * C + ch];
           const float x = dot * opt.inv_tau;
-          // lse = log(exp(x) + sum_k exp(S_k/tau)), merged from the block's (shift, sum); the
-          // rows of S now hold E = exp(S/tau - shift).
+          // The block's (shift, sum) is the negatives' state; the rows of S now hold
+          // E = exp(S/tau - shift). lse = log(exp(x) + sum_k exp(S_k/tau)) = x + nll.
           const LseState b1 = exp_block(s1.data() + t * K, K, opt.inv_tau, shift);
           const LseState b2 = exp_block(s2.data() + t * K, K, opt.inv_tau, shift);
-          lse1[r] = lse_value(lse_merge(lse_push(lse_init(), x), b1.max, b1.sum));
-          lse2[r] = lse_value(lse_merge(lse_push(lse_init(), x), b2.max, b2.sum));
-          loss[anchor] = (lse1[r] - x) + (lse2[r] - x);
+          const float nll1 = positive_nll(b1, x), nll2 = positive_nll(b2, x);
+          lse1[r] = x + nll1;
+          lse2[r] = x + nll2;
+          loss[anchor] = nll1 + nll2;
           if (!opt.want_grad) continue;
           // Softmax weights times w/tau: P = diag(scale) E with scale = w/tau exp(shift - lse).
           // The scale is applied to the (rows x C) operands and results of the GEMMs below,
@@ -304,8 +305,10 @@ void topk_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& zn,
           const float wt = opt.weight(anchor) * opt.inv_tau;
           scale1[t] = wt * std::exp(b1.max - lse1[r]);
           scale2[t] = wt * std::exp(b2.max - lse2[r]);
-          // dU1 = coef u2 + P1 N_c, dU2 = coef u1 + P2 N_c.
-          coef[t] = wt * (std::exp(x - lse1[r]) + std::exp(x - lse2[r]) - 2.f);
+          // dU1 = coef u2 + P1 N_c, dU2 = coef u1 + P2 N_c, coef = w/tau (p1_pos + p2_pos - 2).
+          // 1 - p_pos is the negatives' softmax mass, sum(E) scale: exact in relative terms,
+          // where 1 - exp(x - lse) would cancel for a confident anchor.
+          coef[t] = -(scale1[t] * b1.sum + scale2[t] * b2.sum);
           for (int64_t ch = 0; ch < C; ++ch) {
             us1[t * C + ch] = scale1[t] * u1[t * C + ch];
             us2[t * C + ch] = scale2[t] * u2[t * C + ch];
@@ -402,7 +405,7 @@ void random_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& z
         s += u1[ch] * u2[ch];
       }
       const float x = s * opt.inv_tau;
-      LseState lse1 = lse_push(lse_init(), x), lse2 = lse_push(lse_init(), x);
+      LseState neg1 = lse_init(), neg2 = lse_init();
       const int64_t draws_here = n > 0 ? K : 0;
       for (int64_t k = 0; k < draws_here; ++k) {
         const int64_t j = draws.pick(i, k, eligible, n);
@@ -415,21 +418,23 @@ void random_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& z
         picked[k] = j;
         dot1[k] = d1 * opt.inv_tau;
         dot2[k] = d2 * opt.inv_tau;
-        lse1 = lse_push(lse1, dot1[k]);
-        lse2 = lse_push(lse2, dot2[k]);
+        neg1 = lse_push(neg1, dot1[k]);
+        neg2 = lse_push(neg2, dot2[k]);
       }
-      const float l1 = lse_value(lse1), l2 = lse_value(lse2);
-      loss[i] = (l1 - x) + (l2 - x);
+      const float nll1 = positive_nll(neg1, x), nll2 = positive_nll(neg2, x);
+      const float l1 = x + nll1, l2 = x + nll2;
+      loss[i] = nll1 + nll2;
       if (!opt.want_grad) continue;
       const float w = opt.weight(i);
       const float wt = w * opt.inv_tau;
-      const float coef = wt * (std::exp(x - l1) + std::exp(x - l2) - 2.f);
-      for (int64_t ch = 0; ch < C; ++ch) {
-        du1[ch] = coef * u2[ch];
-        du2[ch] = coef * u1[ch];
-      }
+      // dU1 = sum_k P1_k n_k - (sum_k P1_k + P2_k) u2 (and 1 <-> 2): the positive's weight
+      // p_pos - 1 is minus the negatives' softmax mass, summed here in relative precision.
+      std::fill(du1.begin(), du1.end(), 0.f);
+      std::fill(du2.begin(), du2.end(), 0.f);
+      float mass = 0.f;
       for (int64_t k = 0; k < draws_here; ++k) {
         const float p1 = wt * std::exp(dot1[k] - l1), p2 = wt * std::exp(dot2[k] - l2);
+        mass += p1 + p2;
         const float* un = pool.u.data() + picked[k] * C;
         for (int64_t ch = 0; ch < C; ++ch) {
           du1[ch] += p1 * un[ch];
@@ -438,6 +443,10 @@ void random_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& z
         if (!opt.want_negative_grad) continue;
         float* dun = my_pool_grad + picked[k] * C;
         for (int64_t ch = 0; ch < C; ++ch) dun[ch] += p1 * u1[ch] + p2 * u2[ch];
+      }
+      for (int64_t ch = 0; ch < C; ++ch) {
+        du1[ch] -= mass * u2[ch];
+        du2[ch] -= mass * u1[ch];
       }
       write_input_grad(du1.data(), u1.data(), inv1, norm_is_clamped(sq1), C, g1->voxel(i),
                        g1->voxels_per_item);

@@ -169,7 +169,7 @@ __global__ void topk_lse_kernel(const float* __restrict__ u1, const float* __res
     float s = 0.f;
     for (int c = lane; c < C; c += 32) s += su1[a * C + c] * su2[a * C + c];
     x[q] = warp_sum(s) * inv_tau;
-    st1[q] = lse_push(lse_init(), x[q]);
+    st1[q] = lse_init();  // the negatives' state; the positive enters through positive_nll
     st2[q] = st1[q];
   }
   for (int64_t n0 = 0; n0 < kc; n0 += kTileN) {
@@ -193,10 +193,10 @@ __global__ void topk_lse_kernel(const float* __restrict__ u1, const float* __res
     for (int q = 0; q < rows_per_warp; ++q) {
       const int64_t r = row0 + warp + q * kWarps;
       if (r >= end) continue;
-      const float l1 = lse_value(st1[q]), l2 = lse_value(st2[q]);
-      lse1[r] = l1;
-      lse2[r] = l2;
-      loss[order[r]] = (l1 - x[q]) + (l2 - x[q]);
+      const float nll1 = positive_nll(st1[q], x[q]), nll2 = positive_nll(st2[q], x[q]);
+      lse1[r] = x[q] + nll1;
+      lse2[r] = x[q] + nll2;
+      loss[order[r]] = nll1 + nll2;
     }
   }
 }
@@ -223,22 +223,21 @@ __global__ void topk_anchor_grad_kernel(
   load_tile_rows(u1, u2, su1, su2, row0, end, TM, C);
   __syncthreads();
   const int rows_per_warp = TM / kWarps;
-  float l1[4], l2[4], wt[4];
+  // mass[q]: w/tau times both directions' negative softmax mass, 1 - p_pos, summed over the
+  // bank in relative precision (1 - exp(x - lse) would cancel for a confident anchor).
+  float l1[4], l2[4], wt[4], mass[4];
   for (int q = 0; q < rows_per_warp; ++q) {
     const int a = warp + q * kWarps;
     const int64_t r = row0 + a;
     const bool in = r < end;
-    float s = 0.f;
-    for (int c = lane; c < C; c += 32) s += su1[a * C + c] * su2[a * C + c];
-    const float x = warp_sum(s) * inv_tau;
     l1[q] = in ? lse1[r] : 0.f;
     l2[q] = in ? lse2[r] : 0.f;
     const float w = in ? grad_scale * (weight ? weight[order[r]] : 1.f) : 0.f;
     wt[q] = w * inv_tau;
-    const float coef = wt[q] * (expf(x - l1[q]) + expf(x - l2[q]) - 2.f);
+    mass[q] = 0.f;
     for (int c = lane; c < C; c += 32) {
-      sdu1[a * C + c] = coef * su2[a * C + c];
-      sdu2[a * C + c] = coef * su1[a * C + c];
+      sdu1[a * C + c] = 0.f;
+      sdu2[a * C + c] = 0.f;
     }
   }
   for (int64_t n0 = 0; n0 < kc; n0 += kTileN) {
@@ -251,6 +250,7 @@ __global__ void topk_anchor_grad_kernel(
       const int a = warp + q * kWarps;
       const float p1 = valid ? expf(row_dot(su1 + a * C, brow, C) * inv_tau - l1[q]) * wt[q] : 0.f;
       const float p2 = valid ? expf(row_dot(su2 + a * C, brow, C) * inv_tau - l2[q]) * wt[q] : 0.f;
+      mass[q] += warp_sum(p1 + p2);
       for (int n = 0; n < kTileN; ++n) {
         const float q1 = __shfl_sync(kFull, p1, n), q2 = __shfl_sync(kFull, p2, n);
         const float* bn = sbank + n * (C + 1);
@@ -259,6 +259,14 @@ __global__ void topk_anchor_grad_kernel(
           sdu2[a * C + c] += q2 * bn[c];
         }
       }
+    }
+  }
+  // dU1 = P1 N_c - mass u2, dU2 = P2 N_c - mass u1 (each lane owns the same channels throughout).
+  for (int q = 0; q < rows_per_warp; ++q) {
+    const int a = warp + q * kWarps;
+    for (int c = lane; c < C; c += 32) {
+      sdu1[a * C + c] -= mass[q] * su2[a * C + c];
+      sdu2[a * C + c] -= mass[q] * su1[a * C + c];
     }
   }
   __syncwarp();
@@ -427,16 +435,16 @@ __global__ void random_kernel(RandomArgs a, out_t* __restrict__ g1, out_t* __res
   st1.sum = __shfl_sync(kFull, st1.sum, 0);
   st2.max = __shfl_sync(kFull, st2.max, 0);
   st2.sum = __shfl_sync(kFull, st2.sum, 0);
-  st1 = lse_merge(st1, x, 1.f);
-  st2 = lse_merge(st2, x, 1.f);
-  const float l1 = lse_value(st1), l2 = lse_value(st2);
-  if (lane == 0) a.loss[i] = (l1 - x) + (l2 - x);
+  const float nll1 = positive_nll(st1, x), nll2 = positive_nll(st2, x);
+  const float l1 = x + nll1, l2 = x + nll2;
+  if (lane == 0) a.loss[i] = nll1 + nll2;
   if constexpr (kGrad) {
     const float wt = a.grad_scale * (a.weight ? a.weight[i] : 1.f) * a.inv_tau;
-    const float coef = wt * (expf(x - l1) + expf(x - l2) - 2.f);
+    // mass: w/tau times both directions' negative softmax mass (1 - p_pos), summed over the draws.
+    float mass = 0.f;
     for (int c = lane; c < C; c += 32) {
-      du1[c] = coef * u2[c];
-      du2[c] = coef * u1[c];
+      du1[c] = 0.f;
+      du2[c] = 0.f;
     }
     for (int64_t k0 = 0; k0 < draws; k0 += 32) {
       const int64_t k = k0 + lane;
@@ -449,6 +457,7 @@ __global__ void random_kernel(RandomArgs a, out_t* __restrict__ g1, out_t* __res
         p1 = expf(row_dot(u1, row, C) * a.inv_tau - l1) * wt;
         p2 = expf(row_dot(u2, row, C) * a.inv_tau - l2) * wt;
       }
+      mass += warp_sum(p1 + p2);
       const int count = draws - k0 < 32 ? static_cast<int>(draws - k0) : 32;
       for (int q = 0; q < count; ++q) {
         const float q1 = __shfl_sync(kFull, p1, q), q2 = __shfl_sync(kFull, p2, q);
@@ -468,6 +477,10 @@ __global__ void random_kernel(RandomArgs a, out_t* __restrict__ g1, out_t* __res
           }
         }
       }
+    }
+    for (int c = lane; c < C; c += 32) {
+      du1[c] -= mass * u2[c];
+      du2[c] -= mass * u1[c];
     }
     __syncwarp();
     chain_store_row(u1, du1, sq1, g1, i, C, a.P, lane);

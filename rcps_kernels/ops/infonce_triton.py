@@ -166,6 +166,18 @@ def _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N: tl.c
 
 
 @triton.jit
+def _positive_nll(neg_max, neg_sum, x):
+    """-log softmax of the positive logit x, from its negatives' (max, sum): softplus(t) with
+    t = log sum_n exp(s_n - x), as rcps_math.h's positive_nll (lse - x would cancel at |x| ~ 1/tau).
+    log1p(y) is taken as log(1 + y) * y / ((1 + y) - 1), exact to a few ulp without libdevice."""
+    t = (neg_max - x) + tl.log(neg_sum)
+    y = tl.exp(-tl.abs(t))
+    one_plus = 1.0 + y
+    log1p = tl.where(one_plus == 1.0, y, tl.log(one_plus) * (y / (one_plus - 1.0)))
+    return tl.maximum(t, 0.0) + log1p
+
+
+@triton.jit
 def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, tile_cls_ptr, tile_row0_ptr, tile_end_ptr,
                      neg_count_ptr, order_ptr, lse1_ptr, lse2_ptr, loss_ptr, C, L, inv_tau,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -174,10 +186,11 @@ def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, tile_cls_ptr, tile_row0_ptr, tile
         u1_ptr, u2_ptr, tile_cls_ptr, tile_row0_ptr, tile_end_ptr, neg_count_ptr, C,
         BLOCK_M, BLOCK_C)
     x = tl.sum(u1 * u2, 1) * inv_tau
+    # The negatives' online state, anchored at the finite x (so no -inf - -inf): sum starts at 0.
     m1 = x
     m2 = x
-    s1 = tl.full([BLOCK_M], 1.0, tl.float32)
-    s2 = tl.full([BLOCK_M], 1.0, tl.float32)
+    s1 = tl.zeros([BLOCK_M], tl.float32)
+    s2 = tl.zeros([BLOCK_M], tl.float32)
     bank_base = bank_ptr + cls * L * C
     for n0 in range(0, kc, BLOCK_N):
         bank, nmask, a1, a2 = _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau,
@@ -190,12 +203,12 @@ def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, tile_cls_ptr, tile_row0_ptr, tile
         s2 = s2 * tl.exp(m2 - new2) + tl.sum(tl.exp(a2 - new2[:, None]), 1)
         m1 = new1
         m2 = new2
-    l1 = m1 + tl.log(s1)
-    l2 = m2 + tl.log(s2)
-    tl.store(lse1_ptr + rows, l1, mask=rmask)
-    tl.store(lse2_ptr + rows, l2, mask=rmask)
+    nll1 = _positive_nll(m1, s1, x)
+    nll2 = _positive_nll(m2, s2, x)
+    tl.store(lse1_ptr + rows, x + nll1, mask=rmask)
+    tl.store(lse2_ptr + rows, x + nll2, mask=rmask)
     anchor = tl.load(order_ptr + rows, mask=rmask, other=0)
-    tl.store(loss_ptr + anchor, (l1 - x) + (l2 - x), mask=rmask)
+    tl.store(loss_ptr + anchor, nll1 + nll2, mask=rmask)
 
 
 @triton.jit
@@ -214,18 +227,22 @@ def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, sq1_ptr, sq2_ptr, bank_ptr, tile_cl
     if HAS_W:
         w = w * tl.load(w_ptr + anchor, mask=rmask, other=0.0)
     wt = tl.where(rmask, w * inv_tau, 0.0)
-    x = tl.sum(u1 * u2, 1) * inv_tau
-    coef = wt * (tl.exp(x - l1) + tl.exp(x - l2) - 2.0)
-    du1 = coef[:, None] * u2
-    du2 = coef[:, None] * u1
+    du1 = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    du2 = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    # mass: w/tau times both directions' negative softmax mass, 1 - p_pos, summed over the bank
+    # in relative precision (1 - exp(x - lse) would cancel for a confident anchor).
+    mass = tl.zeros([BLOCK_M], tl.float32)
     bank_base = bank_ptr + cls * L * C
     for n0 in range(0, kc, BLOCK_N):
         bank, nmask, a1, a2 = _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau,
                                            BLOCK_N, PRECISION)
         p1 = tl.where(nmask[None, :], tl.exp(a1 - l1[:, None]) * wt[:, None], 0.0)
         p2 = tl.where(nmask[None, :], tl.exp(a2 - l2[:, None]) * wt[:, None], 0.0)
+        mass += tl.sum(p1, 1) + tl.sum(p2, 1)
         du1 += tl.dot(p1, bank, input_precision=PRECISION)
         du2 += tl.dot(p2, bank, input_precision=PRECISION)
+    du1 -= mass[:, None] * u2
+    du2 -= mass[:, None] * u1
     sq1 = tl.load(sq1_ptr + rows, mask=rmask, other=1.0)
     sq2 = tl.load(sq2_ptr + rows, mask=rmask, other=1.0)
     _chain_store(du1, u1, sq1, g1_ptr, anchor, rmask, cc, cmask, C, P)
@@ -373,19 +390,21 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
         m2 = new2
     mx1 = tl.maximum(tl.max(m1, 0), x)
     mx2 = tl.maximum(tl.max(m2, 0), x)
-    l1 = mx1 + tl.log(tl.exp(x - mx1) + tl.sum(tl.where(m1 == float("-inf"), 0.0,
-                                                         s1 * tl.exp(m1 - mx1)), 0))
-    l2 = mx2 + tl.log(tl.exp(x - mx2) + tl.sum(tl.where(m2 == float("-inf"), 0.0,
-                                                         s2 * tl.exp(m2 - mx2)), 0))
-    tl.store(loss_ptr + i, (l1 - x) + (l2 - x))
+    neg1 = tl.sum(tl.where(m1 == float("-inf"), 0.0, s1 * tl.exp(m1 - mx1)), 0)
+    neg2 = tl.sum(tl.where(m2 == float("-inf"), 0.0, s2 * tl.exp(m2 - mx2)), 0)
+    nll1 = _positive_nll(mx1, neg1, x)
+    nll2 = _positive_nll(mx2, neg2, x)
+    l1 = x + nll1
+    l2 = x + nll2
+    tl.store(loss_ptr + i, nll1 + nll2)
     if WANT_GRAD:
         w = grad_scale
         if HAS_W:
             w = w * tl.load(w_ptr + i)
         wt = w * inv_tau
-        coef = wt * (tl.exp(x - l1) + tl.exp(x - l2) - 2.0)
-        du1 = coef * u2
-        du2 = coef * u1
+        du1 = tl.zeros([BLOCK_C], tl.float32)
+        du2 = tl.zeros([BLOCK_C], tl.float32)
+        mass = tl.zeros_like(x)  # w/tau times both directions' negative softmax mass, 1 - p_pos
         if FIXED:
             qscale = tl.load(qscale_ptr)
         for k0 in range(0, draws, BLOCK_K):
@@ -399,6 +418,7 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
             d2 = tl.sum(un * u2[None, :], 1) * inv_tau
             p1 = tl.where(kmask, tl.exp(d1 - l1) * wt, 0.0)
             p2 = tl.where(kmask, tl.exp(d2 - l2) * wt, 0.0)
+            mass += tl.sum(p1, 0) + tl.sum(p2, 0)
             du1 += tl.sum(p1[:, None] * un, 0)
             du2 += tl.sum(p2[:, None] * un, 0)
             if NEG_GRAD:
@@ -408,6 +428,8 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
                     tl.atomic_add(dst, (contrib * qscale).to(tl.int64), mask=m2d)
                 else:
                     tl.atomic_add(dst, contrib, mask=m2d)
+        du1 -= mass * u2
+        du2 -= mass * u1
         one = tl.full([1], 0, tl.int64) + i
         rm = tl.full([1], 1, tl.int1)
         _chain_store(du1[None, :], u1[None, :], tl.full([1], 0.0, tl.float32) + sq1, g1_ptr, one,
