@@ -80,13 +80,22 @@ RCPS_HD LseState lse_merge(LseState st, float block_max, float block_sum) {
 
 RCPS_HD float lse_value(LseState st) { return st.max + logf(st.sum); }
 
-// One direction's loss of an anchor, -log softmax of its positive logit x, from the state of its
-// negatives alone: log(1 + sum_n exp(s_n - x)) = softplus(t) with t = log sum_n exp(s_n - x).
-// Not lse - x: that difference cancels at |x| ~ 1/tau and leaves a near-zero loss (a confident
-// anchor) with few correct digits in fp32. The softmax normaliser is then x + positive_nll.
-RCPS_HD float positive_nll(LseState negatives, float x) {
-  const float t = (negatives.max - x) + logf(negatives.sum);
-  return fmaxf(t, 0.0f) + log1pf(expf(-fabsf(t)));
+// One direction's loss of an anchor, -log softmax of its positive logit x, and the softmax's
+// log-normaliser lse = log(exp(x) + sum_n exp(s_n)), from the state of the negatives alone.
+// With t = log sum_n exp(s_n - x): nll = softplus(t), and lse is x + softplus(t) when the
+// positive dominates (t <= 0), else (max + log sum) + log1p(exp(-t)). Not nll = lse - x: that
+// cancels at |x| ~ 1/tau and leaves a near-zero loss (a confident anchor) with few correct
+// digits in fp32; and not lse = x + nll, which loses lse's digits when the negatives dominate.
+struct PositiveNll {
+  float nll;
+  float lse;
+};
+
+RCPS_HD PositiveNll positive_nll(LseState negatives, float x) {
+  const float log_sum = logf(negatives.sum);
+  const float t = (negatives.max - x) + log_sum;
+  const float tail = log1pf(expf(-fabsf(t)));
+  return PositiveNll{fmaxf(t, 0.0f) + tail, (t > 0.0f ? negatives.max + log_sum : x) + tail};
 }
 
 // ---------------------------------------------------------------------------------------------

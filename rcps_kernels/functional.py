@@ -119,14 +119,16 @@ def bidirectional_voxel_infonce(
     _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
               temperature, sampling, confidence_threshold, reduction)
     impl = resolve_backend(backend, anchor.device, _BACKENDS)
-    # Logits are small and a NaN in them need not reach the loss: check them up front. A bad
-    # feature always makes the loss non-finite, so the features are scanned only then.
-    v.check_finite(anchor_logits=anchor_logits, negative_logits=negative_logits)
     loss = _infonce(impl, anchor, positive, negative, anchor_logits, negative_logits,
                     num_negatives, temperature, sampling, confidence_threshold, generator,
                     reduction)
-    v.check_result_finite(loss, (("anchor", anchor, False), ("positive", positive, False),
-                                 ("negative", negative, False)))
+    # A bad feature always makes the loss non-finite; a NaN in the logits need not reach it, so
+    # the logits always join the check (one host sync for all of it, after the kernels).
+    v.check_result_finite(loss, (("anchor_logits", anchor_logits, False),
+                                 ("negative_logits", negative_logits, False),
+                                 ("anchor", anchor, False), ("positive", positive, False),
+                                 ("negative", negative, False)),
+                          always=(anchor_logits, negative_logits))
     return loss
 
 

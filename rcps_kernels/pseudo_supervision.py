@@ -100,6 +100,8 @@ def _unflatten_loss(loss: Tensor, logits: Tensor, reduction: str) -> Tensor:
 def _as_input_layout(grad_flat: Tensor, logits: Tensor) -> Tensor:
     """The (B, K, P) gradient shaped and strided like torch.empty_like(logits) (as the fake is)."""
     grad = grad_flat.reshape(logits.shape)
+    if logits.is_contiguous():
+        return grad  # empty_like of a contiguous tensor is contiguous; no logits-sized template
     template = torch.empty_like(logits)
     if grad.stride() != template.stride():
         grad = template.copy_(grad)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import rcps_kernels as rk
@@ -377,7 +377,15 @@ def test_torch_compile_fullgraph(backend):
 
 # --- fuzzing -----------------------------------------------------------------------------
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomised so that CI sees the same 300 examples every run; the @example cases are ones
+# that earlier random runs found (a near-zero loss under 1/tau = 20; a dominating negative
+# under 1/tau = 100, where the softmax normaliser must keep its digits).
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@example(dims=1, size=2, pool_size=4, channels=7, classes=2, k=1, sampling="topk",
+         reduction="mean", temperature=0.05, seed=1438)
+@example(dims=1, size=2, pool_size=3, channels=2, classes=2, k=1, sampling="topk",
+         reduction="mean", temperature=0.01, seed=29794)
 @given(
     dims=st.integers(1, 3),
     size=st.integers(1, 5),

@@ -291,13 +291,13 @@ void topk_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& zn,
           for (int64_t ch = 0; ch < C; ++ch) dot += u1[t * C + ch] * u2[t * C + ch];
           const float x = dot * opt.inv_tau;
           // The block's (shift, sum) is the negatives' state; the rows of S now hold
-          // E = exp(S/tau - shift). lse = log(exp(x) + sum_k exp(S_k/tau)) = x + nll.
+          // E = exp(S/tau - shift).
           const LseState b1 = exp_block(s1.data() + t * K, K, opt.inv_tau, shift);
           const LseState b2 = exp_block(s2.data() + t * K, K, opt.inv_tau, shift);
-          const float nll1 = positive_nll(b1, x), nll2 = positive_nll(b2, x);
-          lse1[r] = x + nll1;
-          lse2[r] = x + nll2;
-          loss[anchor] = nll1 + nll2;
+          const PositiveNll d1 = positive_nll(b1, x), d2 = positive_nll(b2, x);
+          lse1[r] = d1.lse;
+          lse2[r] = d2.lse;
+          loss[anchor] = d1.nll + d2.nll;
           if (!opt.want_grad) continue;
           // Softmax weights times w/tau: P = diag(scale) E with scale = w/tau exp(shift - lse).
           // The scale is applied to the (rows x C) operands and results of the GEMMs below,
@@ -421,9 +421,9 @@ void random_pass(const FeatureMap& z1, const FeatureMap& z2, const FeatureMap& z
         neg1 = lse_push(neg1, dot1[k]);
         neg2 = lse_push(neg2, dot2[k]);
       }
-      const float nll1 = positive_nll(neg1, x), nll2 = positive_nll(neg2, x);
-      const float l1 = x + nll1, l2 = x + nll2;
-      loss[i] = nll1 + nll2;
+      const PositiveNll n1 = positive_nll(neg1, x), n2 = positive_nll(neg2, x);
+      const float l1 = n1.lse, l2 = n2.lse;
+      loss[i] = n1.nll + n2.nll;
       if (!opt.want_grad) continue;
       const float w = opt.weight(i);
       const float wt = w * opt.inv_tau;

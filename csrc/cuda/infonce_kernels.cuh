@@ -193,10 +193,10 @@ __global__ void topk_lse_kernel(const float* __restrict__ u1, const float* __res
     for (int q = 0; q < rows_per_warp; ++q) {
       const int64_t r = row0 + warp + q * kWarps;
       if (r >= end) continue;
-      const float nll1 = positive_nll(st1[q], x[q]), nll2 = positive_nll(st2[q], x[q]);
-      lse1[r] = x[q] + nll1;
-      lse2[r] = x[q] + nll2;
-      loss[order[r]] = nll1 + nll2;
+      const PositiveNll d1 = positive_nll(st1[q], x[q]), d2 = positive_nll(st2[q], x[q]);
+      lse1[r] = d1.lse;
+      lse2[r] = d2.lse;
+      loss[order[r]] = d1.nll + d2.nll;
     }
   }
 }
@@ -435,9 +435,9 @@ __global__ void random_kernel(RandomArgs a, out_t* __restrict__ g1, out_t* __res
   st1.sum = __shfl_sync(kFull, st1.sum, 0);
   st2.max = __shfl_sync(kFull, st2.max, 0);
   st2.sum = __shfl_sync(kFull, st2.sum, 0);
-  const float nll1 = positive_nll(st1, x), nll2 = positive_nll(st2, x);
-  const float l1 = x + nll1, l2 = x + nll2;
-  if (lane == 0) a.loss[i] = nll1 + nll2;
+  const PositiveNll d1 = positive_nll(st1, x), d2 = positive_nll(st2, x);
+  const float l1 = d1.lse, l2 = d2.lse;
+  if (lane == 0) a.loss[i] = d1.nll + d2.nll;
   if constexpr (kGrad) {
     const float wt = a.grad_scale * (a.weight ? a.weight[i] : 1.f) * a.inv_tau;
     // mass: w/tau times both directions' negative softmax mass (1 - p_pos), summed over the draws.

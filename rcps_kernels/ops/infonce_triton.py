@@ -8,8 +8,8 @@ topk mode (one bank N_c per class):
   1. ``_normalize_kernel``: fp32 normalised copies of the anchors and positives in class-sorted
      order (anchors are sorted by pseudo-label with a stable argsort), (N, C) each, plus their
      squared norms; the class banks (classes, L, C) likewise (padding rows are zero).
-  2. ``_topk_lse_kernel``: one program per tile of same-class anchors (a device-side tile map,
-     no host sync); S = U_tile @ N_c^T blocks with ``tl.dot`` and an online log-sum-exp per
+  2. ``_topk_lse_kernel``: one program per tile of same-class anchors (each program finds its
+     class and rows from the class boundaries, ``_tile_rows``: no host sync, no tile map); S = U_tile @ N_c^T blocks with ``tl.dot`` and an online log-sum-exp per
      direction; stores one fp32 LSE per anchor and direction and the loss.
   3. ``_topk_anchor_grad_kernel``: recomputes the S tiles, turns them into softmax weights and
      accumulates dU = coef * u_other + P @ N_c, then chains through the normalisation and writes
@@ -132,12 +132,32 @@ def _pool_chain_kernel(z_ptr, pg_ptr, descale_ptr, g_ptr, M, C, P, s_b, s_c, s_p
 # topk mode
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _load_tile(u1_ptr, u2_ptr, tile_cls_ptr, tile_row0_ptr, tile_end_ptr, neg_count_ptr, C,
+def _tile_rows(class_start_ptr, num_classes, BLOCK_M: tl.constexpr):
+    """Class, first row and end row of this program's tile. Tiles are numbered class by class,
+    ceil(n_c / BLOCK_M) per class (rows are class-sorted); the grid's spare programs, past the
+    last tile, get an empty range. A scalar walk over the classes: a handful of loads."""
+    t = tl.program_id(0).to(tl.int64)
+    cls = t * 0
+    row0 = t * 0
+    end = t * 0
+    first_tile = t * 0
+    start = tl.load(class_start_ptr).to(tl.int64)
+    for c in range(num_classes):
+        stop = tl.load(class_start_ptr + c + 1).to(tl.int64)
+        num_tiles = (stop - start + BLOCK_M - 1) // BLOCK_M
+        inside = (t >= first_tile) & (t < first_tile + num_tiles)
+        cls = tl.where(inside, c, cls)
+        row0 = tl.where(inside, start + (t - first_tile) * BLOCK_M, row0)
+        end = tl.where(inside, stop, end)
+        first_tile += num_tiles
+        start = stop
+    return cls, row0, end
+
+
+@triton.jit
+def _load_tile(u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C,
                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    t = tl.program_id(0)
-    cls = tl.load(tile_cls_ptr + t).to(tl.int64)
-    row0 = tl.load(tile_row0_ptr + t).to(tl.int64)
-    end = tl.load(tile_end_ptr + t).to(tl.int64)
+    cls, row0, end = _tile_rows(class_start_ptr, num_classes, BLOCK_M)
     kc = tl.load(neg_count_ptr + cls).to(tl.int64)
     kc = tl.where(row0 < end, kc, 0)  # padding tiles do no work
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -167,23 +187,24 @@ def _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N: tl.c
 
 @triton.jit
 def _positive_nll(neg_max, neg_sum, x):
-    """-log softmax of the positive logit x, from its negatives' (max, sum): softplus(t) with
-    t = log sum_n exp(s_n - x), as rcps_math.h's positive_nll (lse - x would cancel at |x| ~ 1/tau).
+    """(-log softmax of the positive logit x, log-normaliser lse) from the negatives' (max, sum),
+    as rcps_math.h's positive_nll, which says why neither is formed from the other.
     log1p(y) is taken as log(1 + y) * y / ((1 + y) - 1), exact to a few ulp without libdevice."""
-    t = (neg_max - x) + tl.log(neg_sum)
+    log_sum = tl.log(neg_sum)
+    t = (neg_max - x) + log_sum
     y = tl.exp(-tl.abs(t))
     one_plus = 1.0 + y
-    log1p = tl.where(one_plus == 1.0, y, tl.log(one_plus) * (y / (one_plus - 1.0)))
-    return tl.maximum(t, 0.0) + log1p
+    tail = tl.where(one_plus == 1.0, y, tl.log(one_plus) * (y / (one_plus - 1.0)))
+    return tl.maximum(t, 0.0) + tail, tl.where(t > 0.0, neg_max + log_sum, x) + tail
 
 
 @triton.jit
-def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, tile_cls_ptr, tile_row0_ptr, tile_end_ptr,
+def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, class_start_ptr, num_classes,
                      neg_count_ptr, order_ptr, lse1_ptr, lse2_ptr, loss_ptr, C, L, inv_tau,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                      PRECISION: tl.constexpr):
     cls, kc, rows, rmask, cc, cmask, u1, u2 = _load_tile(
-        u1_ptr, u2_ptr, tile_cls_ptr, tile_row0_ptr, tile_end_ptr, neg_count_ptr, C,
+        u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C,
         BLOCK_M, BLOCK_C)
     x = tl.sum(u1 * u2, 1) * inv_tau
     # The negatives' online state, anchored at the finite x (so no -inf - -inf): sum starts at 0.
@@ -203,22 +224,22 @@ def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, tile_cls_ptr, tile_row0_ptr, tile
         s2 = s2 * tl.exp(m2 - new2) + tl.sum(tl.exp(a2 - new2[:, None]), 1)
         m1 = new1
         m2 = new2
-    nll1 = _positive_nll(m1, s1, x)
-    nll2 = _positive_nll(m2, s2, x)
-    tl.store(lse1_ptr + rows, x + nll1, mask=rmask)
-    tl.store(lse2_ptr + rows, x + nll2, mask=rmask)
+    nll1, l1 = _positive_nll(m1, s1, x)
+    nll2, l2 = _positive_nll(m2, s2, x)
+    tl.store(lse1_ptr + rows, l1, mask=rmask)
+    tl.store(lse2_ptr + rows, l2, mask=rmask)
     anchor = tl.load(order_ptr + rows, mask=rmask, other=0)
     tl.store(loss_ptr + anchor, nll1 + nll2, mask=rmask)
 
 
 @triton.jit
-def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, sq1_ptr, sq2_ptr, bank_ptr, tile_cls_ptr,
-                             tile_row0_ptr, tile_end_ptr, neg_count_ptr, order_ptr, lse1_ptr,
+def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, sq1_ptr, sq2_ptr, bank_ptr, class_start_ptr,
+                             num_classes, neg_count_ptr, order_ptr, lse1_ptr,
                              lse2_ptr, w_ptr, grad_scale, g1_ptr, g2_ptr, C, P, L, inv_tau,
                              HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
     cls, kc, rows, rmask, cc, cmask, u1, u2 = _load_tile(
-        u1_ptr, u2_ptr, tile_cls_ptr, tile_row0_ptr, tile_end_ptr, neg_count_ptr, C,
+        u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C,
         BLOCK_M, BLOCK_C)
     anchor = tl.load(order_ptr + rows, mask=rmask, other=0)
     l1 = tl.load(lse1_ptr + rows, mask=rmask, other=0.0)
@@ -392,10 +413,8 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
     mx2 = tl.maximum(tl.max(m2, 0), x)
     neg1 = tl.sum(tl.where(m1 == float("-inf"), 0.0, s1 * tl.exp(m1 - mx1)), 0)
     neg2 = tl.sum(tl.where(m2 == float("-inf"), 0.0, s2 * tl.exp(m2 - mx2)), 0)
-    nll1 = _positive_nll(mx1, neg1, x)
-    nll2 = _positive_nll(mx2, neg2, x)
-    l1 = x + nll1
-    l2 = x + nll2
+    nll1, l1 = _positive_nll(mx1, neg1, x)
+    nll2, l2 = _positive_nll(mx2, neg2, x)
     tl.store(loss_ptr + i, nll1 + nll2)
     if WANT_GRAD:
         w = grad_scale
@@ -487,27 +506,6 @@ def _pool_input_grad(zn: Tensor, pool_grad: Tensor, descale: Tensor | None) -> T
     return out
 
 
-def _tile_map(sorted_labels: Tensor, num_classes: int, block_m: int):
-    """Device-side tiles of same-class anchors (no host sync): class, first row, end row."""
-    N = sorted_labels.numel()
-    dev = sorted_labels.device
-    bounds = torch.arange(num_classes + 1, device=dev, dtype=torch.int64)
-    class_start = torch.searchsorted(sorted_labels, bounds)  # class_start[-1] == N
-    counts = class_start[1:] - class_start[:-1]
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    num_tiles = triton.cdiv(N, block_m) + num_classes  # an upper bound of sum_c ceil(n_c / BM)
-    t = torch.arange(num_tiles, device=dev, dtype=torch.int64)
-    cls = torch.searchsorted(tile_end, t, right=True)
-    valid = cls < num_classes
-    cls = cls.clamp(max=num_classes - 1)
-    row0 = class_start[cls] + (t - (tile_end - tiles)[cls]) * block_m
-    end = class_start[cls + 1]
-    zero = torch.zeros_like(row0)
-    return (class_start, cls, torch.where(valid, row0, zero), torch.where(valid, end, zero),
-            num_tiles)
-
-
 def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want_grad,
           neg_grad):
     B, C, P = z1.shape
@@ -516,9 +514,12 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     dev = z1.device
     bm, bn, warps = _topk_blocks(C)
     bc = _block_c(C)
-    order = torch.argsort(labels, stable=True)
-    sorted_labels = labels[order]
-    class_start, tile_cls, tile_row0, tile_end, num_tiles = _tile_map(sorted_labels, num_classes, bm)
+    # Class-sorted anchor order. A narrow key: the radix sort then makes 1-2 passes, not 8.
+    key_dtype = torch.int16 if num_classes <= 2**15 - 1 else torch.int32
+    sorted_labels, order = torch.sort(labels.to(key_dtype), stable=True)
+    bounds = torch.arange(num_classes + 1, device=dev, dtype=key_dtype)
+    class_start = torch.searchsorted(sorted_labels, bounds)  # class_start[-1] == N
+    num_tiles = triton.cdiv(N, bm) + num_classes  # >= sum_c ceil(n_c / bm); spares do nothing
     u1, sq1 = _normalize(z1, order, N)
     u2, sq2 = _normalize(z2, order, N)
     bank, _ = _normalize(zn, neg_index.reshape(-1), num_classes * L, want_sq=False)
@@ -526,14 +527,14 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     lse1 = torch.empty((N,), device=dev, dtype=torch.float32)
     lse2 = torch.empty((N,), device=dev, dtype=torch.float32)
     _topk_lse_kernel[(num_tiles,)](
-        u1, u2, bank, tile_cls, tile_row0, tile_end, neg_count, order, lse1, lse2, loss, C, L,
+        u1, u2, bank, class_start, num_classes, neg_count, order, lse1, lse2, loss, C, L,
         inv_tau, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=DOT_PRECISION, num_warps=warps)
     if not want_grad:
         return loss, None, None, None
     g1 = torch.empty((B, C, P), device=dev, dtype=z1.dtype)
     g2 = torch.empty((B, C, P), device=dev, dtype=z2.dtype)
     _topk_anchor_grad_kernel[(num_tiles,)](
-        u1, u2, sq1, sq2, bank, tile_cls, tile_row0, tile_end, neg_count, order, lse1, lse2, w,
+        u1, u2, sq1, sq2, bank, class_start, num_classes, neg_count, order, lse1, lse2, w,
         grad_scale, g1, g2, C, P, L, inv_tau, HAS_W=w is not None, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_C=bc, PRECISION=DOT_PRECISION, num_warps=warps)
     if not neg_grad:

@@ -84,11 +84,11 @@ def _store_loss(loss_ptr, loss, voxels, voxel_mask, REDUCE: tl.constexpr):
 
 
 @triton.jit
-def _grad_scale(grad_output_ptr, voxels, voxel_mask, uniform_factor, PER_VOXEL: tl.constexpr):
+def _grad_scale(grad_output_ptr, voxels, voxel_mask, PER_VOXEL: tl.constexpr):
     if PER_VOXEL:
         scale = tl.load(grad_output_ptr + voxels, mask=voxel_mask, other=0.0)
     else:
-        scale = tl.load(grad_output_ptr) * uniform_factor
+        scale = tl.load(grad_output_ptr)  # already divided by the voxel count for a mean
     return scale
 
 
@@ -105,7 +105,7 @@ def _store_tile(ptr, value, stride_b, stride_c, stride_p, item, position, classe
 def _urp_kernel(student_ptr, teacher_ptr, loss_ptr, grad_output_ptr, grad_ptr,
                 num_voxels, voxels_per_item, classes,
                 s_sb, s_sc, s_sp, t_sb, t_sc, t_sp, g_sb, g_sc, g_sp,
-                inv_temperature, uniform_factor,
+                inv_temperature,
                 BACKWARD: tl.constexpr, REDUCE: tl.constexpr, PER_VOXEL_GRAD: tl.constexpr,
                 IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
     voxels = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -119,7 +119,7 @@ def _urp_kernel(student_ptr, teacher_ptr, loss_ptr, grad_output_ptr, grad_ptr,
     loss, p, q, q_sharpened, weight, kl_coefficient = _urp_tile(student, teacher, inv_temperature)
     if BACKWARD:
         # d/dz [w CE + D] = w (p - q~) + (1 - w CE)(p - q), since dw/dz = -w (p - q).
-        scale = _grad_scale(grad_output_ptr, voxels, voxel_mask, uniform_factor, PER_VOXEL_GRAD)
+        scale = _grad_scale(grad_output_ptr, voxels, voxel_mask, PER_VOXEL_GRAD)
         grad = scale[None, :] * (weight[None, :] * (p - q_sharpened)
                                  + kl_coefficient[None, :] * (p - q))
         _store_tile(grad_ptr, grad, g_sb, g_sc, g_sp, item, position, classes, voxel_mask, BLOCK_C)
@@ -131,7 +131,7 @@ def _urp_kernel(student_ptr, teacher_ptr, loss_ptr, grad_output_ptr, grad_ptr,
 def _cosine_kernel(a_ptr, b_ptr, loss_ptr, grad_output_ptr, grad_a_ptr, grad_b_ptr,
                    num_voxels, voxels_per_item, classes,
                    a_sb, a_sc, a_sp, b_sb, b_sc, b_sp, ga_sb, ga_sc, ga_sp, gb_sb, gb_sc, gb_sp,
-                   eps, uniform_factor,
+                   eps,
                    BACKWARD: tl.constexpr, REDUCE: tl.constexpr, PER_VOXEL_GRAD: tl.constexpr,
                    NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr,
                    IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -146,7 +146,7 @@ def _cosine_kernel(a_ptr, b_ptr, loss_ptr, grad_output_ptr, grad_a_ptr, grad_b_p
     loss, cosine, inv_norm_a, inv_norm_b, clamped_a, clamped_b = _cosine_tile(a, b, eps)
     if BACKWARD:
         # d(1 - cos)/da = -(b / (|a||b|) - cos a / |a|^2); a clamped norm is a constant.
-        scale = _grad_scale(grad_output_ptr, voxels, voxel_mask, uniform_factor, PER_VOXEL_GRAD)
+        scale = _grad_scale(grad_output_ptr, voxels, voxel_mask, PER_VOXEL_GRAD)
         if NEED_GRAD_A:
             radial_a = tl.where(clamped_a[None, :], 0.0, (cosine * inv_norm_a)[None, :] * a)
             grad_a = -(scale * inv_norm_a)[None, :] * (b * inv_norm_b[None, :] - radial_a)
@@ -196,12 +196,15 @@ def _reduce(loss: torch.Tensor, reduction: int, num_voxels: int) -> torch.Tensor
 
 
 def _grad_output_arguments(grad_output: torch.Tensor, x: torch.Tensor, reduction: int):
-    """(tensor, uniform factor, per-voxel flag) for the gradient scale of each voxel."""
+    """(tensor, per-voxel flag) for the gradient scale of each voxel. The 1/N of a mean is
+    applied here, in the accumulation dtype: a float scalar argument would reach the kernel as
+    fp32 and cost float64 inputs their precision."""
     accumulate = _loss_dtype(x.dtype)
     if reduction == 0:
-        return grad_output.to(accumulate).contiguous(), 1.0, True
+        return grad_output.to(accumulate).contiguous(), True
     num_voxels = x.shape[0] * x.shape[2]
-    return grad_output.to(accumulate), (1.0 / num_voxels if reduction == 1 else 1.0), False
+    scale = grad_output.to(accumulate)
+    return (scale / num_voxels if reduction == 1 else scale), False
 
 
 def urp_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -210,7 +213,7 @@ def urp_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     loss = _forward_output(student, reduction, programs)
     _urp_kernel[(programs,)](
         student, teacher, loss, loss, loss, num_voxels, voxels_per_item, student.shape[1],
-        *student.stride(), *teacher.stride(), 0, 0, 0, 1.0 / temperature, 1.0,
+        *student.stride(), *teacher.stride(), 0, 0, 0, 1.0 / temperature,
         BACKWARD=False, REDUCE=reduction != 0, PER_VOXEL_GRAD=False,
         IS_FP64=student.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
     )
@@ -220,11 +223,11 @@ def urp_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float
 def urp_backward(grad_output: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
                  temperature: float, reduction: int) -> torch.Tensor:
     num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(student)
-    scale, uniform_factor, per_voxel = _grad_output_arguments(grad_output, student, reduction)
+    scale, per_voxel = _grad_output_arguments(grad_output, student, reduction)
     grad = torch.empty_like(student)
     _urp_kernel[(programs,)](
         student, teacher, scale, scale, grad, num_voxels, voxels_per_item, student.shape[1],
-        *student.stride(), *teacher.stride(), *grad.stride(), 1.0 / temperature, uniform_factor,
+        *student.stride(), *teacher.stride(), *grad.stride(), 1.0 / temperature,
         BACKWARD=True, REDUCE=False, PER_VOXEL_GRAD=per_voxel,
         IS_FP64=student.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
     )
@@ -237,7 +240,7 @@ def cosine_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, eps: float,
     loss = _forward_output(logits_a, reduction, programs)
     _cosine_kernel[(programs,)](
         logits_a, logits_b, loss, loss, loss, loss, num_voxels, voxels_per_item,
-        logits_a.shape[1], *logits_a.stride(), *logits_b.stride(), 0, 0, 0, 0, 0, 0, eps, 1.0,
+        logits_a.shape[1], *logits_a.stride(), *logits_b.stride(), 0, 0, 0, 0, 0, 0, eps,
         BACKWARD=False, REDUCE=reduction != 0, PER_VOXEL_GRAD=False, NEED_GRAD_A=False,
         NEED_GRAD_B=False, IS_FP64=logits_a.dtype == torch.float64, BLOCK_C=block_c,
         BLOCK_V=block_v,
@@ -249,7 +252,7 @@ def cosine_backward(grad_output: torch.Tensor, logits_a: torch.Tensor, logits_b:
                     eps: float, reduction: int, need_grad_a: bool,
                     need_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
     num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(logits_a)
-    scale, uniform_factor, per_voxel = _grad_output_arguments(grad_output, logits_a, reduction)
+    scale, per_voxel = _grad_output_arguments(grad_output, logits_a, reduction)
     grad_a = torch.empty_like(logits_a) if need_grad_a else logits_a.new_empty((0,))
     grad_b = torch.empty_like(logits_b) if need_grad_b else logits_b.new_empty((0,))
     if need_grad_a or need_grad_b:
@@ -259,7 +262,7 @@ def cosine_backward(grad_output: torch.Tensor, logits_a: torch.Tensor, logits_b:
             logits_a, logits_b, scale, scale, grad_a if need_grad_a else scale,
             grad_b if need_grad_b else scale, num_voxels, voxels_per_item, logits_a.shape[1],
             *logits_a.stride(), *logits_b.stride(), *grad_a_strides, *grad_b_strides, eps,
-            uniform_factor, BACKWARD=True, REDUCE=False, PER_VOXEL_GRAD=per_voxel,
+            BACKWARD=True, REDUCE=False, PER_VOXEL_GRAD=per_voxel,
             NEED_GRAD_A=need_grad_a, NEED_GRAD_B=need_grad_b,
             IS_FP64=logits_a.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
         )
