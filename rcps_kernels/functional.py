@@ -159,9 +159,9 @@ def _infonce(impl, anchor, positive, negative, anchor_logits, negative_logits, n
         anchor.requires_grad or positive.requires_grad or negative.requires_grad
     )
     if reduction == "mean" and wants_grad:
-        loss, _, _, _ = ops.voxel_infonce_mean(*args, negative.requires_grad)
+        loss, _, _, _ = ops.mean_loss_with_grads(*args, negative.requires_grad)
         return loss.to(out_dtype)
-    per_anchor = ops.voxel_infonce_loss(*args).to(out_dtype)
+    per_anchor = ops.per_anchor_loss(*args).to(out_dtype)
     if reduction == "mean":
         return per_anchor.mean()
     if reduction == "sum":

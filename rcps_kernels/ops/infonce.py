@@ -65,8 +65,7 @@ def _kernel(impl: str) -> Kernel:
 # --------------------------------------------------------------------------------------------
 # rcps::voxel_infonce_loss and its backward
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("rcps::voxel_infonce_loss", mutates_args=())
-def voxel_infonce_loss(
+def _loss_body(
     anchor: Tensor, positive: Tensor, negative: Tensor, anchor_labels: Tensor,
     neg_index: Tensor, neg_count: Tensor, temperature: float, num_negatives: int,
     random: bool, seed: int, offset: int, impl: str,
@@ -78,13 +77,16 @@ def voxel_infonce_loss(
     return loss
 
 
+voxel_infonce_loss = torch.library.custom_op("rcps::voxel_infonce_loss", _loss_body,
+                                             mutates_args=())
+
+
 @voxel_infonce_loss.register_fake
 def _(anchor, positive, negative, anchor_labels, *_args) -> Tensor:
     return anchor_labels.new_empty(anchor_labels.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("rcps::voxel_infonce_backward", mutates_args=())
-def voxel_infonce_backward(
+def _backward_body(
     grad_loss: Tensor, anchor: Tensor, positive: Tensor, negative: Tensor,
     anchor_labels: Tensor, neg_index: Tensor, neg_count: Tensor, temperature: float,
     num_negatives: int, random: bool, seed: int, offset: int, impl: str, negative_grad: bool,
@@ -94,6 +96,10 @@ def voxel_infonce_backward(
         num_negatives, random, seed, offset, grad_loss.float().contiguous(), 1.0, negative_grad,
     )
     return grad_anchor, grad_positive, grad_negative
+
+
+voxel_infonce_backward = torch.library.custom_op("rcps::voxel_infonce_backward", _backward_body,
+                                                 mutates_args=())
 
 
 @voxel_infonce_backward.register_fake
@@ -112,9 +118,9 @@ def _setup_loss(ctx, inputs, output) -> None:
     ctx.negative_grad = inputs[2].requires_grad
 
 
-def _backward_loss(ctx, grad_loss):
+def _backward_loss(ctx, grad_loss, backward_op=None):
     tensors = ctx.saved_tensors
-    grad_anchor, grad_positive, grad_negative = voxel_infonce_backward(
+    grad_anchor, grad_positive, grad_negative = (backward_op or voxel_infonce_backward)(
         grad_loss, *tensors, *ctx.options, ctx.negative_grad
     )
     return (grad_anchor, grad_positive, grad_negative if ctx.negative_grad else None,
@@ -127,8 +133,7 @@ voxel_infonce_loss.register_autograd(_backward_loss, setup_context=_setup_loss)
 # --------------------------------------------------------------------------------------------
 # rcps::voxel_infonce_mean: forward computes the gradients of the mean as well
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("rcps::voxel_infonce_mean", mutates_args=())
-def voxel_infonce_mean(
+def _mean_body(
     anchor: Tensor, positive: Tensor, negative: Tensor, anchor_labels: Tensor,
     neg_index: Tensor, neg_count: Tensor, temperature: float, num_negatives: int,
     random: bool, seed: int, offset: int, impl: str, negative_grad: bool,
@@ -139,6 +144,10 @@ def voxel_infonce_mean(
         num_negatives, random, seed, offset, None, 1.0 / max(num_anchors, 1), negative_grad,
     )
     return loss.mean(), grad_anchor, grad_positive, grad_negative
+
+
+voxel_infonce_mean = torch.library.custom_op("rcps::voxel_infonce_mean", _mean_body,
+                                             mutates_args=())
 
 
 @voxel_infonce_mean.register_fake
@@ -187,6 +196,52 @@ def _backward_mean(ctx, grad_loss, *_unused):
 voxel_infonce_mean.register_autograd(_backward_mean, setup_context=_setup_mean)
 
 
+# --------------------------------------------------------------------------------------------
+# Eager mode: the same two ops as plain autograd.Functions
+# --------------------------------------------------------------------------------------------
+# A custom op call binds its 13 arguments to the schema and dispatches twice in Python on every
+# call, about 0.1 ms: at small shapes on a GPU, a sizeable part of the whole loss. Outside
+# torch.compile the ops run as autograd.Functions over the same bodies (the ops' Python
+# function bodies), setup and backward, so both paths compute the same thing.
+class _EagerLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        loss = _loss_body(*inputs)
+        _setup_loss(ctx, inputs, loss)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward_loss(ctx, grad_loss, _backward_body)
+
+
+class _EagerMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _mean_body(*inputs)
+        ctx.mark_non_differentiable(*output[1:])
+        _setup_mean(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        return _backward_mean(ctx, grad_loss)
+
+
+def per_anchor_loss(*args) -> Tensor:
+    """rcps::voxel_infonce_loss, as the op under torch.compile, else as its eager Function."""
+    if torch.compiler.is_compiling():
+        return voxel_infonce_loss(*args)
+    return _EagerLoss.apply(*args)
+
+
+def mean_loss_with_grads(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """rcps::voxel_infonce_mean, as the op under torch.compile, else as its eager Function."""
+    if torch.compiler.is_compiling():
+        return voxel_infonce_mean(*args)
+    return _EagerMean.apply(*args)
+
+
 def random_draws(
     anchor_labels: Tensor, neg_index: Tensor, neg_count: Tensor, num_negatives: int, seed: int,
     offset: int = 0,
@@ -201,4 +256,4 @@ def random_draws(
 
 
 __all__ = ["register_kernel", "voxel_infonce_loss", "voxel_infonce_backward",
-           "voxel_infonce_mean", "random_draws"]
+           "voxel_infonce_mean", "per_anchor_loss", "mean_loss_with_grads", "random_draws"]
