@@ -2,9 +2,11 @@
 
     python -m benchmarks.bench_pseudo_supervision_gpu [--repeats 20] [--dtype float32]
 
-The step of benchmarks/bench_pseudo_supervision.py (L_urp(z_a1, z_o) + L_cr(z_a1, z_a2), then
-backward) at the LA (2, 2, 112, 112, 80) and Pancreas (2, 17, 96, 96, 96) shapes, for the
-"triton" and "cuda" backends and the plain-PyTorch "reference". Time: CUDA events, median /
+The step of benchmarks/bench_pseudo_supervision.py (one head's L_urp(z_a1, z_o) + L_urp(z_a2,
+z_o) + L_cr(z_a1, z_a2) through rk.pseudo_supervision_losses, then backward) at the LA
+(2, 2, 112, 112, 80) and Pancreas (2, 17, 96, 96, 96) shapes, for the "triton" and "cuda" backends
+and the plain-PyTorch "reference". (The H100 results of 2026-11-25 were taken with an earlier step,
+L_urp(z_a1, z_o) + L_cr(z_a1, z_a2) through the two separate functions.) Time: CUDA events, median /
 min / max over --repeats after warm-up; memory: peak torch.cuda.max_memory_allocated() growth
 over the inputs (benchmarks/bench_infonce_gpu.time_phase). Writes
 benchmarks/results/pseudo_supervision_gpu_<device>.json and .md.

@@ -40,7 +40,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # --------------------------------------------------------------------------------------------
 # Kernels per impl: forward(x, y, parameter, reduction_code) and backward(grad_output, x, y,
-# parameter, reduction_code[, need_grad_x, need_grad_y]) on (B, K, P) views.
+# parameter, reduction_code[, need_grad_x, need_grad_y]) on (B, K, P) views; and, where there is
+# one, the fused backward of one head's three losses (rcps_kernels/head_losses.py), else None.
 # --------------------------------------------------------------------------------------------
 def _kernels(impl: str) -> types.SimpleNamespace:
     if impl == "cpu":
@@ -52,6 +53,7 @@ def _kernels(impl: str) -> types.SimpleNamespace:
             urp_forward=ops.urp_forward_cpu, urp_backward=ops.urp_backward_cpu,
             cosine_forward=ops.cosine_consistency_forward_cpu,
             cosine_backward=ops.cosine_consistency_backward_cpu,
+            pseudo_supervision_losses_backward=ops.pseudo_supervision_losses_backward_cpu,
         )
     if impl == "cuda":
         reason = load_cuda_extension()
@@ -62,6 +64,7 @@ def _kernels(impl: str) -> types.SimpleNamespace:
             urp_forward=ops.urp_forward_cuda, urp_backward=ops.urp_backward_cuda,
             cosine_forward=ops.cosine_consistency_forward_cuda,
             cosine_backward=ops.cosine_consistency_backward_cuda,
+            pseudo_supervision_losses_backward=None,
         )
     if impl == "triton":
         # Imported on demand: triton is only needed when it is asked for.
@@ -69,6 +72,7 @@ def _kernels(impl: str) -> types.SimpleNamespace:
         return types.SimpleNamespace(
             urp_forward=module.urp_forward, urp_backward=module.urp_backward,
             cosine_forward=module.cosine_forward, cosine_backward=module.cosine_backward,
+            pseudo_supervision_losses_backward=None,
         )
     raise ValueError(f"impl must be 'cpu', 'triton' or 'cuda', got {impl!r}")
 

@@ -65,15 +65,18 @@ def segmentation_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, cl
 
 
 def _pseudo_supervision(views: tuple[dict, dict], teacher: torch.Tensor, loss_cfg: dict) -> tuple:
-    """L_urp (2 views x 4 heads against the un-augmented final head) and L_cr (4 heads) of one image."""
-    backend, temperature = loss_cfg["backend"], loss_cfg["sharpen_temperature"]
+    """L_urp (2 views x 4 heads against the un-augmented final head) and L_cr (4 heads) of one image.
+
+    One op per head (``rk.pseudo_supervision_losses``): its backward writes each view's gradient once.
+    """
     urp = 0.0
     cr = 0.0
     for name in HEAD_NAMES:
-        for view in views:
-            urp = urp + rk.rectified_pseudo_supervision(view[name], teacher, temperature=temperature,
-                                                        backend=backend)
-        cr = cr + rk.logit_cosine_consistency(views[0][name], views[1][name], backend=backend)
+        head_urp, head_cr = rk.pseudo_supervision_losses(
+            views[0][name], views[1][name], teacher, temperature=loss_cfg["sharpen_temperature"],
+            backend=loss_cfg["backend"])
+        urp = urp + head_urp
+        cr = cr + head_cr
     return urp, cr
 
 

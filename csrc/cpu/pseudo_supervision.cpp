@@ -481,6 +481,71 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward_cpu(const Tensor& grad_ou
   return {grad_a, grad_b};
 }
 
+// ---------------------------------------------------------------------------------------------
+// One head's L_urp(a, t) + L_urp(b, t) and L_cr(a, b): each view's gradient is written once
+// ---------------------------------------------------------------------------------------------
+
+// into += from over the first `count` voxels of each of the K class rows of a K x V block.
+template <typename acc_t>
+void add_block(acc_t* into, const acc_t* from, int64_t K, int64_t V, int64_t count) {
+  for (int64_t c = 0; c < K; ++c) {
+    #pragma omp simd  // distinct buffers
+    for (int64_t j = 0; j < count; ++j) into[c * V + j] += from[c * V + j];
+  }
+}
+
+// The gradients of g_urp * (L_urp(a, t) + L_urp(b, t)) + g_cr * L_cr(a, b) for a and b, summed in
+// each block's buffers: the only logits-sized tensors are the two gradients themselves (two
+// separate ops would hold a third while autograd adds up a's two gradients).
+std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward_cpu(
+    const Tensor& grad_urp, const Tensor& grad_cr, const Tensor& view_a, const Tensor& view_b,
+    const Tensor& teacher, double temperature, double eps, int64_t reduction) {
+  const char* op = "pseudo_supervision_losses_backward_cpu";
+  check_pair(view_a, view_b, op, "view_a", "view_b");
+  check_pair(view_a, teacher, op, "view_a", "teacher");
+  const int64_t B = view_a.size(0), K = view_a.size(1), P = view_a.size(2);
+  const BlockGrid grid(B, K, P);
+  const int64_t V = grid.block_voxels;
+  Tensor grad_a = at::empty_like(view_a), grad_b = at::empty_like(view_b);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view_a.scalar_type(),
+                                  "pseudo_supervision_losses_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const LogitsView<scalar_t> xa(view_a), xb(view_b), t(teacher), da(grad_a), db(grad_b);
+    Tensor urp_holder, cr_holder;
+    const GradScale<acc_t> urp_scale = make_grad_scale<acc_t>(grad_urp, reduction, B, P, &urp_holder);
+    const GradScale<acc_t> cr_scale = make_grad_scale<acc_t>(grad_cr, reduction, B, P, &cr_holder);
+    const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
+    at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
+      UrpBlockState<acc_t> urp_a(K, V), urp_b(K, V);
+      CosineBlockState<acc_t> cosine(K, V);
+      for (int64_t b = begin; b < end; ++b) {
+        const Block blk = grid.block(b, P);
+        load_block(xa, blk, V, urp_a.student.data());
+        load_block(xb, blk, V, urp_b.student.data());
+        load_block(t, blk, V, urp_a.teacher.data());
+        // evaluate() turns the buffers into exponentials: copy the logits first
+        std::copy(urp_a.teacher.begin(), urp_a.teacher.end(), urp_b.teacher.begin());
+        std::copy(urp_a.student.begin(), urp_a.student.end(), cosine.a.begin());
+        std::copy(urp_b.student.begin(), urp_b.student.end(), cosine.b.begin());
+        for (UrpBlockState<acc_t>* state : {&urp_a, &urp_b}) {
+          state->evaluate(K, V, blk.count, inv_temperature);
+          urp_scale.fill(blk, P, state->grad_scale.data());
+          state->student_gradient(K, V, blk.count);
+        }
+        cosine.evaluate(K, V, blk.count, static_cast<acc_t>(eps));
+        cr_scale.fill(blk, P, cosine.grad_scale.data());
+        cosine.gradients(K, V, blk.count);
+        add_block(urp_a.student.data(), cosine.a.data(), K, V, blk.count);
+        add_block(urp_b.student.data(), cosine.b.data(), K, V, blk.count);
+        store_block(urp_a.student.data(), blk, V, da);
+        store_block(urp_b.student.data(), blk, V, db);
+      }
+    });
+  });
+  return {grad_a, grad_b};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace rcps
@@ -500,4 +565,9 @@ TORCH_LIBRARY_FRAGMENT(rcps_C, m) {
       "cosine_consistency_backward_cpu(Tensor grad_output, Tensor logits_a, Tensor logits_b, "
       "float eps, int reduction, bool need_grad_a, bool need_grad_b) -> (Tensor, Tensor)",
       &rcps::cpu::cosine_consistency_backward_cpu);
+  m.def(
+      "pseudo_supervision_losses_backward_cpu(Tensor grad_urp, Tensor grad_cr, Tensor view_a, "
+      "Tensor view_b, Tensor teacher, float temperature, float eps, int reduction) "
+      "-> (Tensor, Tensor)",
+      &rcps::cpu::pseudo_supervision_losses_backward_cpu);
 }
