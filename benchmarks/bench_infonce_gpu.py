@@ -149,6 +149,16 @@ def device_tag() -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_").lower()
 
 
+def write_results(out_dir: str, name: str, report: dict, markdown: str) -> None:
+    """``<out_dir>/<name>_<device>.json`` and ``.md``, the layout of every GPU benchmark."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}_{device_tag()}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown)
+    print(f"wrote {stem}.json and {stem}.md")
+
+
 def to_markdown(report) -> str:
     lines = [f"# Voxel InfoNCE on {report['device']}", "",
              f"torch {report['torch']}, triton {report['triton']}, CUDA {report['cuda']}, "
@@ -235,12 +245,7 @@ def main(argv=None) -> None:
         report["cases"].append(case)
         del inputs
         torch.cuda.empty_cache()
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"infonce_gpu_{device_tag()}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(args.out_dir, "infonce_gpu", report, to_markdown(report))
 
 
 if __name__ == "__main__":

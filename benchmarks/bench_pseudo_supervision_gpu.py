@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_infonce_gpu import device_tag, time_phase
+from benchmarks.bench_infonce_gpu import time_phase, write_results
 from benchmarks.bench_pseudo_supervision import SHAPES, step
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,12 +79,7 @@ def main(argv=None) -> None:
         if "speedup" in row:
             lines.append(f"| {row['shape_name']} | {row['fastest']} vs reference | "
                          f"{row['speedup']:.1f}x faster | | memory ratio {row['memory_ratio']:.3f} |")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"pseudo_supervision_gpu_{device_tag()}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(args.out_dir, "pseudo_supervision_gpu", report, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

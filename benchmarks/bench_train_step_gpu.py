@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.bench_infonce_gpu import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CASES = {
@@ -103,13 +104,7 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
             report["cases"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
         print(json.dumps({name: report["cases"][name]}), flush=True)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_").lower()
-    stem = out / f"train_step_gpu_{tag}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(args.out_dir, "train_step_gpu", report, to_markdown(report))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,20 @@ def run(feats, al, nl, *, backend, reduction="mean", grad_out=1.0, device=DEV, *
     return [loss.detach().cpu()] + [t.grad.cpu() for t in leaves]
 
 
+def check_against_reference(feats, al, nl, backend, dtype, *, grad_out, **kw):
+    """Loss and the three gradients of `backend` on CUDA against the float64 reference (DESIGN
+    rule); returns (actual, float64) for further checks."""
+    actual = run(feats, al, nl, backend=backend, grad_out=grad_out, **kw)
+    same = run(feats, al, nl, backend="reference", grad_out=grad_out, **kw)
+    gt = run([f.double() for f in feats], al.double(), nl.double(), backend="reference",
+             device="cpu", grad_out=grad_out.double(), **kw)
+    for name, x, y, z in zip(("loss", "grad_anchor", "grad_positive", "grad_negative"),
+                             actual, same, gt):
+        assert torch.isfinite(x).all(), name
+        assert_close_to_reference(x, y, z, dtype=dtype, name=f"{backend} {name}")
+    return actual, gt
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -66,14 +80,7 @@ def test_backend_matches_reference(backend, dtype, sampling, reduction):
     kw = dict(num_negatives=70, sampling=sampling, reduction=reduction, grad_out=go)
     if sampling == "random":
         kw["confidence_threshold"] = 0.6
-    actual = run(feats, al, nl, backend=backend, **kw)
-    same = run(feats, al, nl, backend="reference", **kw)
-    gt = run([f.double() for f in feats], al.double(), nl.double(), backend="reference",
-             device="cpu", **{**kw, "grad_out": go.double()})
-    for name, x, y, z in zip(("loss", "grad_anchor", "grad_positive", "grad_negative"),
-                             actual, same, gt):
-        assert torch.isfinite(x).all(), name
-        assert_close_to_reference(x, y, z, dtype=dtype, name=f"{backend} {name}")
+    check_against_reference(feats, al, nl, backend, dtype, **kw)
 
 
 @pytest.mark.gpu
@@ -87,13 +94,7 @@ def test_confident_anchors_keep_a_tiny_loss_accurate(backend, sampling):
     go = torch.rand((1, 8, 6, 5)) + 0.5
     kw = dict(num_negatives=70, sampling=sampling, temperature=0.05, reduction="none",
               grad_out=go)
-    actual = run(feats, al, nl, backend=backend, **kw)
-    same = run(feats, al, nl, backend="reference", **kw)
-    gt = run([f.double() for f in feats], al.double(), nl.double(), backend="reference",
-             device="cpu", **{**kw, "grad_out": go.double()})
-    for name, x, y, z in zip(("loss", "grad_anchor", "grad_positive", "grad_negative"),
-                             actual, same, gt):
-        assert_close_to_reference(x, y, z, dtype=torch.float32, name=f"{backend} {name}")
+    actual, gt = check_against_reference(feats, al, nl, backend, torch.float32, **kw)
     # The fp32 reference forms them as lse - x itself, so the loss also gets a relative bound.
     assert_relative_error_below(actual[0], gt[0], rtol=1e-5, name=f"{backend} loss")
 

@@ -9,8 +9,9 @@ topk mode (one bank N_c per class):
      order (anchors are sorted by pseudo-label with a stable argsort), (N, C) each, plus their
      squared norms; the class banks (classes, L, C) likewise (padding rows are zero).
   2. ``_topk_lse_kernel``: one program per tile of same-class anchors (each program finds its
-     class and rows from the class boundaries, ``_tile_rows``: no host sync, no tile map); S = U_tile @ N_c^T blocks with ``tl.dot`` and an online log-sum-exp per
-     direction; stores one fp32 LSE per anchor and direction and the loss.
+     class and rows from the class boundaries, ``_tile_rows``: no host sync, no tile map);
+     S = U_tile @ N_c^T blocks with ``tl.dot`` and an online log-sum-exp per direction; stores
+     one fp32 LSE per anchor and direction and the loss.
   3. ``_topk_anchor_grad_kernel``: recomputes the S tiles, turns them into softmax weights and
      accumulates dU = coef * u_other + P @ N_c, then chains through the normalisation and writes
      the input-dtype gradient straight into the (B, C, P) output.
