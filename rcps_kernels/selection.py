@@ -1,12 +1,16 @@
 """Pseudo-labels and confident negative selection, shared by every backend.
 
 Selection is a per-class operation on 1-D vectors over the pool (at most num_classes sorts of the
-pool's confidences), so it runs in plain PyTorch on whatever device the logits live; the fused
-kernels consume its (num_classes, L) index tables.
+pool's confidences), so it runs as plain tensor ops on whatever device the logits live; the fused
+kernels consume its (num_classes, L) index tables. The functions here are the readable version;
+:func:`negative_tables` issues the same op sequence from C++ (csrc/cpu/selection.cpp), because at
+small shapes on a GPU each torch call made from Python costs more host time than its kernel.
 """
 from __future__ import annotations
 
 import torch
+
+from ._extension import load_cpu_extension
 
 
 def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,10 +24,9 @@ def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits). No gradient flows through either.
     """
     logits = logits.detach()
-    flat = logits.movedim(1, -1).reshape(-1, logits.shape[1])
-    flat = flat.double() if flat.dtype == torch.float64 else flat.float()
-    confidence, labels = torch.softmax(flat, dim=1).max(dim=1)
-    return labels, confidence
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    confidence, labels = torch.softmax(logits, dim=1, dtype=dtype).max(dim=1)
+    return labels.reshape(-1), confidence.reshape(-1)
 
 
 def _check_logits(negative_logits: torch.Tensor, num_classes: int | None) -> int:
@@ -40,6 +43,27 @@ def _check_logits(negative_logits: torch.Tensor, num_classes: int | None) -> int
             f"num_classes={num_classes} is smaller than negative_logits' class axis ({classes})"
         )
     return num_classes
+
+
+def _topk_tables(labels, confidence, num_negatives: int, num_classes: int):
+    classes = torch.arange(num_classes, device=labels.device).unsqueeze(1)
+    # Eligible voxels keep their confidence (> 0); the others sort last at -1.
+    key = torch.where(labels.unsqueeze(0) != classes, confidence.unsqueeze(0), -1.0)
+    sorted_key, order = torch.sort(key, dim=1, descending=True, stable=True)
+    take = min(num_negatives, key.shape[1])
+    eligible = sorted_key[:, :take] >= 0
+    idx = torch.where(eligible, order[:, :take], -1)
+    if take < num_negatives:
+        idx = torch.nn.functional.pad(idx, (0, num_negatives - take), value=-1)
+    return idx, eligible.sum(dim=1)
+
+
+def _eligible_tables(labels, confidence, threshold: float, num_classes: int):
+    classes = torch.arange(num_classes, device=labels.device).unsqueeze(1)
+    eligible = (labels.unsqueeze(0) != classes) & (confidence >= threshold)
+    # A stable descending sort of the 0/1 flags puts the eligible voxels first, in index order.
+    sorted_flag, order = torch.sort(eligible.to(torch.uint8), dim=1, descending=True, stable=True)
+    return order.masked_fill_(sorted_flag == 0, -1), eligible.sum(dim=1)
 
 
 def select_confident_negatives(
@@ -65,18 +89,7 @@ def select_confident_negatives(
         raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
     num_classes = _check_logits(negative_logits, num_classes)
     labels, confidence = pseudo_labels(negative_logits)
-    classes = torch.arange(num_classes, device=labels.device)
-    other_class = labels.unsqueeze(0) != classes.unsqueeze(1)  # (classes, M)
-    # Eligible voxels keep their confidence (> 0); the others sort last at -1.
-    key = torch.where(other_class, confidence.unsqueeze(0), torch.full_like(confidence, -1.0))
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices
-    take = min(num_negatives, order.shape[1])
-    idx = order[:, :take]
-    if take < num_negatives:
-        idx = torch.cat([idx, idx.new_full((num_classes, num_negatives - take), -1)], dim=1)
-    counts = other_class.sum(dim=1).clamp(max=num_negatives)
-    valid = torch.arange(num_negatives, device=idx.device).unsqueeze(0) < counts.unsqueeze(1)
-    return torch.where(valid, idx, torch.full_like(idx, -1)), counts
+    return _topk_tables(labels, confidence, num_negatives, num_classes)
 
 
 def eligible_negatives(
@@ -90,12 +103,64 @@ def eligible_negatives(
     """
     num_classes = _check_logits(negative_logits, num_classes)
     labels, confidence = pseudo_labels(negative_logits)
-    classes = torch.arange(num_classes, device=labels.device)
-    eligible = (labels.unsqueeze(0) != classes.unsqueeze(1)) & (
-        confidence.unsqueeze(0) >= confidence_threshold
-    )
-    # A stable sort of "not eligible" puts the eligible voxels first, in increasing index order.
-    order = torch.sort((~eligible).to(torch.uint8), dim=1, stable=True).indices
-    counts = eligible.sum(dim=1)
-    valid = torch.arange(order.shape[1], device=order.device).unsqueeze(0) < counts.unsqueeze(1)
-    return torch.where(valid, order, torch.full_like(order, -1)), counts
+    return _eligible_tables(labels, confidence, confidence_threshold, num_classes)
+
+
+def _use_extension(requested: bool) -> bool:
+    # Under torch.compile the Python version is traced instead: the compiler fuses it anyway.
+    return requested and not torch.compiler.is_compiling() and load_cpu_extension() is None
+
+
+def negative_tables(
+    anchor_logits: torch.Tensor, negative_logits: torch.Tensor, num_negatives: int,
+    random: bool, confidence_threshold: float, use_extension: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All the fused kernels need from the logits, as one op (``rcps_C::negative_tables``).
+
+    Args:
+        anchor_logits, negative_logits: (B, K_cls, *S) and (Bn, K_cls, *Sn), same K_cls.
+        num_negatives: K of "topk" sampling.
+        random: "random" sampling (eligible tables) instead of "topk".
+        confidence_threshold: "random" only.
+        use_extension: False computes it here in Python: what the op is tested against, and
+            what runs under torch.compile or when the CPU extension cannot be loaded.
+
+    Returns:
+        anchor labels (N,) int64; negative index table and counts per class (as
+        :func:`select_confident_negatives` or :func:`eligible_negatives`); and the float32 sum
+        of all logits, 0-d, which is finite exactly when the logits are (barring overflow).
+    """
+    if _use_extension(use_extension):
+        return torch.ops.rcps_C.negative_tables(anchor_logits, negative_logits, num_negatives,
+                                                random, confidence_threshold)
+    num_classes = anchor_logits.shape[1]
+    anchor_labels, _ = pseudo_labels(anchor_logits)
+    labels, confidence = pseudo_labels(negative_logits)
+    if random:
+        index, counts = _eligible_tables(labels, confidence, confidence_threshold, num_classes)
+    else:
+        index, counts = _topk_tables(labels, confidence, num_negatives, num_classes)
+    logits_sum = (anchor_logits.detach().sum(dtype=torch.float32)
+                  + negative_logits.detach().sum(dtype=torch.float32))
+    return anchor_labels, index, counts, logits_sum
+
+
+def anchor_class_order(
+    labels: torch.Tensor, num_classes: int, use_extension: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchors sorted by class (stable) and where each class starts: the fused kernels' tiles.
+
+    One op, ``rcps_C::anchor_class_order``; use_extension=False computes it here in Python.
+
+    Returns:
+        order (N,) int64, anchor indices grouped by class in increasing index order;
+        class_start (num_classes + 1,) int64, class c's anchors are order[class_start[c]:
+        class_start[c + 1]].
+    """
+    if _use_extension(use_extension):
+        return torch.ops.rcps_C.anchor_class_order(labels, num_classes)
+    # A narrow key: the GPU radix sort then makes 1-2 passes, not 8.
+    key_dtype = torch.int16 if num_classes < 2**15 else torch.int32
+    sorted_labels, order = torch.sort(labels.to(key_dtype), stable=True)
+    bounds = torch.arange(num_classes + 1, device=labels.device, dtype=key_dtype)
+    return order, torch.searchsorted(sorted_labels, bounds)
