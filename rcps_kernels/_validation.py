@@ -1,6 +1,8 @@
 """Input checks shared by the public functions: ValueErrors that name the argument and shapes."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -41,21 +43,23 @@ def shape_str(tensor: torch.Tensor) -> str:
 
 
 def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tensor, bool], ...],
-                        always: tuple[torch.Tensor, ...] = ()) -> None:
+                        inputs_sum: torch.Tensor | None = None) -> None:
     """Non-finite inputs always make the loss non-finite, so only a bad loss costs a full scan.
 
     ``checks`` holds (name, tensor, allow_minus_inf): a teacher may rule classes out with -inf
-    logits, as long as every voxel keeps one finite logit. Tensors in ``always`` can hold a NaN
-    that never reaches the loss (unselected logits); they join the same test through their
-    float32 sums, so the whole check costs a few reductions and one host sync (a sum that
-    overflows on finite values only costs the exact scan of ``checks``, which decides).
+    logits, as long as every voxel keeps one finite logit. ``inputs_sum`` is a 0-d float32 sum
+    of inputs that can hold a NaN which never reaches the loss (unselected logits): it joins
+    the same test, so the whole check costs one host sync (a sum that overflows on finite
+    values only costs the exact scan of ``checks``, which decides).
     """
     if torch.compiler.is_compiling():
         return
-    total = loss.detach().sum()
-    for tensor in always:
-        total = total + tensor.detach().sum(dtype=torch.float32)
-    if bool(torch.isfinite(total)):
+    total = loss.detach()
+    if total.dim() != 0:
+        total = total.sum()
+    if inputs_sum is not None:
+        total = total + inputs_sum
+    if math.isfinite(total.item()):
         return
     for name, tensor, allow_minus_inf in checks:
         shape = tuple(tensor.shape)

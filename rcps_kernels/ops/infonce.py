@@ -186,7 +186,8 @@ def _backward_mean(ctx, grad_loss, *_unused):
     if tracing:
         scaled = [grad_loss * g for g in grads]
     else:
-        scaled = [g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        scaled = list(grads)
+        torch._foreach_mul_(scaled, grad_loss)  # one launch for the three on a GPU
     return (
         scaled[0], scaled[1], scaled[2] if ctx.negative_grad else None,
         None, None, None, None, None, None, None, None, None, None,
@@ -220,6 +221,7 @@ class _EagerMean(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _mean_body(*inputs)
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero-filled grads for the three gradient outputs
         _setup_mean(ctx, inputs, output)
         return output
 
