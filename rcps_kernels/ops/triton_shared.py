@@ -1,0 +1,139 @@
+"""Triton pieces shared by the topk and random modes of the voxel InfoNCE (infonce_triton.py).
+
+The positive's NLL from the negatives' log-sum-exp state; feature rows normalised into fp32
+copies (u = z / max(||z||, eps), as F.normalize and csrc/rcps_math.h); and the chain rule that
+takes gradients of those copies back through the normalisation into the input-dtype (B, C, P)
+gradient.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+#: Kernels run through the Triton interpreter (CPU tensors, small blocks).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def chain_store(du, u, sq, g_ptr, voxel, rmask, cc, cmask, C, P):
+    """dz = (du - u (u.du)) / max(||z||, eps) (du / eps where clamped) into (B, C, P) at voxel."""
+    norm = tl.sqrt(sq)
+    clamped = norm <= 1e-12
+    inv = 1.0 / tl.maximum(norm, 1e-12)
+    u_dot_du = tl.sum(u * du, 1)
+    dz = tl.where(clamped[:, None], du, du - u * u_dot_du[:, None]) * inv[:, None]
+    b = voxel // P
+    p = voxel - b * P
+    off = b[:, None] * C * P + cc[None, :].to(tl.int64) * P + p[:, None]
+    tl.store(g_ptr + off, dz.to(g_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def positive_nll(neg_max, neg_sum, x):
+    """(-log softmax of the positive logit x, log-normaliser lse) from the negatives' (max, sum),
+    as rcps_math.h's positive_nll, which says why neither is formed from the other.
+    log1p(y) is taken as log(1 + y) * y / ((1 + y) - 1), exact to a few ulp without libdevice."""
+    log_sum = tl.log(neg_sum)
+    t = (neg_max - x) + log_sum
+    y = tl.exp(-tl.abs(t))
+    one_plus = 1.0 + y
+    tail = tl.where(one_plus == 1.0, y, tl.log(one_plus) * (y / (one_plus - 1.0)))
+    return tl.maximum(t, 0.0) + tail, tl.where(t > 0.0, neg_max + log_sum, x) + tail
+
+
+@triton.jit
+def _normalize_kernel(z_ptr, z2_ptr, rows_ptr, u_ptr, sq_ptr, R, C, P, s_b, s_c, s_p, s2_b, s2_c,
+                      s2_p, HAS_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """u[r] = z[voxel(r)] / max(||z||, eps) as fp32 rows (R, C); voxel(r) = rows[r] or r; -1 -> 0.
+
+    Grid axis 1 picks the input: z, or z2 into rows R.. 2R of u and sq (both views in one
+    launch: at small shapes the launch costs more than the work).
+    """
+    second = tl.program_id(1) == 1
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < R
+    if HAS_ROWS:
+        v = tl.load(rows_ptr + r, mask=rmask, other=-1).to(tl.int64)
+    else:
+        v = r
+    valid = rmask & (v >= 0)
+    v = tl.where(valid, v, 0)
+    b = v // P
+    p = v - b * P
+    cc = tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    zmask = valid[:, None] & cmask[None, :]
+    if second:
+        off = b[:, None] * s2_b + p[:, None] * s2_p + cc[None, :].to(tl.int64) * s2_c
+        z = tl.load(z2_ptr + off, mask=zmask, other=0.0).to(tl.float32)
+    else:
+        off = b[:, None] * s_b + p[:, None] * s_p + cc[None, :].to(tl.int64) * s_c
+        z = tl.load(z_ptr + off, mask=zmask, other=0.0).to(tl.float32)
+    sq = tl.sum(z * z, 1)
+    u = z / tl.maximum(tl.sqrt(sq), 1e-12)[:, None]  # divide, like F.normalize (rcps_math.h)
+    out = tl.where(second, R, 0) + r
+    tl.store(u_ptr + out[:, None] * C + cc[None, :], u, mask=rmask[:, None] & cmask[None, :])
+    if sq_ptr is not None:
+        tl.store(sq_ptr + out, sq, mask=rmask)
+
+
+@triton.jit
+def _pool_chain_kernel(z_ptr, pg_ptr, descale_ptr, g_ptr, M, C, P, s_b, s_c, s_p,
+                       FIXED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_negative (Bn, C, Pn) from the (M, C) gradient of the normalised pool."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < M
+    cc = tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    m2 = rmask[:, None] & cmask[None, :]
+    b = r // P
+    p = r - b * P
+    z = tl.load(z_ptr + b[:, None] * s_b + p[:, None] * s_p + cc[None, :].to(tl.int64) * s_c,
+                mask=m2, other=0.0).to(tl.float32)
+    sq = tl.sum(z * z, 1)
+    u = z / tl.maximum(tl.sqrt(sq), 1e-12)[:, None]
+    g = tl.load(pg_ptr + r[:, None] * C + cc[None, :], mask=m2, other=0)
+    if FIXED:
+        du = (g.to(tl.float64) * tl.load(descale_ptr)).to(tl.float32)
+    else:
+        du = g.to(tl.float32)
+    chain_store(du, u, sq, g_ptr, r, rmask, cc, cmask, C, P)
+
+
+def block_c(C: int) -> int:
+    return max(16, triton.next_power_of_2(C))
+
+
+def normalize_rows(z: Tensor, rows: Tensor | None, R: int, want_sq: bool = True,
+               z2: Tensor | None = None):
+    """Rows of z (R, C) normalised in fp32, and their squared norms; with z2 (z's shape), both
+    in one launch as (2, R, C) and (2, R)."""
+    C = z.shape[1]
+    views = 1 if z2 is None else 2
+    u = torch.empty((views, R, C), device=z.device, dtype=torch.float32)
+    sq = torch.empty((views, R), device=z.device, dtype=torch.float32) if want_sq else None
+    if R > 0:
+        block_r = 16 if INTERPRET else 32
+        other = z if z2 is None else z2
+        _normalize_kernel[(triton.cdiv(R, block_r), views)](
+            z, other, rows, u, sq, R, C, z.shape[2], z.stride(0), z.stride(1), z.stride(2),
+            other.stride(0), other.stride(1), other.stride(2),
+            HAS_ROWS=rows is not None, BLOCK_R=block_r, BLOCK_C=block_c(C))
+    return (u[0], sq[0] if want_sq else None) if z2 is None else (u, sq)
+
+
+def pool_input_grad(zn: Tensor, pool_grad: Tensor, descale: Tensor | None) -> Tensor:
+    Bn, C, Pn = zn.shape
+    out = torch.empty((Bn, C, Pn), device=zn.device, dtype=zn.dtype)
+    M = Bn * Pn
+    if M > 0:
+        block_r = 16 if INTERPRET else 32
+        _pool_chain_kernel[(triton.cdiv(M, block_r),)](
+            zn, pool_grad, descale, out, M, C, Pn, zn.stride(0), zn.stride(1), zn.stride(2),
+            FIXED=descale is not None, BLOCK_R=block_r, BLOCK_C=block_c(C))
+    return out
