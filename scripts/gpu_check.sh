@@ -35,7 +35,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -m rcps_kernels.info --json 2>&1 | tee -a "$log"
 
 step "gpu tests" "${TEST_LIMIT:-170}" "$py" -m pytest -m gpu tests/test_infonce_gpu.py \
-  tests/test_pseudo_supervision.py -q -rfE --tb=short -p no:cacheprovider -n 4
+  tests/test_selection.py tests/test_pseudo_supervision.py tests/test_head_losses.py -q -rfE \
+  --tb=short -p no:cacheprovider -n 4
+step "where the LA call's time goes" 60 "$py" scripts/profile_infonce_gpu.py --backend triton \
+  --k 400 --rows 15
 step "infonce benchmark" "${INFONCE_LIMIT:-150}" "$py" -m benchmarks.bench_infonce_gpu \
   --repeats "${REPEATS:-5}" --out-dir "$out"
 step "L_urp + L_cr benchmark" 45 "$py" -m benchmarks.bench_pseudo_supervision_gpu \
