@@ -217,3 +217,18 @@ def test_large_index_offsets(backend):
     torch.testing.assert_close(per_anchor[tail].cpu(), ref.flatten().float().cpu(), rtol=2e-3,
                                atol=2e-3)
     assert torch.isfinite(a.grad[:, :, tail]).all() and a.grad[:, :, tail].abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("classes", [2, 5])
+@pytest.mark.parametrize("num_anchors", [1, 1023, 15680, 2**16 + 1])
+def test_triton_class_order_equals_the_sort(classes, num_anchors):
+    # The single-program kernel up to 2^16 anchors, the sort past it: both a stable partition.
+    from rcps_kernels.ops.infonce_triton import _class_order
+    from rcps_kernels.selection import anchor_class_order
+
+    g = torch.Generator().manual_seed(num_anchors)
+    labels = torch.randint(0, classes, (num_anchors,), generator=g).to(DEV)
+    got = _class_order(labels, classes)
+    expected = anchor_class_order(labels, classes, use_extension=False)
+    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))

@@ -12,7 +12,8 @@ import torch
 import rcps_kernels as rk
 from rcps_kernels.ops import infonce as ops
 from rcps_kernels.reference.infonce import philox_randint, random_negative_draws_reference
-from rcps_kernels.selection import eligible_negatives, pseudo_labels, select_confident_negatives
+from rcps_kernels.selection import (anchor_class_order, eligible_negatives, pseudo_labels,
+                                    select_confident_negatives)
 
 from numerics import assert_close_to_reference, assert_relative_error_below, confident_features
 
@@ -241,3 +242,15 @@ def test_negative_without_grad_gets_none_and_no_grad_forward_agrees():
         again = rk.bidirectional_voxel_infonce(a, p, n, al, nl, num_negatives=5,
                                                backend="triton")
     torch.testing.assert_close(again, loss.detach())
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 7, 31])
+@pytest.mark.parametrize("num_anchors", [1, 16, 17, 301])
+def test_one_program_class_order_equals_the_sort(classes, num_anchors):
+    # The single-program stable partition against rcps_C::anchor_class_order (a stable sort),
+    # with block-boundary sizes (BLOCK = 16 under the interpreter).
+    g = torch.Generator().manual_seed(classes * 1000 + num_anchors)
+    labels = torch.randint(0, classes, (num_anchors,), generator=g)
+    got = T._class_order(labels, classes)
+    expected = anchor_class_order(labels, classes)
+    assert all(torch.equal(x, y) for x, y in zip(got, expected, strict=True))

@@ -6,8 +6,8 @@ multiply a voxel index by a channel count or a stride are int64.
 
 topk mode (one bank N_c per class):
   1. ``normalize_rows`` (triton_shared.py): fp32 normalised copies of the anchors and positives
-     in class-sorted order (``rcps_C::anchor_class_order``: a stable sort by pseudo-label), both
-     in one launch, (N, C) each, plus their squared norms; the class banks (classes, L, C)
+     in class-sorted order (a stable partition by pseudo-label: ``_class_order_kernel`` up to
+     64Ki anchors, ``rcps_C::anchor_class_order`` past that), both in one launch, (N, C) each, plus their squared norms; the class banks (classes, L, C)
      likewise (padding rows are zero).
   2. ``_topk_lse_kernel``: one program per tile of same-class anchors (each program finds its
      class and rows from the class boundaries, ``_tile_rows``: no host sync, no tile map);
@@ -254,6 +254,31 @@ def _bank_scatter_kernel(part_ptr, neg_index_ptr, neg_count_ptr, pool_grad_ptr, 
     tl.store(dst, tl.load(dst, mask=m2, other=0.0) + acc, mask=m2)
 
 
+@triton.jit
+def _class_order_kernel(labels_ptr, order_ptr, class_start_ptr, N, num_classes,
+                        BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr):
+    """Stable partition of the anchors by class, in one program: order (N,) and class_start
+    (classes + 1,), as rcps_C::anchor_class_order. Pass 1 counts each class; pass 2 places each
+    anchor at its class's start plus the number of earlier anchors of its class."""
+    cls = tl.arange(0, BLOCK_CLS)
+    counts = tl.zeros([BLOCK_CLS], tl.int32)
+    for n0 in range(0, N, BLOCK):
+        idx = n0 + tl.arange(0, BLOCK)
+        label = tl.load(labels_ptr + idx, mask=idx < N, other=-1)
+        counts += tl.sum((label[:, None] == cls[None, :]).to(tl.int32), 0)
+    # Exclusive prefix sum; classes >= num_classes are empty, so start[num_classes] == N.
+    start = tl.cumsum(counts, 0) - counts
+    tl.store(class_start_ptr + cls, start.to(tl.int64), mask=cls <= num_classes)
+    for n0 in range(0, N, BLOCK):
+        idx = n0 + tl.arange(0, BLOCK)
+        label = tl.load(labels_ptr + idx, mask=idx < N, other=-1)
+        hit = (label[:, None] == cls[None, :]).to(tl.int32)  # (BLOCK, BLOCK_CLS) one-hot
+        earlier = tl.cumsum(hit, 0) - hit
+        position = tl.sum(hit * (start[None, :] + earlier), 1)
+        tl.store(order_ptr + position, idx.to(tl.int64), mask=idx < N)
+        start += tl.sum(hit, 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +300,26 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+#: Up to this many anchors (and classes) the class order is one single-program launch: on a GPU
+#: the general path (a cast, a radix sort, an arange and a searchsorted) is about eight launches,
+#: which at such sizes cost more host time than the work. Past it, the sort's parallelism wins.
+_ONE_PROGRAM_ORDER_ANCHORS = 1 << 16
+_ONE_PROGRAM_ORDER_CLASSES = 31
+
+
+def _class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    N = labels.numel()
+    if N > _ONE_PROGRAM_ORDER_ANCHORS or num_classes > _ONE_PROGRAM_ORDER_CLASSES:
+        return anchor_class_order(labels, num_classes)
+    order = torch.empty((N,), device=labels.device, dtype=torch.int64)
+    class_start = torch.empty((num_classes + 1,), device=labels.device, dtype=torch.int64)
+    _class_order_kernel[(1,)](labels, order, class_start, N, num_classes,
+                              BLOCK=16 if INTERPRET else 1024,
+                              BLOCK_CLS=triton.next_power_of_2(num_classes + 1),
+                              num_warps=1 if INTERPRET else 8)
+    return order, class_start
+
+
 def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want_grad,
           neg_grad):
     B, C, P = z1.shape
@@ -283,7 +328,7 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     dev = z1.device
     bm, bn, warps = _topk_blocks(C)
     bc = block_c(C)
-    order, class_start = anchor_class_order(labels, num_classes)
+    order, class_start = _class_order(labels, num_classes)
     num_tiles = triton.cdiv(N, bm) + num_classes  # >= sum_c ceil(n_c / bm); spares do nothing
     (u1, u2), (sq1, sq2) = normalize_rows(z1, order, N, z2=z2)
     bank, _ = normalize_rows(zn, neg_index.reshape(-1), num_classes * L, want_sq=False)
