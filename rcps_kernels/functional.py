@@ -8,7 +8,7 @@ from . import _validation as v
 from ._backend import resolve_backend
 from .ops import infonce as ops
 from .reference.infonce import bidirectional_voxel_infonce_reference
-from .selection import eligible_negatives, negative_tables, pseudo_labels
+from .selection import eligible_negatives, logits_sum, negative_tables, pseudo_labels
 
 SAMPLING_MODES = ("topk", "random")
 _BACKENDS = ("cpu", "triton", "cuda", "reference")
@@ -119,16 +119,16 @@ def bidirectional_voxel_infonce(
     _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
               temperature, sampling, confidence_threshold, reduction)
     impl = resolve_backend(backend, anchor.device, _BACKENDS)
-    loss, logits_sum = _infonce(impl, anchor, positive, negative, anchor_logits, negative_logits,
-                                num_negatives, temperature, sampling, confidence_threshold,
-                                generator, reduction)
+    loss, logits_total = _infonce(impl, anchor, positive, negative, anchor_logits,
+                                  negative_logits, num_negatives, temperature, sampling,
+                                  confidence_threshold, generator, reduction)
     # A bad feature always makes the loss non-finite; a NaN in the logits need not reach it, so
     # the logits' sum joins the check (one host sync for all of it, after the kernels).
     v.check_result_finite(loss, (("anchor_logits", anchor_logits, False),
                                  ("negative_logits", negative_logits, False),
                                  ("anchor", anchor, False), ("positive", positive, False),
                                  ("negative", negative, False)),
-                          inputs_sum=logits_sum)
+                          inputs_sum=logits_total)
     return loss
 
 
@@ -143,10 +143,9 @@ def _infonce(impl, anchor, positive, negative, anchor_logits, negative_logits, n
             num_negatives=num_negatives, temperature=temperature, sampling=sampling,
             confidence_threshold=confidence_threshold, seed=seed, reduction=reduction,
         )
-        return loss, (anchor_logits.detach().sum(dtype=torch.float32)
-                      + negative_logits.detach().sum(dtype=torch.float32))
+        return loss, logits_sum(anchor_logits, negative_logits)
 
-    anchor_labels, neg_index, neg_count, logits_sum = negative_tables(
+    anchor_labels, neg_index, neg_count, logits_total = negative_tables(
         anchor_logits, negative_logits, num_negatives, sampling == "random", confidence_threshold)
     # (B, C, P) views (copies only for layouts that cannot be flattened); kernels take any strides.
     z1 = anchor.reshape(anchor.shape[0], anchor.shape[1], -1)
@@ -160,13 +159,13 @@ def _infonce(impl, anchor, positive, negative, anchor_logits, negative_logits, n
     )
     if reduction == "mean" and wants_grad:
         loss, _, _, _ = ops.mean_loss_with_grads(*args, negative.requires_grad)
-        return loss.to(out_dtype), logits_sum
+        return loss.to(out_dtype), logits_total
     per_anchor = ops.per_anchor_loss(*args).to(out_dtype)
     if reduction == "mean":
-        return per_anchor.mean(), logits_sum
+        return per_anchor.mean(), logits_total
     if reduction == "sum":
-        return per_anchor.sum(), logits_sum
-    return per_anchor.reshape(anchor.shape[0], *anchor.shape[2:]), logits_sum
+        return per_anchor.sum(), logits_total
+    return per_anchor.reshape(anchor.shape[0], *anchor.shape[2:]), logits_total
 
 
 def random_negative_draws(

@@ -140,9 +140,13 @@ def negative_tables(
         index, counts = _eligible_tables(labels, confidence, confidence_threshold, num_classes)
     else:
         index, counts = _topk_tables(labels, confidence, num_negatives, num_classes)
-    logits_sum = (anchor_logits.detach().sum(dtype=torch.float32)
-                  + negative_logits.detach().sum(dtype=torch.float32))
-    return anchor_labels, index, counts, logits_sum
+    return anchor_labels, index, counts, logits_sum(anchor_logits, negative_logits)
+
+
+def logits_sum(anchor_logits: torch.Tensor, negative_logits: torch.Tensor) -> torch.Tensor:
+    """0-d float32 sum of both logits: finite exactly when they are (barring overflow)."""
+    return (anchor_logits.detach().sum(dtype=torch.float32)
+            + negative_logits.detach().sum(dtype=torch.float32))
 
 
 def anchor_class_order(
