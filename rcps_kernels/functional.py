@@ -119,34 +119,38 @@ def bidirectional_voxel_infonce(
     _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
               temperature, sampling, confidence_threshold, reduction)
     impl = resolve_backend(backend, anchor.device, _BACKENDS)
-    loss, logits_total = _infonce(impl, anchor, positive, negative, anchor_logits,
-                                  negative_logits, num_negatives, temperature, sampling,
-                                  confidence_threshold, generator, reduction)
-    # A bad feature always makes the loss non-finite; a NaN in the logits need not reach it, so
-    # the logits' sum joins the check (one host sync for all of it, after the kernels).
-    v.check_result_finite(loss, (("anchor_logits", anchor_logits, False),
-                                 ("negative_logits", negative_logits, False),
-                                 ("anchor", anchor, False), ("positive", positive, False),
-                                 ("negative", negative, False)),
-                          inputs_sum=logits_total)
+    seed = _draw_seed(generator) if sampling == "random" else 0
+    if impl == "reference":
+        tables, logits_total = None, logits_sum(anchor_logits, negative_logits)
+    else:
+        *tables, logits_total = negative_tables(anchor_logits, negative_logits, num_negatives,
+                                                sampling == "random", confidence_threshold)
+    # Finite logits and features cannot make the loss non-finite, so one host sync before the
+    # kernels settles the usual case, and the kernels run on while the host returns. Otherwise
+    # the exact check runs on the loss: a bad feature always reaches it, while a NaN pool voxel
+    # that is never selected does not and is not reported.
+    inputs_finite = v.all_finite(logits_total, (anchor, positive, negative))
+    loss = _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_logits,
+                    num_negatives, temperature, sampling, confidence_threshold, seed, reduction)
+    if not inputs_finite:
+        v.check_result_finite(loss, (("anchor_logits", anchor_logits, False),
+                                     ("negative_logits", negative_logits, False),
+                                     ("anchor", anchor, False), ("positive", positive, False),
+                                     ("negative", negative, False)),
+                              inputs_sum=logits_total)
     return loss
 
 
-def _infonce(impl, anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
-             temperature, sampling, confidence_threshold, generator,
-             reduction) -> tuple[Tensor, Tensor]:
-    """(loss, float32 sum of the logits)."""
-    seed = _draw_seed(generator) if sampling == "random" else 0
+def _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_logits,
+             num_negatives, temperature, sampling, confidence_threshold, seed,
+             reduction) -> Tensor:
     if impl == "reference":
-        loss = bidirectional_voxel_infonce_reference(
+        return bidirectional_voxel_infonce_reference(
             anchor, positive, negative, anchor_logits, negative_logits,
             num_negatives=num_negatives, temperature=temperature, sampling=sampling,
             confidence_threshold=confidence_threshold, seed=seed, reduction=reduction,
         )
-        return loss, logits_sum(anchor_logits, negative_logits)
-
-    anchor_labels, neg_index, neg_count, logits_total = negative_tables(
-        anchor_logits, negative_logits, num_negatives, sampling == "random", confidence_threshold)
+    anchor_labels, neg_index, neg_count = tables
     # (B, C, P) views (copies only for layouts that cannot be flattened); kernels take any strides.
     z1 = anchor.reshape(anchor.shape[0], anchor.shape[1], -1)
     z2 = positive.reshape(z1.shape)
@@ -159,13 +163,13 @@ def _infonce(impl, anchor, positive, negative, anchor_logits, negative_logits, n
     )
     if reduction == "mean" and wants_grad:
         loss, _, _, _ = ops.mean_loss_with_grads(*args, negative.requires_grad)
-        return loss.to(out_dtype), logits_total
+        return loss.to(out_dtype)
     per_anchor = ops.per_anchor_loss(*args).to(out_dtype)
     if reduction == "mean":
-        return per_anchor.mean(), logits_total
+        return per_anchor.mean()
     if reduction == "sum":
-        return per_anchor.sum(), logits_total
-    return per_anchor.reshape(anchor.shape[0], *anchor.shape[2:]), logits_total
+        return per_anchor.sum()
+    return per_anchor.reshape(anchor.shape[0], *anchor.shape[2:])
 
 
 def random_negative_draws(

@@ -320,6 +320,24 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(mutate, kwargs, match
         rk.bidirectional_voxel_infonce(*x, **kwargs)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_bad_pool_voxel_that_is_never_selected_is_not_reported(backend, bad):
+    """The finite-input check passes the inputs' norms first; a non-finite one only fails the
+    call if it reaches the loss, so a broken pool voxel outside every negative table is fine."""
+    feats, logits = make_case((4, 4, 3), classes=2)
+    feats = [f.float() for f in feats]
+    idx, _ = rk.select_confident_negatives(logits[1], 3)
+    unused = next(j for j in range(48) if j not in set(idx.flatten().tolist()))
+    clean = rk.bidirectional_voxel_infonce(*feats, *logits, num_negatives=3, backend=backend)
+    feats[2].view(8, -1)[:, unused] = bad
+    broken = rk.bidirectional_voxel_infonce(*feats, *logits, num_negatives=3, backend=backend)
+    torch.testing.assert_close(broken, clean, rtol=0, atol=0)
+    feats[2].view(8, -1)[:, idx[0, 0]] = bad  # now a selected one: reported
+    with pytest.raises(ValueError, match="negative contains NaN or Inf"):
+        rk.bidirectional_voxel_infonce(*feats, *logits, num_negatives=3, backend=backend)
+
+
 def test_cpu_backend_refuses_other_devices():
     x = [t.to("meta") for t in _inputs()]
     with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):

@@ -31,6 +31,7 @@ at import) or when ``torch.are_deterministic_algorithms_enabled()``.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -294,6 +295,7 @@ def _topk_blocks(C: int) -> tuple[int, int, int]:
     return 32, 32, 8
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 2
@@ -392,15 +394,12 @@ def voxel_infonce_triton(anchor, positive, negative, anchor_labels, neg_index, n
     if want_grad and grad_weight is not None:
         w = grad_weight.to(device=dev, dtype=torch.float32).contiguous()
     inv_tau = 1.0 / float(temperature)
-    empty_a = anchor.new_empty((0,))
-    empty_n = negative.new_empty((0,))
     if N == 0 or neg_index.shape[0] == 0:
         loss = torch.zeros((N,), device=dev, dtype=torch.float32)
-        g1 = torch.zeros_like(anchor, memory_format=torch.contiguous_format) if want_grad else empty_a
-        g2 = torch.zeros_like(positive, memory_format=torch.contiguous_format) if want_grad else empty_a
-        gn = (torch.zeros_like(negative, memory_format=torch.contiguous_format) if neg_grad
-              else empty_n)
-        return loss, g1, g2, gn
+        g1 = torch.zeros_like(anchor, memory_format=torch.contiguous_format) if want_grad else None
+        g2 = torch.zeros_like(positive, memory_format=torch.contiguous_format) if want_grad else None
+        gn = torch.zeros_like(negative, memory_format=torch.contiguous_format) if neg_grad else None
+        return _with_empty_grads(loss, g1, g2, gn, anchor, negative)
     with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
         if random:
             loss, g1, g2, gn = random_mode(anchor, positive, negative, labels, neg_index,
@@ -410,8 +409,15 @@ def voxel_infonce_triton(anchor, positive, negative, anchor_labels, neg_index, n
         else:
             loss, g1, g2, gn = _topk(anchor, positive, negative, labels, neg_index, neg_count,
                                      inv_tau, w, float(grad_scale), want_grad, neg_grad)
-    return (loss, g1 if g1 is not None else empty_a, g2 if g2 is not None else empty_a,
-            gn if gn is not None else empty_n)
+    return _with_empty_grads(loss, g1, g2, gn, anchor, negative)
+
+
+def _with_empty_grads(loss, g1, g2, gn, anchor, negative):
+    """The kernel's outputs, with empty tensors for the gradients it did not compute."""
+    def given(grad, like):
+        return grad if grad is not None else like.new_empty((0,))
+
+    return loss, given(g1, anchor), given(g2, anchor), given(gn, negative)
 
 
 class _nullcontext:
