@@ -5,6 +5,8 @@
 # the benchmarks write their .json/.md into $OUT (copy them to benchmarks/results/ to keep them).
 #
 #   OUT=gpu_out bash scripts/gpu_check.sh
+#
+# BUILD=0 skips the build, for extensions already built in place for this python.
 set -u
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -24,7 +26,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log it, report its s
   nvcc --version | tail -2; } 2>&1 | tee -a "$log"
 
 start=$SECONDS
-if ! timeout 240 "$py" setup.py build_ext --inplace >/tmp/build.log 2>&1; then
+if [ "${BUILD:-1}" = 0 ]; then
+  echo "=== build skipped (BUILD=0)" | tee -a "$log"
+elif ! timeout 240 "$py" setup.py build_ext --inplace >/tmp/build.log 2>&1; then
   tail -40 /tmp/build.log | tee -a "$log"
   echo "=== CUDA build failed: building the CPU extension alone" | tee -a "$log"
   RCPS_BUILD_CUDA=0 timeout 120 "$py" setup.py build_ext --inplace >/tmp/build.log 2>&1 \
@@ -39,7 +43,8 @@ step "gpu tests" "${TEST_LIMIT:-170}" "$py" -m pytest -m gpu tests/test_infonce_
   --tb=short -p no:cacheprovider -n 4
 step "where the LA call's time goes" 60 "$py" scripts/profile_infonce_gpu.py --backend triton \
   --k 400 --rows 15
-step "infonce benchmark" "${INFONCE_LIMIT:-150}" "$py" -m benchmarks.bench_infonce_gpu \
+step "host time per piece of the LA call" 60 "$py" scripts/host_time_gpu.py --k 400
+step "infonce benchmark" "${INFONCE_LIMIT:-240}" "$py" -m benchmarks.bench_infonce_gpu \
   --repeats "${REPEATS:-5}" --out-dir "$out"
 step "L_urp + L_cr benchmark" 45 "$py" -m benchmarks.bench_pseudo_supervision_gpu \
   --repeats "${REPEATS:-5}" --out-dir "$out"
