@@ -117,8 +117,12 @@ def train_step(model, batch: dict, optimizer, scaler, config: dict, ramp: float,
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    values = {name: terms[name].detach().item() if name in terms else float("nan") for name in TERMS}
-    return {"loss": loss_value.item(), **values}
+    # One device-to-host copy for all the logged numbers (each .item() would sync on its own).
+    present = [name for name in TERMS if name in terms]
+    numbers = torch.stack([loss_value.float(), *(terms[n].detach().float() for n in present)]).tolist()
+    values = dict.fromkeys(TERMS, float("nan"))
+    values.update(zip(present, numbers[1:]))
+    return {"loss": numbers[0], **values}
 
 
 def _save_atomic(state: dict, path: Path) -> None:

@@ -31,6 +31,7 @@ at import) or when ``torch.are_deterministic_algorithms_enabled()``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -400,7 +401,7 @@ def voxel_infonce_triton(anchor, positive, negative, anchor_labels, neg_index, n
         g2 = torch.zeros_like(positive, memory_format=torch.contiguous_format) if want_grad else None
         gn = torch.zeros_like(negative, memory_format=torch.contiguous_format) if neg_grad else None
         return _with_empty_grads(loss, g1, g2, gn, anchor, negative)
-    with torch.cuda.device(dev) if dev.type == "cuda" else _nullcontext():
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         if random:
             loss, g1, g2, gn = random_mode(anchor, positive, negative, labels, neg_index,
                                            neg_count, inv_tau, int(num_negatives), int(seed),
@@ -418,14 +419,6 @@ def _with_empty_grads(loss, g1, g2, gn, anchor, negative):
         return grad if grad is not None else like.new_empty((0,))
 
     return loss, given(g1, anchor), given(g2, anchor), given(gn, negative)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 register_kernel("triton", voxel_infonce_triton)
