@@ -1,7 +1,7 @@
 """``rcps-train``: train, eval, make-synthetic and demo.
 
     rcps-train train --config FILE.toml [--set key=value ...] [--resume]
-    rcps-train eval --checkpoint FILE [--data ROOT] [--out DIR]
+    rcps-train eval --checkpoint FILE [--protocol rcps|ssl-la|ssl-pancreas] [--data ROOT] [--out DIR]
     rcps-train make-synthetic --out DIR [--train N] [--val N] [--shape D H W] [--seed S]
     rcps-train demo [--out DIR]
 
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config, shipped_configs
+from .config import CHOICES, ConfigError, load_config, shipped_configs
 from .data import DataError
 
 
@@ -38,7 +38,9 @@ def _eval(args) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise ConfigError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    config = load_config(None, base=state["config"])
+    overrides = [f'eval.{key}="{value}"' for key, value in
+                 (("protocol", args.protocol), ("largest_component", args.largest_component)) if value]
+    config = load_config(None, overrides, base=state["config"])
     if args.data:
         config["data"]["root"] = args.data
     device = resolve_device(config)
@@ -47,7 +49,8 @@ def _eval(args) -> None:
     model.to(device, memory_format=memory_format(config))
     cases = list_cases(config["data"]["root"], args.split, config["data"]["format"])
     rows, summary = evaluate_cases(model, cases, config, device)
-    out = Path(args.out) if args.out else path.parent
+    # The run's own metrics.json stays untouched: a re-score goes to its own folder.
+    out = Path(args.out) if args.out else path.parent / f"eval-{config['eval']['protocol']}"
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(rows, summary, out)
     print(format_table(rows, summary))
@@ -90,11 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
     p.set_defaults(func=_train)
-    p = commands.add_parser("eval", help="evaluate a checkpoint (sliding window, Dice/HD95/ASD)")
+    p = commands.add_parser("eval", help="re-score a checkpoint under an evaluation protocol (Dice/Jaccard/HD95/ASD)")
     p.add_argument("--checkpoint", required=True)
+    p.add_argument("--protocol", choices=CHOICES[("eval", "protocol")],
+                   help="evaluation preset (default: the checkpoint's eval.protocol)")
+    p.add_argument("--largest-component", choices=CHOICES[("eval", "largest_component")],
+                   help="keep only the largest connected component per class (default: the checkpoint's setting)")
     p.add_argument("--data", help="dataset root (default: the one in the checkpoint's config)")
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--out", help="folder for metrics.csv/json (default: next to the checkpoint)")
+    p.add_argument("--out", help="folder for metrics.csv/json (default: eval-<protocol> next to the checkpoint)")
     p.set_defaults(func=_eval)
     p = commands.add_parser("make-synthetic", help="write a synthetic NIfTI dataset")
     p.add_argument("--out", required=True)

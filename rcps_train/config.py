@@ -68,6 +68,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "eval": {
         "every_epochs": 5,  # validation Dice during training; 0: only after the last epoch
+        "protocol": "rcps",  # "rcps" | "ssl-la" | "ssl-pancreas": window, stride, blending (README: Evaluation)
+        "largest_component": "auto",  # "auto" (the protocol's choice) | "on" | "off": keep the largest component
         "overlap": 0.875,
         "sw_batch_size": 4,
         "sigma_scale": 0.125,
@@ -82,6 +84,8 @@ CHOICES = {
     ("train", "amp"): ("auto", "off", "fp16", "bf16"),
     ("loss", "sampling"): ("topk", "random"),
     ("loss", "backend"): ("auto", "cpu", "triton", "cuda", "reference"),
+    ("eval", "protocol"): ("rcps", "ssl-la", "ssl-pancreas"),
+    ("eval", "largest_component"): ("auto", "on", "off"),
 }
 
 

@@ -143,6 +143,40 @@ def _read(case: Case) -> tuple[np.ndarray, np.ndarray]:
     return arrays[0], arrays[1]
 
 
+# Factors from the NIfTI header's spatial unit to mm; "unknown" is read as mm, as most tools do.
+_NIFTI_UNIT_TO_MM = {"mm": 1.0, "unknown": 1.0, "meter": 1000.0, "micron": 1e-3}
+
+
+def case_spacing(case: Case) -> tuple[float, float, float] | None:
+    """The voxel spacing of a case in mm along the array axes ``(D, H, W)``, or None when the file has none.
+
+    NIfTI: the image header's first three zooms, converted to mm from the header's spatial unit. h5: the file's
+    root attribute ``spacing`` when present (read as mm), None otherwise.
+    """
+    if case.image.suffix == ".h5":
+        import h5py
+        with h5py.File(case.image, "r") as f:
+            spacing = f.attrs.get("spacing")
+        if spacing is None:
+            return None
+        values = np.asarray(spacing, dtype=float).ravel()
+        if values.shape != (3,) or not (values > 0).all():
+            raise DataError(f"h5 file {case.image}: attribute 'spacing' must be 3 positive numbers, got {spacing!r}")
+        return tuple(float(v) for v in values)
+    import nibabel as nib
+    try:
+        header = nib.load(case.image).header
+    except Exception as err:  # nibabel raises many types for truncated or foreign files
+        raise DataError(f"cannot read NIfTI file {case.image}: {type(err).__name__}: {err}") from None
+    zooms = header.get_zooms()[:3]
+    if len(zooms) != 3 or not all(z > 0 for z in zooms):
+        raise DataError(f"NIfTI file {case.image}: header voxel sizes {zooms} are not 3 positive numbers")
+    unit = header.get_xyzt_units()[0]
+    if unit not in _NIFTI_UNIT_TO_MM:
+        raise DataError(f"NIfTI file {case.image}: spatial unit {unit!r} is not one of {sorted(_NIFTI_UNIT_TO_MM)}")
+    return tuple(float(z) * _NIFTI_UNIT_TO_MM[unit] for z in zooms)
+
+
 class VolumeStore:
     """Loaded and checked volumes; either all in memory (``cache``) or re-read on access.
 

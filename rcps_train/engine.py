@@ -28,7 +28,8 @@ from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmenta
 from .model import ProjectorUNet
 from .plots import plot_run
 
-VAL_FIELDS = ["epoch", "dice", "hd95", "asd", "num_undefined_distances"]
+VAL_FIELDS = ["epoch", "dice", "jaccard", "hd95", "asd", "num_undefined_distances", "distance_unit", "protocol",
+              "largest_component"]
 LOG_FIELDS = ["epoch", "step", "global_step", "lr", "ramp", "loss", *TERMS, "step_time_s", "peak_mem_mb"]
 
 
