@@ -9,6 +9,23 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def plain_tensors(*inputs: object) -> tuple:
+    """The inputs, with every tensor subclass (MONAI's ``MetaTensor``, ``nn.Parameter``, ...) replaced by a
+    plain ``torch.Tensor`` view of it: same memory, still in the autograd graph, so gradients reach the
+    original. Metadata such as an affine means nothing to a loss, and a subclass's ``__torch_function__``
+    would otherwise run on every op and stop ``torch.compile(fullgraph=True)``. The view is taken with
+    subclass dispatch disabled (``Tensor.as_subclass`` does not trace under torch.compile). Non-tensors
+    pass through for the checks to report.
+    """
+    return tuple(_plain(x) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
+                 for x in inputs)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    with torch._C.DisableTorchFunctionSubclass():
+        return tensor.view_as(tensor)
+
+
 def check_volume(name: str, tensor: object) -> torch.Tensor:
     """A floating (B, C, *S) tensor with 1-3 spatial dims and no empty axis."""
     if not isinstance(tensor, torch.Tensor):

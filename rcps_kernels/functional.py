@@ -116,6 +116,8 @@ def bidirectional_voxel_infonce(
             never selected as a negative does not affect the result and is not reported).
         RuntimeError: an explicitly requested backend that is not usable here.
     """
+    anchor, positive, negative, anchor_logits, negative_logits = v.plain_tensors(
+        anchor, positive, negative, anchor_logits, negative_logits)
     _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
               temperature, sampling, confidence_threshold, reduction)
     impl = resolve_backend(backend, anchor.device, _BACKENDS)
@@ -187,6 +189,7 @@ def random_negative_draws(
         (B * prod(S), K) int64 flat pool voxels (-1 where the anchor's class has no eligible
         negative), computed by the CPU kernel's Philox generator.
     """
+    anchor_logits, negative_logits = v.plain_tensors(anchor_logits, negative_logits)
     num_classes = anchor_logits.shape[1]
     labels, _ = pseudo_labels(anchor_logits)
     idx, counts = eligible_negatives(negative_logits, confidence_threshold, num_classes)

@@ -116,6 +116,7 @@ def pseudo_supervision_losses(
             temperature or eps <= 0, unknown reduction, NaN/Inf logits (names the argument).
         RuntimeError: an explicitly requested backend that is not usable here.
     """
+    view_a, view_b, teacher_logits = v.plain_tensors(view_a, view_b, teacher_logits)
     _check_pair("view_a", view_a, "view_b", view_b)
     _check_pair("view_a", view_a, "teacher_logits", teacher_logits)
     _check_options(reduction, temperature=temperature, eps=eps)
@@ -126,8 +127,11 @@ def pseudo_supervision_losses(
                                                         reduction))
         cr = logit_cosine_consistency_reference(view_a, view_b, eps, reduction)
     else:
-        urp, cr = _losses_op(view_a, view_b, teacher_logits, float(temperature), float(eps),
-                             reduction, impl)
+        # (B, K, P) views: under torch.compile a graph input then reaches the op as a new view,
+        # never as the caller's object, which may be a tensor subclass (MONAI MetaTensor).
+        urp, cr = _losses_op(_flat(view_a), _flat(view_b), _flat(teacher_logits), float(temperature),
+                             float(eps), reduction, impl)
+        urp, cr = _unflatten_loss(urp, view_a, reduction), _unflatten_loss(cr, view_a, reduction)
     v.check_result_finite(urp + cr, (("view_a", view_a, False), ("view_b", view_b, False),
                                      ("teacher_logits", teacher_logits, True)))
     return urp, cr

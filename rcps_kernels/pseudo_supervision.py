@@ -339,6 +339,7 @@ def rectified_pseudo_supervision(
             temperature <= 0, unknown reduction, NaN/Inf logits (names the argument and shape).
         RuntimeError: an explicitly requested backend that is not usable here.
     """
+    student_logits, teacher_logits = v.plain_tensors(student_logits, teacher_logits)
     _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     _check_options(reduction, temperature=temperature)
     impl = _resolve_impl(backend, student_logits.device.type)
@@ -347,7 +348,10 @@ def rectified_pseudo_supervision(
             student_logits, teacher_logits, temperature, reduction
         )
     else:
-        loss = _urp_op(student_logits, teacher_logits, float(temperature), reduction, impl)
+        # (B, K, P) views: under torch.compile a graph input reaches a custom op only as a new
+        # view, never as the caller's object, which may be a tensor subclass (MONAI MetaTensor).
+        loss = _unflatten_loss(_urp_op(_flat(student_logits), _flat(teacher_logits),
+                                       float(temperature), reduction, impl), student_logits, reduction)
     v.check_result_finite(loss, (("student_logits", student_logits, False),
                                 ("teacher_logits", teacher_logits, True)))
     return loss
@@ -382,13 +386,15 @@ def logit_cosine_consistency(
             eps <= 0, unknown reduction, NaN/Inf logits (names the argument and shape).
         RuntimeError: an explicitly requested backend that is not usable here.
     """
+    logits_a, logits_b = v.plain_tensors(logits_a, logits_b)
     _check_pair("logits_a", logits_a, "logits_b", logits_b)
     _check_options(reduction, eps=eps)
     impl = _resolve_impl(backend, logits_a.device.type)
     if impl == "reference":
         loss = logit_cosine_consistency_reference(logits_a, logits_b, eps, reduction)
     else:
-        loss = _cosine_op(logits_a, logits_b, float(eps), reduction, impl)
+        loss = _unflatten_loss(_cosine_op(_flat(logits_a), _flat(logits_b), float(eps), reduction, impl),
+                               logits_a, reduction)  # (B, K, P) views, as in rectified_pseudo_supervision
     v.check_result_finite(loss, (("logits_a", logits_a, False), ("logits_b", logits_b, False)))
     return loss
 

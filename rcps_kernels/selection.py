@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._extension import load_cpu_extension
+from ._validation import plain_tensors
 
 
 def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +86,7 @@ def select_confident_negatives(
         idx (num_classes, K) int64 into the flattened pool (Bn * prod(S)), most confident first,
         -1 where fewer than K are eligible; counts (num_classes,) int64, the valid entries per row.
     """
+    (negative_logits,) = plain_tensors(negative_logits)
     if num_negatives < 1:
         raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
     num_classes = _check_logits(negative_logits, num_classes)
