@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import CHOICES, ConfigError, load_config, shipped_configs
+from .config import CHOICES, DEFAULTS, ConfigError, load_config, shipped_configs
 from .data import DataError
 
 
@@ -40,7 +40,9 @@ def _eval(args) -> None:
         raise ConfigError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
     overrides = [f'eval.{key}="{value}"' for key, value in
                  (("protocol", args.protocol), ("largest_component", args.largest_component)) if value]
-    config = load_config(None, overrides, base=state["config"])
+    # A checkpoint saved before a config key existed gets the key's default (e.g. eval.protocol).
+    base = {section: {**values, **state["config"].get(section, {})} for section, values in DEFAULTS.items()}
+    config = load_config(None, overrides, base=base)
     if args.data:
         config["data"]["root"] = args.data
     device = resolve_device(config)

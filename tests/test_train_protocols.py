@@ -148,6 +148,13 @@ def test_eval_command_rescores_a_checkpoint_under_ssl_la(tmp_path, capsys):
 
     # The re-score is the ssl-la pipeline: window 112x112x80 (the 32x32x24 volumes padded), averaged softmax, LCC.
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    # A checkpoint saved before the eval keys existed re-scores the same, with their defaults filled in.
+    old = {**state, "config": {**state["config"], "eval": {k: v for k, v in state["config"]["eval"].items()
+                                                           if k not in ("protocol", "largest_component")}}}
+    torch.save(old, tmp_path / "old.pt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "old.pt"), "--protocol", "ssl-la", "--out",
+                 str(tmp_path / "old")]) == 0
+    assert json.loads((tmp_path / "old" / "metrics.json").read_text()) == metrics
     model = engine.build_model(config)
     model.load_state_dict(state["model"])
     model.eval()
