@@ -25,24 +25,18 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    import torch
-
     from .data import list_cases
-    from .engine import build_model, memory_format, resolve_device
+    from .engine import build_model, check_weights_fit, load_checkpoint, memory_format, resolve_device
     from .evaluate import evaluate_cases, format_table, write_metrics
 
     path = Path(args.checkpoint)
-    if not path.exists():
-        raise ConfigError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ConfigError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    config = load_config(None, base=state["config"])
+    state = load_checkpoint(path, "cpu", ("model", "config"))
+    config = load_config(None, base=state["config"], base_source=f"checkpoint {path} (its stored config)")
     if args.data:
         config["data"]["root"] = args.data
     device = resolve_device(config)
     model = build_model(config)
+    check_weights_fit(model, state["model"], config, path)
     model.load_state_dict(state["model"])
     model.to(device, memory_format=memory_format(config))
     cases = list_cases(config["data"]["root"], args.split, config["data"]["format"])

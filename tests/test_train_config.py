@@ -41,7 +41,7 @@ def test_resolved_config_round_trips_through_toml():
     ("train.epochs=1.5", "'train.epochs' = 1.5 has the wrong type"),
     ("model.checkpointing=1", "'model.checkpointing' = 1 has the wrong type"),
     ("loss.class_weights=[1.0]", "loss.class_weights has 1 entries"),
-    ("data.patch_size=[96, 96]", "data.patch_size must be 3"),
+    ("data.patch_size=[96, 96]", "'data.patch_size' = [96, 96] is not a list of 3 entries"),
     ("epochs", "expected key=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):
