@@ -330,9 +330,10 @@ def validate(config: dict) -> None:
     # an RCPS step stacks 6 volumes per patch, a supervised step only the labeled one.
     volumes = train["batch_size"] * (6 if train["method"] == "rcps" else 1)
     if volumes * math.prod(-(-n // 16) for n in data["patch_size"]) < 2:
-        raise ConfigError(f"data.patch_size = {data['patch_size']} with train.batch_size = {train['batch_size']} "
-                          f"leaves one voxel per channel at the deepest level, too few for BatchNorm; "
-                          f"use a patch larger than 16 on some axis or train.batch_size >= 2")
+        raise ConfigError(f"data.patch_size = {data['patch_size']} leaves one voxel per channel at the deepest level "
+                          f"with train.method = {train['method']!r} and train.batch_size = {train['batch_size']} "
+                          f"({volumes} volumes a step), too few for BatchNorm; use a patch larger than 16 on some "
+                          f"axis or a larger batch")
 
 
 def resume_changes(stored: dict, requested: dict, source: str) -> list[str]:
