@@ -93,6 +93,7 @@ def _finite_number(value: Any) -> bool:
 
 
 def integer(low: int, high: int = INT_LIMIT) -> Rule:
+    """An int in ``[low, high]``."""
     return Rule(lambda v: low <= v <= high, f"an integer in [{low}, {high}]")
 
 
@@ -107,6 +108,7 @@ def number(low: float, high: float = math.inf, low_open: bool = False, high_open
 
 
 def one_of(*choices: str) -> Rule:
+    """One of the listed strings."""
     return Rule(lambda v: v in choices, f"one of {choices}")
 
 
@@ -121,7 +123,8 @@ def each(rule: Rule, length: int | None = None) -> Rule:
 NAME = Rule(lambda v: v.strip() not in ("", ".", ".."), "a non-empty folder name")
 ANY_TEXT = Rule(lambda v: True, "a string")
 ANY_BOOL = Rule(lambda v: True, "true or false")
-# The kernels are tested at temperatures 1e-6..1e3 against float64; outside, precision is not guaranteed.
+# 1e-6..1e3: the temperatures the kernels are meant to be exact over against float64; far below, the fused
+# InfoNCE gradients lose their digits (NaN by 1e-10).
 TEMPERATURE = number(1e-6, 1e3)
 # Loss weights: far above any useful value (the paper uses 0.1-10), so a typo like 1e10 is caught before the
 # weighted sum overflows float32.
@@ -172,8 +175,8 @@ RULES: dict[str, Rule] = {
     "loss.confidence_threshold": number(0.0, 1.0),  # a softmax probability
     "loss.backend": one_of("auto", "cpu", "triton", "cuda", "reference"),
     "loss.cross_rank_negatives": ANY_BOOL,
-    # > 0: a class of weight 0 makes the weighted CE 0/0 on a patch of that class alone.
-    "loss.class_weights": each(number(0.0, 1000.0, low_open=True)),
+    # Not 0 (nor below float32's range): the weighted CE is 0/0 on a patch of such a class alone.
+    "loss.class_weights": each(number(1e-6, 1000.0)),
     "loss.ce_lambda": LOSS_WEIGHT,
     "eval.every_epochs": integer(0),
     "eval.overlap": number(0.0, 1.0, high_open=True),
@@ -227,8 +230,16 @@ def _set(config: dict, dotted: str, value: Any, source: str) -> None:
     problem = _value_problem(dotted, value)
     if problem:
         raise ConfigError(f"{source}: {problem}")
-    default = DEFAULTS[section][key]
-    config[section][key] = float(value) if isinstance(default, float) else value
+    config[section][key] = _as_default_type(DEFAULTS[section][key], value)
+
+
+def _as_default_type(default: Any, value: Any) -> Any:
+    """Ints where the default is a float (or a list of floats) become floats: ``lr = 1``, ``[1, 10]``."""
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, list) and isinstance(default[0], float):
+        return [float(v) for v in value]
+    return value
 
 
 def _value_problem(dotted: str, value: Any) -> str | None:

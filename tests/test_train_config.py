@@ -29,6 +29,8 @@ def test_overrides_are_typed():
     assert config["loss"]["backend"] == "reference" and config["model"]["checkpointing"] is True
     assert config["loss"]["tau"] == 1.0 and isinstance(config["loss"]["tau"], float)
     assert config["data"]["labeled"] == "ids.txt"
+    weights = load_config(None, ["loss.class_weights=[1, 10]"])["loss"]["class_weights"]
+    assert weights == [1.0, 10.0] and all(isinstance(w, float) for w in weights)
     assert parse_override("a.b = [1, 2]") == ("a.b", [1, 2])
 
 
