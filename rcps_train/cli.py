@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import CHOICES, DEFAULTS, ConfigError, load_config, shipped_configs
+from .config import EVAL_PROTOCOLS, LARGEST_COMPONENT_CHOICES, ConfigError, load_config, shipped_configs
 from .data import DataError
 
 
@@ -25,28 +25,21 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    import torch
-
     from .data import list_cases
-    from .engine import build_model, memory_format, resolve_device
+    from .engine import build_model, check_weights_fit, load_checkpoint, memory_format, resolve_device
     from .evaluate import evaluate_cases, format_table, write_metrics
 
     path = Path(args.checkpoint)
-    if not path.exists():
-        raise ConfigError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise ConfigError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    state = load_checkpoint(path, "cpu", ("model", "config"))
     overrides = [f'eval.{key}="{value}"' for key, value in
                  (("protocol", args.protocol), ("largest_component", args.largest_component)) if value]
-    # A checkpoint saved before a config key existed gets the key's default (e.g. eval.protocol).
-    base = {section: {**values, **state["config"].get(section, {})} for section, values in DEFAULTS.items()}
-    config = load_config(None, overrides, base=base)
+    # Keys the stored config lacks (a checkpoint saved before they existed) keep their defaults.
+    config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path} (its stored config)")
     if args.data:
         config["data"]["root"] = args.data
     device = resolve_device(config)
     model = build_model(config)
+    check_weights_fit(model, state["model"], config, path)
     model.load_state_dict(state["model"])
     model.to(device, memory_format=memory_format(config))
     cases = list_cases(config["data"]["root"], args.split, config["data"]["format"])
@@ -97,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
     p = commands.add_parser("eval", help="re-score a checkpoint under an evaluation protocol (Dice/Jaccard/HD95/ASD)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--protocol", choices=CHOICES[("eval", "protocol")],
+    p.add_argument("--protocol", choices=EVAL_PROTOCOLS,
                    help="evaluation preset (default: the checkpoint's eval.protocol)")
-    p.add_argument("--largest-component", choices=CHOICES[("eval", "largest_component")],
+    p.add_argument("--largest-component", choices=LARGEST_COMPONENT_CHOICES,
                    help="keep only the largest connected component per class (default: the checkpoint's setting)")
     p.add_argument("--data", help="dataset root (default: the one in the checkpoint's config)")
     p.add_argument("--split", default="val", choices=["train", "val"])

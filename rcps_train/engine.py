@@ -19,15 +19,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from rcps_kernels._backend import BACKENDS, resolve_backend
+
 from . import distributed as ddp
 from .augment import intensity_view
-from .config import ConfigError, to_toml
+from .config import ConfigError, resume_changes, to_toml, validate
 from .data import PairedPatchDataset, VolumeStore, epoch_plan, list_cases, seed_worker, split_labeled
 from .evaluate import evaluate_cases, format_table, write_metrics
 from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmentation_loss, total_loss
 from .model import ProjectorUNet
 from .plots import plot_run
 
+RESUME_ENTRIES = ("model", "optimizer", "scaler", "epoch", "step_in_epoch", "global_step", "rng", "val_history",
+                  "config")
 VAL_FIELDS = ["epoch", "dice", "jaccard", "hd95", "asd", "num_undefined_distances", "distance_unit", "protocol",
               "largest_component"]
 LOG_FIELDS = ["epoch", "step", "global_step", "lr", "ramp", "loss", *TERMS, "step_time_s", "peak_mem_mb"]
@@ -51,6 +55,58 @@ def amp_settings(config: dict, device: torch.device) -> tuple[torch.dtype | None
         raise ConfigError("train.amp = 'fp16' needs CUDA; use 'bf16' or 'off' on CPU")
     dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     return dtype, amp == "fp16"
+
+
+def check_loss_backend(config: dict, device: torch.device) -> None:
+    """Raise ConfigError when ``loss.backend`` cannot run on ``device`` (instead of failing at the first step)."""
+    backend = config["loss"]["backend"]
+    try:
+        resolve_backend(backend, device, tuple(name for name in BACKENDS if name != "auto"))
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"loss.backend = {backend!r} cannot run on {device}: {err}") from None
+
+
+def load_checkpoint(path: str | Path, map_location, entries: tuple[str, ...]) -> dict:
+    """Read a checkpoint written by :func:`train`.
+
+    Args:
+        path: the file.
+        map_location: passed to ``torch.load``.
+        entries: keys the caller needs (``model``, ``config``, ...).
+
+    Raises:
+        ConfigError: naming the file when it is missing, unreadable or not such a checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # pickle and zip readers raise many types for foreign or truncated files
+        raise ConfigError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or not all(entry in state for entry in entries):
+        found = f"entries {sorted(map(str, state))}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise ConfigError(f"{path} is not an rcps-train checkpoint: expected a dict with entries "
+                          f"{', '.join(entries)}, found {found}")
+    return state
+
+
+def check_weights_fit(model: torch.nn.Module, weights: dict, config: dict, path: str | Path) -> None:
+    """Raise ConfigError naming ``path`` when ``weights`` do not fit ``model`` (built from ``config``)."""
+    expected = model.state_dict()
+    if not isinstance(weights, dict):
+        raise ConfigError(f"checkpoint {path}: 'model' holds a {type(weights).__name__}, expected a state dict")
+    shapes = {name: tuple(getattr(value, "shape", ())) for name, value in weights.items()}
+    head = f"heads.{len(model.heads) - 1}.weight"
+    if head in shapes and shapes[head][:1] != expected[head].shape[:1]:
+        raise ConfigError(f"checkpoint {path} holds weights for {shapes[head][0]} classes ({head} of shape "
+                          f"{shapes[head]}) but its config has data.num_classes = {config['data']['num_classes']}")
+    wrong = sorted(set(expected) ^ set(shapes)) + [name for name in expected
+                                                   if name in shapes and shapes[name] != tuple(expected[name].shape)]
+    if wrong:
+        raise ConfigError(f"checkpoint {path}: its weights do not fit the model of its config (model.widths = "
+                          f"{config['model']['widths']}, model.project_dim = {config['model']['project_dim']}); "
+                          f"first differing entries: {wrong[:3]}")
 
 
 def build_model(config: dict) -> ProjectorUNet:
@@ -187,17 +243,17 @@ def train(config: dict, resume: bool = False) -> dict | None:
     Returns:
         The final metric summary on the main process (None on other ranks, or when stopped early).
     """
+    validate(config)  # again: callers may have edited the dict (paths, names) since load_config
     run_cfg, data_cfg, train_cfg = config["run"], config["data"], config["train"]
     device = resolve_device(config, int(os.environ.get("LOCAL_RANK", "0")))
     rank, local_rank, world_size = ddp.init_distributed(device.type)
     main = rank == 0
     device = resolve_device(config, local_rank)
+    amp_dtype, use_scaler = amp_settings(config, device)
+    check_loss_backend(config, device)
     run_dir = Path(run_cfg["out_dir"]) / run_cfg["name"]
     checkpoint_path = run_dir / "checkpoint.pt"
-    if main and checkpoint_path.exists() and not resume:
-        raise ConfigError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another run.name")
-    if resume and not checkpoint_path.exists():
-        raise ConfigError(f"--resume: no checkpoint at {checkpoint_path}")
+    state = _checkpoint_to_resume(config, checkpoint_path, resume, main, device)
 
     seed = run_cfg["seed"]
     random.seed(seed + rank)
@@ -224,13 +280,11 @@ def train(config: dict, resume: bool = False) -> dict | None:
                                         find_unused_parameters=train_cfg["method"] == "supervised")
     optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"],
                                 weight_decay=train_cfg["weight_decay"])
-    amp_dtype, use_scaler = amp_settings(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     gather = ddp.gather_negative_pool if config["loss"]["cross_rank_negatives"] and world_size > 1 else None
 
     epoch, step_in_epoch, global_step, val_history = 0, 0, 0, []
     if resume:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -308,6 +362,24 @@ def train(config: dict, resume: bool = False) -> dict | None:
         print(format_table(rows, summary))
     ddp.barrier()
     return summary
+
+
+def _checkpoint_to_resume(config: dict, checkpoint_path: Path, resume: bool, main: bool,
+                          device: torch.device) -> dict | None:
+    """The checkpoint a ``--resume`` continues, after checking that its config matches ``config``; None for a
+    new run, whose folder must not hold a checkpoint yet."""
+    if main and checkpoint_path.exists() and not resume:
+        raise ConfigError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another run.name")
+    if not resume:
+        return None
+    if not checkpoint_path.exists():
+        raise ConfigError(f"--resume: no checkpoint at {checkpoint_path}")
+    state = load_checkpoint(checkpoint_path, device, RESUME_ENTRIES)
+    allowed_changes = resume_changes(state["config"], config, str(checkpoint_path))
+    if main and allowed_changes:
+        print(f"--resume with changed keys that leave the run as it was: {'; '.join(allowed_changes)} "
+              f"(written to {checkpoint_path.parent / 'config.toml'})")
+    return state
 
 
 def _validate_during_training(model, val_cases, config, device, epochs_done: int, val_history: list,

@@ -3,8 +3,10 @@ import tomllib
 
 import pytest
 
+from rcps_train import engine
 from rcps_train.cli import main
-from rcps_train.config import DEFAULTS, ConfigError, load_config, parse_override, shipped_configs, to_toml
+from rcps_train.config import DEFAULTS, RULES, ConfigError, load_config, parse_override, shipped_configs, to_toml
+from test_train_data import tiny_dataset, tiny_overrides
 
 
 def test_shipped_configs_hold_the_paper_settings():
@@ -27,6 +29,8 @@ def test_overrides_are_typed():
     assert config["loss"]["backend"] == "reference" and config["model"]["checkpointing"] is True
     assert config["loss"]["tau"] == 1.0 and isinstance(config["loss"]["tau"], float)
     assert config["data"]["labeled"] == "ids.txt"
+    weights = load_config(None, ["loss.class_weights=[1, 10]"])["loss"]["class_weights"]
+    assert weights == [1.0, 10.0] and all(isinstance(w, float) for w in weights)
     assert parse_override("a.b = [1, 2]") == ("a.b", [1, 2])
 
 
@@ -41,7 +45,7 @@ def test_resolved_config_round_trips_through_toml():
     ("train.epochs=1.5", "'train.epochs' = 1.5 has the wrong type"),
     ("model.checkpointing=1", "'model.checkpointing' = 1 has the wrong type"),
     ("loss.class_weights=[1.0]", "loss.class_weights has 1 entries"),
-    ("data.patch_size=[96, 96]", "data.patch_size must be 3"),
+    ("data.patch_size=[96, 96]", "'data.patch_size' = [96, 96] is not a list of 3 entries"),
     ("epochs", "expected key=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):
@@ -72,3 +76,54 @@ def test_cli_reports_config_and_data_errors(tmp_path, capsys):
 def test_every_default_key_is_documented_in_the_defaults_table():
     # Guard against a key used in code but missing from DEFAULTS: load_config would reject it in a file.
     assert set(DEFAULTS) == {"run", "data", "model", "train", "loss", "eval"}
+
+
+def test_every_key_has_a_rule_and_every_default_and_shipped_config_passes_it():
+    keys = {f"{section}.{key}" for section in DEFAULTS for key in DEFAULTS[section]}
+    assert set(RULES) == keys
+    for dotted in keys:
+        section, _, key = dotted.partition(".")
+        assert RULES[dotted].holds(DEFAULTS[section][key]), dotted
+    for name in shipped_configs():
+        load_config(name)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("data"), num_train=3, num_val=1)
+
+
+# Each passed the old checks and then crashed with a traceback during or after training, or was accepted.
+@pytest.mark.parametrize("overrides, key", [
+    (["train.checkpoint_every=0"], "train.checkpoint_every"),
+    (["train.checkpoint_every=-1"], "train.checkpoint_every"),
+    (["eval.sw_batch_size=0"], "eval.sw_batch_size"),
+    (["eval.every_epochs=-1"], "eval.every_epochs"),
+    (["train.max_steps_per_epoch=-1"], "train.max_steps_per_epoch"),
+    (["data.num_workers=-1"], "data.num_workers"),
+    (["model.widths=[4, 8]"], "model.widths"),
+    (["model.project_dim=0"], "model.project_dim"),
+    (['run.device="cpu"', 'loss.backend="cuda"'], "loss.backend"),
+    (["loss.confidence_threshold=2.0"], "loss.confidence_threshold"),
+    (["loss.tau=nan"], "loss.tau"),
+    (["loss.tau=inf"], "loss.tau"),
+    (["loss.sharpen_temperature=nan"], "loss.sharpen_temperature"),
+    (["loss.alpha=nan"], "loss.alpha"),
+    (["train.lr=-1.0"], "train.lr"),
+    (["train.lr=nan"], "train.lr"),
+    (["loss.class_weights=[0.0, 1.0]"], "loss.class_weights"),
+    (['train.method="supervised"', "data.patch_size=[16, 16, 16]"], "train.method"),
+])
+def test_values_that_would_crash_later_stop_before_the_first_step(overrides, key, data_root, tmp_path, capsys,
+                                                                   monkeypatch):
+    def no_step(*args, **kwargs):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(engine, "train_step", no_step)
+    args = ["train", "--config", "demo"]
+    for item in tiny_overrides(data_root, tmp_path) + overrides:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rcps-train: error") and key in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()  # stopped before the run folder was made

@@ -11,7 +11,7 @@ import torch
 
 from rcps_train import engine
 from rcps_train.cli import main
-from rcps_train.config import CHOICES, ConfigError, load_config
+from rcps_train.config import EVAL_PROTOCOLS, ConfigError, load_config
 from rcps_train.data import Case, DataError, case_spacing, list_cases, load_case
 from rcps_train.evaluate import (PROTOCOLS, distance_unit, eval_settings, keep_largest_component,
                                  sliding_window_inference, window_starts)
@@ -67,7 +67,7 @@ def test_plain_averaging_matches_a_direct_computation():
 
 
 def test_protocol_settings():
-    assert set(PROTOCOLS) == set(CHOICES[("eval", "protocol")])
+    assert set(PROTOCOLS) == set(EVAL_PROTOCOLS)
     config = load_config(None, ['eval.protocol="ssl-la"', "data.patch_size=[96, 96, 64]"])
     assert eval_settings(config) == ((112, 112, 80), (18, 18, 4), "mean", True)
     config = load_config(None, ['eval.protocol="ssl-la"', 'eval.largest_component="off"'])
