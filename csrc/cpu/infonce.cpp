@@ -224,8 +224,9 @@ struct RowNormaliser {
 // The bank gradient dN_c is summed over tiles. While one copy of it per thread is small
 // (kPartialBudget), each thread accumulates its own and the copies are added in thread order.
 // For larger banks a second pass owns blocks of bank rows and recomputes the similarity of every
-// tile against its block from the stored log-sum-exps (two more GEMMs), so memory stays flat in
-// K. Both orders are fixed: results are deterministic for a given thread count.
+// tile against its block from the stored log-normalisers (two more GEMMs), so memory stays flat
+// in K (at temperatures above 1/40; below, see use_partials). Both orders are fixed: results are
+// deterministic for a given thread count.
 // ---------------------------------------------------------------------------------------------
 
 // Rows of the anchor tile: keep a (tile x K) similarity block around 128 KB.
@@ -411,14 +412,19 @@ void topk_pass(const FeatureMap<T>& z1, const FeatureMap<T>& z2, const FeatureMa
     const int64_t* bank_voxels = neg_index + c * index_stride;
     const NormalisedRows<T> bank = normalise_rows(zn, bank_voxels, K);
     const ClassTiles<T> ct{a1, a2, bank, order.data(), first, count, K, C};
+    const T shift = logit_bound(opt.inv_tau);
     const bool bank_grad = opt.want_negative_grad && K > 0;
-    const bool use_partials = bank_grad && num_slots * K * C <= kPartialBudget;
+    // The second pass recomputes S in other GEMM shapes, which round differently: each logit
+    // moves by its rounding times 1/tau. Harmless under a known shift (1/tau < 40), but at
+    // smaller temperatures exp(+-that) would scale the dominant weights, so there the bank
+    // gradient always goes through per-thread copies (memory O(threads * K * C)).
+    const bool use_partials =
+        bank_grad && (num_slots * K * C <= kPartialBudget || std::isinf(shift));
     std::vector<T> partials(use_partials ? num_slots * K * C : 0, T(0));
     const Tensor bank_t = matrix(bank.u.data(), K, C);
 
     const int64_t T_rows = tile_rows(K);
     const int64_t num_tiles = (count + T_rows - 1) / T_rows;
-    const T shift = logit_bound(opt.inv_tau);
     at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
       TileBuffers<T> buf(T_rows, K, C);
       const int slot = at::get_thread_num();
