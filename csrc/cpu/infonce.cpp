@@ -468,7 +468,7 @@ struct Draws {
   }
 };
 
-// One voxel normalised into u (C contiguous): returns 1 / max(||z||, eps), clamped flag in *clamped.
+// One voxel normalised into u (C contiguous); returns 1 / max(||z||, eps), sets *clamped.
 template <typename T>
 T normalise_voxel(const FeatureMap<T>& z, int64_t voxel, T* u, bool* clamped) {
   const T* src = z.data + z.offset(voxel);

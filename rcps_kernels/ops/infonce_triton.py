@@ -7,8 +7,8 @@ multiply a voxel index by a channel count or a stride are int64.
 topk mode (one bank N_c per class):
   1. ``normalize_rows`` (triton_shared.py): fp32 normalised copies of the anchors and positives
      in class-sorted order (a stable partition by pseudo-label: ``_class_order_kernel`` up to
-     64Ki anchors, ``rcps_C::anchor_class_order`` past that), both in one launch, (N, C) each, plus their norms; the class banks (classes, L, C)
-     likewise (padding rows are zero).
+     64Ki anchors, ``rcps_C::anchor_class_order`` past that), both in one launch, (N, C) each,
+     plus their norms; the class banks (classes, L, C) likewise (padding rows are zero).
   2. ``_topk_lse_kernel``: one program per tile of same-class anchors (each program finds its
      class and rows from the class boundaries, ``_tile_rows``: no host sync, no tile map);
      S = U_tile @ N_c^T blocks with ``tl.dot`` and an online log-sum-exp per direction; stores
