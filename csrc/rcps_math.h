@@ -16,10 +16,8 @@
 
 namespace rcps {
 
-// Smallest norm used when L2-normalising a feature vector (torch.nn.functional.normalize's eps).
-constexpr float kNormEps = 1e-12f;
-
-// The same eps in the accumulation type T (1e-12 rounded once, so float64 matches F.normalize).
+// Smallest norm used when L2-normalising a feature vector (torch.nn.functional.normalize's
+// eps), in the accumulation type T (1e-12 rounded once: float64 matches F.normalize's).
 template <typename T>
 RCPS_HD T norm_eps() {
   return static_cast<T>(1e-12);
@@ -60,11 +58,6 @@ template <typename T>
 RCPS_HD bool is_clamped_norm(T norm) {
   return norm <= norm_eps<T>();
 }
-
-// The same from the plain squared norm, for kernels whose rows are summed across threads.
-RCPS_HD float clamped_norm_from_sq(float sq_norm) { return clamp_norm(sqrtf(sq_norm)); }
-RCPS_HD float inv_norm_from_sq(float sq_norm) { return 1.0f / clamped_norm_from_sq(sq_norm); }
-RCPS_HD bool norm_is_clamped(float sq_norm) { return is_clamped_norm(sqrtf(sq_norm)); }
 
 // Chain rule through u = z / max(||z||, eps), per element.
 // Where ||z|| > eps:  dz = (du - u (u . du)) / ||z||   (the Jacobian of z/||z|| is (I - u u^T)/||z||);
@@ -123,14 +116,13 @@ RCPS_HD LseStateT<T> lse_merge(LseStateT<T> st, T block_max, T block_sum) {
 // cancels at |x| ~ 1/tau and leaves a near-zero loss (a confident anchor) with few correct
 // digits in fp32; and not lse = x + nll, which loses lse's digits when the negatives dominate.
 //
-// lse is also given as anchor + rel, anchor the dominant logit (x or the negatives' max) and
+// lse is kept as anchor + rel, anchor the dominant logit (x or the negatives' max) and
 // rel = lse - anchor formed without that sum: a softmax weight is exp((s - anchor) - rel). At a
 // small temperature lse ~ 1/tau has an ulp far above 1, and exp(s - lse) would be off by
 // exp(+-ulp/2) even for the dominant logit, whose weight this keeps exact.
 template <typename T>
 struct PositiveNllT {
   T nll;
-  T lse;
   T anchor;
   T rel;
 };
@@ -144,8 +136,7 @@ RCPS_HD PositiveNllT<T> positive_nll(LseStateT<T> negatives, T x) {
   const bool negatives_dominate = t > T(0);
   const T anchor = negatives_dominate ? negatives.max : x;
   const T rel = (negatives_dominate ? log_sum : T(0)) + tail;
-  return PositiveNllT<T>{(negatives_dominate ? t : T(0)) + tail,
-                         (negatives_dominate ? negatives.max + log_sum : x) + tail, anchor, rel};
+  return PositiveNllT<T>{(negatives_dominate ? t : T(0)) + tail, anchor, rel};
 }
 
 // ---------------------------------------------------------------------------------------------
