@@ -76,8 +76,9 @@ __device__ void chain_store_row(const float* u, const float* du, float norm, out
 // Normalisation
 // ---------------------------------------------------------------------------------------------
 __global__ void normalize_rows_kernel(const float* __restrict__ z, const int64_t* __restrict__ rows,
-                                      float* __restrict__ u, float* __restrict__ norm_out, int64_t R,
-                                      int C, int64_t P, int64_t sb, int64_t sc, int64_t sp) {
+                                      float* __restrict__ u, float* __restrict__ norm_out,
+                                      int64_t R, int C, int64_t P, int64_t sb, int64_t sc,
+                                      int64_t sp) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (r >= R) return;
@@ -271,10 +272,10 @@ __global__ void topk_anchor_grad_kernel(
     const float* brow = sbank + lane * (C + 1);
     for (int q = 0; q < rows_per_warp; ++q) {
       const int a = warp + q * kWarps;
-      const float p1 =
-          valid ? softmax_weight(logit(row_dot(su1 + a * C, brow, C), inv_tau), l1[q]) * wt[q] : 0.f;
-      const float p2 =
-          valid ? softmax_weight(logit(row_dot(su2 + a * C, brow, C), inv_tau), l2[q]) * wt[q] : 0.f;
+      const float d1 = logit(row_dot(su1 + a * C, brow, C), inv_tau);
+      const float d2 = logit(row_dot(su2 + a * C, brow, C), inv_tau);
+      const float p1 = valid ? softmax_weight(d1, l1[q]) * wt[q] : 0.f;
+      const float p2 = valid ? softmax_weight(d2, l2[q]) * wt[q] : 0.f;
       mass[q] += warp_sum(p1 + p2);
       for (int n = 0; n < kTileN; ++n) {
         const float q1 = __shfl_sync(kFull, p1, n), q2 = __shfl_sync(kFull, p2, n);
