@@ -16,69 +16,98 @@
 
 namespace rcps {
 
-// Smallest norm used when L2-normalising a feature vector (torch.nn.functional.normalize's eps).
-constexpr float kNormEps = 1e-12f;
+// Smallest norm used when L2-normalising a feature vector (torch.nn.functional.normalize's
+// eps), in the accumulation type T (1e-12 rounded once: float64 matches F.normalize's).
+template <typename T>
+RCPS_HD T norm_eps() {
+  return static_cast<T>(1e-12);
+}
+
+// Elementary functions by overload, so that templates pick expf for float and exp for double
+// in both g++ and nvcc without relying on <cmath>'s overload set.
+RCPS_HD float math_exp(float x) { return expf(x); }
+RCPS_HD double math_exp(double x) { return exp(x); }
+RCPS_HD float math_log(float x) { return logf(x); }
+RCPS_HD double math_log(double x) { return log(x); }
+RCPS_HD float math_log1p(float x) { return log1pf(x); }
+RCPS_HD double math_log1p(double x) { return log1p(x); }
+RCPS_HD float math_sqrt(float x) { return sqrtf(x); }
+RCPS_HD double math_sqrt(double x) { return sqrt(x); }
 
 // ---------------------------------------------------------------------------------------------
 // L2 normalisation: u = z / max(||z||, eps).
 // ---------------------------------------------------------------------------------------------
 
-// max(||z||, eps) from the squared norm. Normalise by dividing by it (u = z / n, as torch's
-// F.normalize does) rather than multiplying by its inverse: for 1-channel features that keeps
-// u exactly +-1, so the normalisation's analytically zero gradient is computed as exactly zero.
-RCPS_HD float clamped_norm_from_sq(float sq_norm) {
-  float norm = sqrtf(sq_norm);
-  return norm > kNormEps ? norm : kNormEps;
+// ||z|| from amax = max_c |z_c| and scaled_sq = sum_c (z_c / amax)^2, the scaling that
+// torch.linalg.vector_norm's name promises: squaring z itself overflows float32 from
+// ||z|| ~ 1.8e19 (and underflows below ~1e-19), squaring z / amax never does.
+template <typename T>
+RCPS_HD T scaled_norm(T amax, T scaled_sq) {
+  return amax * math_sqrt(scaled_sq);
 }
 
-// 1 / max(||z||, eps) from the squared norm.
-RCPS_HD float inv_norm_from_sq(float sq_norm) { return 1.0f / clamped_norm_from_sq(sq_norm); }
+// max(||z||, eps). Normalise by dividing by it (u = z / n, as torch's F.normalize does) rather
+// than multiplying by its inverse: for 1-channel features that keeps u exactly +-1, so the
+// normalisation's analytically zero gradient is computed as exactly zero.
+template <typename T>
+RCPS_HD T clamp_norm(T norm) {
+  return norm > norm_eps<T>() ? norm : norm_eps<T>();
+}
+
+template <typename T>
+RCPS_HD bool is_clamped_norm(T norm) {
+  return norm <= norm_eps<T>();
+}
 
 // Chain rule through u = z / max(||z||, eps), per element.
 // Where ||z|| > eps:  dz = (du - u (u . du)) / ||z||   (the Jacobian of z/||z|| is (I - u u^T)/||z||);
 // otherwise the denominator is the constant eps and dz = du / eps.
-RCPS_HD float normalize_backward(float du, float u, float u_dot_du, float inv_norm, bool clamped) {
+template <typename T>
+RCPS_HD T normalize_backward(T du, T u, T u_dot_du, T inv_norm, bool clamped) {
   return clamped ? du * inv_norm : (du - u * u_dot_du) * inv_norm;
 }
 
-RCPS_HD bool norm_is_clamped(float sq_norm) { return sqrtf(sq_norm) <= kNormEps; }
-
 // ---------------------------------------------------------------------------------------------
-// Online log-sum-exp (flash-attention style), in fp32.
+// Online log-sum-exp (flash-attention style) in the accumulation type T (float unless given).
 // State (m, s) represents log(s) + m; empty state is m = -inf, s = 0.
 // ---------------------------------------------------------------------------------------------
 
-struct LseState {
-  float max;
-  float sum;
+template <typename T>
+struct LseStateT {
+  T max;
+  T sum;
 };
+using LseState = LseStateT<float>;
 
-RCPS_HD LseState lse_init() { return LseState{-INFINITY, 0.0f}; }
+template <typename T = float>
+RCPS_HD LseStateT<T> lse_init() {
+  return LseStateT<T>{static_cast<T>(-INFINITY), T(0)};
+}
 
 // Add one logit x.
-RCPS_HD LseState lse_push(LseState st, float x) {
+template <typename T>
+RCPS_HD LseStateT<T> lse_push(LseStateT<T> st, T x) {
   if (x > st.max) {
-    st.sum = st.sum * expf(st.max - x) + 1.0f;
+    st.sum = st.sum * math_exp(st.max - x) + T(1);
     st.max = x;
   } else {
-    st.sum += expf(x - st.max);
+    st.sum += math_exp(x - st.max);
   }
   return st;
 }
 
 // Merge a block whose running max is block_max and whose sum of exp(x - block_max) is block_sum.
-RCPS_HD LseState lse_merge(LseState st, float block_max, float block_sum) {
-  if (block_sum == 0.0f) return st;
+template <typename T>
+RCPS_HD LseStateT<T> lse_merge(LseStateT<T> st, T block_max, T block_sum) {
+  if (block_sum == T(0)) return st;
   if (block_max > st.max) {
-    st.sum = st.sum * expf(st.max - block_max) + block_sum;
+    st.sum = st.sum * math_exp(st.max - block_max) + block_sum;
     st.max = block_max;
   } else {
-    st.sum += block_sum * expf(block_max - st.max);
+    st.sum += block_sum * math_exp(block_max - st.max);
   }
   return st;
 }
-
-RCPS_HD float lse_value(LseState st) { return st.max + logf(st.sum); }
 
 // One direction's loss of an anchor, -log softmax of its positive logit x, and the softmax's
 // log-normaliser lse = log(exp(x) + sum_n exp(s_n)), from the state of the negatives alone.
@@ -86,16 +115,28 @@ RCPS_HD float lse_value(LseState st) { return st.max + logf(st.sum); }
 // positive dominates (t <= 0), else (max + log sum) + log1p(exp(-t)). Not nll = lse - x: that
 // cancels at |x| ~ 1/tau and leaves a near-zero loss (a confident anchor) with few correct
 // digits in fp32; and not lse = x + nll, which loses lse's digits when the negatives dominate.
-struct PositiveNll {
-  float nll;
-  float lse;
+//
+// lse is kept as anchor + rel, anchor the dominant logit (x or the negatives' max) and
+// rel = lse - anchor formed without that sum: a softmax weight is exp((s - anchor) - rel). At a
+// small temperature lse ~ 1/tau has an ulp far above 1, and exp(s - lse) would be off by
+// exp(+-ulp/2) even for the dominant logit, whose weight this keeps exact.
+template <typename T>
+struct PositiveNllT {
+  T nll;
+  T anchor;
+  T rel;
 };
+using PositiveNll = PositiveNllT<float>;
 
-RCPS_HD PositiveNll positive_nll(LseState negatives, float x) {
-  const float log_sum = logf(negatives.sum);
-  const float t = (negatives.max - x) + log_sum;
-  const float tail = log1pf(expf(-fabsf(t)));
-  return PositiveNll{fmaxf(t, 0.0f) + tail, (t > 0.0f ? negatives.max + log_sum : x) + tail};
+template <typename T>
+RCPS_HD PositiveNllT<T> positive_nll(LseStateT<T> negatives, T x) {
+  const T log_sum = math_log(negatives.sum);
+  const T t = (negatives.max - x) + log_sum;
+  const T tail = math_log1p(math_exp(t > T(0) ? -t : t));
+  const bool negatives_dominate = t > T(0);
+  const T anchor = negatives_dominate ? negatives.max : x;
+  const T rel = (negatives_dominate ? log_sum : T(0)) + tail;
+  return PositiveNllT<T>{(negatives_dominate ? t : T(0)) + tail, anchor, rel};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ from .selection import eligible_negatives, logits_sum, negative_tables, pseudo_l
 
 SAMPLING_MODES = ("topk", "random")
 _BACKENDS = ("cpu", "triton", "cuda", "reference")
+#: Smallest temperature served (2**-125, about 2.35e-38): a per-anchor loss reaches 4 / temperature,
+#: which overflows float32 below it. Every backend is exact down to it.
+MIN_TEMPERATURE = 2.0**-125
 
 
 def _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
@@ -45,6 +48,9 @@ def _validate(anchor, positive, negative, anchor_logits, negative_logits, num_ne
         raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.4g} (2**-125), got "
+                         f"{temperature!r}: the loss reaches 4 / temperature, beyond float32")
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     if not 0.0 <= confidence_threshold <= 1.0:
@@ -99,7 +105,8 @@ def bidirectional_voxel_infonce(
         anchor_logits: (B, K_cls, *S) logits giving the anchors' pseudo-labels.
         negative_logits: (Bn, K_cls, *Sn) logits giving the pool's pseudo-labels and confidences.
         num_negatives: K, negatives per anchor.
-        temperature: tau > 0.
+        temperature: tau >= 2**-125 (~2.35e-38): below it the float32 loss, up to 4 / tau per
+            anchor, would overflow.
         sampling: "topk" or "random".
         confidence_threshold: "random" only, minimum max-softmax confidence of a negative.
         generator: seeds "random" sampling (default: torch's global generator).
@@ -108,7 +115,13 @@ def bidirectional_voxel_infonce(
 
     Returns:
         The loss: a scalar, or (B, *S) for reduction="none". float32 for float16/bfloat16/float32
-        inputs on the fused backends, the input dtype on the reference.
+        inputs on the fused backends, the input dtype on the reference. float64 inputs give a
+        float64 loss; backend="cpu" and the reference compute it in double.
+
+    Note:
+        ``torch.autograd.gradcheck`` (float64, backend="cpu" or "reference") needs
+        ``reduction="sum"`` or ``"none"``: the fused "mean" path computes its gradient in the
+        forward pass and scales it in place in backward, so it refuses a second backward.
 
     Raises:
         ValueError: bad shapes, dtypes, devices or arguments, NaN/Inf logits, or NaN/Inf

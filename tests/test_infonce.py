@@ -395,15 +395,16 @@ def test_torch_compile_fullgraph(backend):
 
 # --- fuzzing -----------------------------------------------------------------------------
 
-# Derandomised so that CI sees the same 300 examples every run; the @example cases are ones
-# that earlier random runs found (a near-zero loss under 1/tau = 20; a dominating negative
-# under 1/tau = 100, where the softmax normaliser must keep its digits).
+# Derandomised so that CI sees the same 300 examples every run, over temperatures 1e-6..1e3 and
+# feature scales 1e-30..1e30 (log-uniform); the @example cases are ones that earlier random
+# runs found (a near-zero loss under 1/tau = 20; a dominating negative under 1/tau = 100, where
+# the softmax normaliser must keep its digits).
 @settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @example(dims=1, size=2, pool_size=4, channels=7, classes=2, k=1, sampling="topk",
-         reduction="mean", temperature=0.05, seed=1438)
+         reduction="mean", temperature=0.05, scale=1.0, seed=1438)
 @example(dims=1, size=2, pool_size=3, channels=2, classes=2, k=1, sampling="topk",
-         reduction="mean", temperature=0.01, seed=29794)
+         reduction="mean", temperature=0.01, scale=1.0, seed=29794)
 @given(
     dims=st.integers(1, 3),
     size=st.integers(1, 5),
@@ -413,17 +414,19 @@ def test_torch_compile_fullgraph(backend):
     k=st.integers(1, 40),
     sampling=st.sampled_from(["topk", "random"]),
     reduction=st.sampled_from(["mean", "none"]),
-    temperature=st.sampled_from([0.01, 0.05, 0.1, 0.5, 1.0]),
+    temperature=st.floats(-6.0, 3.0).map(lambda exponent: 10.0**exponent),
+    scale=st.floats(-30.0, 30.0).map(lambda exponent: 10.0**exponent),
     seed=st.integers(0, 2**31),
 )
 def test_fuzz_against_reference(dims, size, pool_size, channels, classes, k, sampling,
-                                 reduction, temperature, seed):
+                                 reduction, temperature, scale, seed):
     spatial = tuple(size + d for d in range(dims))
     pool_spatial = tuple(pool_size + (d * 2) % 3 for d in range(dims))
     feats, logits = make_case(spatial, channels=channels, classes=classes,
                               pool_spatial=pool_spatial, seed=seed)
-    check_against_reference(feats, logits, num_negatives=k, sampling=sampling,
-                            reduction=reduction, temperature=temperature, seed=seed)
+    check_against_reference([f * scale for f in feats], logits, num_negatives=k,
+                            sampling=sampling, reduction=reduction, temperature=temperature,
+                            seed=seed)
 
 
 def test_mean_path_refuses_a_second_backward_through_the_graph():

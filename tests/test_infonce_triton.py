@@ -84,6 +84,18 @@ def test_confident_anchors_keep_a_tiny_loss_accurate(sampling):
     assert_relative_error_below(loss, gt, rtol=1e-5, name="loss")
 
 
+@pytest.mark.parametrize("sampling", ["topk", "random"])
+@pytest.mark.parametrize("temperature,scale", [(1e-8, 1.0), (1e-30, 1.0), (0.1, 1e19),
+                                               (1e-6, 1e30)])
+def test_small_temperatures_and_huge_norms(sampling, temperature, scale):
+    # Logits ~1/tau, where a softmax weight formed as exp(logit - lse) is off by exp(+-ulp(lse)):
+    # 16 draws from ~9 eligible voxels repeat negatives (exact ties) in random mode. And norms
+    # whose square overflows float32 (such features were normalised as zero).
+    feats, _, _ = make_inputs(torch.float32)
+    check_against_reference(torch.float32, "none", feats=[f * scale for f in feats],
+                            sampling=sampling, num_negatives=16, temperature=temperature)
+
+
 def test_topk_bank_spans_blocks_three_classes():
     # K=20 > BLOCK_N=16 (two bank blocks), 3 classes whose banks overlap (scatter in class order).
     feats, al, nl = make_inputs(torch.float32, classes=3, pool=(4, 3, 3), seed=3)

@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include <cmath>
+
 namespace rcps {
 namespace cpu {
 
@@ -57,6 +59,11 @@ inline float fast_log(float x) {
   // + (x - x): 0 for finite x, NaN for NaN and +inf (branch-free, so the loop vectorises).
   return m + y + 0.693359375f * e + (x - x);
 }
+
+// The inner loops' exp per accumulation type: the vectorising approximation in float; in double,
+// where the loops exist for exactness (gradcheck) rather than speed, std::exp.
+inline float loop_exp(float x) { return fast_exp(x); }
+inline double loop_exp(double x) { return std::exp(x); }
 
 }  // namespace cpu
 }  // namespace rcps

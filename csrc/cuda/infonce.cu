@@ -54,15 +54,15 @@ size_t topk_smem(int TM, int C) {
   return grad > bank ? grad : bank;
 }
 
-Tensor normalize(const Tensor& z, const Tensor* rows, int64_t R, Tensor* sq) {
+Tensor normalize(const Tensor& z, const Tensor* rows, int64_t R, Tensor* norm) {
   const int64_t C = z.size(1);
   Tensor u = at::empty({R, C}, z.options().dtype(at::kFloat));
-  if (sq) *sq = at::empty({R}, z.options().dtype(at::kFloat));
+  if (norm) *norm = at::empty({R}, z.options().dtype(at::kFloat));
   if (R == 0) return u;
   const auto stream = at::cuda::getCurrentCUDAStream();
   normalize_rows_kernel<<<static_cast<unsigned>((R + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
       z.data_ptr<float>(), rows ? rows->data_ptr<int64_t>() : nullptr, u.data_ptr<float>(),
-      sq ? sq->data_ptr<float>() : nullptr, R, static_cast<int>(C), z.size(2), z.stride(0),
+      norm ? norm->data_ptr<float>() : nullptr, R, static_cast<int>(C), z.size(2), z.stride(0),
       z.stride(1), z.stride(2));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return u;
@@ -123,13 +123,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
   tcls = tcls.contiguous();
   const TileMap map{tcls.data_ptr<int64_t>(), row0.data_ptr<int64_t>(), tend.data_ptr<int64_t>()};
 
-  Tensor sq1, sq2;
-  const Tensor u1 = normalize(z1, &order, N, &sq1);
-  const Tensor u2 = normalize(z2, &order, N, &sq2);
+  Tensor norm1, norm2;
+  const Tensor u1 = normalize(z1, &order, N, &norm1);
+  const Tensor u2 = normalize(z2, &order, N, &norm2);
   const Tensor flat_index = neg_index.reshape({-1});
   const Tensor bank = normalize(zn, &flat_index, num_classes * L, nullptr);
   Tensor loss = at::empty({N}, opts.dtype(at::kFloat));
-  Tensor lse1 = at::empty({N}, opts.dtype(at::kFloat)), lse2 = at::empty({N}, opts.dtype(at::kFloat));
+  // Each row's log-normaliser as an (anchor, rel) pair (rcps_math.h positive_nll).
+  Tensor lse1 = at::empty({N, 2}, opts.dtype(at::kFloat));
+  Tensor lse2 = at::empty({N, 2}, opts.dtype(at::kFloat));
   const int Ci = static_cast<int>(C);
   allow_smem(topk_lse_kernel, smem);
   topk_lse_kernel<<<static_cast<unsigned>(num_tiles), kThreads, smem, stream>>>(
@@ -145,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
     auto kernel = topk_anchor_grad_kernel<scalar_t>;
     allow_smem(kernel, smem);
     kernel<<<static_cast<unsigned>(num_tiles), kThreads, smem, stream>>>(
-        u1.data_ptr<float>(), u2.data_ptr<float>(), sq1.data_ptr<float>(), sq2.data_ptr<float>(),
+        u1.data_ptr<float>(), u2.data_ptr<float>(), norm1.data_ptr<float>(), norm2.data_ptr<float>(),
         bank.data_ptr<float>(), map, neg_count.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
         lse1.data_ptr<float>(), lse2.data_ptr<float>(), w, grad_scale, g1.data_ptr<scalar_t>(),
         g2.data_ptr<scalar_t>(), Ci, P, L, TM, inv_tau);

@@ -34,16 +34,38 @@ __device__ __forceinline__ int64_t voxel_offset(int64_t v, int64_t P, int64_t sb
   return b * sb + (v - b * P) * sp;
 }
 
+// A logit s / tau, rounded. Under -fmad a plain product may be fused into the FMA of a later
+// exp(logit - max), whose unrounded value differs from the rounded logit that the max was taken
+// of by up to half an ulp of 1/tau (exp(+-4) at tau = 1e-8); __fmul_rn is never fused.
+__device__ __forceinline__ float logit(float dot, float inv_tau) {
+  return __fmul_rn(dot, inv_tau);
+}
+
+// ||z|| of one row spread over a warp's lanes, scaled before squaring (rcps_math.h scaled_norm):
+// the plain squared norm overflows float32 from ||z|| ~ 1.8e19.
+__device__ float warp_norm(const float* src, int C, int64_t stride_c, int lane) {
+  float amax = 0.f;
+  for (int c = lane; c < C; c += 32) amax = fmaxf(amax, fabsf(src[c * stride_c]));
+  amax = warp_max(amax);
+  if (!(amax > 0.f)) return amax;  // zero row (a NaN channel still reaches u = z / eps)
+  float scaled_sq = 0.f;
+  for (int c = lane; c < C; c += 32) {
+    const float scaled = src[c * stride_c] / amax;
+    scaled_sq += scaled * scaled;
+  }
+  return scaled_norm(amax, warp_sum(scaled_sq));
+}
+
 // One warp: dz of one row from u and du (shared or registers via pointers), written into a
 // contiguous (B, C, P) gradient at voxel v.
 template <typename out_t>
-__device__ void chain_store_row(const float* u, const float* du, float sq, out_t* g, int64_t v,
+__device__ void chain_store_row(const float* u, const float* du, float norm, out_t* g, int64_t v,
                                 int C, int64_t P, int lane) {
   float dot = 0.f;
   for (int c = lane; c < C; c += 32) dot += u[c] * du[c];
   dot = warp_sum(dot);
-  const float inv = inv_norm_from_sq(sq);
-  const bool clamped = norm_is_clamped(sq);
+  const float inv = 1.0f / clamp_norm(norm);
+  const bool clamped = is_clamped_norm(norm);
   const int64_t b = v / P, p = v - b * P;
   out_t* dst = g + b * C * P + p;
   for (int c = lane; c < C; c += 32)
@@ -54,8 +76,9 @@ __device__ void chain_store_row(const float* u, const float* du, float sq, out_t
 // Normalisation
 // ---------------------------------------------------------------------------------------------
 __global__ void normalize_rows_kernel(const float* __restrict__ z, const int64_t* __restrict__ rows,
-                                      float* __restrict__ u, float* __restrict__ sq_out, int64_t R,
-                                      int C, int64_t P, int64_t sb, int64_t sc, int64_t sp) {
+                                      float* __restrict__ u, float* __restrict__ norm_out,
+                                      int64_t R, int C, int64_t P, int64_t sb, int64_t sc,
+                                      int64_t sp) {
   const int lane = threadIdx.x & 31;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (r >= R) return;
@@ -63,19 +86,13 @@ __global__ void normalize_rows_kernel(const float* __restrict__ z, const int64_t
   float* dst = u + r * C;
   if (v < 0) {  // padding row of a bank
     for (int c = lane; c < C; c += 32) dst[c] = 0.f;
-    if (sq_out && lane == 0) sq_out[r] = 0.f;
+    if (norm_out && lane == 0) norm_out[r] = 0.f;
     return;
   }
   const float* src = z + voxel_offset(v, P, sb, sp);
-  float sq = 0.f;
-  for (int c = lane; c < C; c += 32) {
-    const float x = src[c * sc];
-    sq += x * x;
-  }
-  sq = warp_sum(sq);
-  const float norm = clamped_norm_from_sq(sq);
+  const float raw_norm = warp_norm(src, C, sc, lane), norm = clamp_norm(raw_norm);
   for (int c = lane; c < C; c += 32) dst[c] = src[c * sc] / norm;
-  if (sq_out && lane == 0) sq_out[r] = sq;
+  if (norm_out && lane == 0) norm_out[r] = raw_norm;
 }
 
 // grad_negative from the (M, C) gradient of the normalised pool (fp32, or int64 fixed point).
@@ -90,13 +107,7 @@ __global__ void pool_chain_kernel(const float* __restrict__ z, const acc_t* __re
   float* u = smem + warp * 2 * C;
   float* du = u + C;
   const float* src = z + voxel_offset(r, P, sb, sp);
-  float sq = 0.f;
-  for (int c = lane; c < C; c += 32) {
-    const float x = src[c * sc];
-    sq += x * x;
-  }
-  sq = warp_sum(sq);
-  const float norm = clamped_norm_from_sq(sq);
+  const float raw_norm = warp_norm(src, C, sc, lane), norm = clamp_norm(raw_norm);
   for (int c = lane; c < C; c += 32) {
     u[c] = src[c * sc] / norm;
     if constexpr (std::is_same<acc_t, float>::value) {
@@ -106,7 +117,7 @@ __global__ void pool_chain_kernel(const float* __restrict__ z, const acc_t* __re
     }
   }
   __syncwarp();
-  chain_store_row(u, du, sq, g, r, C, P, lane);
+  chain_store_row(u, du, raw_norm, g, r, C, P, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,6 +154,17 @@ __device__ __forceinline__ float row_dot(const float* a, const float* b, int C) 
   return s;
 }
 
+// A row's log-normaliser lse = anchor + rel (positive_nll), stored as a pair at 2 r.
+__device__ __forceinline__ void store_normaliser(float* dst, int64_t r, const PositiveNll& d) {
+  dst[2 * r] = d.anchor;
+  dst[2 * r + 1] = d.rel;
+}
+
+// Softmax weight exp(logit - lse) from a stored (anchor, rel) pair, without forming lse.
+__device__ __forceinline__ float softmax_weight(float logit_value, const float* normaliser) {
+  return expf((logit_value - normaliser[0]) - normaliser[1]);
+}
+
 __global__ void topk_lse_kernel(const float* __restrict__ u1, const float* __restrict__ u2,
                                 const float* __restrict__ bank, TileMap tiles,
                                 const int64_t* __restrict__ neg_count,
@@ -168,7 +190,7 @@ __global__ void topk_lse_kernel(const float* __restrict__ u1, const float* __res
     const int a = warp + q * kWarps;
     float s = 0.f;
     for (int c = lane; c < C; c += 32) s += su1[a * C + c] * su2[a * C + c];
-    x[q] = warp_sum(s) * inv_tau;
+    x[q] = logit(warp_sum(s), inv_tau);
     st1[q] = lse_init();  // the negatives' state; the positive enters through positive_nll
     st2[q] = st1[q];
   }
@@ -180,8 +202,8 @@ __global__ void topk_lse_kernel(const float* __restrict__ u1, const float* __res
     const float* brow = sbank + lane * (C + 1);
     for (int q = 0; q < rows_per_warp; ++q) {
       const int a = warp + q * kWarps;
-      const float d1 = valid ? row_dot(su1 + a * C, brow, C) * inv_tau : -INFINITY;
-      const float d2 = valid ? row_dot(su2 + a * C, brow, C) * inv_tau : -INFINITY;
+      const float d1 = valid ? logit(row_dot(su1 + a * C, brow, C), inv_tau) : -INFINITY;
+      const float d2 = valid ? logit(row_dot(su2 + a * C, brow, C), inv_tau) : -INFINITY;
       const float m1 = warp_max(d1), m2 = warp_max(d2);
       const float e1 = warp_sum(valid ? expf(d1 - m1) : 0.f);
       const float e2 = warp_sum(valid ? expf(d2 - m2) : 0.f);
@@ -194,8 +216,8 @@ __global__ void topk_lse_kernel(const float* __restrict__ u1, const float* __res
       const int64_t r = row0 + warp + q * kWarps;
       if (r >= end) continue;
       const PositiveNll d1 = positive_nll(st1[q], x[q]), d2 = positive_nll(st2[q], x[q]);
-      lse1[r] = d1.lse;
-      lse2[r] = d2.lse;
+      store_normaliser(lse1, r, d1);
+      store_normaliser(lse2, r, d2);
       loss[order[r]] = d1.nll + d2.nll;
     }
   }
@@ -203,8 +225,8 @@ __global__ void topk_lse_kernel(const float* __restrict__ u1, const float* __res
 
 template <typename out_t>
 __global__ void topk_anchor_grad_kernel(
-    const float* __restrict__ u1, const float* __restrict__ u2, const float* __restrict__ sq1,
-    const float* __restrict__ sq2, const float* __restrict__ bank, TileMap tiles,
+    const float* __restrict__ u1, const float* __restrict__ u2, const float* __restrict__ norm1,
+    const float* __restrict__ norm2, const float* __restrict__ bank, TileMap tiles,
     const int64_t* __restrict__ neg_count, const int64_t* __restrict__ order,
     const float* __restrict__ lse1, const float* __restrict__ lse2,
     const float* __restrict__ weight, float grad_scale, out_t* __restrict__ g1,
@@ -225,13 +247,15 @@ __global__ void topk_anchor_grad_kernel(
   const int rows_per_warp = TM / kWarps;
   // mass[q]: w/tau times both directions' negative softmax mass, 1 - p_pos, summed over the
   // bank in relative precision (1 - exp(x - lse) would cancel for a confident anchor).
-  float l1[4], l2[4], wt[4], mass[4];
+  float l1[4][2], l2[4][2], wt[4], mass[4];  // (anchor, rel) per row and direction
   for (int q = 0; q < rows_per_warp; ++q) {
     const int a = warp + q * kWarps;
     const int64_t r = row0 + a;
     const bool in = r < end;
-    l1[q] = in ? lse1[r] : 0.f;
-    l2[q] = in ? lse2[r] : 0.f;
+    for (int e = 0; e < 2; ++e) {
+      l1[q][e] = in ? lse1[2 * r + e] : 0.f;
+      l2[q][e] = in ? lse2[2 * r + e] : 0.f;
+    }
     const float w = in ? grad_scale * (weight ? weight[order[r]] : 1.f) : 0.f;
     wt[q] = w * inv_tau;
     mass[q] = 0.f;
@@ -248,8 +272,10 @@ __global__ void topk_anchor_grad_kernel(
     const float* brow = sbank + lane * (C + 1);
     for (int q = 0; q < rows_per_warp; ++q) {
       const int a = warp + q * kWarps;
-      const float p1 = valid ? expf(row_dot(su1 + a * C, brow, C) * inv_tau - l1[q]) * wt[q] : 0.f;
-      const float p2 = valid ? expf(row_dot(su2 + a * C, brow, C) * inv_tau - l2[q]) * wt[q] : 0.f;
+      const float d1 = logit(row_dot(su1 + a * C, brow, C), inv_tau);
+      const float d2 = logit(row_dot(su2 + a * C, brow, C), inv_tau);
+      const float p1 = valid ? softmax_weight(d1, l1[q]) * wt[q] : 0.f;
+      const float p2 = valid ? softmax_weight(d2, l2[q]) * wt[q] : 0.f;
       mass[q] += warp_sum(p1 + p2);
       for (int n = 0; n < kTileN; ++n) {
         const float q1 = __shfl_sync(kFull, p1, n), q2 = __shfl_sync(kFull, p2, n);
@@ -275,8 +301,8 @@ __global__ void topk_anchor_grad_kernel(
     const int64_t r = row0 + a;
     if (r >= end) continue;
     const int64_t v = order[r];
-    chain_store_row(su1 + a * C, sdu1 + a * C, sq1[r], g1, v, C, P, lane);
-    chain_store_row(su2 + a * C, sdu2 + a * C, sq2[r], g2, v, C, P, lane);
+    chain_store_row(su1 + a * C, sdu1 + a * C, norm1[r], g1, v, C, P, lane);
+    chain_store_row(su2 + a * C, sdu2 + a * C, norm2[r], g2, v, C, P, lane);
   }
 }
 
@@ -319,8 +345,8 @@ __global__ void topk_bank_grad_kernel(
       float p1 = 0.f, p2 = 0.f;
       if (r < hi && valid) {
         const float wt = grad_scale * (weight ? weight[order[r]] : 1.f) * inv_tau;
-        p1 = expf(row_dot(su1 + a * C, brow, C) * inv_tau - lse1[r]) * wt;
-        p2 = expf(row_dot(su2 + a * C, brow, C) * inv_tau - lse2[r]) * wt;
+        p1 = softmax_weight(logit(row_dot(su1 + a * C, brow, C), inv_tau), lse1 + 2 * r) * wt;
+        p2 = softmax_weight(logit(row_dot(su2 + a * C, brow, C), inv_tau), lse2 + 2 * r) * wt;
       }
       sp1[a * (kTileN + 1) + lane] = p1;
       sp2[a * (kTileN + 1) + lane] = p2;
@@ -396,22 +422,15 @@ __global__ void random_kernel(RandomArgs a, out_t* __restrict__ g1, out_t* __res
   const int64_t* eligible = a.neg_index + cls * a.L;
   const float* src1 = a.z1 + voxel_offset(i, a.P, a.s1b, a.s1p);
   const float* src2 = a.z2 + voxel_offset(i, a.P, a.s2b, a.s2p);
-  float sq1 = 0.f, sq2 = 0.f;
-  for (int c = lane; c < C; c += 32) {
-    const float x1 = src1[c * a.s1c], x2 = src2[c * a.s2c];
-    sq1 += x1 * x1;
-    sq2 += x2 * x2;
-  }
-  sq1 = warp_sum(sq1);
-  sq2 = warp_sum(sq2);
-  const float norm1 = clamped_norm_from_sq(sq1), norm2 = clamped_norm_from_sq(sq2);
+  const float raw_norm1 = warp_norm(src1, C, a.s1c, lane), norm1 = clamp_norm(raw_norm1);
+  const float raw_norm2 = warp_norm(src2, C, a.s2c, lane), norm2 = clamp_norm(raw_norm2);
   float s = 0.f;
   for (int c = lane; c < C; c += 32) {
     u1[c] = src1[c * a.s1c] / norm1;  // divide, like F.normalize (rcps_math.h)
     u2[c] = src2[c * a.s2c] / norm2;
     s += u1[c] * u2[c];
   }
-  const float x = warp_sum(s) * a.inv_tau;
+  const float x = logit(warp_sum(s), a.inv_tau);
   __syncwarp();
   // Each lane pushes its draws into its own LSE state; the states are merged across lanes.
   LseState st1 = lse_init(), st2 = lse_init();
@@ -420,8 +439,8 @@ __global__ void random_kernel(RandomArgs a, out_t* __restrict__ g1, out_t* __res
     if (k < draws) {
       const uint32_t r = philox_randint(a.seed, draw_counter(i, a.K, k, a.offset));
       const float* row = a.un + eligible[draw_to_index(r, n)] * C;
-      st1 = lse_push(st1, row_dot(u1, row, C) * a.inv_tau);
-      st2 = lse_push(st2, row_dot(u2, row, C) * a.inv_tau);
+      st1 = lse_push(st1, logit(row_dot(u1, row, C), a.inv_tau));
+      st2 = lse_push(st2, logit(row_dot(u2, row, C), a.inv_tau));
     }
   }
   for (int o = 16; o > 0; o >>= 1) {
@@ -436,7 +455,7 @@ __global__ void random_kernel(RandomArgs a, out_t* __restrict__ g1, out_t* __res
   st2.max = __shfl_sync(kFull, st2.max, 0);
   st2.sum = __shfl_sync(kFull, st2.sum, 0);
   const PositiveNll d1 = positive_nll(st1, x), d2 = positive_nll(st2, x);
-  const float l1 = d1.lse, l2 = d2.lse;
+  const float l1[2] = {d1.anchor, d1.rel}, l2[2] = {d2.anchor, d2.rel};
   if (lane == 0) a.loss[i] = d1.nll + d2.nll;
   if constexpr (kGrad) {
     const float wt = a.grad_scale * (a.weight ? a.weight[i] : 1.f) * a.inv_tau;
@@ -454,8 +473,8 @@ __global__ void random_kernel(RandomArgs a, out_t* __restrict__ g1, out_t* __res
         const uint32_t r = philox_randint(a.seed, draw_counter(i, a.K, k, a.offset));
         j = eligible[draw_to_index(r, n)];
         const float* row = a.un + j * C;
-        p1 = expf(row_dot(u1, row, C) * a.inv_tau - l1) * wt;
-        p2 = expf(row_dot(u2, row, C) * a.inv_tau - l2) * wt;
+        p1 = softmax_weight(logit(row_dot(u1, row, C), a.inv_tau), l1) * wt;
+        p2 = softmax_weight(logit(row_dot(u2, row, C), a.inv_tau), l2) * wt;
       }
       mass += warp_sum(p1 + p2);
       const int count = draws - k0 < 32 ? static_cast<int>(draws - k0) : 32;
@@ -483,8 +502,8 @@ __global__ void random_kernel(RandomArgs a, out_t* __restrict__ g1, out_t* __res
       du2[c] -= mass * u1[c];
     }
     __syncwarp();
-    chain_store_row(u1, du1, sq1, g1, i, C, a.P, lane);
-    chain_store_row(u2, du2, sq2, g2, i, C, a.P, lane);
+    chain_store_row(u1, du1, raw_norm1, g1, i, C, a.P, lane);
+    chain_store_row(u2, du2, raw_norm2, g2, i, C, a.P, lane);
   }
 }
 

@@ -3,7 +3,8 @@
 Two custom ops, both with fake (meta) implementations so that ``torch.compile(fullgraph=True)``
 traces through them:
 
-- ``rcps::voxel_infonce_loss`` -> per-anchor loss l1 + l2 (N,) float32. Its backward is the op
+- ``rcps::voxel_infonce_loss`` -> per-anchor loss l1 + l2 (N,), float64 for float64 features,
+  else float32 (:func:`loss_dtype`). Its backward is the op
   ``rcps::voxel_infonce_backward``, which recomputes the similarity tiles for per-anchor weights
   grad_loss (any reduction, any grad_output).
 - ``rcps::voxel_infonce_mean`` -> (mean loss, grad_anchor, grad_positive, grad_negative): the
@@ -16,7 +17,10 @@ Every kernel has the signature of ``torch.ops.rcps_C.voxel_infonce_cpu`` (csrc/c
     kernel(anchor (B, C, P), positive (B, C, P), negative (Bn, C, Pn), anchor_labels (N,),
            neg_index (classes, L), neg_count (classes,), temperature, num_negatives, random,
            seed, offset, grad_weight (N,) | None, grad_scale, negative_grad)
-        -> (loss (N,) float32, grad_anchor, grad_positive, grad_negative)
+        -> (loss (N,), grad_anchor, grad_positive, grad_negative)
+
+with the loss in float32, or in float64 for float64 features where the kernel computes in double
+(the CPU kernel; the ops cast the others' float32 loss),
 
 computing gradients of grad_scale * sum_i grad_weight[i] * l_i when grad_scale != 0 (empty
 tensors otherwise, and for the pool unless negative_grad). GPU backends add theirs with
@@ -51,6 +55,11 @@ def _cpu_kernel(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 register_kernel("cpu", _cpu_kernel)
 
 
+def loss_dtype(features: Tensor) -> torch.dtype:
+    """The dtype of the loss and of its per-anchor weights: float64 for float64 features."""
+    return torch.float64 if features.dtype == torch.float64 else torch.float32
+
+
 def _kernel(impl: str) -> Kernel:
     if impl not in _KERNELS:
         # GPU backends live in ops/infonce_<impl>.py and register themselves on import, so that
@@ -74,7 +83,7 @@ def _loss_body(
         anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
         num_negatives, random, seed, offset, None, 0.0, False,
     )
-    return loss
+    return loss.to(loss_dtype(anchor))
 
 
 voxel_infonce_loss = torch.library.custom_op("rcps::voxel_infonce_loss", _loss_body,
@@ -83,7 +92,7 @@ voxel_infonce_loss = torch.library.custom_op("rcps::voxel_infonce_loss", _loss_b
 
 @voxel_infonce_loss.register_fake
 def _(anchor, positive, negative, anchor_labels, *_args) -> Tensor:
-    return anchor_labels.new_empty(anchor_labels.shape, dtype=torch.float32)
+    return anchor_labels.new_empty(anchor_labels.shape, dtype=loss_dtype(anchor))
 
 
 def _backward_body(
@@ -93,7 +102,8 @@ def _backward_body(
 ) -> tuple[Tensor, Tensor, Tensor]:
     _, grad_anchor, grad_positive, grad_negative = _kernel(impl)(
         anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
-        num_negatives, random, seed, offset, grad_loss.float().contiguous(), 1.0, negative_grad,
+        num_negatives, random, seed, offset, grad_loss.to(loss_dtype(anchor)).contiguous(), 1.0,
+        negative_grad,
     )
     return grad_anchor, grad_positive, grad_negative
 
@@ -143,7 +153,7 @@ def _mean_body(
         anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
         num_negatives, random, seed, offset, None, 1.0 / max(num_anchors, 1), negative_grad,
     )
-    return loss.mean(), grad_anchor, grad_positive, grad_negative
+    return loss.to(loss_dtype(anchor)).mean(), grad_anchor, grad_positive, grad_negative
 
 
 voxel_infonce_mean = torch.library.custom_op("rcps::voxel_infonce_mean", _mean_body,
@@ -154,7 +164,7 @@ voxel_infonce_mean = torch.library.custom_op("rcps::voxel_infonce_mean", _mean_b
 def _(anchor, positive, negative, anchor_labels, *args):
     negative_grad = args[-1]
     return (
-        anchor_labels.new_empty((), dtype=torch.float32),
+        anchor_labels.new_empty((), dtype=loss_dtype(anchor)),
         anchor.new_empty(anchor.shape),
         positive.new_empty(positive.shape),
         negative.new_empty(negative.shape if negative_grad else (0,)),
@@ -176,7 +186,8 @@ def _backward_mean(ctx, grad_loss, *_unused):
     if ctx.used:
         raise RuntimeError(
             "rcps_kernels: backward ran twice through a bidirectional_voxel_infonce(reduction="
-            "'mean') call; for retain_graph=True use reduction='none' and take the mean yourself"
+            "'mean') call; for retain_graph=True (and torch.autograd.gradcheck) use reduction="
+            "'sum' or 'none' and take the mean yourself"
         )
     ctx.used = True
     grads = ctx.saved_tensors

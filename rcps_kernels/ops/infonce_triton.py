@@ -7,12 +7,13 @@ multiply a voxel index by a channel count or a stride are int64.
 topk mode (one bank N_c per class):
   1. ``normalize_rows`` (triton_shared.py): fp32 normalised copies of the anchors and positives
      in class-sorted order (a stable partition by pseudo-label: ``_class_order_kernel`` up to
-     64Ki anchors, ``rcps_C::anchor_class_order`` past that), both in one launch, (N, C) each, plus their squared norms; the class banks (classes, L, C)
-     likewise (padding rows are zero).
+     64Ki anchors, ``rcps_C::anchor_class_order`` past that), both in one launch, (N, C) each,
+     plus their norms; the class banks (classes, L, C) likewise (padding rows are zero).
   2. ``_topk_lse_kernel``: one program per tile of same-class anchors (each program finds its
      class and rows from the class boundaries, ``_tile_rows``: no host sync, no tile map);
      S = U_tile @ N_c^T blocks with ``tl.dot`` and an online log-sum-exp per direction; stores
-     one fp32 LSE per anchor and direction and the loss.
+     its log-normaliser per anchor and direction (as anchor + rel, see
+     ``positive_nll``) and the loss.
   3. ``_topk_anchor_grad_kernel``: recomputes the S tiles, turns them into softmax weights and
      accumulates dU = coef * u_other + P @ N_c, then chains through the normalisation and writes
      the input-dtype gradient straight into the (B, C, P) output.
@@ -43,7 +44,7 @@ from ..selection import anchor_class_order
 from .infonce import register_kernel
 from .infonce_triton_random import random_draws_triton, random_mode
 from .triton_shared import (INTERPRET, block_c, chain_store, normalize_rows, pool_input_grad,
-                            positive_nll)
+                            positive_nll, softmax_weight, store_normaliser)
 
 #: Bitwise run-to-run identical pool gradients in random mode (int64 fixed-point atomics).
 DETERMINISTIC = os.environ.get("RCPS_DETERMINISTIC", "0") == "1"
@@ -103,14 +104,19 @@ def _load_tile(u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C,
 @triton.jit
 def _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """Bank rows [n0, n0 + BLOCK_N) of a class and the tile's logits against them, both directions."""
+    """Bank rows [n0, n0 + BLOCK_N) of a class and the tile's logits against them, both directions.
+
+    The logits are dot products of the anchors scaled by 1/tau, not dot products times 1/tau:
+    a product would be fused into the FMA of the later exp(logit - max), whose unrounded value
+    differs from the rounded logit that the max was taken of by up to half an ulp of 1/tau
+    (exp(+-4) at tau = 1e-8). A dot's output is no FMA operand."""
     ns = n0 + tl.arange(0, BLOCK_N)
     nmask = ns < kc
     bank = tl.load(bank_base + ns[:, None] * C + cc[None, :],
                    mask=nmask[:, None] & cmask[None, :], other=0.0)
     bank_t = tl.trans(bank)
-    a1 = tl.dot(u1, bank_t, input_precision=PRECISION) * inv_tau
-    a2 = tl.dot(u2, bank_t, input_precision=PRECISION) * inv_tau
+    a1 = tl.dot(u1 * inv_tau, bank_t, input_precision=PRECISION)
+    a2 = tl.dot(u2 * inv_tau, bank_t, input_precision=PRECISION)
     return bank, nmask, a1, a2
 
 
@@ -140,16 +146,16 @@ def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, class_start_ptr, num_classes,
         s2 = s2 * tl.exp(m2 - new2) + tl.sum(tl.exp(a2 - new2[:, None]), 1)
         m1 = new1
         m2 = new2
-    nll1, l1 = positive_nll(m1, s1, x)
-    nll2, l2 = positive_nll(m2, s2, x)
-    tl.store(lse1_ptr + rows, l1, mask=rmask)
-    tl.store(lse2_ptr + rows, l2, mask=rmask)
+    nll1, anchor1, rel1 = positive_nll(m1, s1, x)
+    nll2, anchor2, rel2 = positive_nll(m2, s2, x)
+    store_normaliser(lse1_ptr, rows, anchor1, rel1, rmask)
+    store_normaliser(lse2_ptr, rows, anchor2, rel2, rmask)
     anchor = tl.load(order_ptr + rows, mask=rmask, other=0)
     tl.store(loss_ptr + anchor, nll1 + nll2, mask=rmask)
 
 
 @triton.jit
-def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, sq1_ptr, sq2_ptr, bank_ptr, class_start_ptr,
+def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, norm1_ptr, norm2_ptr, bank_ptr, class_start_ptr,
                              num_classes, neg_count_ptr, order_ptr, lse1_ptr,
                              lse2_ptr, w_ptr, grad_scale, g1_ptr, g2_ptr, C, P, L, inv_tau,
                              HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -158,8 +164,6 @@ def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, sq1_ptr, sq2_ptr, bank_ptr, class_s
         u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C,
         BLOCK_M, BLOCK_C)
     anchor = tl.load(order_ptr + rows, mask=rmask, other=0)
-    l1 = tl.load(lse1_ptr + rows, mask=rmask, other=0.0)
-    l2 = tl.load(lse2_ptr + rows, mask=rmask, other=0.0)
     w = tl.zeros([BLOCK_M], tl.float32) + grad_scale
     if HAS_W:
         w = w * tl.load(w_ptr + anchor, mask=rmask, other=0.0)
@@ -173,17 +177,17 @@ def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, sq1_ptr, sq2_ptr, bank_ptr, class_s
     for n0 in range(0, kc, BLOCK_N):
         bank, nmask, a1, a2 = _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau,
                                            BLOCK_N, PRECISION)
-        p1 = tl.where(nmask[None, :], tl.exp(a1 - l1[:, None]) * wt[:, None], 0.0)
-        p2 = tl.where(nmask[None, :], tl.exp(a2 - l2[:, None]) * wt[:, None], 0.0)
+        p1 = tl.where(nmask[None, :], softmax_weight(a1, lse1_ptr, rows, rmask) * wt[:, None], 0.0)
+        p2 = tl.where(nmask[None, :], softmax_weight(a2, lse2_ptr, rows, rmask) * wt[:, None], 0.0)
         mass += tl.sum(p1, 1) + tl.sum(p2, 1)
         du1 += tl.dot(p1, bank, input_precision=PRECISION)
         du2 += tl.dot(p2, bank, input_precision=PRECISION)
     du1 -= mass[:, None] * u2
     du2 -= mass[:, None] * u1
-    sq1 = tl.load(sq1_ptr + rows, mask=rmask, other=1.0)
-    sq2 = tl.load(sq2_ptr + rows, mask=rmask, other=1.0)
-    chain_store(du1, u1, sq1, g1_ptr, anchor, rmask, cc, cmask, C, P)
-    chain_store(du2, u2, sq2, g2_ptr, anchor, rmask, cc, cmask, C, P)
+    norm1 = tl.load(norm1_ptr + rows, mask=rmask, other=1.0)
+    norm2 = tl.load(norm2_ptr + rows, mask=rmask, other=1.0)
+    chain_store(du1, u1, norm1, g1_ptr, anchor, rmask, cc, cmask, C, P)
+    chain_store(du2, u2, norm2, g2_ptr, anchor, rmask, cc, cmask, C, P)
 
 
 @triton.jit
@@ -217,17 +221,15 @@ def _topk_bank_grad_kernel(u1_ptr, u2_ptr, bank_ptr, class_start_ptr, neg_count_
         m2 = rmask[:, None] & cmask[None, :]
         u1 = tl.load(u1_ptr + rows[:, None] * C + cc[None, :], mask=m2, other=0.0)
         u2 = tl.load(u2_ptr + rows[:, None] * C + cc[None, :], mask=m2, other=0.0)
-        l1 = tl.load(lse1_ptr + rows, mask=rmask, other=0.0)
-        l2 = tl.load(lse2_ptr + rows, mask=rmask, other=0.0)
         w = tl.zeros([BLOCK_M], tl.float32) + grad_scale
         if HAS_W:
             anchor = tl.load(order_ptr + rows, mask=rmask, other=0)
             w = w * tl.load(w_ptr + anchor, mask=rmask, other=0.0)
         wt = tl.where(rmask, w * inv_tau, 0.0)
-        a1 = tl.dot(u1, bank_t, input_precision=PRECISION) * inv_tau
-        a2 = tl.dot(u2, bank_t, input_precision=PRECISION) * inv_tau
-        p1 = tl.where(nmask[None, :], tl.exp(a1 - l1[:, None]) * wt[:, None], 0.0)
-        p2 = tl.where(nmask[None, :], tl.exp(a2 - l2[:, None]) * wt[:, None], 0.0)
+        a1 = tl.dot(u1 * inv_tau, bank_t, input_precision=PRECISION)  # as _bank_logits
+        a2 = tl.dot(u2 * inv_tau, bank_t, input_precision=PRECISION)
+        p1 = tl.where(nmask[None, :], softmax_weight(a1, lse1_ptr, rows, rmask) * wt[:, None], 0.0)
+        p2 = tl.where(nmask[None, :], softmax_weight(a2, lse2_ptr, rows, rmask) * wt[:, None], 0.0)
         acc += tl.dot(tl.trans(p1), u1, input_precision=PRECISION)
         acc += tl.dot(tl.trans(p2), u2, input_precision=PRECISION)
     out = part_ptr + ((sp * num_classes + cls) * L) * C
@@ -333,9 +335,10 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     bc = block_c(C)
     order, class_start = _class_order(labels, num_classes)
     num_tiles = triton.cdiv(N, bm) + num_classes  # >= sum_c ceil(n_c / bm); spares do nothing
-    (u1, u2), (sq1, sq2) = normalize_rows(z1, order, N, z2=z2)
-    bank, _ = normalize_rows(zn, neg_index.reshape(-1), num_classes * L, want_sq=False)
-    loss, lse1, lse2 = torch.empty((3, N), device=dev, dtype=torch.float32)
+    (u1, u2), (norm1, norm2) = normalize_rows(z1, order, N, z2=z2)
+    bank, _ = normalize_rows(zn, neg_index.reshape(-1), num_classes * L, want_norm=False)
+    loss = torch.empty((N,), device=dev, dtype=torch.float32)
+    lse1, lse2 = torch.empty((2, N, 2), device=dev, dtype=torch.float32)  # (anchor, rel) per row
     _topk_lse_kernel[(num_tiles,)](
         u1, u2, bank, class_start, num_classes, neg_count, order, lse1, lse2, loss, C, L,
         inv_tau, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=DOT_PRECISION, num_warps=warps)
@@ -344,7 +347,7 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     g1 = torch.empty((B, C, P), device=dev, dtype=z1.dtype)
     g2 = torch.empty((B, C, P), device=dev, dtype=z2.dtype)
     _topk_anchor_grad_kernel[(num_tiles,)](
-        u1, u2, sq1, sq2, bank, class_start, num_classes, neg_count, order, lse1, lse2, w,
+        u1, u2, norm1, norm2, bank, class_start, num_classes, neg_count, order, lse1, lse2, w,
         grad_scale, g1, g2, C, P, L, inv_tau, HAS_W=w is not None, BLOCK_M=bm, BLOCK_N=bn,
         BLOCK_C=bc, PRECISION=DOT_PRECISION, num_warps=warps)
     if not neg_grad:

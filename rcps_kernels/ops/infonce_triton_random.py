@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_shared import (INTERPRET, block_c, chain_store, normalize_rows, pool_input_grad,
-                            positive_nll)
+                            positive_nll, row_norms)
 
 _FIXED_POINT_BITS = 61
 
@@ -69,11 +69,15 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
                  other=0.0).to(tl.float32)
     z2 = tl.load(z2_ptr + b * s2b + p * s2p + cc.to(tl.int64) * s2c, mask=cmask,
                  other=0.0).to(tl.float32)
-    sq1 = tl.sum(z1 * z1, 0)
-    sq2 = tl.sum(z2 * z2, 0)
-    u1 = z1 / tl.maximum(tl.sqrt(sq1), 1e-12)
-    u2 = z2 / tl.maximum(tl.sqrt(sq2), 1e-12)
-    x = tl.sum(u1 * u2, 0) * inv_tau
+    norm1 = row_norms(z1[None, :])  # (1,): the chain rule's row layout
+    norm2 = row_norms(z2[None, :])
+    u1 = z1 / tl.maximum(tl.sum(norm1, 0), 1e-12)
+    u2 = z2 / tl.maximum(tl.sum(norm2, 0), 1e-12)
+    # Logits from anchors scaled by 1/tau (see infonce_triton._bank_logits: no product of a
+    # logit and 1/tau is left to be fused into the FMA of exp(logit - lse)).
+    u1s = u1 * inv_tau
+    u2s = u2 * inv_tau
+    x = tl.sum(u1s * u2, 0)
     eligible = neg_index_ptr + cls * L
     # Online LSE in a vector of BLOCK_K lanes (merged at the end): lane states start empty.
     m1 = tl.full([BLOCK_K], float("-inf"), tl.float32)
@@ -87,8 +91,8 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
         j = tl.load(eligible + pos, mask=kmask, other=0).to(tl.int64)
         un = tl.load(un_ptr + j[:, None] * C + cc[None, :], mask=kmask[:, None] & cmask[None, :],
                      other=0.0)
-        d1 = tl.where(kmask, tl.sum(un * u1[None, :], 1) * inv_tau, float("-inf"))
-        d2 = tl.where(kmask, tl.sum(un * u2[None, :], 1) * inv_tau, float("-inf"))
+        d1 = tl.where(kmask, tl.sum(un * u1s[None, :], 1), float("-inf"))
+        d2 = tl.where(kmask, tl.sum(un * u2s[None, :], 1), float("-inf"))
         new1 = tl.maximum(m1, d1)
         new2 = tl.maximum(m2, d2)
         s1 = tl.where(new1 == float("-inf"), 0.0, s1 * tl.exp(m1 - new1) + tl.exp(d1 - new1))
@@ -99,8 +103,8 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
     mx2 = tl.maximum(tl.max(m2, 0), x)
     neg1 = tl.sum(tl.where(m1 == float("-inf"), 0.0, s1 * tl.exp(m1 - mx1)), 0)
     neg2 = tl.sum(tl.where(m2 == float("-inf"), 0.0, s2 * tl.exp(m2 - mx2)), 0)
-    nll1, l1 = positive_nll(mx1, neg1, x)
-    nll2, l2 = positive_nll(mx2, neg2, x)
+    nll1, anchor1, rel1 = positive_nll(mx1, neg1, x)
+    nll2, anchor2, rel2 = positive_nll(mx2, neg2, x)
     tl.store(loss_ptr + i, nll1 + nll2)
     if WANT_GRAD:
         w = grad_scale
@@ -119,10 +123,10 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
             j = tl.load(eligible + pos, mask=kmask, other=0).to(tl.int64)
             m2d = kmask[:, None] & cmask[None, :]
             un = tl.load(un_ptr + j[:, None] * C + cc[None, :], mask=m2d, other=0.0)
-            d1 = tl.sum(un * u1[None, :], 1) * inv_tau
-            d2 = tl.sum(un * u2[None, :], 1) * inv_tau
-            p1 = tl.where(kmask, tl.exp(d1 - l1) * wt, 0.0)
-            p2 = tl.where(kmask, tl.exp(d2 - l2) * wt, 0.0)
+            d1 = tl.sum(un * u1s[None, :], 1)
+            d2 = tl.sum(un * u2s[None, :], 1)
+            p1 = tl.where(kmask, tl.exp((d1 - anchor1) - rel1) * wt, 0.0)
+            p2 = tl.where(kmask, tl.exp((d2 - anchor2) - rel2) * wt, 0.0)
             mass += tl.sum(p1, 0) + tl.sum(p2, 0)
             du1 += tl.sum(p1[:, None] * un, 0)
             du2 += tl.sum(p2[:, None] * un, 0)
@@ -137,10 +141,8 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
         du2 -= mass * u1
         one = tl.full([1], 0, tl.int64) + i
         rm = tl.full([1], 1, tl.int1)
-        chain_store(du1[None, :], u1[None, :], tl.full([1], 0.0, tl.float32) + sq1, g1_ptr, one,
-                     rm, cc, cmask, C, P)
-        chain_store(du2[None, :], u2[None, :], tl.full([1], 0.0, tl.float32) + sq2, g2_ptr, one,
-                     rm, cc, cmask, C, P)
+        chain_store(du1[None, :], u1[None, :], norm1, g1_ptr, one, rm, cc, cmask, C, P)
+        chain_store(du2[None, :], u2[None, :], norm2, g2_ptr, one, rm, cc, cmask, C, P)
 
 
 def random_mode(z1, z2, zn, labels, neg_index, neg_count, inv_tau, K, seed, offset, w,
@@ -150,7 +152,7 @@ def random_mode(z1, z2, zn, labels, neg_index, neg_count, inv_tau, K, seed, offs
     L = neg_index.shape[1]
     dev = z1.device
     M = zn.shape[0] * zn.shape[2]
-    un, _ = normalize_rows(zn, None, M, want_sq=False)
+    un, _ = normalize_rows(zn, None, M, want_norm=False)
     loss = torch.empty((N,), device=dev, dtype=torch.float32)
     g1 = g2 = pool_grad = qscale = descale = None
     fixed = False

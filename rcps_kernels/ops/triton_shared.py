@@ -19,9 +19,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def chain_store(du, u, sq, g_ptr, voxel, rmask, cc, cmask, C, P):
+def row_norms(z):
+    """||z|| of each row of a 2-D block, scaled before squaring like csrc/rcps_math.h's
+    scaled_norm: sum(z * z) overflows float32 from ||z|| ~ 1.8e19, sum((z / max|z|)^2) never."""
+    amax = tl.max(tl.abs(z), 1)
+    scaled = z / tl.where(amax > 0, amax, 1.0)[:, None]
+    return amax * tl.sqrt(tl.sum(scaled * scaled, 1))
+
+
+@triton.jit
+def chain_store(du, u, norm, g_ptr, voxel, rmask, cc, cmask, C, P):
     """dz = (du - u (u.du)) / max(||z||, eps) (du / eps where clamped) into (B, C, P) at voxel."""
-    norm = tl.sqrt(sq)
     clamped = norm <= 1e-12
     inv = 1.0 / tl.maximum(norm, 1e-12)
     u_dot_du = tl.sum(u * du, 1)
@@ -34,24 +42,42 @@ def chain_store(du, u, sq, g_ptr, voxel, rmask, cc, cmask, C, P):
 
 @triton.jit
 def positive_nll(neg_max, neg_sum, x):
-    """(-log softmax of the positive logit x, log-normaliser lse) from the negatives' (max, sum),
-    as rcps_math.h's positive_nll, which says why neither is formed from the other.
+    """(-log softmax of the positive logit x, anchor, rel) from the negatives' (max, sum), as
+    rcps_math.h's positive_nll, which says why the loss is not lse - x and why the log-normaliser
+    is kept as lse = anchor + rel (softmax weight exp((logit - anchor) - rel)).
     log1p(y) is taken as log(1 + y) * y / ((1 + y) - 1), exact to a few ulp without libdevice."""
     log_sum = tl.log(neg_sum)
     t = (neg_max - x) + log_sum
     y = tl.exp(-tl.abs(t))
     one_plus = 1.0 + y
     tail = tl.where(one_plus == 1.0, y, tl.log(one_plus) * (y / (one_plus - 1.0)))
-    return tl.maximum(t, 0.0) + tail, tl.where(t > 0.0, neg_max + log_sum, x) + tail
+    negatives_dominate = t > 0.0
+    return (tl.where(negatives_dominate, t, 0.0) + tail, tl.where(negatives_dominate, neg_max, x),
+            tl.where(negatives_dominate, log_sum, 0.0) + tail)
 
 
 @triton.jit
-def _normalize_kernel(z_ptr, z2_ptr, rows_ptr, u_ptr, sq_ptr, R, C, P, s_b, s_c, s_p, s2_b, s2_c,
+def store_normaliser(ptr, rows, anchor, rel, rmask):
+    """A row's log-normaliser (anchor, rel) at ptr + 2 row (see positive_nll)."""
+    tl.store(ptr + 2 * rows, anchor, mask=rmask)
+    tl.store(ptr + 2 * rows + 1, rel, mask=rmask)
+
+
+@triton.jit
+def softmax_weight(logit, ptr, rows, rmask):
+    """exp(logit - lse) for (rows, bank) logits, lse = anchor + rel stored by store_normaliser."""
+    anchor = tl.load(ptr + 2 * rows, mask=rmask, other=0.0)
+    rel = tl.load(ptr + 2 * rows + 1, mask=rmask, other=0.0)
+    return tl.exp((logit - anchor[:, None]) - rel[:, None])
+
+
+@triton.jit
+def _normalize_kernel(z_ptr, z2_ptr, rows_ptr, u_ptr, norm_ptr, R, C, P, s_b, s_c, s_p, s2_b, s2_c,
                       s2_p, HAS_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
                       BLOCK_C: tl.constexpr):
     """u[r] = z[voxel(r)] / max(||z||, eps) as fp32 rows (R, C); voxel(r) = rows[r] or r; -1 -> 0.
 
-    Grid axis 1 picks the input: z, or z2 into rows R.. 2R of u and sq (both views in one
+    Grid axis 1 picks the input: z, or z2 into rows R.. 2R of u and norm (both views in one
     launch: at small shapes the launch costs more than the work).
     """
     second = tl.program_id(1) == 1
@@ -74,12 +100,12 @@ def _normalize_kernel(z_ptr, z2_ptr, rows_ptr, u_ptr, sq_ptr, R, C, P, s_b, s_c,
     else:
         off = b[:, None] * s_b + p[:, None] * s_p + cc[None, :].to(tl.int64) * s_c
         z = tl.load(z_ptr + off, mask=zmask, other=0.0).to(tl.float32)
-    sq = tl.sum(z * z, 1)
-    u = z / tl.maximum(tl.sqrt(sq), 1e-12)[:, None]  # divide, like F.normalize (rcps_math.h)
+    norm = row_norms(z)
+    u = z / tl.maximum(norm, 1e-12)[:, None]  # divide, like F.normalize (rcps_math.h)
     out = tl.where(second, R, 0) + r
     tl.store(u_ptr + out[:, None] * C + cc[None, :], u, mask=rmask[:, None] & cmask[None, :])
-    if sq_ptr is not None:
-        tl.store(sq_ptr + out, sq, mask=rmask)
+    if norm_ptr is not None:
+        tl.store(norm_ptr + out, norm, mask=rmask)
 
 
 @triton.jit
@@ -95,36 +121,36 @@ def _pool_chain_kernel(z_ptr, pg_ptr, descale_ptr, g_ptr, M, C, P, s_b, s_c, s_p
     p = r - b * P
     z = tl.load(z_ptr + b[:, None] * s_b + p[:, None] * s_p + cc[None, :].to(tl.int64) * s_c,
                 mask=m2, other=0.0).to(tl.float32)
-    sq = tl.sum(z * z, 1)
-    u = z / tl.maximum(tl.sqrt(sq), 1e-12)[:, None]
+    norm = row_norms(z)
+    u = z / tl.maximum(norm, 1e-12)[:, None]
     g = tl.load(pg_ptr + r[:, None] * C + cc[None, :], mask=m2, other=0)
     if FIXED:
         du = (g.to(tl.float64) * tl.load(descale_ptr)).to(tl.float32)
     else:
         du = g.to(tl.float32)
-    chain_store(du, u, sq, g_ptr, r, rmask, cc, cmask, C, P)
+    chain_store(du, u, norm, g_ptr, r, rmask, cc, cmask, C, P)
 
 
 def block_c(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
 
-def normalize_rows(z: Tensor, rows: Tensor | None, R: int, want_sq: bool = True,
-               z2: Tensor | None = None):
-    """Rows of z (R, C) normalised in fp32, and their squared norms; with z2 (z's shape), both
-    in one launch as (2, R, C) and (2, R)."""
+def normalize_rows(z: Tensor, rows: Tensor | None, R: int, want_norm: bool = True,
+                   z2: Tensor | None = None):
+    """Rows of z (R, C) normalised in fp32, and their norms; with z2 (z's shape), both in one
+    launch as (2, R, C) and (2, R)."""
     C = z.shape[1]
     views = 1 if z2 is None else 2
     u = torch.empty((views, R, C), device=z.device, dtype=torch.float32)
-    sq = torch.empty((views, R), device=z.device, dtype=torch.float32) if want_sq else None
+    norm = torch.empty((views, R), device=z.device, dtype=torch.float32) if want_norm else None
     if R > 0:
         block_r = 16 if INTERPRET else 32
         other = z if z2 is None else z2
         _normalize_kernel[(triton.cdiv(R, block_r), views)](
-            z, other, rows, u, sq, R, C, z.shape[2], z.stride(0), z.stride(1), z.stride(2),
+            z, other, rows, u, norm, R, C, z.shape[2], z.stride(0), z.stride(1), z.stride(2),
             other.stride(0), other.stride(1), other.stride(2),
             HAS_ROWS=rows is not None, BLOCK_R=block_r, BLOCK_C=block_c(C))
-    return (u[0], sq[0] if want_sq else None) if z2 is None else (u, sq)
+    return (u[0], norm[0] if want_norm else None) if z2 is None else (u, norm)
 
 
 def pool_input_grad(zn: Tensor, pool_grad: Tensor, descale: Tensor | None) -> Tensor:

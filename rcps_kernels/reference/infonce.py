@@ -76,6 +76,16 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     return z.movedim(1, -1).reshape(-1, z.shape[1])
 
 
+def normalize(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """F.normalize(rows, dim=1, eps=eps) with the norm scaled before squaring: in float32 the
+    squared norm overflows from ||z|| ~ 1.8e19, and torch's norm does not scale on every device.
+    The scale (each row's largest |z_c|) is a constant for autograd: ||z|| = s ||z / s||."""
+    scale = rows.detach().abs().amax(dim=1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    norm = torch.linalg.vector_norm(rows / scale, dim=1, keepdim=True) * scale
+    return rows / norm.clamp_min(eps)
+
+
 def negatives_per_anchor(
     anchor_logits: torch.Tensor,
     negative_logits: torch.Tensor,
@@ -120,9 +130,7 @@ def bidirectional_voxel_infonce_reference(
     shape (B, *S) ("none"). Arguments as in :func:`rcps_kernels.bidirectional_voxel_infonce`;
     ``seed``/``offset`` key the random draws.
     """
-    u1 = F.normalize(_rows(anchor), dim=1, eps=1e-12)
-    u2 = F.normalize(_rows(positive), dim=1, eps=1e-12)
-    un = F.normalize(_rows(negative), dim=1, eps=1e-12)
+    u1, u2, un = normalize(_rows(anchor)), normalize(_rows(positive)), normalize(_rows(negative))
     neg = negatives_per_anchor(
         anchor_logits, negative_logits, num_negatives=num_negatives, sampling=sampling,
         confidence_threshold=confidence_threshold, seed=seed, offset=offset,
@@ -135,7 +143,11 @@ def bidirectional_voxel_infonce_reference(
         negative_logit = torch.einsum("nc,nkc->nk", u, gathered) / temperature
         negative_logit = negative_logit.masked_fill(~valid, float("-inf"))
         logits = torch.cat([positive_logit, negative_logit], dim=1)
-        return torch.logsumexp(logits, dim=1) - positive_logit.squeeze(1)
+        # Shifted by the row's max (a constant for autograd): the softmax weights that autograd
+        # forms, exp(logit - lse), then keep their digits when lse ~ 1/tau has an ulp above 1
+        # (small temperatures), and a positive that dominates gives no lse - x cancellation.
+        top = logits.detach().amax(dim=1, keepdim=True)
+        return torch.logsumexp(logits - top, dim=1) + (top - positive_logit).squeeze(1)
 
     per_anchor = direction(u1) + direction(u2)
     if reduction == "mean":
