@@ -113,27 +113,37 @@ RCPS_HD T urp_student_grad(T exp_student, T exp_teacher, T exp_sharpened, const 
 // L_cr
 // ---------------------------------------------------------------------------------------------
 
-// A power of two s with s * max_abs in [1, 4) (max_abs >= 0; s = 2^126 for 0 and subnormals in
-// fp32, so that s stays a normal number; inf and NaN keep their value): the exponent field of
-// max_abs, mirrored. Bit operations only, so the CPU loops that call it vectorise.
-RCPS_HD float power_of_two_scale(float max_abs) {
-  uint32_t bits;
-  memcpy(&bits, &max_abs, sizeof(bits));
-  uint32_t biased = (bits >> 23) & 0xffu;
-  biased = biased < 253u ? biased : 253u;
-  const uint32_t scale_bits = (254u - biased) << 23;
-  float scale;
-  memcpy(&scale, &scale_bits, sizeof(scale));
-  return scale;
-}
+// Bit layout of a float type: its unsigned twin, mantissa width and exponent-field mask.
+template <typename T>
+struct FloatLayout;
+template <>
+struct FloatLayout<float> {
+  using Bits = uint32_t;
+  static constexpr int kMantissaBits = 23;
+  static constexpr Bits kExponentMask = 0xff;
+};
+template <>
+struct FloatLayout<double> {
+  using Bits = uint64_t;
+  static constexpr int kMantissaBits = 52;
+  static constexpr Bits kExponentMask = 0x7ff;
+};
 
-RCPS_HD double power_of_two_scale(double max_abs) {
-  uint64_t bits;
+// A power of two s with s * max_abs in [1, 4) (max_abs >= 0; for 0 and subnormals s is the
+// largest normal power of two, 2^127 in fp32; inf and NaN keep their value): the exponent field
+// of max_abs, mirrored, and kept below the largest finite exponent so that s stays normal. Bit
+// operations only, so the CPU loops that call it vectorise.
+template <typename T>
+RCPS_HD T power_of_two_scale(T max_abs) {
+  using Layout = FloatLayout<T>;
+  using Bits = typename Layout::Bits;
+  Bits bits;
   memcpy(&bits, &max_abs, sizeof(bits));
-  uint64_t biased = (bits >> 52) & 0x7ffu;
-  biased = biased < 2045u ? biased : 2045u;
-  const uint64_t scale_bits = (2046u - biased) << 52;
-  double scale;
+  const Bits largest_finite = Layout::kExponentMask - 1;  // 254 in fp32
+  Bits biased = (bits >> Layout::kMantissaBits) & Layout::kExponentMask;
+  biased = biased < largest_finite - 1 ? biased : largest_finite - 1;
+  const Bits scale_bits = (largest_finite - biased) << Layout::kMantissaBits;
+  T scale;
   memcpy(&scale, &scale_bits, sizeof(scale));
   return scale;
 }

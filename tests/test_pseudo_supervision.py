@@ -257,21 +257,24 @@ def evaluate_cosine(backend, a, b, eps, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_urp_logits_near_the_largest_float(backend):
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_urp_logits_near_the_largest_float(backend, reduction):
     # z - max z overflows for logits of opposite signs near 3e38, but the loss is representable:
     # voxel 0: CE = 3e38 (half the sharpened target on the class 6e38 below), D ~ 3e38, w = 0;
-    # voxel 2: the teacher's logits differ by 6e38, the student's CE and D are 2e38.
+    # voxel 2: the teacher's logits differ by 6e38, the student's CE and D are 2e38. Their sum
+    # overflows float32, their mean (1.7e38) does not.
     student = torch.tensor([[[3e38, 1.0, -1e38], [-3e38, 0.0, 1e38]]], dtype=torch.float64)
     teacher = torch.tensor([[[0.0, 1.0, 3e38], [0.0, -1.0, -3e38]]], dtype=torch.float64)
-    exact = rectified_pseudo_supervision_reference(student, teacher, TEMPERATURE, "none")
+    exact = rectified_pseudo_supervision_reference(student, teacher, TEMPERATURE, reduction)
     assert torch.isfinite(exact).all() and exact.max() > 1e38
     s = student.float().requires_grad_()
-    loss = rk.rectified_pseudo_supervision(s, teacher.float(), reduction="none", backend=backend)
+    loss = rk.rectified_pseudo_supervision(s, teacher.float(), reduction=reduction,
+                                           backend=backend)
     torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(loss.sum(), s)
     (exact_grad,) = torch.autograd.grad(
         rectified_pseudo_supervision_reference(student.requires_grad_(), teacher, TEMPERATURE,
-                                               "sum"), student)
+                                               reduction).sum(), student)
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-5, atol=1e-6)
 

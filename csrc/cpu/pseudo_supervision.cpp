@@ -383,9 +383,10 @@ struct CosineBlockState {
       const acc_t* x = a.data() + c * V;
       const acc_t* y = b.data() + c * V;
       #pragma omp simd  // no aliasing between the block's arrays
-      for (int64_t j = 0; j < count; ++j) {
-        scale_a[j] = std::max(scale_a[j], std::abs(x[j]));
-        scale_b[j] = std::max(scale_b[j], std::abs(y[j]));
+      for (int64_t j = 0; j < count; ++j) {  // selects, not std::max/abs: this form vectorises
+        const acc_t abs_x = x[j] < 0 ? -x[j] : x[j], abs_y = y[j] < 0 ? -y[j] : y[j];
+        scale_a[j] = abs_x > scale_a[j] ? abs_x : scale_a[j];
+        scale_b[j] = abs_y > scale_b[j] ? abs_y : scale_b[j];
       }
     }
     #pragma omp simd  // no aliasing between the block's arrays
