@@ -173,8 +173,11 @@ RCPS_HD CosineVoxel<T> cosine_voxel(T sq_norm_a, T sq_norm_b, T dot, T scale_a, 
   v.clamped_b = !(norm_b > eps_b);
   v.unit_a = T(1) / (v.clamped_a ? eps_a : norm_a);
   v.unit_b = T(1) / (v.clamped_b ? eps_b : norm_b);
-  v.inv_norm_a = v.clamped_a ? T(1) / eps : scale_a * v.unit_a;
-  v.inv_norm_b = v.clamped_b ? T(1) / eps : scale_b * v.unit_b;
+  // Both sides of each select computed first: a select of values vectorises on the CPU, one
+  // of a division or product that might trap (-ftrapping-math) does not.
+  const T inv_eps = T(1) / eps, inv_norm_a = scale_a * v.unit_a, inv_norm_b = scale_b * v.unit_b;
+  v.inv_norm_a = v.clamped_a ? inv_eps : inv_norm_a;
+  v.inv_norm_b = v.clamped_b ? inv_eps : inv_norm_b;
   v.cosine = dot * v.unit_a * v.unit_b;
   v.loss = T(1) - v.cosine;
   return v;
@@ -187,7 +190,7 @@ RCPS_HD T cosine_grad(T x, T other, T scale_x, T unit_x, T inv_norm_x, bool clam
                       T scale_other, T unit_other, T cosine, T grad_scale) {
   const T x_hat = x * scale_x * unit_x;
   const T other_hat = other * scale_other * unit_other;
-  const T radial = clamped_x ? T(0) : cosine * x_hat;
+  const T radial = cosine * x_hat * (clamped_x ? T(0) : T(1));  // a select of constants
   return -(grad_scale * inv_norm_x) * (other_hat - radial);
 }
 

@@ -412,18 +412,32 @@ struct CosineBlockState {
         dot[j] += xs * ys;
       }
     }
-    #pragma omp simd  // no aliasing between the block's arrays
+    per_voxel(count, eps, sq_norm_a.data(), sq_norm_b.data(), dot.data(), scale_a.data(),
+              scale_b.data(), loss.data(), cosine.data(), unit_a.data(), unit_b.data(),
+              inv_norm_a.data(), inv_norm_b.data(), clamped_a.data(), clamped_b.data());
+  }
+
+  // The per-voxel results, over restrict pointers: with the vectors' operator[] (whose data
+  // pointers a uint8_t store might alias) GCC leaves this loop scalar.
+  static void per_voxel(int64_t count, acc_t eps, const acc_t* __restrict sq_a,
+                        const acc_t* __restrict sq_b, const acc_t* __restrict dot_ab,
+                        const acc_t* __restrict s_a, const acc_t* __restrict s_b,
+                        acc_t* __restrict loss_out, acc_t* __restrict cosine_out,
+                        acc_t* __restrict unit_a_out, acc_t* __restrict unit_b_out,
+                        acc_t* __restrict inv_a_out, acc_t* __restrict inv_b_out,
+                        uint8_t* __restrict clamped_a_out, uint8_t* __restrict clamped_b_out) {
+    #pragma omp simd
     for (int64_t j = 0; j < count; ++j) {
-      const ps::CosineVoxel<acc_t> v = ps::cosine_voxel<acc_t>(
-          sq_norm_a[j], sq_norm_b[j], dot[j], scale_a[j], scale_b[j], eps, SqrtFn());
-      loss[j] = v.loss;
-      cosine[j] = v.cosine;
-      unit_a[j] = v.unit_a;
-      unit_b[j] = v.unit_b;
-      inv_norm_a[j] = v.inv_norm_a;
-      inv_norm_b[j] = v.inv_norm_b;
-      clamped_a[j] = v.clamped_a;
-      clamped_b[j] = v.clamped_b;
+      const ps::CosineVoxel<acc_t> v =
+          ps::cosine_voxel<acc_t>(sq_a[j], sq_b[j], dot_ab[j], s_a[j], s_b[j], eps, SqrtFn());
+      loss_out[j] = v.loss;
+      cosine_out[j] = v.cosine;
+      unit_a_out[j] = v.unit_a;
+      unit_b_out[j] = v.unit_b;
+      inv_a_out[j] = v.inv_norm_a;
+      inv_b_out[j] = v.inv_norm_b;
+      clamped_a_out[j] = v.clamped_a;
+      clamped_b_out[j] = v.clamped_b;
     }
   }
 
