@@ -82,6 +82,17 @@ def check_reciprocal_range(name: str, value: float, dtype: torch.dtype) -> None:
         )
 
 
+def check_loss_options(reduction: str, dtype: torch.dtype | None = None,
+                       **reciprocals: object) -> None:
+    """reduction, and the numbers whose reciprocal the kernels use (temperature, eps): finite
+    and > 0, with a reciprocal that is a finite normal number for `dtype` inputs (when known)."""
+    check_reduction(reduction)
+    for name, value in reciprocals.items():
+        check_positive_real(name, value)
+        if dtype is not None:
+            check_reciprocal_range(name, value, dtype)
+
+
 def check_optional_bool(name: str, value: object) -> None:
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"{name} must be True, False or None, got {type(value).__name__} {value!r}")

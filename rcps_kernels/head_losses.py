@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _validation as v
 from .pseudo_supervision import (
-    _REDUCTION_CODES, _as_input_layout, _check_options, _flat, _flat_grad_output,
+    _REDUCTION_CODES, _as_input_layout, _flat, _flat_grad_output,
     _kernels, _loss_dtype, _loss_shape, _resolve_impl, _unflatten_loss,
 )
 from .reference.pseudo_supervision import (
@@ -123,7 +123,7 @@ def pseudo_supervision_losses(
     """
     v.check_logits_pair("view_a", view_a, "view_b", view_b)
     v.check_logits_pair("view_a", view_a, "teacher_logits", teacher_logits)
-    _check_options(reduction, view_a.dtype, temperature=temperature, eps=eps)
+    v.check_loss_options(reduction, view_a.dtype, temperature=temperature, eps=eps)
     impl = _resolve_impl(backend, view_a.device.type)
     if impl == "reference":
         urp = (rectified_pseudo_supervision_reference(view_a, teacher_logits, temperature, reduction)

@@ -264,19 +264,6 @@ _cosine_op.register_autograd(_cosine_backward, setup_context=_cosine_setup_conte
 
 
 # --------------------------------------------------------------------------------------------
-# Validation of the options (the tensors: _validation.check_logits_pair)
-# --------------------------------------------------------------------------------------------
-def _check_options(reduction: str, dtype: torch.dtype | None = None, **reciprocals: object) -> None:
-    """reduction, and the numbers whose reciprocal the kernels use (temperature, eps): finite
-    and > 0, with a reciprocal that is a finite normal number for `dtype` inputs (when known)."""
-    v.check_reduction(reduction)
-    for name, value in reciprocals.items():
-        v.check_positive_real(name, value)
-        if dtype is not None:
-            v.check_reciprocal_range(name, value, dtype)
-
-
-# --------------------------------------------------------------------------------------------
 # Public functions and modules
 # --------------------------------------------------------------------------------------------
 def rectified_pseudo_supervision(
@@ -318,7 +305,7 @@ def rectified_pseudo_supervision(
         RuntimeError: an explicitly requested backend that is not usable here.
     """
     v.check_logits_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    _check_options(reduction, student_logits.dtype, temperature=temperature)
+    v.check_loss_options(reduction, student_logits.dtype, temperature=temperature)
     impl = _resolve_impl(backend, student_logits.device.type)
     if impl == "reference":
         loss = rectified_pseudo_supervision_reference(
@@ -366,7 +353,7 @@ def logit_cosine_consistency(
         RuntimeError: an explicitly requested backend that is not usable here.
     """
     v.check_logits_pair("logits_a", logits_a, "logits_b", logits_b)
-    _check_options(reduction, logits_a.dtype, eps=eps)
+    v.check_loss_options(reduction, logits_a.dtype, eps=eps)
     impl = _resolve_impl(backend, logits_a.device.type)
     if impl == "reference":
         loss = logit_cosine_consistency_reference(logits_a, logits_b, eps, reduction)
@@ -391,7 +378,7 @@ class RectifiedPseudoSupervisionLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        _check_options(reduction, temperature=temperature)
+        v.check_loss_options(reduction, temperature=temperature)
         self.temperature = temperature
         self.reduction = reduction
         self.backend = backend
@@ -418,7 +405,7 @@ class LogitCosineConsistencyLoss(nn.Module):
 
     def __init__(self, eps: float = 1e-8, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        _check_options(reduction, eps=eps)
+        v.check_loss_options(reduction, eps=eps)
         self.eps = eps
         self.reduction = reduction
         self.backend = backend
