@@ -198,3 +198,24 @@ def test_the_old_environment_switch_still_works_with_a_warning(monkeypatch):
     monkeypatch.delenv("RCPS_DETERMINISTIC")
     assert not _backend.deterministic_algorithms()
     _backend._warn_deprecated_environment_switch.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_deterministic_keyword_makes_random_mode_bitwise_reproducible_on_a_gpu(backend):
+    g = torch.Generator().manual_seed(3)
+    feats = [torch.randn(1, 64, 16, 16, 8, generator=g).cuda() for _ in range(3)]
+    logits = [torch.randn(1, 2, 16, 16, 8, generator=g).cuda() for _ in range(2)]
+
+    def run():
+        leaves = [f.clone().requires_grad_() for f in feats]
+        loss = rk.bidirectional_voxel_infonce(
+            *leaves, *logits, num_negatives=200, sampling="random", backend=backend,
+            generator=torch.Generator().manual_seed(5), deterministic=True)
+        loss.backward()
+        return [loss.detach(), *(t.grad for t in leaves)]
+
+    first = run()
+    for _ in range(3):
+        for x, y in zip(first, run()):
+            assert torch.equal(x, y)
