@@ -3,9 +3,14 @@
 ``auto`` picks the fused CPU kernel for CPU tensors and the faster GPU backend for CUDA tensors
 (``RCPS_GPU_BACKEND=triton|cuda`` overrides the choice), and falls back to the plain PyTorch
 reference, with one warning, when nothing compiled is usable.
+
+Also here: :func:`deterministic_algorithms`, which kernels with a faster nondeterministic path
+ask, when they run, whether to take their deterministic one.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import os
@@ -124,3 +129,52 @@ def resolve_backend(backend: str, device: torch.device, available: tuple[str, ..
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is not usable here: {reason}")
     return backend
+
+
+# The deterministic= keyword of a public call, while that call's kernels run (forward and
+# backward op bodies set it from their own argument; None: no per-call choice).
+_DETERMINISTIC_OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
+    "rcps_deterministic_override", default=None)
+
+
+def deterministic_algorithms() -> bool:
+    """Whether a kernel called now takes its deterministic path.
+
+    A per-call ``deterministic=True/False`` (:func:`deterministic_override`) decides; otherwise
+    torch's switch, ``torch.use_deterministic_algorithms``, read at this moment (as torch's own
+    ops do), not at import.
+    """
+    override = _DETERMINISTIC_OVERRIDE.get()
+    if override is not None:
+        return override
+    return torch.are_deterministic_algorithms_enabled() or _deprecated_environment_switch()
+
+
+@contextlib.contextmanager
+def deterministic_override(deterministic: bool | None):
+    """Make :func:`deterministic_algorithms` answer `deterministic` inside (None: no override)."""
+    token = _DETERMINISTIC_OVERRIDE.set(deterministic)
+    try:
+        yield
+    finally:
+        _DETERMINISTIC_OVERRIDE.reset(token)
+
+
+def _deprecated_environment_switch() -> bool:
+    # RCPS_DETERMINISTIC=1 was the switch before torch's was followed. It still works, with a
+    # warning, so that runs which relied on it for bitwise reproducibility do not silently lose it.
+    if os.environ.get("RCPS_DETERMINISTIC", "0") != "1":
+        return False
+    _warn_deprecated_environment_switch()
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_deprecated_environment_switch() -> None:
+    warnings.warn(
+        "rcps_kernels: RCPS_DETERMINISTIC=1 is deprecated; call "
+        "torch.use_deterministic_algorithms(True), or pass deterministic=True to "
+        "bidirectional_voxel_infonce / BidirectionalVoxelContrastiveLoss",
+        FutureWarning,
+        stacklevel=3,
+    )

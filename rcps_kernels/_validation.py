@@ -1,7 +1,12 @@
-"""Input checks shared by the public functions: ValueErrors that name the argument and shapes."""
+"""Input checks shared by the public functions: errors that name the argument and shapes.
+
+A wrong type (a bool, string or None where a number is expected) raises TypeError; a value of
+the right type outside its range raises ValueError.
+"""
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -41,6 +46,95 @@ def check_volume(name: str, tensor: object) -> torch.Tensor:
     return tensor
 
 
+def check_logits(name: str, logits: object) -> torch.Tensor:
+    """Floating (B, K, *S) logits with 1-3 spatial dims, K >= 2 classes and no empty axis."""
+    check_volume(name, logits)
+    if logits.shape[1] < 2:
+        raise ValueError(f"{name} needs at least 2 classes on axis 1, got shape {shape_str(logits)}")
+    return logits
+
+
+def check_logits_pair(first_name: str, first: object, second_name: str, second: object) -> None:
+    """Two logits tensors of one shape, dtype and device."""
+    check_logits(first_name, first)
+    check_logits(second_name, second)
+    if first.shape != second.shape:
+        raise ValueError(f"{first_name} and {second_name} must have the same shape, got "
+                         f"{shape_str(first)} and {shape_str(second)}")
+    if first.dtype != second.dtype:
+        raise ValueError(f"{first_name} and {second_name} must have the same dtype, got "
+                         f"{first.dtype} and {second.dtype} (shape {shape_str(first)})")
+    if first.device != second.device:
+        raise ValueError(f"{first_name} (shape {shape_str(first)}) is on {first.device} but "
+                         f"{second_name} (shape {shape_str(second)}) is on {second.device}")
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """An int >= minimum (a bool is not a count, though Python makes it an int)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_positive_real(name: str, value: object) -> float:
+    """A finite real number > 0 (an int or float; not a bool, string, None or tensor)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+    return float(value)
+
+
+def check_reciprocal_range(name: str, value: float, dtype: torch.dtype) -> None:
+    """The kernels multiply by 1/value in the accumulation dtype of `dtype` inputs (float32 for
+    half and float32, float64 for float64): it must be a finite normal number there."""
+    info = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32)
+    low, high = 1.0 / info.max, 1.0 / info.tiny
+    if not low <= value <= high:
+        raise ValueError(
+            f"{name}={value!r} is out of range for {dtype} inputs: 1/{name} must be a finite "
+            f"normal {info.dtype} number, so {name} must lie in [{low:.4g}, {high:.4g}]"
+        )
+
+
+def check_loss_options(reduction: str, dtype: torch.dtype | None = None,
+                       **reciprocals: object) -> None:
+    """reduction, and the numbers whose reciprocal the kernels use (temperature, eps): finite
+    and > 0, with a reciprocal that is a finite normal number for `dtype` inputs (when known)."""
+    check_reduction(reduction)
+    for name, value in reciprocals.items():
+        check_positive_real(name, value)
+        if dtype is not None:
+            check_reciprocal_range(name, value, dtype)
+
+
+def check_optional_bool(name: str, value: object) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be True, False or None, got {type(value).__name__} {value!r}")
+
+
+def check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__} {generator!r}")
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Every element finite (one host sync; nothing to check on meta tensors or while
+    torch.compile traces)."""
+    if has_no_data(tensor):
+        return
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf (shape {shape_str(tensor)})")
+
+
+def has_no_data(tensor: torch.Tensor) -> bool:
+    """Meta tensors (shapes only) and tensors traced by torch.compile hold no values to check."""
+    return tensor.device.type == "meta" or torch.compiler.is_compiling()
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     devices = {name: t.device for name, t in tensors.items()}
     first = next(iter(devices.values()))
@@ -62,8 +156,8 @@ def shape_str(tensor: torch.Tensor) -> str:
 def all_finite(inputs_sum: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> bool:
     """Whether a 0-d sum of some inputs and every element of ``tensors`` are finite (one host
     sync; a norm that overflows on finite values answers False, which only costs the exact
-    check). Under torch.compile nothing is checked and the answer is True."""
-    if torch.compiler.is_compiling():
+    check). Under torch.compile and on meta tensors nothing is checked and the answer is True."""
+    if has_no_data(tensors[0]):
         return True
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     norms = torch._foreach_norm([t.detach() for t in tensors], 2, dtype=dtype)  # one launch
@@ -79,8 +173,13 @@ def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tenso
     of inputs that can hold a NaN which never reaches the loss (unselected logits): it joins
     the same test, so the whole check costs one host sync (a sum that overflows on finite
     values only costs the exact scan of ``checks``, which decides).
+
+    Raises:
+        ValueError: naming the first input that holds a NaN/Inf; or, when they are all finite
+            and the loss is not, naming them with their largest magnitude (a value overflowed
+            the loss dtype: the loss is refused rather than returned as NaN/Inf).
     """
-    if torch.compiler.is_compiling():
+    if has_no_data(loss):
         return
     total = loss.detach()
     if total.dim() != 0:
@@ -98,3 +197,15 @@ def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tenso
                 raise ValueError(f"{name} has a voxel whose logits are all -inf (shape {shape})")
         elif not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} contains NaN or Inf (shape {shape})")
+    if not bool(torch.isfinite(loss.detach()).all()):
+        largest = ", ".join(
+            f"{name} {_largest_finite(tensor):.4g}" for name, tensor, _ in checks)
+        raise ValueError(
+            f"the loss overflowed {loss.dtype} although every input is finite (largest |value|: "
+            f"{largest}): rescale the inputs, or pass float64 tensors"
+        )
+
+
+def _largest_finite(tensor: torch.Tensor) -> float:
+    finite = tensor.detach()[torch.isfinite(tensor.detach())]
+    return finite.abs().max().item() if finite.numel() else 0.0

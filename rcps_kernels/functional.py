@@ -18,7 +18,8 @@ MIN_TEMPERATURE = 2.0**-125
 
 
 def _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
-              temperature, sampling, confidence_threshold, reduction) -> None:
+              temperature, sampling, confidence_threshold, generator, reduction,
+              deterministic) -> None:
     for name, t in (("anchor", anchor), ("positive", positive), ("negative", negative),
                     ("anchor_logits", anchor_logits), ("negative_logits", negative_logits)):
         v.check_volume(name, t)
@@ -44,10 +45,8 @@ def _validate(anchor, positive, negative, anchor_logits, negative_logits, num_ne
                          f"got {v.shape_str(anchor_logits)} and {v.shape_str(negative_logits)}")
     if anchor_logits.shape[1] < 2:
         raise ValueError(f"anchor_logits needs at least 2 classes, got {v.shape_str(anchor_logits)}")
-    if not isinstance(num_negatives, int) or num_negatives < 1:
-        raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    v.check_count("num_negatives", num_negatives)
+    v.check_positive_real("temperature", temperature)
     if temperature < MIN_TEMPERATURE:
         raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.4g} (2**-125), got "
                          f"{temperature!r}: the loss reaches 4 / temperature, beyond float32")
@@ -55,7 +54,9 @@ def _validate(anchor, positive, negative, anchor_logits, negative_logits, num_ne
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold!r}")
+    v.check_generator(generator)
     v.check_reduction(reduction)
+    v.check_optional_bool("deterministic", deterministic)
 
 
 def _draw_seed(generator: torch.Generator | None) -> int:
@@ -77,6 +78,7 @@ def bidirectional_voxel_infonce(
     generator: torch.Generator | None = None,
     reduction: str = "mean",
     backend: str = "auto",
+    deterministic: bool | None = None,
 ) -> Tensor:
     """Bidirectional voxel InfoNCE with confident negative sampling (RCPS's L_bc).
 
@@ -111,20 +113,26 @@ def bidirectional_voxel_infonce(
         confidence_threshold: "random" only, minimum max-softmax confidence of a negative.
         generator: seeds "random" sampling (default: torch's global generator).
         reduction: "mean" (mean_i l1_i + mean_i l2_i), "sum", or "none" (l1 + l2, shape (B, *S)).
+            The fused "mean" path computes its gradient in forward and scales it in place in
+            backward, so its graph takes one backward: for ``retain_graph=True`` or
+            ``torch.autograd.gradcheck`` use "sum" or "none".
         backend: "auto", "cpu", "triton", "cuda" or "reference".
+        deterministic: "random" sampling on a GPU adds the pool gradient with float atomics
+            unless it runs deterministically (int64 fixed-point atomics, bitwise reproducible).
+            None (default) follows ``torch.are_deterministic_algorithms_enabled()`` when the
+            kernel runs (``torch.use_deterministic_algorithms(True)`` turns it on); True or
+            False forces it for this call. topk mode and the CPU kernels are always
+            deterministic.
 
     Returns:
-        The loss: a scalar, or (B, *S) for reduction="none". float32 for float16/bfloat16/float32
-        inputs on the fused backends, the input dtype on the reference. float64 inputs give a
-        float64 loss; backend="cpu" and the reference compute it in double.
-
-    Note:
-        ``torch.autograd.gradcheck`` (float64, backend="cpu" or "reference") needs
-        ``reduction="sum"`` or ``"none"``: the fused "mean" path computes its gradient in the
-        forward pass and scales it in place in backward, so it refuses a second backward.
+        The loss: a scalar, or (B, *S) for reduction="none"; float32 for float16/bfloat16/float32
+        inputs, float64 for float64 inputs. Meta tensors give a result of the right shape and
+        dtype (nothing is computed).
 
     Raises:
-        ValueError: bad shapes, dtypes, devices or arguments, NaN/Inf logits, or NaN/Inf
+        TypeError: num_negatives not an int (a bool is refused), temperature not a real number,
+            generator not a torch.Generator, deterministic not a bool or None.
+        ValueError: bad shapes, dtypes, devices or values, NaN/Inf logits, or NaN/Inf
             features that reach the loss (names the argument; a non-finite pool voxel that is
             never selected as a negative does not affect the result and is not reported).
         RuntimeError: an explicitly requested backend that is not usable here.
@@ -132,7 +140,7 @@ def bidirectional_voxel_infonce(
     anchor, positive, negative, anchor_logits, negative_logits = v.plain_tensors(
         anchor, positive, negative, anchor_logits, negative_logits)
     _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
-              temperature, sampling, confidence_threshold, reduction)
+              temperature, sampling, confidence_threshold, generator, reduction, deterministic)
     impl = resolve_backend(backend, anchor.device, _BACKENDS)
     seed = _draw_seed(generator) if sampling == "random" else 0
     if impl == "reference":
@@ -146,7 +154,8 @@ def bidirectional_voxel_infonce(
     # that is never selected does not and is not reported.
     inputs_finite = v.all_finite(logits_total, (anchor, positive, negative))
     loss = _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_logits,
-                    num_negatives, temperature, sampling, confidence_threshold, seed, reduction)
+                    num_negatives, temperature, sampling, confidence_threshold, seed, reduction,
+                    deterministic)
     if not inputs_finite:
         v.check_result_finite(loss, (("anchor_logits", anchor_logits, False),
                                      ("negative_logits", negative_logits, False),
@@ -157,14 +166,15 @@ def bidirectional_voxel_infonce(
 
 
 def _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_logits,
-             num_negatives, temperature, sampling, confidence_threshold, seed,
-             reduction) -> Tensor:
+             num_negatives, temperature, sampling, confidence_threshold, seed, reduction,
+             deterministic) -> Tensor:
+    out_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
     if impl == "reference":
         return bidirectional_voxel_infonce_reference(
             anchor, positive, negative, anchor_logits, negative_logits,
             num_negatives=num_negatives, temperature=temperature, sampling=sampling,
             confidence_threshold=confidence_threshold, seed=seed, reduction=reduction,
-        )
+        ).to(out_dtype)  # float32 for half inputs, as the fused backends return
     anchor_labels, neg_index, neg_count = tables
     # (B, C, P) views (copies only for layouts that cannot be flattened); kernels take any strides.
     z1 = anchor.reshape(anchor.shape[0], anchor.shape[1], -1)
@@ -172,14 +182,13 @@ def _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_l
     zn = negative.reshape(negative.shape[0], negative.shape[1], -1)
     args = (z1, z2, zn, anchor_labels, neg_index, neg_count, float(temperature), num_negatives,
             sampling == "random", seed, 0, impl)
-    out_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
     wants_grad = torch.is_grad_enabled() and (
         anchor.requires_grad or positive.requires_grad or negative.requires_grad
     )
     if reduction == "mean" and wants_grad:
-        loss, _, _, _ = ops.mean_loss_with_grads(*args, negative.requires_grad)
+        loss, _, _, _ = ops.mean_loss_with_grads(*args, negative.requires_grad, deterministic)
         return loss.to(out_dtype)
-    per_anchor = ops.per_anchor_loss(*args).to(out_dtype)
+    per_anchor = ops.per_anchor_loss(*args, deterministic).to(out_dtype)
     if reduction == "mean":
         return per_anchor.mean()
     if reduction == "sum":

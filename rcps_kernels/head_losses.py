@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _validation as v
 from .pseudo_supervision import (
-    _REDUCTION_CODES, _as_input_layout, _check_options, _check_pair, _flat, _flat_grad_output,
+    _REDUCTION_CODES, _as_input_layout, _flat, _flat_grad_output,
     _kernels, _loss_dtype, _loss_shape, _resolve_impl, _unflatten_loss,
 )
 from .reference.pseudo_supervision import (
@@ -103,23 +103,28 @@ def pseudo_supervision_losses(
         view_b: (B, K, *S) logits of augmented view 2.
         teacher_logits: (B, K, *S) logits of the original view; never receives gradient. Classes
             may be ruled out with -inf logits (at least one finite logit per voxel).
-        temperature: sharpening temperature T > 0 of L_urp's cross-entropy target.
-        eps: smallest norm in L_cr's cosine, > 0.
+        temperature: sharpening temperature T > 0 of L_urp's cross-entropy target (1/T a finite
+            normal float32, float64 for float64 inputs).
+        eps: smallest norm in L_cr's cosine, > 0 (1/eps likewise).
         reduction: "mean" (over batch and voxels, per loss), "sum", or "none" ((B, *S) maps).
         backend: "auto", "cpu", "triton", "cuda" or "reference".
 
     Returns:
-        ``(l_urp, l_cr)``, float32 for float16/bfloat16/float32 inputs, float64 for float64.
+        ``(l_urp, l_cr)``, float32 for float16/bfloat16/float32 inputs, float64 for float64
+        (computed in float64, so ``torch.autograd.gradcheck`` applies with any reduction: the
+        backward recomputes from the saved logits and can run more than once).
 
     Raises:
+        TypeError: temperature or eps is not a real number.
         ValueError: mismatched shapes/dtypes/devices, wrong rank, fewer than 2 classes,
-            temperature or eps <= 0, unknown reduction, NaN/Inf logits (names the argument).
+            temperature or eps not finite, <= 0 or out of range, unknown reduction, NaN/Inf
+            logits (names the argument), or losses that overflow although the logits are finite.
         RuntimeError: an explicitly requested backend that is not usable here.
     """
     view_a, view_b, teacher_logits = v.plain_tensors(view_a, view_b, teacher_logits)
-    _check_pair("view_a", view_a, "view_b", view_b)
-    _check_pair("view_a", view_a, "teacher_logits", teacher_logits)
-    _check_options(reduction, temperature=temperature, eps=eps)
+    v.check_logits_pair("view_a", view_a, "view_b", view_b)
+    v.check_logits_pair("view_a", view_a, "teacher_logits", teacher_logits)
+    v.check_loss_options(reduction, view_a.dtype, temperature=temperature, eps=eps)
     impl = _resolve_impl(backend, view_a.device.type)
     if impl == "reference":
         urp = (rectified_pseudo_supervision_reference(view_a, teacher_logits, temperature, reduction)

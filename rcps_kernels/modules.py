@@ -11,7 +11,9 @@ class BidirectionalVoxelContrastiveLoss(nn.Module):
     """RCPS's bidirectional voxel contrastive loss L_bc as a module.
 
     Args: see :func:`rcps_kernels.bidirectional_voxel_infonce`; every keyword is stored and used
-    on each call. ``generator`` seeds random sampling.
+    on each call. ``generator`` seeds random sampling; ``deterministic`` (None: follow
+    ``torch.use_deterministic_algorithms`` at each call) forces random mode's deterministic
+    GPU path on or off.
 
     Example::
 
@@ -28,6 +30,7 @@ class BidirectionalVoxelContrastiveLoss(nn.Module):
         generator: torch.Generator | None = None,
         reduction: str = "mean",
         backend: str = "auto",
+        deterministic: bool | None = None,
     ) -> None:
         super().__init__()
         self.num_negatives = num_negatives
@@ -37,6 +40,7 @@ class BidirectionalVoxelContrastiveLoss(nn.Module):
         self.generator = generator
         self.reduction = reduction
         self.backend = backend
+        self.deterministic = deterministic
 
     def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor,
                 anchor_logits: Tensor, negative_logits: Tensor) -> Tensor:
@@ -45,6 +49,7 @@ class BidirectionalVoxelContrastiveLoss(nn.Module):
             num_negatives=self.num_negatives, temperature=self.temperature,
             sampling=self.sampling, confidence_threshold=self.confidence_threshold,
             generator=self.generator, reduction=self.reduction, backend=self.backend,
+            deterministic=self.deterministic,
         )
 
     def extra_repr(self) -> str:

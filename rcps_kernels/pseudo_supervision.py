@@ -35,7 +35,6 @@ from .reference.pseudo_supervision import (
 
 _BACKENDS = ("cpu", "triton", "cuda", "reference")
 _REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,47 +264,6 @@ _cosine_op.register_autograd(_cosine_backward, setup_context=_cosine_setup_conte
 
 
 # --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-def _check_logits(name: str, logits: object) -> None:
-    if not isinstance(logits, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if not 3 <= logits.dim() <= 5:
-        raise ValueError(
-            f"{name} must be (B, K, *spatial) with 1-3 spatial dims, got shape {tuple(logits.shape)}"
-        )
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name} must be a floating tensor, got dtype {logits.dtype} "
-                         f"(shape {tuple(logits.shape)})")
-    if logits.shape[1] < 2:
-        raise ValueError(f"{name} needs at least 2 classes on axis 1, got shape {tuple(logits.shape)}")
-    if logits.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(logits.shape)}")
-
-
-def _check_pair(first_name: str, first: Tensor, second_name: str, second: Tensor) -> None:
-    _check_logits(first_name, first)
-    _check_logits(second_name, second)
-    if first.shape != second.shape:
-        raise ValueError(f"{first_name} and {second_name} must have the same shape, got "
-                         f"{tuple(first.shape)} and {tuple(second.shape)}")
-    if first.dtype != second.dtype:
-        raise ValueError(f"{first_name} and {second_name} must have the same dtype, got "
-                         f"{first.dtype} and {second.dtype} (shape {tuple(first.shape)})")
-    if first.device != second.device:
-        raise ValueError(f"{first_name} (shape {tuple(first.shape)}) is on {first.device} but "
-                         f"{second_name} (shape {tuple(second.shape)}) is on {second.device}")
-
-
-def _check_options(reduction: str, **positive: float) -> None:
-    if reduction not in _REDUCTION_CODES:
-        raise ValueError(f"reduction must be one of {tuple(_REDUCTION_CODES)}, got {reduction!r}")
-    for name, value in positive.items():
-        if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-# --------------------------------------------------------------------------------------------
 # Public functions and modules
 # --------------------------------------------------------------------------------------------
 def rectified_pseudo_supervision(
@@ -326,22 +284,29 @@ def rectified_pseudo_supervision(
         student_logits: (B, K, *S) logits of an augmented view (1-3 spatial dims, K >= 2).
         teacher_logits: (B, K, *S) logits of the original view; never receives gradient. Classes
             may be ruled out with -inf logits (at least one finite logit per voxel).
-        temperature: sharpening temperature T > 0 of the cross-entropy target.
+        temperature: sharpening temperature T > 0 of the cross-entropy target; 1/T must be a
+            finite normal float32 (float64 for float64 inputs), i.e. T in [2.9e-39, 8.5e37].
         reduction: "mean" (over batch and voxels), "sum", or "none" (a (B, *S) map).
         backend: "auto", "cpu", "triton", "cuda" or "reference".
 
     Returns:
-        The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs.
-        Gradients reach ``student_logits`` in its dtype.
+        The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs
+        (computed in float64 on every backend, so ``torch.autograd.gradcheck`` applies, with
+        any reduction). Gradients reach ``student_logits`` in its dtype. Any finite logits up to
+        the largest float work (the shifted logits are kept in halves, so differences near
+        +-3e38 do not overflow).
 
     Raises:
+        TypeError: temperature is not a real number (a bool, string or None).
         ValueError: mismatched shapes/dtypes/devices, wrong rank, fewer than 2 classes,
-            temperature <= 0, unknown reduction, NaN/Inf logits (names the argument and shape).
+            temperature not finite, <= 0 or out of the range above, unknown reduction,
+            NaN/Inf logits (names the argument and shape), or a loss that overflows its dtype
+            although the logits are finite (names them with their largest magnitude).
         RuntimeError: an explicitly requested backend that is not usable here.
     """
     student_logits, teacher_logits = v.plain_tensors(student_logits, teacher_logits)
-    _check_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
-    _check_options(reduction, temperature=temperature)
+    v.check_logits_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    v.check_loss_options(reduction, student_logits.dtype, temperature=temperature)
     impl = _resolve_impl(backend, student_logits.device.type)
     if impl == "reference":
         loss = rectified_pseudo_supervision_reference(
@@ -369,26 +334,31 @@ def logit_cosine_consistency(
 
     The cosine runs over the class axis of the raw logits; each norm is clamped to at least
     ``eps`` (the values of torch.nn.functional.cosine_similarity; a clamped norm counts as a
-    constant in the gradient). Both inputs receive gradient.
+    constant in the gradient). Both inputs receive gradient. Each voxel's logits are scaled by
+    a power of two before they are squared, so logits of any finite size work (a float32 square
+    overflows from 2e19).
 
     Args:
         logits_a: (B, K, *S) logits of augmented view 1 (1-3 spatial dims, K >= 2).
         logits_b: (B, K, *S) logits of augmented view 2.
-        eps: smallest norm, > 0.
+        eps: smallest norm, > 0, with 1/eps a finite normal float32 (float64 for float64 inputs).
         reduction: "mean" (over batch and voxels), "sum", or "none" (a (B, *S) map).
         backend: "auto", "cpu", "triton", "cuda" or "reference".
 
     Returns:
-        The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs.
+        The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs
+        (computed in float64 on every backend, so ``torch.autograd.gradcheck`` applies).
 
     Raises:
+        TypeError: eps is not a real number.
         ValueError: mismatched shapes/dtypes/devices, wrong rank, fewer than 2 classes,
-            eps <= 0, unknown reduction, NaN/Inf logits (names the argument and shape).
+            eps not finite, <= 0 or out of range, unknown reduction, NaN/Inf logits (names the
+            argument and shape).
         RuntimeError: an explicitly requested backend that is not usable here.
     """
     logits_a, logits_b = v.plain_tensors(logits_a, logits_b)
-    _check_pair("logits_a", logits_a, "logits_b", logits_b)
-    _check_options(reduction, eps=eps)
+    v.check_logits_pair("logits_a", logits_a, "logits_b", logits_b)
+    v.check_loss_options(reduction, logits_a.dtype, eps=eps)
     impl = _resolve_impl(backend, logits_a.device.type)
     if impl == "reference":
         loss = logit_cosine_consistency_reference(logits_a, logits_b, eps, reduction)
@@ -408,12 +378,13 @@ class RectifiedPseudoSupervisionLoss(nn.Module):
         backend: "auto", "cpu", "triton", "cuda" or "reference".
 
     Raises:
-        ValueError: temperature <= 0 or an unknown reduction.
+        TypeError: temperature is not a real number.
+        ValueError: temperature not finite or <= 0, or an unknown reduction.
     """
 
     def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        _check_options(reduction, temperature=temperature)
+        v.check_loss_options(reduction, temperature=temperature)
         self.temperature = temperature
         self.reduction = reduction
         self.backend = backend
@@ -434,12 +405,13 @@ class LogitCosineConsistencyLoss(nn.Module):
         backend: "auto", "cpu", "triton", "cuda" or "reference".
 
     Raises:
-        ValueError: eps <= 0 or an unknown reduction.
+        TypeError: eps is not a real number.
+        ValueError: eps not finite or <= 0, or an unknown reduction.
     """
 
     def __init__(self, eps: float = 1e-8, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        _check_options(reduction, eps=eps)
+        v.check_loss_options(reduction, eps=eps)
         self.eps = eps
         self.reduction = reduction
         self.backend = backend

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _validation as v
 from ._extension import load_cpu_extension
 from ._validation import plain_tensors
 
@@ -31,14 +32,14 @@ def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_logits(negative_logits: torch.Tensor, num_classes: int | None) -> int:
-    if negative_logits.dim() < 3:
-        raise ValueError(
-            "negative_logits must be (Bn, K_cls, *S) with 1-3 spatial dims, "
-            f"got shape {tuple(negative_logits.shape)}"
-        )
+    """The number of classes, after checking the logits: (Bn, K_cls, *S), 1-3 spatial dims,
+    floating, finite (pseudo-labels of NaN logits would be arbitrary)."""
+    v.check_volume("negative_logits", negative_logits)
+    v.check_finite("negative_logits", negative_logits)
     classes = negative_logits.shape[1]
     if num_classes is None:
         return classes
+    v.check_count("num_classes", num_classes)
     if num_classes < classes:
         raise ValueError(
             f"num_classes={num_classes} is smaller than negative_logits' class axis ({classes})"
@@ -85,10 +86,14 @@ def select_confident_negatives(
     Returns:
         idx (num_classes, K) int64 into the flattened pool (Bn * prod(S)), most confident first,
         -1 where fewer than K are eligible; counts (num_classes,) int64, the valid entries per row.
+
+    Raises:
+        TypeError: num_negatives or num_classes is not an int (a float or bool).
+        ValueError: num_negatives < 1, num_classes below the logits' class axis, logits that
+            are not a floating (Bn, K_cls, *S) tensor with 1-3 spatial dims, or NaN/Inf logits.
     """
     (negative_logits,) = plain_tensors(negative_logits)
-    if num_negatives < 1:
-        raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
+    num_negatives = v.check_count("num_negatives", num_negatives)
     num_classes = _check_logits(negative_logits, num_classes)
     labels, confidence = pseudo_labels(negative_logits)
     return _topk_tables(labels, confidence, num_negatives, num_classes)

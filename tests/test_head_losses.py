@@ -120,6 +120,22 @@ def test_torch_compile_fullgraph_and_opcheck():
                            "mean", "cpu"))
 
 
+@needs_cpu
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_double_precision_gradcheck(reduction):
+    # float64 is computed in float64 by the fused kernels, and the one-op backward recomputes
+    # from the saved logits, so any reduction takes gradcheck's repeated backward passes.
+    shape = (1, 3, 2, 3)
+    view_a, view_b = (logits(shape, seed=s).requires_grad_() for s in (56, 57))
+    teacher = logits(shape, seed=58)
+    teacher[0, 1, 0, 0] = float("-inf")
+
+    def both(a, b):
+        return rk.pseudo_supervision_losses(a, b, teacher, reduction=reduction, backend="cpu")
+
+    assert torch.autograd.gradcheck(both, (view_a, view_b))
+
+
 @pytest.mark.parametrize("mutate,kwargs,match", [
     (lambda a, b, t: (a, b[:, :, :-1], t), {}, "view_a and view_b must have the same shape"),
     (lambda a, b, t: (a, b, t[:, :2]), {}, "view_a and teacher_logits must have the same shape"),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rcps_kernels as rk
+from rcps_kernels._backend import deterministic_override
 from rcps_kernels.ops import infonce as ops
 from rcps_kernels.reference.infonce import philox_randint, random_negative_draws_reference
 from rcps_kernels.selection import (anchor_class_order, eligible_negatives, pseudo_labels,
@@ -186,11 +187,11 @@ def test_philox_layout_matches_tl_randint_counter_words():
     assert torch.equal(draws[0], expected)
 
 
-def test_random_deterministic_mode_is_bitwise_reproducible(monkeypatch):
+def test_random_deterministic_mode_is_bitwise_reproducible():
     args = _kernel_args(True, classes=2, K=24)
-    monkeypatch.setattr(T, "DETERMINISTIC", True)
-    first = T.voxel_infonce_triton(*args)
-    second = T.voxel_infonce_triton(*args)
+    with deterministic_override(True):
+        first = T.voxel_infonce_triton(*args)
+        second = T.voxel_infonce_triton(*args)
     for x, y in zip(first, second):
         assert torch.equal(x, y)
     for x, y in zip(first, ops._kernel("cpu")(*args)):

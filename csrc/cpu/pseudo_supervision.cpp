@@ -181,12 +181,14 @@ template <typename acc_t>
 struct UrpBlockState {
   std::vector<acc_t> student, teacher, sharpened;  // K x V: logits, then their exponentials
   std::vector<acc_t> student_max, teacher_max, sum_student, sum_teacher, sum_sharpened,
-      sharpened_dot, teacher_gap, loss, inv_sum_student, inv_sum_teacher, inv_sum_sharpened,
+      sharpened_dot_half, teacher_gap_half, loss, inv_sum_student, inv_sum_teacher,
+      inv_sum_sharpened,
       weight, kl_coefficient, grad_scale;
 
   UrpBlockState(int64_t K, int64_t V)
       : student(K * V), teacher(K * V), sharpened(K * V), student_max(V), teacher_max(V),
-        sum_student(V), sum_teacher(V), sum_sharpened(V), sharpened_dot(V), teacher_gap(V),
+        sum_student(V), sum_teacher(V), sum_sharpened(V), sharpened_dot_half(V),
+        teacher_gap_half(V),
         loss(V), inv_sum_student(V), inv_sum_teacher(V), inv_sum_sharpened(V), weight(V),
         kl_coefficient(V), grad_scale(V) {}
 
@@ -208,8 +210,8 @@ struct UrpBlockState {
     std::fill(sum_student.begin(), sum_student.end(), acc_t(0));
     std::fill(sum_teacher.begin(), sum_teacher.end(), acc_t(0));
     std::fill(sum_sharpened.begin(), sum_sharpened.end(), acc_t(0));
-    std::fill(sharpened_dot.begin(), sharpened_dot.end(), acc_t(0));
-    std::fill(teacher_gap.begin(), teacher_gap.end(), acc_t(0));
+    std::fill(sharpened_dot_half.begin(), sharpened_dot_half.end(), acc_t(0));
+    std::fill(teacher_gap_half.begin(), teacher_gap_half.end(), acc_t(0));
     for (int64_t c = 0; c < K; ++c) {
       acc_t* z = student.data() + c * V;
       acc_t* t = teacher.data() + c * V;
@@ -221,8 +223,8 @@ struct UrpBlockState {
         sum_student[j] += terms.exp_student;
         sum_teacher[j] += terms.exp_teacher;
         sum_sharpened[j] += terms.exp_sharpened;
-        sharpened_dot[j] += terms.sharpened_dot;
-        teacher_gap[j] += terms.teacher_gap;
+        sharpened_dot_half[j] += terms.sharpened_dot_half;
+        teacher_gap_half[j] += terms.teacher_gap_half;
         z[j] = terms.exp_student;
         t[j] = terms.exp_teacher;
         s[j] = terms.exp_sharpened;
@@ -231,8 +233,8 @@ struct UrpBlockState {
     #pragma omp simd  // no aliasing between the block's arrays
     for (int64_t j = 0; j < count; ++j) {
       const ps::UrpVoxel<acc_t> v =
-          ps::urp_voxel<acc_t>(sum_student[j], sum_teacher[j], sum_sharpened[j], sharpened_dot[j],
-                               teacher_gap[j], LogFn(), exp_fn);
+          ps::urp_voxel<acc_t>(sum_student[j], sum_teacher[j], sum_sharpened[j],
+                               sharpened_dot_half[j], teacher_gap_half[j], LogFn(), exp_fn);
       loss[j] = v.loss;
       inv_sum_student[j] = v.inv_sum_student;
       inv_sum_teacher[j] = v.inv_sum_teacher;
@@ -278,7 +280,9 @@ Tensor reduce_partials(const std::vector<double>& partials, int64_t reduction, i
   double total = 0.0;
   for (double p : partials) total += p;
   if (reduction == kMean) total /= static_cast<double>(voxels);
-  return at::scalar_tensor(total, at::TensorOptions().dtype(acc));
+  // Converted as a tensor: a total beyond the float range becomes inf (which the Python layer
+  // reports), where scalar_tensor(total, kFloat) would throw.
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)).to(acc);
 }
 
 // grad_output as a per-voxel (B, P) map (reduction "none") or a uniform scale.
@@ -362,14 +366,38 @@ Tensor urp_backward_cpu(const Tensor& grad_output, const Tensor& student, const 
 template <typename acc_t>
 struct CosineBlockState {
   std::vector<acc_t> a, b;  // K x V logits, then (backward) their gradients
-  std::vector<acc_t> sq_norm_a, sq_norm_b, dot, loss, cosine, inv_norm_a, inv_norm_b, grad_scale;
+  std::vector<acc_t> scale_a, scale_b, sq_norm_a, sq_norm_b, dot, loss, cosine, unit_a, unit_b,
+      inv_norm_a, inv_norm_b, grad_scale;
   std::vector<uint8_t> clamped_a, clamped_b;
 
   CosineBlockState(int64_t K, int64_t V)
-      : a(K * V), b(K * V), sq_norm_a(V), sq_norm_b(V), dot(V), loss(V), cosine(V),
-        inv_norm_a(V), inv_norm_b(V), grad_scale(V), clamped_a(V), clamped_b(V) {}
+      : a(K * V), b(K * V), scale_a(V), scale_b(V), sq_norm_a(V), sq_norm_b(V), dot(V), loss(V),
+        cosine(V), unit_a(V), unit_b(V), inv_norm_a(V), inv_norm_b(V), grad_scale(V),
+        clamped_a(V), clamped_b(V) {}
+
+  // Per voxel, the power-of-two scales that bring the largest |a_c| and |b_c| to [1, 4).
+  void find_scales(int64_t K, int64_t V, int64_t count) {
+    std::fill(scale_a.begin(), scale_a.end(), acc_t(0));  // the largest |logit| first
+    std::fill(scale_b.begin(), scale_b.end(), acc_t(0));
+    for (int64_t c = 0; c < K; ++c) {
+      const acc_t* x = a.data() + c * V;
+      const acc_t* y = b.data() + c * V;
+      #pragma omp simd  // no aliasing between the block's arrays
+      for (int64_t j = 0; j < count; ++j) {  // selects, not std::max/abs: this form vectorises
+        const acc_t abs_x = x[j] < 0 ? -x[j] : x[j], abs_y = y[j] < 0 ? -y[j] : y[j];
+        scale_a[j] = abs_x > scale_a[j] ? abs_x : scale_a[j];
+        scale_b[j] = abs_y > scale_b[j] ? abs_y : scale_b[j];
+      }
+    }
+    #pragma omp simd  // no aliasing between the block's arrays
+    for (int64_t j = 0; j < count; ++j) {
+      scale_a[j] = ps::power_of_two_scale(scale_a[j]);
+      scale_b[j] = ps::power_of_two_scale(scale_b[j]);
+    }
+  }
 
   void evaluate(int64_t K, int64_t V, int64_t count, acc_t eps) {
+    find_scales(K, V, count);
     std::fill(sq_norm_a.begin(), sq_norm_a.end(), acc_t(0));
     std::fill(sq_norm_b.begin(), sq_norm_b.end(), acc_t(0));
     std::fill(dot.begin(), dot.end(), acc_t(0));
@@ -378,21 +406,38 @@ struct CosineBlockState {
       const acc_t* y = b.data() + c * V;
       #pragma omp simd  // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {
-        sq_norm_a[j] += x[j] * x[j];
-        sq_norm_b[j] += y[j] * y[j];
-        dot[j] += x[j] * y[j];
+        const acc_t xs = x[j] * scale_a[j], ys = y[j] * scale_b[j];
+        sq_norm_a[j] += xs * xs;
+        sq_norm_b[j] += ys * ys;
+        dot[j] += xs * ys;
       }
     }
-    #pragma omp simd  // no aliasing between the block's arrays
+    per_voxel(count, eps, sq_norm_a.data(), sq_norm_b.data(), dot.data(), scale_a.data(),
+              scale_b.data(), loss.data(), cosine.data(), unit_a.data(), unit_b.data(),
+              inv_norm_a.data(), inv_norm_b.data(), clamped_a.data(), clamped_b.data());
+  }
+
+  // The per-voxel results, over restrict pointers: with the vectors' operator[] (whose data
+  // pointers a uint8_t store might alias) GCC leaves this loop scalar.
+  static void per_voxel(int64_t count, acc_t eps, const acc_t* __restrict sq_a,
+                        const acc_t* __restrict sq_b, const acc_t* __restrict dot_ab,
+                        const acc_t* __restrict s_a, const acc_t* __restrict s_b,
+                        acc_t* __restrict loss_out, acc_t* __restrict cosine_out,
+                        acc_t* __restrict unit_a_out, acc_t* __restrict unit_b_out,
+                        acc_t* __restrict inv_a_out, acc_t* __restrict inv_b_out,
+                        uint8_t* __restrict clamped_a_out, uint8_t* __restrict clamped_b_out) {
+    #pragma omp simd
     for (int64_t j = 0; j < count; ++j) {
       const ps::CosineVoxel<acc_t> v =
-          ps::cosine_voxel<acc_t>(sq_norm_a[j], sq_norm_b[j], dot[j], eps, SqrtFn());
-      loss[j] = v.loss;
-      cosine[j] = v.cosine;
-      inv_norm_a[j] = v.inv_norm_a;
-      inv_norm_b[j] = v.inv_norm_b;
-      clamped_a[j] = v.clamped_a;
-      clamped_b[j] = v.clamped_b;
+          ps::cosine_voxel<acc_t>(sq_a[j], sq_b[j], dot_ab[j], s_a[j], s_b[j], eps, SqrtFn());
+      loss_out[j] = v.loss;
+      cosine_out[j] = v.cosine;
+      unit_a_out[j] = v.unit_a;
+      unit_b_out[j] = v.unit_b;
+      inv_a_out[j] = v.inv_norm_a;
+      inv_b_out[j] = v.inv_norm_b;
+      clamped_a_out[j] = v.clamped_a;
+      clamped_b_out[j] = v.clamped_b;
     }
   }
 
@@ -404,10 +449,12 @@ struct CosineBlockState {
       #pragma omp simd  // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {
         const acc_t xa = x[j], yb = y[j];
-        x[j] = ps::cosine_grad<acc_t>(xa, yb, inv_norm_a[j], inv_norm_b[j], clamped_a[j] != 0,
-                                      cosine[j], grad_scale[j]);
-        y[j] = ps::cosine_grad<acc_t>(yb, xa, inv_norm_b[j], inv_norm_a[j], clamped_b[j] != 0,
-                                      cosine[j], grad_scale[j]);
+        x[j] = ps::cosine_grad<acc_t>(xa, yb, scale_a[j], unit_a[j], inv_norm_a[j],
+                                      clamped_a[j] != 0, scale_b[j], unit_b[j], cosine[j],
+                                      grad_scale[j]);
+        y[j] = ps::cosine_grad<acc_t>(yb, xa, scale_b[j], unit_b[j], inv_norm_b[j],
+                                      clamped_b[j] != 0, scale_a[j], unit_a[j], cosine[j],
+                                      grad_scale[j]);
       }
     }
   }

@@ -74,17 +74,19 @@ struct GradScale {
   }
 };
 
-// Writes the per-voxel loss, or the block's partial sum.
+// Writes the per-voxel loss, or the block's partial sum, in double: per-voxel losses near the
+// float maximum must not overflow a sum whose mean is representable.
 template <typename acc_t>
 __device__ void store_loss(acc_t loss, int64_t v, int64_t num_voxels, acc_t* voxel_loss,
-                           acc_t* block_partials) {
+                           double* block_partials) {
   if (voxel_loss != nullptr) {
     if (v < num_voxels) voxel_loss[v] = loss;
     return;
   }
-  using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+  using BlockReduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename BlockReduce::TempStorage storage;
-  const acc_t block_sum = BlockReduce(storage).Sum(v < num_voxels ? loss : acc_t(0));
+  const double block_sum =
+      BlockReduce(storage).Sum(v < num_voxels ? static_cast<double>(loss) : 0.0);
   if (threadIdx.x == 0) block_partials[blockIdx.x] = block_sum;
 }
 
@@ -104,7 +106,7 @@ __device__ ps::UrpVoxel<acc_t> urp_voxel_at(const scalar_t* z, const scalar_t* t
     z_max = zc > z_max ? zc : z_max;
     t_max = tc > t_max ? tc : t_max;
   }
-  acc_t sum_z = 0, sum_t = 0, sum_s = 0, sharpened_dot = 0, teacher_gap = 0;
+  acc_t sum_z = 0, sum_t = 0, sum_s = 0, sharpened_dot_half = 0, teacher_gap_half = 0;
   for (int64_t c = 0; c < K; ++c) {
     const ps::UrpClassTerms<acc_t> terms = ps::urp_class_terms<acc_t>(
         static_cast<acc_t>(z[c * stride_z]), static_cast<acc_t>(t[c * stride_t]), z_max, t_max,
@@ -112,19 +114,21 @@ __device__ ps::UrpVoxel<acc_t> urp_voxel_at(const scalar_t* z, const scalar_t* t
     sum_z += terms.exp_student;
     sum_t += terms.exp_teacher;
     sum_s += terms.exp_sharpened;
-    sharpened_dot += terms.sharpened_dot;
-    teacher_gap += terms.teacher_gap;
+    sharpened_dot_half += terms.sharpened_dot_half;
+    teacher_gap_half += terms.teacher_gap_half;
   }
   *student_max = z_max;
   *teacher_max = t_max;
-  return ps::urp_voxel<acc_t>(sum_z, sum_t, sum_s, sharpened_dot, teacher_gap, LogFn(), ExpFn());
+  return ps::urp_voxel<acc_t>(sum_z, sum_t, sum_s, sharpened_dot_half, teacher_gap_half, LogFn(),
+                              ExpFn());
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void urp_forward_kernel(const scalar_t* __restrict__ student,
                                    const scalar_t* __restrict__ teacher, Layout zl, Layout tl,
                                    int64_t num_voxels, int64_t voxels_per_item, int64_t K,
-                                   acc_t inv_temperature, acc_t* voxel_loss, acc_t* block_partials) {
+                                   acc_t inv_temperature, acc_t* voxel_loss,
+                                   double* block_partials) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   acc_t loss = 0;
   if (v < num_voxels) {
@@ -165,32 +169,42 @@ __global__ void urp_backward_kernel(const scalar_t* __restrict__ student,
 // L_cr
 // ---------------------------------------------------------------------------------------------
 
+// One voxel's cosine (three passes over its classes: the largest |logit|, then the sums of the
+// scaled logits); the power-of-two scales are returned for the gradient.
 template <typename scalar_t, typename acc_t>
 __device__ ps::CosineVoxel<acc_t> cosine_voxel_at(const scalar_t* a, const scalar_t* b,
                                                   int64_t stride_a, int64_t stride_b, int64_t K,
-                                                  acc_t eps) {
+                                                  acc_t eps, acc_t* scale_a, acc_t* scale_b) {
+  acc_t max_a = 0, max_b = 0;
+  for (int64_t c = 0; c < K; ++c) {
+    max_a = fmax(max_a, fabs(static_cast<acc_t>(a[c * stride_a])));
+    max_b = fmax(max_b, fabs(static_cast<acc_t>(b[c * stride_b])));
+  }
+  *scale_a = ps::power_of_two_scale(max_a);
+  *scale_b = ps::power_of_two_scale(max_b);
   acc_t sq_a = 0, sq_b = 0, dot = 0;
   for (int64_t c = 0; c < K; ++c) {
-    const acc_t x = static_cast<acc_t>(a[c * stride_a]);
-    const acc_t y = static_cast<acc_t>(b[c * stride_b]);
+    const acc_t x = static_cast<acc_t>(a[c * stride_a]) * *scale_a;
+    const acc_t y = static_cast<acc_t>(b[c * stride_b]) * *scale_b;
     sq_a += x * x;
     sq_b += y * y;
     dot += x * y;
   }
-  return ps::cosine_voxel<acc_t>(sq_a, sq_b, dot, eps, SqrtFn());
+  return ps::cosine_voxel<acc_t>(sq_a, sq_b, dot, *scale_a, *scale_b, eps, SqrtFn());
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void cosine_forward_kernel(const scalar_t* __restrict__ logits_a,
                                       const scalar_t* __restrict__ logits_b, Layout al, Layout bl,
                                       int64_t num_voxels, int64_t voxels_per_item, int64_t K,
-                                      acc_t eps, acc_t* voxel_loss, acc_t* block_partials) {
+                                      acc_t eps, acc_t* voxel_loss, double* block_partials) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   acc_t loss = 0;
   if (v < num_voxels) {
+    acc_t scale_a, scale_b;
     loss = cosine_voxel_at<scalar_t, acc_t>(logits_a + al.voxel(v, voxels_per_item),
                                             logits_b + bl.voxel(v, voxels_per_item), al.stride_c,
-                                            bl.stride_c, K, eps)
+                                            bl.stride_c, K, eps, &scale_a, &scale_b)
                .loss;
   }
   store_loss(loss, v, num_voxels, voxel_loss, block_partials);
@@ -206,8 +220,9 @@ __global__ void cosine_backward_kernel(const scalar_t* __restrict__ logits_a,
   if (v >= num_voxels) return;
   const scalar_t* a = logits_a + al.voxel(v, voxels_per_item);
   const scalar_t* b = logits_b + bl.voxel(v, voxels_per_item);
-  const ps::CosineVoxel<acc_t> vox =
-      cosine_voxel_at<scalar_t, acc_t>(a, b, al.stride_c, bl.stride_c, K, eps);
+  acc_t scale_a, scale_b;
+  const ps::CosineVoxel<acc_t> vox = cosine_voxel_at<scalar_t, acc_t>(
+      a, b, al.stride_c, bl.stride_c, K, eps, &scale_a, &scale_b);
   const acc_t grad_scale = scale(v);
   scalar_t* ga = grad_a != nullptr ? grad_a + gal.voxel(v, voxels_per_item) : nullptr;
   scalar_t* gb = grad_b != nullptr ? grad_b + gbl.voxel(v, voxels_per_item) : nullptr;
@@ -215,11 +230,13 @@ __global__ void cosine_backward_kernel(const scalar_t* __restrict__ logits_a,
     const acc_t x = static_cast<acc_t>(a[c * al.stride_c]);
     const acc_t y = static_cast<acc_t>(b[c * bl.stride_c]);
     if (ga != nullptr)
-      ga[c * gal.stride_c] = static_cast<scalar_t>(ps::cosine_grad<acc_t>(
-          x, y, vox.inv_norm_a, vox.inv_norm_b, vox.clamped_a, vox.cosine, grad_scale));
+      ga[c * gal.stride_c] = static_cast<scalar_t>(
+          ps::cosine_grad<acc_t>(x, y, scale_a, vox.unit_a, vox.inv_norm_a, vox.clamped_a,
+                                 scale_b, vox.unit_b, vox.cosine, grad_scale));
     if (gb != nullptr)
-      gb[c * gbl.stride_c] = static_cast<scalar_t>(ps::cosine_grad<acc_t>(
-          y, x, vox.inv_norm_b, vox.inv_norm_a, vox.clamped_b, vox.cosine, grad_scale));
+      gb[c * gbl.stride_c] = static_cast<scalar_t>(
+          ps::cosine_grad<acc_t>(y, x, scale_b, vox.unit_b, vox.inv_norm_b, vox.clamped_b,
+                                 scale_a, vox.unit_a, vox.cosine, grad_scale));
   }
 }
 
@@ -242,30 +259,29 @@ at::ScalarType accumulation_type(at::ScalarType t) {
 
 int64_t num_blocks(int64_t num_voxels) { return (num_voxels + kThreads - 1) / kThreads; }
 
-// Output buffers of a forward: the (B, P) map or the block partials.
+// Output buffers of a forward: the (B, P) map or the (double) block partials.
 struct LossBuffers {
   Tensor voxel_loss, block_partials;
+  at::ScalarType acc;
 
-  LossBuffers(const Tensor& x, int64_t reduction) {
-    const auto options = x.options().dtype(accumulation_type(x.scalar_type()));
+  LossBuffers(const Tensor& x, int64_t reduction) : acc(accumulation_type(x.scalar_type())) {
     if (reduction == kNone) {
-      voxel_loss = at::empty({x.size(0), x.size(2)}, options);
+      voxel_loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc));
     } else {
-      block_partials = at::empty({num_blocks(x.size(0) * x.size(2))}, options);
+      block_partials = at::empty({num_blocks(x.size(0) * x.size(2))}, x.options().dtype(at::kDouble));
     }
   }
 
   template <typename acc_t>
   acc_t* voxel_ptr() const { return voxel_loss.defined() ? voxel_loss.data_ptr<acc_t>() : nullptr; }
-  template <typename acc_t>
-  acc_t* partial_ptr() const {
-    return block_partials.defined() ? block_partials.data_ptr<acc_t>() : nullptr;
+  double* partial_ptr() const {
+    return block_partials.defined() ? block_partials.data_ptr<double>() : nullptr;
   }
 
   Tensor result(int64_t reduction, int64_t num_voxels) const {
     if (reduction == kNone) return voxel_loss;
     const Tensor total = block_partials.sum();
-    return reduction == kMean ? total / static_cast<double>(num_voxels) : total;
+    return (reduction == kMean ? total / static_cast<double>(num_voxels) : total).to(acc);
   }
 };
 
@@ -295,7 +311,7 @@ Tensor urp_forward_cuda(const Tensor& student, const Tensor& teacher, double tem
         <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), Layout(student),
             Layout(teacher), N, P, K, static_cast<acc_t>(1.0 / temperature),
-            buffers.voxel_ptr<acc_t>(), buffers.partial_ptr<acc_t>());
+            buffers.voxel_ptr<acc_t>(), buffers.partial_ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return buffers.result(reduction, N);
@@ -335,7 +351,7 @@ Tensor cosine_consistency_forward_cuda(const Tensor& logits_a, const Tensor& log
         <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             logits_a.data_ptr<scalar_t>(), logits_b.data_ptr<scalar_t>(), Layout(logits_a),
             Layout(logits_b), N, P, K, static_cast<acc_t>(eps), buffers.voxel_ptr<acc_t>(),
-            buffers.partial_ptr<acc_t>());
+            buffers.partial_ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return buffers.result(reduction, N);

@@ -24,7 +24,11 @@ with the loss in float32, or in float64 for float64 features where the kernel co
 
 computing gradients of grad_scale * sum_i grad_weight[i] * l_i when grad_scale != 0 (empty
 tensors otherwise, and for the pool unless negative_grad). GPU backends add theirs with
-:func:`register_kernel`; the op's ``impl`` argument selects one.
+:func:`register_kernel`; the op's ``impl`` argument selects one. A kernel with a faster
+nondeterministic path asks ``rcps_kernels._backend.deterministic_algorithms()`` which to take:
+the ops' last argument, ``deterministic`` (True/False, or None to follow
+``torch.use_deterministic_algorithms``), is in effect while their bodies run, in forward and
+in backward.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .._backend import deterministic_override
 from .._extension import load_cpu_extension
 
 Kernel = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
@@ -77,12 +82,13 @@ def _kernel(impl: str) -> Kernel:
 def _loss_body(
     anchor: Tensor, positive: Tensor, negative: Tensor, anchor_labels: Tensor,
     neg_index: Tensor, neg_count: Tensor, temperature: float, num_negatives: int,
-    random: bool, seed: int, offset: int, impl: str,
+    random: bool, seed: int, offset: int, impl: str, deterministic: bool | None = None,
 ) -> Tensor:
-    loss, _, _, _ = _kernel(impl)(
-        anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
-        num_negatives, random, seed, offset, None, 0.0, False,
-    )
+    with deterministic_override(deterministic):
+        loss, _, _, _ = _kernel(impl)(
+            anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
+            num_negatives, random, seed, offset, None, 0.0, False,
+        )
     return loss.to(loss_dtype(anchor))
 
 
@@ -98,13 +104,15 @@ def _(anchor, positive, negative, anchor_labels, *_args) -> Tensor:
 def _backward_body(
     grad_loss: Tensor, anchor: Tensor, positive: Tensor, negative: Tensor,
     anchor_labels: Tensor, neg_index: Tensor, neg_count: Tensor, temperature: float,
-    num_negatives: int, random: bool, seed: int, offset: int, impl: str, negative_grad: bool,
+    num_negatives: int, random: bool, seed: int, offset: int, impl: str,
+    deterministic: bool | None, negative_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _, grad_anchor, grad_positive, grad_negative = _kernel(impl)(
-        anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
-        num_negatives, random, seed, offset, grad_loss.to(loss_dtype(anchor)).contiguous(), 1.0,
-        negative_grad,
-    )
+    with deterministic_override(deterministic):
+        _, grad_anchor, grad_positive, grad_negative = _kernel(impl)(
+            anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
+            num_negatives, random, seed, offset, grad_loss.to(loss_dtype(anchor)).contiguous(), 1.0,
+            negative_grad,
+        )
     return grad_anchor, grad_positive, grad_negative
 
 
@@ -124,17 +132,19 @@ def _(grad_loss, anchor, positive, negative, *args):
 
 def _setup_loss(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:6])
-    ctx.options = inputs[6:]
+    ctx.options = inputs[6:12]
+    ctx.deterministic = inputs[12] if len(inputs) > 12 else None  # the argument has a default
     ctx.negative_grad = inputs[2].requires_grad
+    ctx.num_inputs = len(inputs)
 
 
 def _backward_loss(ctx, grad_loss, backward_op=None):
     tensors = ctx.saved_tensors
     grad_anchor, grad_positive, grad_negative = (backward_op or voxel_infonce_backward)(
-        grad_loss, *tensors, *ctx.options, ctx.negative_grad
+        grad_loss, *tensors, *ctx.options, ctx.deterministic, ctx.negative_grad
     )
     return (grad_anchor, grad_positive, grad_negative if ctx.negative_grad else None,
-            None, None, None, None, None, None, None, None, None)
+            *[None] * (ctx.num_inputs - 3))
 
 
 voxel_infonce_loss.register_autograd(_backward_loss, setup_context=_setup_loss)
@@ -147,12 +157,14 @@ def _mean_body(
     anchor: Tensor, positive: Tensor, negative: Tensor, anchor_labels: Tensor,
     neg_index: Tensor, neg_count: Tensor, temperature: float, num_negatives: int,
     random: bool, seed: int, offset: int, impl: str, negative_grad: bool,
+    deterministic: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     num_anchors = anchor_labels.numel()
-    loss, grad_anchor, grad_positive, grad_negative = _kernel(impl)(
-        anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
-        num_negatives, random, seed, offset, None, 1.0 / max(num_anchors, 1), negative_grad,
-    )
+    with deterministic_override(deterministic):
+        loss, grad_anchor, grad_positive, grad_negative = _kernel(impl)(
+            anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
+            num_negatives, random, seed, offset, None, 1.0 / max(num_anchors, 1), negative_grad,
+        )
     return loss.to(loss_dtype(anchor)).mean(), grad_anchor, grad_positive, grad_negative
 
 
@@ -162,7 +174,7 @@ voxel_infonce_mean = torch.library.custom_op("rcps::voxel_infonce_mean", _mean_b
 
 @voxel_infonce_mean.register_fake
 def _(anchor, positive, negative, anchor_labels, *args):
-    negative_grad = args[-1]
+    negative_grad = args[8]
     return (
         anchor_labels.new_empty((), dtype=loss_dtype(anchor)),
         anchor.new_empty(anchor.shape),
@@ -174,7 +186,8 @@ def _(anchor, positive, negative, anchor_labels, *args):
 def _setup_mean(ctx, inputs, output) -> None:
     _, grad_anchor, grad_positive, grad_negative = output
     ctx.save_for_backward(grad_anchor, grad_positive, grad_negative)
-    ctx.negative_grad = inputs[-1]
+    ctx.negative_grad = inputs[12]
+    ctx.num_inputs = len(inputs)
     ctx.used = False
 
 
@@ -199,10 +212,8 @@ def _backward_mean(ctx, grad_loss, *_unused):
     else:
         scaled = list(grads)
         torch._foreach_mul_(scaled, grad_loss)  # one launch for the three on a GPU
-    return (
-        scaled[0], scaled[1], scaled[2] if ctx.negative_grad else None,
-        None, None, None, None, None, None, None, None, None, None,
-    )
+    return (scaled[0], scaled[1], scaled[2] if ctx.negative_grad else None,
+            *[None] * (ctx.num_inputs - 3))
 
 
 voxel_infonce_mean.register_autograd(_backward_mean, setup_context=_setup_mean)
@@ -241,16 +252,24 @@ class _EagerMean(torch.autograd.Function):
         return _backward_mean(ctx, grad_loss)
 
 
+def _use_op(anchor: Tensor) -> bool:
+    # The op where its fake implementation is needed: while torch.compile traces, and for meta
+    # tensors (shapes only); the eager Function otherwise.
+    return torch.compiler.is_compiling() or anchor.device.type == "meta"
+
+
 def per_anchor_loss(*args) -> Tensor:
-    """rcps::voxel_infonce_loss, as the op under torch.compile, else as its eager Function."""
-    if torch.compiler.is_compiling():
+    """rcps::voxel_infonce_loss, as the op under torch.compile (or on meta tensors), else as its
+    eager Function."""
+    if _use_op(args[0]):
         return voxel_infonce_loss(*args)
     return _EagerLoss.apply(*args)
 
 
 def mean_loss_with_grads(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """rcps::voxel_infonce_mean, as the op under torch.compile, else as its eager Function."""
-    if torch.compiler.is_compiling():
+    """rcps::voxel_infonce_mean, as the op under torch.compile (or on meta tensors), else as its
+    eager Function."""
+    if _use_op(args[0]):
         return voxel_infonce_mean(*args)
     return _EagerMean.apply(*args)
 

@@ -4,25 +4,18 @@ Registers ``torch.ops.rcps_cuda.voxel_infonce_cuda`` (the kernel signature of op
 a trailing ``deterministic`` flag) as the "cuda" kernel of the rcps::voxel_infonce_* ops.
 
 Random mode adds the pool gradient with fp32 atomics by default; it is bitwise reproducible
-(int64 fixed-point atomics) when ``DETERMINISTIC`` is true (env ``RCPS_DETERMINISTIC=1`` sets it
-at import) or ``torch.are_deterministic_algorithms_enabled()``. topk mode is always deterministic.
+(int64 fixed-point atomics) when ``rcps_kernels._backend.deterministic_algorithms()`` says so at
+call time (the public ``deterministic=`` keyword, else ``torch.use_deterministic_algorithms``).
+topk mode is always deterministic.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
 
+from .._backend import deterministic_algorithms
 from .._extension import load_cuda_extension
 from .infonce import register_kernel
-
-#: Bitwise run-to-run identical pool gradients in random mode.
-DETERMINISTIC = os.environ.get("RCPS_DETERMINISTIC", "0") == "1"
-
-
-def deterministic() -> bool:
-    return DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 def _ops():
@@ -39,7 +32,7 @@ def voxel_infonce_cuda(anchor, positive, negative, anchor_labels, neg_index, neg
     return _ops().voxel_infonce_cuda(
         anchor, positive, negative, anchor_labels, neg_index, neg_count, float(temperature),
         int(num_negatives), bool(random), int(seed), int(offset), grad_weight, float(grad_scale),
-        bool(negative_grad), deterministic(),
+        bool(negative_grad), deterministic_algorithms(),
     )
 
 
@@ -52,4 +45,4 @@ def random_draws_cuda(anchor_labels: Tensor, neg_index: Tensor, neg_count: Tenso
 
 register_kernel("cuda", voxel_infonce_cuda)
 
-__all__ = ["voxel_infonce_cuda", "random_draws_cuda", "deterministic", "DETERMINISTIC"]
+__all__ = ["voxel_infonce_cuda", "random_draws_cuda"]

@@ -27,8 +27,8 @@ topk mode (one bank N_c per class):
      the (Bn, C, Pn) output (writes every element).
 
 random mode: infonce_triton_random.py. Deterministic mode (int64 fixed-point atomics for the
-pool gradient) is on when ``DETERMINISTIC`` below is true (env ``RCPS_DETERMINISTIC=1`` sets it
-at import) or when ``torch.are_deterministic_algorithms_enabled()``.
+pool gradient) follows ``_backend.deterministic_algorithms()``, asked when the kernel runs: the call's
+``deterministic=`` keyword, else ``torch.are_deterministic_algorithms_enabled()``.
 """
 from __future__ import annotations
 
@@ -40,22 +40,18 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import deterministic_algorithms
 from ..selection import anchor_class_order
 from .infonce import register_kernel
 from .infonce_triton_random import random_draws_triton, random_mode
 from .triton_shared import (INTERPRET, block_c, chain_store, normalize_rows, pool_input_grad,
                             positive_nll, softmax_weight, store_normaliser)
 
-#: Bitwise run-to-run identical pool gradients in random mode (int64 fixed-point atomics).
-DETERMINISTIC = os.environ.get("RCPS_DETERMINISTIC", "0") == "1"
-
 #: tl.dot precision of the fp32 similarity products: "tf32x3" (fp32-accurate on tensor cores),
 #: "ieee" (plain fp32 FMA) or "tf32" (fast, ~1e-3 relative error: fails the accuracy rule).
 DOT_PRECISION = os.environ.get("RCPS_TRITON_DOT_PRECISION", "tf32x3")
 
 
-def deterministic() -> bool:
-    return DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +405,7 @@ def voxel_infonce_triton(anchor, positive, negative, anchor_labels, neg_index, n
             loss, g1, g2, gn = random_mode(anchor, positive, negative, labels, neg_index,
                                            neg_count, inv_tau, int(num_negatives), int(seed),
                                            int(offset), w, float(grad_scale), want_grad,
-                                           neg_grad, deterministic())
+                                           neg_grad, deterministic_algorithms())
         else:
             loss, g1, g2, gn = _topk(anchor, positive, negative, labels, neg_index, neg_count,
                                      inv_tau, w, float(grad_scale), want_grad, neg_grad)
@@ -426,5 +422,4 @@ def _with_empty_grads(loss, g1, g2, gn, anchor, negative):
 
 register_kernel("triton", voxel_infonce_triton)
 
-__all__ = ["voxel_infonce_triton", "random_draws_triton", "deterministic", "DETERMINISTIC",
-           "DOT_PRECISION"]
+__all__ = ["voxel_infonce_triton", "random_draws_triton", "DOT_PRECISION"]

@@ -6,8 +6,8 @@ the layout of csrc/rcps_math.h's philox_randint), gathers the normalised pool ro
 with gradients a second pass over the same draws accumulates the anchor gradients and adds the
 pool gradient with fp32 atomics, or, in deterministic mode, with int64 fixed-point atomics
 (integer addition is associative: bitwise identical run to run). Deterministic mode is on when
-infonce_triton's ``DETERMINISTIC`` is true (env ``RCPS_DETERMINISTIC=1`` sets it at import) or when
-``torch.are_deterministic_algorithms_enabled()``.
+``_backend.deterministic_algorithms()`` says so at call time (the ``deterministic=`` keyword, else
+``torch.are_deterministic_algorithms_enabled()``).
 
 Fixed point: every contribution is bounded by |w_i| / tau * (p1 + p2) per channel, and the p of
 one anchor sum to at most 1 per direction, so the whole pool gradient is bounded by

@@ -5,7 +5,7 @@ with any strides; forward returns a (B, P) loss map (reduction code 0) or a 0-di
 (codes 1/2) in float32 (float64 for float64 inputs); backward returns gradients shaped and strided
 like torch.empty_like of the inputs. One program handles BLOCK_V voxels with all their classes in
 registers (a BLOCK_C x BLOCK_V tile), so each kernel reads the logits exactly once. Reductions
-write one partial sum per program, added by torch in program order (deterministic).
+write one float64 partial sum per program, added by torch in program order (deterministic).
 
 Loads are cast to the accumulation type right away (bf16 arithmetic is broken in the Triton
 interpreter, and fp16/bf16 inputs accumulate in fp32 anyway). Under TRITON_INTERPRET=1 these run
@@ -38,23 +38,29 @@ def _load_tile(ptr, stride_b, stride_c, stride_p, item, position, classes, voxel
 
 @triton.jit
 def _urp_tile(student, teacher, inv_temperature):
-    """Per-voxel loss and softmax statistics of a (BLOCK_C, BLOCK_V) tile (padded with -inf)."""
-    shifted_student = student - tl.max(student, axis=0)[None, :]
+    """Per-voxel loss and softmax statistics of a (BLOCK_C, BLOCK_V) tile (padded with -inf).
+
+    The shifted student logits are carried in halves (z/2 - max/2), which cannot overflow where
+    z - max would (logits of opposite signs near the largest finite value); halving is exact.
+    """
+    half_student = 0.5 * student - 0.5 * tl.max(student, axis=0)[None, :]
     shifted_teacher = teacher - tl.max(teacher, axis=0)[None, :]
-    exp_student = tl.exp(shifted_student)
+    exp_student = tl.exp(half_student + half_student)
     exp_teacher = tl.exp(shifted_teacher)
     exp_sharpened = tl.exp(shifted_teacher * inv_temperature)
     # 0 * log 0 := 0 for classes the teacher rules out (and for the padding).
-    sharpened_dot = tl.sum(tl.where(exp_sharpened > 0, exp_sharpened * shifted_student, 0.0), axis=0)
-    teacher_gap = tl.sum(
-        tl.where(exp_teacher > 0, exp_teacher * (shifted_teacher - shifted_student), 0.0), axis=0
+    sharpened_dot_half = tl.sum(tl.where(exp_sharpened > 0, exp_sharpened * half_student, 0.0),
+                                axis=0)
+    teacher_gap_half = tl.sum(
+        tl.where(exp_teacher > 0, exp_teacher * (0.5 * shifted_teacher - half_student), 0.0),
+        axis=0,
     )
     inv_sum_student = 1.0 / tl.sum(exp_student, axis=0)
     inv_sum_teacher = 1.0 / tl.sum(exp_teacher, axis=0)
     inv_sum_sharpened = 1.0 / tl.sum(exp_sharpened, axis=0)
     log_sum_student = -tl.log(inv_sum_student)
-    cross_entropy = log_sum_student - sharpened_dot * inv_sum_sharpened
-    kl = teacher_gap * inv_sum_teacher + tl.log(inv_sum_teacher) + log_sum_student
+    cross_entropy = log_sum_student - 2.0 * (sharpened_dot_half * inv_sum_sharpened)
+    kl = 2.0 * (teacher_gap_half * inv_sum_teacher) + tl.log(inv_sum_teacher) + log_sum_student
     weight = tl.exp(-kl)
     loss = weight * cross_entropy + kl
     return (loss, exp_student * inv_sum_student[None, :], exp_teacher * inv_sum_teacher[None, :],
@@ -62,23 +68,47 @@ def _urp_tile(student, teacher, inv_temperature):
 
 
 @triton.jit
-def _cosine_tile(a, b, eps):
-    """Per-voxel 1 - cos and normalisation factors of two (BLOCK_C, BLOCK_V) tiles."""
+def _power_of_two_scale(max_abs, IS_FP64: tl.constexpr):
+    """A power of two that brings max_abs (>= 0) near 1, kept a normal number of the tile's
+    dtype. Any power of two is exact, so a log2 that rounds across one only changes which."""
+    limit = 1022.0 if IS_FP64 else 126.0
+    exponent = tl.floor(tl.log2(tl.where(max_abs > 0, max_abs, 1.0)))
+    return tl.exp2(tl.minimum(tl.maximum(-exponent, -limit), limit))
+
+
+@triton.jit
+def _cosine_tile(a, b, eps, IS_FP64: tl.constexpr):
+    """Per-voxel 1 - cos and what the gradient needs, from two (BLOCK_C, BLOCK_V) tiles.
+
+    Each voxel's logits are scaled by a power of two before squaring (|a| >= 2e19 would overflow
+    a^2 in fp32); unit_a turns the scaled logits into a / max(||a||, eps)."""
+    scale_a = _power_of_two_scale(tl.max(tl.abs(a), axis=0), IS_FP64)
+    scale_b = _power_of_two_scale(tl.max(tl.abs(b), axis=0), IS_FP64)
+    a = a * scale_a[None, :]
+    b = b * scale_b[None, :]
+    eps_a = eps * scale_a
+    eps_b = eps * scale_b
     norm_a = tl.sqrt(tl.sum(a * a, axis=0))
     norm_b = tl.sqrt(tl.sum(b * b, axis=0))
-    clamped_a = norm_a <= eps
-    clamped_b = norm_b <= eps
-    inv_norm_a = 1.0 / tl.where(clamped_a, eps, norm_a)
-    inv_norm_b = 1.0 / tl.where(clamped_b, eps, norm_b)
-    cosine = tl.sum(a * b, axis=0) * inv_norm_a * inv_norm_b
-    return 1.0 - cosine, cosine, inv_norm_a, inv_norm_b, clamped_a, clamped_b
+    clamped_a = norm_a <= eps_a
+    clamped_b = norm_b <= eps_b
+    unit_a = 1.0 / tl.where(clamped_a, eps_a, norm_a)
+    unit_b = 1.0 / tl.where(clamped_b, eps_b, norm_b)
+    inv_norm_a = tl.where(clamped_a, 1.0 / eps, scale_a * unit_a)
+    inv_norm_b = tl.where(clamped_b, 1.0 / eps, scale_b * unit_b)
+    cosine = tl.sum(a * b, axis=0) * unit_a * unit_b
+    a_hat = a * unit_a[None, :]
+    b_hat = b * unit_b[None, :]
+    return 1.0 - cosine, cosine, a_hat, b_hat, inv_norm_a, inv_norm_b, clamped_a, clamped_b
 
 
 @triton.jit
 def _store_loss(loss_ptr, loss, voxels, voxel_mask, REDUCE: tl.constexpr):
     loss = tl.where(voxel_mask, loss, 0.0)
     if REDUCE:
-        tl.store(loss_ptr + tl.program_id(0), tl.sum(loss, axis=0))
+        # Partial sums in float64: per-voxel losses near the float32 maximum must not overflow
+        # a sum whose mean is representable.
+        tl.store(loss_ptr + tl.program_id(0), tl.sum(loss.to(tl.float64), axis=0))
     else:
         tl.store(loss_ptr + voxels, loss, mask=voxel_mask)
 
@@ -143,18 +173,20 @@ def _cosine_kernel(a_ptr, b_ptr, loss_ptr, grad_output_ptr, grad_a_ptr, grad_b_p
                    BLOCK_C)
     b = _load_tile(b_ptr, b_sb, b_sc, b_sp, item, position, classes, voxel_mask, 0.0, IS_FP64,
                    BLOCK_C)
-    loss, cosine, inv_norm_a, inv_norm_b, clamped_a, clamped_b = _cosine_tile(a, b, eps)
+    loss, cosine, a_hat, b_hat, inv_norm_a, inv_norm_b, clamped_a, clamped_b = _cosine_tile(
+        a, b, eps, IS_FP64)
     if BACKWARD:
-        # d(1 - cos)/da = -(b / (|a||b|) - cos a / |a|^2); a clamped norm is a constant.
+        # d(1 - cos)/da = -(b^ - cos a^) / |a| with unit vectors a^, b^; a clamped norm is a
+        # constant (no radial term).
         scale = _grad_scale(grad_output_ptr, voxels, voxel_mask, PER_VOXEL_GRAD)
         if NEED_GRAD_A:
-            radial_a = tl.where(clamped_a[None, :], 0.0, (cosine * inv_norm_a)[None, :] * a)
-            grad_a = -(scale * inv_norm_a)[None, :] * (b * inv_norm_b[None, :] - radial_a)
+            radial_a = tl.where(clamped_a[None, :], 0.0, cosine[None, :] * a_hat)
+            grad_a = -(scale * inv_norm_a)[None, :] * (b_hat - radial_a)
             _store_tile(grad_a_ptr, grad_a, ga_sb, ga_sc, ga_sp, item, position, classes,
                         voxel_mask, BLOCK_C)
         if NEED_GRAD_B:
-            radial_b = tl.where(clamped_b[None, :], 0.0, (cosine * inv_norm_b)[None, :] * b)
-            grad_b = -(scale * inv_norm_b)[None, :] * (a * inv_norm_a[None, :] - radial_b)
+            radial_b = tl.where(clamped_b[None, :], 0.0, cosine[None, :] * b_hat)
+            grad_b = -(scale * inv_norm_b)[None, :] * (a_hat - radial_b)
             _store_tile(grad_b_ptr, grad_b, gb_sb, gb_sc, gb_sp, item, position, classes,
                         voxel_mask, BLOCK_C)
     else:
@@ -184,15 +216,17 @@ def _launch_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int]:
 
 
 def _forward_output(x: torch.Tensor, reduction: int, programs: int) -> torch.Tensor:
-    shape = (x.shape[0], x.shape[2]) if reduction == 0 else (programs,)
-    return torch.empty(shape, dtype=_loss_dtype(x.dtype), device=x.device)
+    """The (B, P) loss map, or float64 partial sums, one per program."""
+    if reduction == 0:
+        return torch.empty((x.shape[0], x.shape[2]), dtype=_loss_dtype(x.dtype), device=x.device)
+    return torch.empty((programs,), dtype=torch.float64, device=x.device)
 
 
-def _reduce(loss: torch.Tensor, reduction: int, num_voxels: int) -> torch.Tensor:
+def _reduce(loss: torch.Tensor, reduction: int, num_voxels: int, dtype: torch.dtype) -> torch.Tensor:
     if reduction == 0:
         return loss
     total = loss.sum()
-    return total / num_voxels if reduction == 1 else total
+    return (total / num_voxels if reduction == 1 else total).to(_loss_dtype(dtype))
 
 
 def _grad_output_arguments(grad_output: torch.Tensor, x: torch.Tensor, reduction: int):
@@ -217,7 +251,7 @@ def urp_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float
         BACKWARD=False, REDUCE=reduction != 0, PER_VOXEL_GRAD=False,
         IS_FP64=student.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
     )
-    return _reduce(loss, reduction, num_voxels)
+    return _reduce(loss, reduction, num_voxels, student.dtype)
 
 
 def urp_backward(grad_output: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
@@ -245,7 +279,7 @@ def cosine_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, eps: float,
         NEED_GRAD_B=False, IS_FP64=logits_a.dtype == torch.float64, BLOCK_C=block_c,
         BLOCK_V=block_v,
     )
-    return _reduce(loss, reduction, num_voxels)
+    return _reduce(loss, reduction, num_voxels, logits_a.dtype)
 
 
 def cosine_backward(grad_output: torch.Tensor, logits_a: torch.Tensor, logits_b: torch.Tensor,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..selection import eligible_negatives, pseudo_labels, select_confident_negatives
 

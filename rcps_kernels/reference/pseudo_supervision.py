@@ -6,6 +6,8 @@ path; the fused kernels compute the same values in one pass (DESIGN.md section 1
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -37,7 +39,9 @@ def rectified_pseudo_supervision_reference(
     student = student_logits.to(acc)
     teacher = teacher_logits.detach().to(acc)
     log_p = torch.log_softmax(student, dim=1)
-    sharpened = torch.softmax(teacher / temperature, dim=1)
+    # Shifted before the division: teacher / T overflows for small T where (teacher - max) / T
+    # only goes to -inf (a zero probability).
+    sharpened = torch.softmax((teacher - teacher.amax(dim=1, keepdim=True)) / temperature, dim=1)
     cross_entropy = -(sharpened * log_p).sum(dim=1)
     q = torch.softmax(teacher, dim=1)
     log_q = torch.log_softmax(teacher, dim=1)
@@ -59,9 +63,24 @@ def logit_cosine_consistency_reference(
     clamped norm is treated as a constant by the gradient.
     """
     acc = _accumulation_dtype(logits_a.dtype)
-    a = logits_a.to(acc)
-    b = logits_b.to(acc)
-    a_unit = a / a.norm(dim=1, keepdim=True).clamp_min(eps)
-    b_unit = b / b.norm(dim=1, keepdim=True).clamp_min(eps)
+    a_unit = _unit_vectors(logits_a.to(acc), eps)
+    b_unit = _unit_vectors(logits_b.to(acc), eps)
     per_voxel = 1.0 - (a_unit * b_unit).sum(dim=1)
     return reduce_per_voxel(per_voxel, reduction)
+
+
+def _unit_vectors(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / max(||x||, eps) along dim 1.
+
+    x is scaled by a power of two per voxel first, which brings its largest |x_c| near 1: the
+    squared norm of float32 logits overflows from |x| ~ 2e19 (and underflows below 1e-19). The
+    scale is exact and a constant for autograd, so values and gradients are those of the
+    unscaled formula.
+    """
+    largest = x.detach().abs().amax(dim=1, keepdim=True)
+    _, exponent = torch.frexp(largest)  # largest = m * 2^exponent, m in [0.5, 1)
+    info = torch.finfo(x.dtype)
+    limit = int(math.log2(info.max)) - 1  # keeps the scale and its inverse normal and finite
+    scale = torch.ldexp(torch.ones_like(largest), (-exponent).clamp(-limit, limit))
+    scaled = x * scale
+    return scaled / scaled.norm(dim=1, keepdim=True).clamp_min(eps * scale)

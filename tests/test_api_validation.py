@@ -1,0 +1,221 @@
+"""The public API's argument checks, meta tensors, loss dtypes and the determinism switch.
+
+Numerics live in test_infonce.py / test_pseudo_supervision.py; here: what a wrong argument gets
+(a TypeError or ValueError naming it, before any work), what shape-only meta tensors get, and
+which path (deterministic or not) the kernels are told to take, and when.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import rcps_kernels as rk
+from rcps_kernels import _backend
+from rcps_kernels.ops import infonce as ops
+
+
+def infonce_inputs(dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(1, 4, 3, 4, generator=g).to(device, dtype) for _ in range(3)]
+    logits = [torch.randn(1, 2, 3, 4, generator=g).to(device) for _ in range(2)]
+    return feats + logits
+
+
+def infonce(*inputs, **kwargs):
+    return rk.bidirectional_voxel_infonce(*(inputs or infonce_inputs()), **kwargs)
+
+
+# --- argument types and values -------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"num_negatives": True}, TypeError, "num_negatives must be an int, got bool"),
+    ({"num_negatives": 2.5}, TypeError, "num_negatives must be an int, got float"),
+    ({"num_negatives": 0}, ValueError, "num_negatives must be >= 1"),
+    ({"temperature": True}, TypeError, "temperature must be a real number, got bool"),
+    ({"temperature": "0.1"}, TypeError, "temperature must be a real number, got str"),
+    ({"temperature": None}, TypeError, "temperature must be a real number, got NoneType"),
+    ({"temperature": float("inf")}, ValueError, "temperature must be > 0 and finite"),
+    ({"temperature": float("nan")}, ValueError, "temperature must be > 0 and finite"),
+    ({"generator": 0}, TypeError, "generator must be a torch.Generator or None, got int"),
+    ({"deterministic": 1}, TypeError, "deterministic must be True, False or None, got int"),
+])
+def test_infonce_arguments_of_the_wrong_type_or_value(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        infonce(sampling="random", **kwargs)
+
+
+def test_module_forwards_the_checks():
+    loss_fn = rk.BidirectionalVoxelContrastiveLoss(num_negatives=True)
+    with pytest.raises(TypeError, match="num_negatives"):
+        loss_fn(*infonce_inputs())
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x: rk.select_confident_negatives(x, 2.5), TypeError, "num_negatives must be an int"),
+    (lambda x: rk.select_confident_negatives(x, True), TypeError, "num_negatives must be an int"),
+    (lambda x: rk.select_confident_negatives(x, 0), ValueError, "num_negatives must be >= 1"),
+    (lambda x: rk.select_confident_negatives(x, 3, num_classes=True), TypeError, "num_classes"),
+    (lambda x: rk.select_confident_negatives(x.reshape(1, 2, 1, 1, 3, 4, 1), 3), ValueError,
+     r"negative_logits must be \(B, C, \*spatial\).*\(1, 2, 1, 1, 3, 4, 1\)"),
+    (lambda x: rk.select_confident_negatives(torch.full_like(x, float("nan")), 3), ValueError,
+     r"negative_logits contains NaN or Inf \(shape \(1, 2, 3, 4\)\)"),
+    (lambda x: rk.select_confident_negatives(x.long(), 3), ValueError, "floating"),
+])
+def test_select_confident_negatives_refuses_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call(infonce_inputs()[4])
+
+
+# --- meta tensors: shapes only ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_infonce_on_meta_tensors_gives_the_shape(backend, reduction):
+    inputs = [x.to("meta").requires_grad_(i < 3) for i, x in enumerate(infonce_inputs())]
+    loss = infonce(*inputs, reduction=reduction, backend=backend)
+    assert loss.device.type == "meta" and loss.dtype == torch.float32
+    assert loss.shape == (() if reduction == "mean" else (1, 3, 4))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_pseudo_supervision_on_meta_tensors_gives_the_shape(backend):
+    a, b, t = (torch.empty(2, 3, 4, 5, device="meta") for _ in range(3))
+    results = (rk.rectified_pseudo_supervision(a, t, reduction="none", backend=backend),
+               rk.logit_cosine_consistency(a, b, backend=backend),
+               *rk.pseudo_supervision_losses(a, b, t, reduction="none", backend=backend))
+    for loss, shape in zip(results, ((2, 4, 5), (), (2, 4, 5), (2, 4, 5))):
+        assert loss.device.type == "meta" and loss.shape == shape and loss.dtype == torch.float32
+
+
+def test_select_confident_negatives_on_meta_tensors():
+    idx, counts = rk.select_confident_negatives(torch.empty(1, 3, 4, 5, device="meta"), 6)
+    assert idx.shape == (3, 6) and counts.shape == (3,)
+
+
+# --- losses are float32 for half inputs, on every backend ------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_losses_of_half_inputs_are_float32(dtype, backend):
+    assert infonce(*infonce_inputs(dtype), backend=backend).dtype == torch.float32
+    a, b, t = (torch.randn(1, 3, 4).to(dtype) for _ in range(3))
+    for loss in (rk.rectified_pseudo_supervision(a, t, backend=backend),
+                 rk.logit_cosine_consistency(a, b, backend=backend),
+                 *rk.pseudo_supervision_losses(a, b, t, backend=backend)):
+        assert loss.dtype == torch.float32
+
+
+# --- determinism: torch's switch at call time, or the keyword --------------------------------
+
+@pytest.fixture
+def torch_deterministic():
+    """Turns torch.use_deterministic_algorithms on for the test, and off again after it."""
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_the_choice_follows_torchs_switch_when_called(torch_deterministic):
+    assert _backend.deterministic_algorithms()
+    torch.use_deterministic_algorithms(False)
+    assert not _backend.deterministic_algorithms()
+
+
+def test_an_override_wins_over_torchs_switch(torch_deterministic):
+    with _backend.deterministic_override(False):
+        assert not _backend.deterministic_algorithms()
+        with _backend.deterministic_override(None):  # a nested call without the keyword
+            assert _backend.deterministic_algorithms()
+    torch.use_deterministic_algorithms(False)
+    with _backend.deterministic_override(True):
+        assert _backend.deterministic_algorithms()
+    assert not _backend.deterministic_algorithms()
+
+
+@pytest.fixture
+def kernel_choices(monkeypatch):
+    """The CPU kernel, recording what deterministic_algorithms() answers each time it runs."""
+    seen: list[bool] = []
+    cpu_kernel = ops._kernel("cpu")
+
+    def recording_kernel(*args):
+        seen.append(_backend.deterministic_algorithms())
+        return cpu_kernel(*args)
+
+    monkeypatch.setitem(ops._KERNELS, "cpu", recording_kernel)
+    return seen
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("torch_switch,keyword,expected", [
+    (False, None, False), (True, None, True), (True, False, False), (False, True, True),
+])
+def test_the_kernels_see_the_choice_in_forward_and_backward(kernel_choices, reduction,
+                                                            torch_switch, keyword, expected):
+    inputs = [x.requires_grad_(i < 3) for i, x in enumerate(infonce_inputs())]
+    torch.use_deterministic_algorithms(torch_switch)
+    try:
+        loss = infonce(*inputs, sampling="random", reduction=reduction, backend="cpu",
+                       deterministic=keyword)
+        loss.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # "mean" computes its gradients in forward (one kernel call); "none" calls it again in backward
+    assert kernel_choices == [expected] * (1 if reduction == "mean" else 2)
+
+
+def test_the_switch_is_read_when_backward_runs_not_at_forward(kernel_choices):
+    inputs = [x.requires_grad_(i < 3) for i, x in enumerate(infonce_inputs())]
+    loss = infonce(*inputs, sampling="random", reduction="sum", backend="cpu")
+    torch.use_deterministic_algorithms(True)
+    try:
+        loss.backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert kernel_choices == [False, True]
+
+
+def test_the_module_passes_its_keyword(kernel_choices):
+    loss_fn = rk.BidirectionalVoxelContrastiveLoss(sampling="random", deterministic=True,
+                                                   backend="cpu")
+    loss_fn(*infonce_inputs())
+    assert kernel_choices == [True]
+    assert loss_fn.deterministic is True
+
+
+def test_the_old_environment_switch_still_works_with_a_warning(monkeypatch):
+    monkeypatch.setenv("RCPS_DETERMINISTIC", "1")
+    _backend._warn_deprecated_environment_switch.cache_clear()
+    with pytest.warns(FutureWarning, match="RCPS_DETERMINISTIC=1 is deprecated"):
+        assert _backend.deterministic_algorithms()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        assert _backend.deterministic_algorithms()
+    with _backend.deterministic_override(False):
+        assert not _backend.deterministic_algorithms()
+    monkeypatch.delenv("RCPS_DETERMINISTIC")
+    assert not _backend.deterministic_algorithms()
+    _backend._warn_deprecated_environment_switch.cache_clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_deterministic_keyword_makes_random_mode_bitwise_reproducible_on_a_gpu(backend):
+    g = torch.Generator().manual_seed(3)
+    feats = [torch.randn(1, 64, 16, 16, 8, generator=g).cuda() for _ in range(3)]
+    logits = [torch.randn(1, 2, 16, 16, 8, generator=g).cuda() for _ in range(2)]
+
+    def run():
+        leaves = [f.clone().requires_grad_() for f in feats]
+        loss = rk.bidirectional_voxel_infonce(
+            *leaves, *logits, num_negatives=200, sampling="random", backend=backend,
+            generator=torch.Generator().manual_seed(5), deterministic=True)
+        loss.backward()
+        return [loss.detach(), *(t.grad for t in leaves)]
+
+    first = run()
+    for _ in range(3):
+        for x, y in zip(first, run()):
+            assert torch.equal(x, y)
