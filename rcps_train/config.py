@@ -20,9 +20,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",  # "auto" | "cpu" | "cuda"
     },
     "data": {
-        "format": "nifti",  # "nifti": <root>/{train,val}_{images,labels}/<name>.nii.gz; "h5": UA-MT/MC-Net layout
+        "format": "nifti",  # "nifti": <root>/{train,val}_{images,labels}/<name>.nii.gz; "h5": UA-MT/MC-Net layout;
+        # "nnunet": nnU-Net v2 raw (dataset.json, imagesTr/labelsTr, imagesTs/labelsTs)
         "root": "",
         "labeled": 8,  # int: the first N of the sorted training list; str: a file of IDs, one a line
+        # Validation split for eval.every_epochs and best.pt, taken from the training cases that are NOT labeled
+        # (their labels only score): int: the last N of them (0: none); str: a file of IDs, one a line
+        "val_cases": 0,
         "num_classes": 2,
         "patch_size": [112, 112, 80],
         "num_workers": 2,
@@ -67,17 +71,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ce_lambda": 2.0 / 11.0,  # CE weight in Dice + CE: (1 + len(fg weights)) / (1 + sum(fg weights))
     },
     "eval": {
-        "every_epochs": 5,  # validation Dice during training; 0: only after the last epoch
+        "every_epochs": 5,  # validation Dice on the data.val_cases split (none without one); 0: off
         "overlap": 0.875,
         "sw_batch_size": 4,
         "sigma_scale": 0.125,
-        "max_cases": 0,  # 0: all validation cases (during training only; the final evaluation uses all)
+        "max_cases": 0,  # 0: all validation cases (the validation split; the final test evaluation uses all)
     },
 }
 
 CHOICES = {
     ("run", "device"): ("auto", "cpu", "cuda"),
-    ("data", "format"): ("nifti", "h5"),
+    ("data", "format"): ("nifti", "h5", "nnunet"),
     ("train", "method"): ("rcps", "supervised"),
     ("train", "amp"): ("auto", "off", "fp16", "bf16"),
     ("loss", "sampling"): ("topk", "random"),
@@ -118,8 +122,8 @@ def _set(config: dict, dotted: str, value: Any, source: str) -> None:
         hint = difflib.get_close_matches(dotted, known, n=1)
         raise ConfigError(f"{source}: unknown key '{dotted}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
     default = DEFAULTS[section][key]
-    # data.labeled is an int (a count) or a str (a file of IDs).
-    if dotted == "data.labeled":
+    # data.labeled and data.val_cases are an int (a count) or a str (a file of IDs).
+    if dotted in ("data.labeled", "data.val_cases"):
         ok = isinstance(value, (int, str)) and not isinstance(value, bool)
     else:
         ok = _type_ok(default, value)
@@ -195,6 +199,8 @@ def validate(config: dict) -> None:
                           f"data.num_classes is {data['num_classes']}")
     if isinstance(data["labeled"], int) and data["labeled"] < 1:
         raise ConfigError(f"data.labeled must be >= 1 (a count) or a file of IDs, got {data['labeled']}")
+    if isinstance(data["val_cases"], int) and data["val_cases"] < 0:
+        raise ConfigError(f"data.val_cases must be >= 0 (a count) or a file of IDs, got {data['val_cases']}")
     if train["epochs"] < 1 or train["batch_size"] < 1:
         raise ConfigError("train.epochs and train.batch_size must be >= 1")
     if not 0.0 <= config["eval"]["overlap"] < 1.0:

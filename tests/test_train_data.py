@@ -21,7 +21,7 @@ def tiny_dataset(root, num_train=4, num_val=2):
 
 def tiny_overrides(data_root, out_dir, **extra):
     """Config overrides for a run that takes seconds: width 4, 16x16x16 patches, 2 steps per epoch."""
-    values = {"data.root": f'"{data_root}"', "run.out_dir": f'"{out_dir}"', "data.labeled": 1,
+    values = {"data.root": f'"{data_root}"', "run.out_dir": f'"{out_dir}"', "data.labeled": 1, "data.val_cases": 1,
               "data.patch_size": "[16, 16, 16]", "data.num_workers": 0, "model.widths": "[4, 8, 8, 16, 16]",
               "model.project_dim": 16, "train.epochs": 2, "train.max_steps_per_epoch": 2,
               "train.warmup_epochs": 1, "train.progress": "false", "loss.num_negatives": 16,
