@@ -94,6 +94,8 @@ def read_nnunet_dataset_json(root: Path) -> dict:
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read {path} (data.format = 'nnunet' needs an nnU-Net v2 dataset.json): "
                         f"{type(err).__name__}: {err}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds a JSON {type(meta).__name__}; expected an object (nnU-Net v2 dataset.json)")
     missing = [key for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in meta]
     if missing:
         raise DataError(f"{path} lacks {missing} (an nnU-Net v2 dataset.json has channel_names, labels, "
@@ -104,9 +106,9 @@ def read_nnunet_dataset_json(root: Path) -> dict:
     if meta["file_ending"] not in NIFTI_SUFFIXES:
         raise DataError(f"{path}: file_ending {meta['file_ending']!r} is not supported; expected one of "
                         f"{NIFTI_SUFFIXES}")
-    values = meta["labels"].values()
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or \
-            sorted(values) != list(range(len(meta["labels"]))):
+    values = list(meta["labels"].values()) if isinstance(meta["labels"], dict) else [None]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or sorted(values) != list(
+            range(len(values))):
         raise DataError(f"{path}: labels {meta['labels']} must map names to the integers 0..n-1 "
                         f"(region-based and ignore labels are not supported)")
     return {**meta, "num_classes": len(meta["labels"])}

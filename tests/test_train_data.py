@@ -200,6 +200,7 @@ def test_nnunet_layout_reads_dataset_json_and_test_folders(tmp_path):
     (lambda m: m.update(file_ending=".mha"), "file_ending '.mha'"),
     (lambda m: m.update(numTraining=7), "numTraining = 7"),
     (lambda m: m.pop("labels"), "lacks \\['labels'\\]"),
+    (lambda m: m.update(labels=["background", "foreground"]), "integers 0..n-1"),
 ])
 def test_nnunet_dataset_json_errors_name_the_file(tmp_path, edit, message):
     root = make_synthetic_dataset(tmp_path / "nn", 3, 1, SHAPE, seed=0, layout="nnunet")
