@@ -31,8 +31,8 @@ def _run_one(config: dict, run_dir: Path) -> float:
     if (run_dir / "config.toml").exists() and (run_dir / "config.toml").read_text() != to_toml(config):
         raise ConfigError(f"{run_dir} holds a run of another config (its config.toml differs); "
                           f"choose another --out or remove the folder")
-    finished = (run_dir / "metrics.json").exists() and "checkpoint" in json.loads((run_dir / "metrics.json").read_text())
-    if finished:
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists() and "checkpoint" in json.loads(metrics_path.read_text()):  # a finished run
         return 0.0
     start = time.perf_counter()
     train(config, resume=(run_dir / "checkpoint.pt").exists())
@@ -108,7 +108,8 @@ def write_tables(rows: list[dict], summary: list[dict], out: Path, header: list[
              "| method | checkpoint | seeds | " + " | ".join(metrics) + " |",
              "|---|---|---|" + "---|" * len(metrics)]
     for e in summary:
-        cells = [f"{_fmt(e[f'{m}_mean'], digits.get(m, 2))} +- {_fmt(e[f'{m}_std'], digits.get(m, 2))}" for m in metrics]
+        cells = [f"{_fmt(e[f'{m}_mean'], digits.get(m, 2))} +- {_fmt(e[f'{m}_std'], digits.get(m, 2))}"
+                 for m in metrics]
         lines.append(f"| {e['method']} | {e['checkpoint']} | {e['seeds']} | " + " | ".join(cells) + " |")
     lines += ["", "Per seed:", "", "| method | seed | checkpoint | epoch | " + " | ".join(metrics)
               + " | undefined distances | minutes |", "|---|---|---|---|" + "---|" * (len(metrics) + 2)]
@@ -148,7 +149,8 @@ def run_comparison(config_path: str, methods: list[str], seeds: list[int], overr
                 timings[name] = seconds
                 timings_path.write_text(json.dumps(timings, indent=2))
             metrics = json.loads((out / name / "metrics.json").read_text())
-            rows += [{**row, "minutes": timings.get(name, math.nan) / 60} for row in _result_rows(method, seed, metrics)]
+            minutes = timings.get(name, math.nan) / 60
+            rows += [{**row, "minutes": minutes} for row in _result_rows(method, seed, metrics)]
             curves.setdefault(method, []).append(_read_val_curve(out / name))
     import torch
     header = [f"# {' vs '.join(methods)}: `rcps-train compare --config {config_path}`", "",

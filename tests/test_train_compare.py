@@ -24,8 +24,8 @@ def test_compare_writes_table_and_plot_and_reuses_finished_runs(tmp_path, capsys
         (m, s, c) for m in ("rcps", "supervised") for s in ("0", "1") for c in ("checkpoint.pt", "best.pt"))
     for method in ("rcps", "supervised"):
         dice = [float(r["dice"]) for r in per_seed if r["method"] == method and r["checkpoint"] == "checkpoint.pt"]
-        (mean,) = [r for r in rows if r["seed"] == "mean" and r["method"] == method and r["checkpoint"] == "checkpoint.pt"]
-        (std,) = [r for r in rows if r["seed"] == "std" and r["method"] == method and r["checkpoint"] == "checkpoint.pt"]
+        mean, std = ([r for r in rows if r["seed"] == stat and r["method"] == method
+                      and r["checkpoint"] == "checkpoint.pt"][0] for stat in ("mean", "std"))
         assert float(mean["dice"]) == statistics.mean(dice) and float(std["dice"]) == statistics.stdev(dice)
     markdown = (out / "comparison.md").read_text()
     assert "| rcps | checkpoint.pt | 2 |" in markdown and "+-" in markdown

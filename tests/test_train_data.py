@@ -230,7 +230,8 @@ def test_validation_split_comes_from_the_unlabeled_cases(tmp_path):
     cases = list_cases(make_synthetic_dataset(tmp_path / "d", 6, 1, SHAPE, seed=0), "train", "nifti")
     labeled, unlabeled = split_labeled(cases, 2)
     rest, validation = split_validation(unlabeled, labeled, 2)
-    assert [c.name for c in validation] == ["case_004", "case_005"] and [c.name for c in rest] == ["case_002", "case_003"]
+    assert [c.name for c in validation] == ["case_004", "case_005"]
+    assert [c.name for c in rest] == ["case_002", "case_003"]
     assert split_validation(unlabeled, labeled, 0) == (unlabeled, [])
     ids = tmp_path / "val.txt"
     ids.write_text("case_003\n")
