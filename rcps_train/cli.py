@@ -1,8 +1,9 @@
-"""``rcps-train``: train, eval, make-synthetic and demo.
+"""``rcps-train``: train, eval, compare, make-synthetic and demo.
 
     rcps-train train --config FILE.toml [--set key=value ...] [--resume]
     rcps-train eval --checkpoint FILE [--protocol rcps|ssl-la|ssl-pancreas] [--data ROOT] [--out DIR]
-    rcps-train make-synthetic --out DIR [--train N] [--val N] [--shape D H W] [--seed S]
+    rcps-train compare --config FILE --methods rcps supervised --seeds 0 1 2 [--set key=value ...] [--out DIR]
+    rcps-train make-synthetic --out DIR [--layout nifti|nnunet|h5] [--train N] [--val N] [--shape D H W] [--seed S]
     rcps-train demo [--out DIR]
 
 ``--config`` also takes a shipped config by name: demo, la, pancreas, synthetic.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .config import EVAL_PROTOCOLS, LARGEST_COMPONENT_CHOICES, ConfigError, load_config, shipped_configs
 from .data import DataError
+from .synthetic import LAYOUTS
 
 
 def _train(args) -> None:
@@ -52,10 +54,16 @@ def _eval(args) -> None:
     print(f"metrics written to {out / 'metrics.json'}")
 
 
+def _compare(args) -> None:
+    from .compare import run_comparison
+    out = run_comparison(args.config, args.methods, args.seeds, args.set, args.out)
+    print(f"comparison written to {out}")
+
+
 def _make_synthetic(args) -> None:
     from .synthetic import make_synthetic_dataset
-    root = make_synthetic_dataset(args.out, args.train, args.val, tuple(args.shape), args.seed)
-    print(f"synthetic dataset written to {root} ({args.train} train, {args.val} val cases)")
+    root = make_synthetic_dataset(args.out, args.train, args.val, tuple(args.shape), args.seed, args.layout)
+    print(f"synthetic dataset written to {root} ({args.layout} layout, {args.train} train, {args.val} test cases)")
 
 
 def _demo(args) -> None:
@@ -74,7 +82,7 @@ def _demo(args) -> None:
     config["run"]["name"] = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[2/3] training RCPS ({config['train']['epochs']} epochs, backend={config['loss']['backend']}) "
           f"-> {Path(config['run']['out_dir']) / config['run']['name']}")
-    print("[3/3] then evaluating on the validation cases (sliding window, Dice/HD95/ASD):")
+    print("[3/3] then evaluating on the test cases (sliding window, Dice/HD95/ASD):")
     train(config)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
@@ -98,8 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--out", help="folder for metrics.csv/json (default: eval-<protocol> next to the checkpoint)")
     p.set_defaults(func=_eval)
-    p = commands.add_parser("make-synthetic", help="write a synthetic NIfTI dataset")
+    p = commands.add_parser("compare", help="train several methods x seeds, then a table (mean +- std) and a plot")
+    p.add_argument("--config", required=True, help="a TOML file or a shipped config, as for train")
+    p.add_argument("--methods", nargs="+", default=["rcps", "supervised"], help="values of train.method")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (all runs)")
+    p.add_argument("--out", default="runs/compare", help="folder for the runs, the table and the plot")
+    p.set_defaults(func=_compare)
+    p = commands.add_parser("make-synthetic", help="write a synthetic dataset (official NIfTI, nnU-Net raw or h5)")
     p.add_argument("--out", required=True)
+    p.add_argument("--layout", default="nifti", choices=LAYOUTS,
+                   help="data.format the dataset is written for (default: nifti)")
     p.add_argument("--train", type=int, default=40)
     p.add_argument("--val", type=int, default=10)
     p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], metavar=("D", "H", "W"))

@@ -21,9 +21,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",  # "auto" | "cpu" | "cuda"
     },
     "data": {
-        "format": "nifti",  # "nifti": <root>/{train,val}_{images,labels}/<name>.nii.gz; "h5": UA-MT/MC-Net layout
+        "format": "nifti",  # "nifti": <root>/{train,val}_{images,labels}/<name>.nii.gz; "h5": UA-MT/MC-Net layout;
+        # "nnunet": nnU-Net v2 raw (dataset.json, imagesTr/labelsTr, imagesTs/labelsTs)
         "root": "",
         "labeled": 8,  # int: the first N of the sorted training list; str: a file of IDs, one a line
+        # Validation split for eval.every_epochs and best.pt, taken from the training cases that are NOT labeled
+        # (their labels only score): int: the last N of them (0: none); str: a file of IDs, one a line
+        "val_cases": 0,
         "num_classes": 2,
         "patch_size": [112, 112, 80],
         "num_workers": 2,
@@ -68,13 +72,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "ce_lambda": 2.0 / 11.0,  # CE weight in Dice + CE: (1 + len(fg weights)) / (1 + sum(fg weights))
     },
     "eval": {
-        "every_epochs": 5,  # validation Dice during training; 0: only after the last epoch
+        "every_epochs": 5,  # validation Dice on the data.val_cases split (none without one); 0: off
         "protocol": "rcps",  # "rcps" | "ssl-la" | "ssl-pancreas": window, stride, blending (README: Evaluation)
         "largest_component": "auto",  # "auto" (the protocol's choice) | "on" | "off": keep the largest component
         "overlap": 0.875,
         "sw_batch_size": 4,
         "sigma_scale": 0.125,
-        "max_cases": 0,  # 0: all validation cases (during training only; the final evaluation uses all)
+        "max_cases": 0,  # 0: all validation cases (the validation split; the final test evaluation uses all)
     },
 }
 
@@ -142,10 +146,12 @@ RULES: dict[str, Rule] = {
     "run.out_dir": ANY_TEXT,  # "" is the current folder
     "run.seed": integer(0),  # numpy seeds must be non-negative and below 2**32 (seed + rank)
     "run.device": one_of("auto", "cpu", "cuda"),
-    "data.format": one_of("nifti", "h5"),
+    "data.format": one_of("nifti", "h5", "nnunet"),
     "data.root": ANY_TEXT,  # checked by the data layer, which names the missing folder
     "data.labeled": Rule(lambda v: v.strip() != "" if isinstance(v, str) else 1 <= v <= INT_LIMIT,
                          "a count >= 1 or the path of a file of IDs"),
+    "data.val_cases": Rule(lambda v: v.strip() != "" if isinstance(v, str) else 0 <= v <= INT_LIMIT,
+                           "a count >= 0 or the path of a file of IDs"),
     "data.num_classes": integer(2, 1024),
     # Any size runs (every decoder stage is resized to its skip); 1024 bounds a typo's memory.
     "data.patch_size": each(integer(1, 1024), length=3),
@@ -254,8 +260,8 @@ def _value_problem(dotted: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the known key ``dotted`` (its type, then its rule), or None."""
     section, _, key = dotted.partition(".")
     default = DEFAULTS[section][key]
-    # data.labeled is an int (a count) or a str (a file of IDs).
-    if dotted == "data.labeled":
+    # data.labeled and data.val_cases are an int (a count) or a str (a file of IDs).
+    if dotted in ("data.labeled", "data.val_cases"):
         ok = isinstance(value, (int, str)) and not isinstance(value, bool)
     else:
         ok = _type_ok(default, value)

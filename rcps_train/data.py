@@ -1,15 +1,21 @@
-"""Datasets without MONAI: case discovery for the NIfTI and h5 layouts, start-up checks, z-score
-normalisation, the labeled subset, and deterministic per-step sampling (which makes ``--resume`` exact).
+"""Datasets without MONAI: case discovery for the NIfTI, h5 and nnU-Net layouts, the splits (labeled,
+unlabeled, validation, test), start-up checks of every split, z-score normalisation, and deterministic
+per-step sampling (which makes ``--resume`` exact).
 
-Layouts (arrays are used in file order as ``(D, H, W)``):
-- ``nifti``: ``<root>/{train_images,train_labels,val_images,val_labels}/<name>.nii.gz``, image and label
-  sharing the file name (the official RCPS layout).
+Layouts (arrays are used in file order as ``(D, H, W)``; the README shows a tree of each):
+- ``nifti``: ``<root>/{train_images,train_labels,val_images,val_labels}/<name>.nii.gz`` (or ``.nii``), image
+  and label sharing the file name (the official RCPS layout; ``val_*`` is the test split).
 - ``h5``: UA-MT / MC-Net: ``<root>/train.list`` and ``<root>/test.list`` (one ID a line) and per ID one h5 file
   with datasets ``image`` and ``label``, at ``<root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5`` (LA),
   ``<root>/Pancreas_h5/<ID>_norm.h5`` (Pancreas), ``<root>/<ID>/mri_norm2.h5`` or ``<root>/<ID>.h5``.
+- ``nnunet``: an nnU-Net v2 raw dataset: ``<root>/dataset.json``, ``imagesTr/<case>_0000<ending>``,
+  ``labelsTr/<case><ending>`` and, when both exist, ``imagesTs``/``labelsTs`` as the test split; without
+  ``labelsTs`` a fixed split of the training cases (:data:`NNUNET_HOLDOUT_FRACTION`, seed
+  :data:`NNUNET_HOLDOUT_SEED`, the same for every run) is the test split.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +26,10 @@ from torch.utils.data import Dataset
 from .augment import random_crop, random_grid_distortion
 
 H5_PATTERNS = ("2018LA_Seg_Training Set/{id}/mri_norm2.h5", "Pancreas_h5/{id}_norm.h5", "{id}/mri_norm2.h5", "{id}.h5")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# nnU-Net datasets without labelsTs: this share of the training cases, drawn once with this seed, is the test split.
+NNUNET_HOLDOUT_FRACTION = 0.2
+NNUNET_HOLDOUT_SEED = 0
 
 
 class DataError(ValueError):
@@ -34,14 +44,22 @@ class Case:
     label: Path
 
 
+def _nifti_name(path: Path, suffixes=NIFTI_SUFFIXES) -> str | None:
+    """The file name without its NIfTI suffix, or None when it does not end in exactly one of them
+    (``case.nii.gz.bak`` is not a case)."""
+    return next((path.name[:-len(sfx)] for sfx in suffixes if path.name.endswith(sfx)), None)
+
+
 def _nifti_cases(root: Path, split: str) -> list[Case]:
     image_dir, label_dir = root / f"{split}_images", root / f"{split}_labels"
     if not image_dir.is_dir():
         raise DataError(f"image folder {image_dir} does not exist (data.format = 'nifti' expects "
                         f"<root>/{split}_images and <root>/{split}_labels)")
     cases = []
-    for image in sorted(image_dir.glob("*.nii*")):
-        name = image.name.split(".nii")[0]
+    for image in sorted(image_dir.iterdir()):
+        name = _nifti_name(image)
+        if name is None:
+            continue
         label = label_dir / image.name
         if not label.exists():
             raise DataError(f"label file {label} for image {image} does not exist")
@@ -64,15 +82,92 @@ def _h5_cases(root: Path, split: str) -> list[Case]:
     return cases
 
 
+def read_nnunet_dataset_json(root: Path) -> dict:
+    """Read and check ``<root>/dataset.json`` of an nnU-Net v2 raw dataset.
+
+    Returns:
+        The parsed file; ``num_classes`` (from ``labels``) is added.
+    """
+    path = root / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot read {path} (data.format = 'nnunet' needs an nnU-Net v2 dataset.json): "
+                        f"{type(err).__name__}: {err}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds a JSON {type(meta).__name__}; expected an object (nnU-Net v2 dataset.json)")
+    missing = [key for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in meta]
+    if missing:
+        raise DataError(f"{path} lacks {missing} (an nnU-Net v2 dataset.json has channel_names, labels, "
+                        f"numTraining and file_ending)")
+    if len(meta["channel_names"]) != 1:
+        raise DataError(f"{path} lists {len(meta['channel_names'])} channels {meta['channel_names']}; "
+                        f"the trainer reads single-channel images only")
+    if meta["file_ending"] not in NIFTI_SUFFIXES:
+        raise DataError(f"{path}: file_ending {meta['file_ending']!r} is not supported; expected one of "
+                        f"{NIFTI_SUFFIXES}")
+    values = list(meta["labels"].values()) if isinstance(meta["labels"], dict) else [None]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or sorted(values) != list(
+            range(len(values))):
+        raise DataError(f"{path}: labels {meta['labels']} must map names to the integers 0..n-1 "
+                        f"(region-based and ignore labels are not supported)")
+    return {**meta, "num_classes": len(meta["labels"])}
+
+
+def _nnunet_folder(root: Path, images: str, labels: str, ending: str) -> list[Case]:
+    cases = []
+    for image in sorted((root / images).iterdir()):
+        name = _nifti_name(image, ("_0000" + ending,))
+        if name is None:
+            continue
+        label = root / labels / f"{name}{ending}"
+        if not label.exists():
+            raise DataError(f"label file {label} for image {image} does not exist")
+        cases.append(Case(name, image, label))
+    return cases
+
+
+def _nnunet_cases(root: Path, split: str) -> list[Case]:
+    meta = read_nnunet_dataset_json(root)
+    ending = meta["file_ending"]
+    if not (root / "imagesTr").is_dir():
+        raise DataError(f"image folder {root / 'imagesTr'} does not exist (data.format = 'nnunet')")
+    training = _nnunet_folder(root, "imagesTr", "labelsTr", ending)
+    if len(training) != meta["numTraining"]:
+        raise DataError(f"{root / 'dataset.json'} says numTraining = {meta['numTraining']} but "
+                        f"{root / 'imagesTr'} holds {len(training)} cases named <case>_0000{ending}")
+    if (root / "imagesTs").is_dir() and (root / "labelsTs").is_dir():
+        return training if split == "train" else _nnunet_folder(root, "imagesTs", "labelsTs", ending)
+    order = np.random.default_rng(NNUNET_HOLDOUT_SEED).permutation(len(training))
+    held_out = set(order[:max(round(NNUNET_HOLDOUT_FRACTION * len(training)), 1)].tolist())
+    return [c for i, c in enumerate(training) if (i in held_out) == (split != "train")]
+
+
 def list_cases(root: str | Path, split: str, data_format: str) -> list[Case]:
-    """Cases of ``split`` (``train`` or ``val``), sorted by name; raises DataError when there are none."""
+    """Cases of ``split`` (``train``, or ``val`` for the test split), sorted by name; raises DataError when
+    there are none."""
+    if not str(root).strip():
+        raise DataError("data.root is empty; set it to the dataset folder")
     root = Path(root)
-    if not str(root) or not root.is_dir():
+    if not root.is_dir():
         raise DataError(f"data.root {str(root)!r} is not a folder")
-    cases = _nifti_cases(root, split) if data_format == "nifti" else _h5_cases(root, split)
+    read = {"nifti": _nifti_cases, "h5": _h5_cases, "nnunet": _nnunet_cases}[data_format]
+    cases = read(root, split)
     if not cases:
         raise DataError(f"no {split} cases found under {root} (data.format = {data_format!r})")
     return cases
+
+
+def _ids_from_file(path_text: str, key: str, cases: list[Case]) -> set[str]:
+    """The IDs listed in a file (one a line) for config key ``key``; each must name one of ``cases``."""
+    path = Path(path_text)
+    if not path.is_file():
+        raise DataError(f"{key}: ID file {path} does not exist")
+    ids = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    unknown = ids - {c.name for c in cases}
+    if unknown:
+        raise DataError(f"{key}: IDs in {path} not in the training list: {sorted(unknown)[:5]}")
+    return ids
 
 
 def split_labeled(cases: list[Case], labeled: int | str) -> tuple[list[Case], list[Case]]:
@@ -86,13 +181,7 @@ def split_labeled(cases: list[Case], labeled: int | str) -> tuple[list[Case], li
         The labeled and the unlabeled cases; both must be non-empty.
     """
     if isinstance(labeled, str):
-        path = Path(labeled)
-        if not path.exists():
-            raise DataError(f"data.labeled: ID file {path} does not exist")
-        ids = {line.strip() for line in path.read_text().splitlines() if line.strip()}
-        unknown = ids - {c.name for c in cases}
-        if unknown:
-            raise DataError(f"data.labeled: IDs in {path} not in the training list: {sorted(unknown)[:5]}")
+        ids = _ids_from_file(labeled, "data.labeled", cases)
         chosen = [c for c in cases if c.name in ids]
     else:
         chosen = cases[:labeled]
@@ -101,6 +190,72 @@ def split_labeled(cases: list[Case], labeled: int | str) -> tuple[list[Case], li
         raise DataError(f"data.labeled = {labeled!r} leaves {len(chosen)} labeled and {len(rest)} unlabeled "
                         f"of {len(cases)} training cases; both must be at least 1")
     return chosen, rest
+
+
+def split_validation(unlabeled: list[Case], labeled: list[Case], val_cases: int | str) -> tuple[list[Case], list[Case]]:
+    """Carve the validation split out of the training cases that are not labeled training data.
+
+    The validation cases keep their labels for scoring, and neither their images nor their labels are trained
+    on; taking them from the unlabeled pool leaves the (scarce) labeled cases to training.
+
+    Args:
+        unlabeled: the training cases that are not labeled, sorted.
+        labeled: the labeled training cases (an ID file must not name them).
+        val_cases: a count (the last N of ``unlabeled``; 0: no validation split) or a file of IDs.
+
+    Returns:
+        ``(unlabeled cases left for training, validation cases)``; the first must be non-empty.
+    """
+    if isinstance(val_cases, str):
+        ids = _ids_from_file(val_cases, "data.val_cases", unlabeled + labeled)
+        clash = sorted(ids & {c.name for c in labeled})
+        if clash:
+            raise DataError(f"data.val_cases: {val_cases} names labeled training cases {clash[:5]} "
+                            f"(see data.labeled); validation cases must not be trained on")
+        chosen = [c for c in unlabeled if c.name in ids]
+    else:
+        chosen = unlabeled[len(unlabeled) - val_cases:] if val_cases else []
+    rest = [c for c in unlabeled if c not in chosen]
+    if not rest:
+        raise DataError(f"data.val_cases = {val_cases!r} takes all {len(unlabeled)} unlabeled training cases; "
+                        f"at least 1 must stay for training")
+    return rest, chosen
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The cases of a run: labeled and unlabeled training data, the validation split (may be empty) and the
+    test split (scored once, after training)."""
+    labeled: list[Case]
+    unlabeled: list[Case]
+    validation: list[Case]
+    test: list[Case]
+
+
+def dataset_splits(data_cfg: dict) -> Splits:
+    """List, split and check a run's cases (the ``[data]`` section of a config).
+
+    Raises:
+        DataError: naming the file or key, for a missing or inconsistent layout or split.
+    """
+    root, data_format = data_cfg["root"], data_cfg["format"]
+    train_cases = list_cases(root, "train", data_format)
+    test_cases = list_cases(root, "val", data_format)
+    if data_format == "nnunet":
+        classes = read_nnunet_dataset_json(Path(root))["num_classes"]
+        if classes != data_cfg["num_classes"]:
+            raise DataError(f"{Path(root) / 'dataset.json'} defines {classes} labels but data.num_classes is "
+                            f"{data_cfg['num_classes']}; set data.num_classes = {classes} (and loss.class_weights)")
+    labeled, unlabeled = split_labeled(train_cases, data_cfg["labeled"])
+    unlabeled, validation = split_validation(unlabeled, labeled, data_cfg["val_cases"])
+    return Splits(labeled, unlabeled, validation, test_cases)
+
+
+def check_cases(cases: list[Case], num_classes: int) -> None:
+    """Read and check every case (as :func:`load_case` does) without keeping it: a bad validation or test
+    file then stops the run before the first training step, not after the last."""
+    for case in cases:
+        load_case(case, num_classes)
 
 
 def load_case(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,8 +342,7 @@ class VolumeStore:
         self.cases, self.num_classes = cases, num_classes
         self._cache = [load_case(c, num_classes) for c in cases] if cache else None
         if self._cache is None:
-            for case in cases:
-                load_case(case, num_classes)
+            check_cases(cases, num_classes)
 
     def __len__(self) -> int:
         return len(self.cases)

@@ -1,12 +1,16 @@
 """The training loop: set-up, one RCPS (or supervised) step, per-epoch schedule, logs, checkpoints, resume.
 
 A run folder ``<run.out_dir>/<run.name>`` holds ``config.toml`` (resolved), ``train_log.csv`` (one row per
-step), ``val_log.csv``, ``checkpoint.pt``, PNG plots and, at the end, ``metrics.csv`` / ``metrics.json``.
+step), ``val_log.csv`` (validation-split Dice per scored epoch), ``checkpoint.pt`` (the last state), ``best.pt``
+(the weights of the best validation Dice, with a validation split), PNG plots and, at the end, the test split's
+``metrics.csv`` / ``metrics.json`` (and ``metrics_best.csv``). The test split is read once before the first step
+to check its files, and predicted only after the last step, for both checkpoints: it never chooses anything.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import random
 import resource
@@ -24,7 +28,7 @@ from rcps_kernels._backend import BACKENDS, resolve_backend
 from . import distributed as ddp
 from .augment import intensity_view
 from .config import ConfigError, resume_changes, to_toml, validate
-from .data import PairedPatchDataset, VolumeStore, epoch_plan, list_cases, seed_worker, split_labeled
+from .data import PairedPatchDataset, VolumeStore, check_cases, dataset_splits, epoch_plan, seed_worker
 from .evaluate import evaluate_cases, format_table, write_metrics
 from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmentation_loss, total_loss
 from .model import ProjectorUNet
@@ -35,6 +39,9 @@ RESUME_ENTRIES = ("model", "optimizer", "scaler", "epoch", "step_in_epoch", "glo
 VAL_FIELDS = ["epoch", "dice", "jaccard", "hd95", "asd", "num_undefined_distances", "distance_unit", "protocol",
               "largest_component"]
 LOG_FIELDS = ["epoch", "step", "global_step", "lr", "ramp", "loss", *TERMS, "step_time_s", "peak_mem_mb"]
+# Files a run writes into its folder; a fresh run (no checkpoint.pt) removes any left by an earlier attempt.
+RUN_FILES = ("config.toml", "train_log.csv", "val_log.csv", "best.pt", "best.pt.tmp", "checkpoint.pt.tmp",
+             "metrics.csv", "metrics_best.csv", "metrics.json", "loss_terms.png", "val_dice.png")
 
 
 def resolve_device(config: dict, local_rank: int = 0) -> torch.device:
@@ -211,17 +218,32 @@ def _restore_rng(states: dict, generators: dict[str, torch.Generator]) -> None:
 
 
 def _truncate_log(path: Path, key: str, last: int) -> None:
-    """Drop log rows written after the checkpoint a resumed run restarts from (they will be redone)."""
+    """Drop log rows written after the checkpoint a resumed run restarts from (they will be redone).
+
+    A row cut short by a kill (missing fields, an unreadable ``key``) can only come after the checkpoint,
+    since a row is complete on disk before the checkpoint that follows it is written: it is dropped too.
+    """
     if not path.exists():
         return
     with open(path, newline="") as f:
-        rows = [row for row in csv.DictReader(f) if int(row[key]) <= last]
-        fields = None if not rows else list(rows[0].keys())
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames
+        rows = [row for row in reader if _complete_row_at_most(row, key, last)]
     with open(path, "w", newline="") as f:
         if fields:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
+
+
+def _complete_row_at_most(row: dict, key: str, last: int) -> bool:
+    """Whether a CSV row has every field (no torn line) and ``row[key] <= last``."""
+    if None in row or None in row.values():  # csv marks missing fields with None values, extra ones with a None key
+        return False
+    try:
+        return int(row.get(key, "")) <= last
+    except ValueError:
+        return False
 
 
 def _append_row(path: Path, fields: list[str], row: dict) -> None:
@@ -234,14 +256,15 @@ def _append_row(path: Path, fields: list[str], row: dict) -> None:
 
 
 def train(config: dict, resume: bool = False) -> dict | None:
-    """Run (or resume) a training run and evaluate it on the validation cases.
+    """Run (or resume) a training run, then score the test split with the last (and the best) weights.
 
     Args:
         config: a resolved config (see :mod:`rcps_train.config`).
         resume: continue from ``<run folder>/checkpoint.pt``.
 
     Returns:
-        The final metric summary on the main process (None on other ranks, or when stopped early).
+        The test metrics of the last weights, with those of ``best.pt`` under ``"best"`` when there is a
+        validation split, on the main process (None on other ranks, or when stopped early).
     """
     validate(config)  # again: callers may have edited the dict (paths, names) since load_config
     run_cfg, data_cfg, train_cfg = config["run"], config["data"], config["train"]
@@ -254,6 +277,8 @@ def train(config: dict, resume: bool = False) -> dict | None:
     run_dir = Path(run_cfg["out_dir"]) / run_cfg["name"]
     checkpoint_path = run_dir / "checkpoint.pt"
     state = _checkpoint_to_resume(config, checkpoint_path, resume, main, device)
+    if main and not resume:
+        _start_clean(run_dir)
 
     seed = run_cfg["seed"]
     random.seed(seed + rank)
@@ -262,13 +287,15 @@ def train(config: dict, resume: bool = False) -> dict | None:
     generators = {"augment": torch.Generator().manual_seed(seed * 1009 + rank),
                   "negatives": torch.Generator().manual_seed(seed * 2003 + rank)}
 
-    train_cases = list_cases(data_cfg["root"], "train", data_cfg["format"])
-    val_cases = list_cases(data_cfg["root"], "val", data_cfg["format"])
-    labeled_cases, unlabeled_cases = split_labeled(train_cases, data_cfg["labeled"])
-    dataset = PairedPatchDataset(VolumeStore(labeled_cases, data_cfg["num_classes"], data_cfg["cache"]),
-                                 VolumeStore(unlabeled_cases, data_cfg["num_classes"], data_cfg["cache"]),
+    splits = dataset_splits(data_cfg)
+    dataset = PairedPatchDataset(VolumeStore(splits.labeled, data_cfg["num_classes"], data_cfg["cache"]),
+                                 VolumeStore(splits.unlabeled, data_cfg["num_classes"], data_cfg["cache"]),
                                  data_cfg["patch_size"], data_cfg["grid_distortion_prob"],
                                  data_cfg["grid_distortion_limit"], data_cfg["grid_distortion_cells"])
+    check_cases(splits.validation + splits.test, data_cfg["num_classes"])  # before step 1, not after the last
+    if main and config["eval"]["every_epochs"] and not splits.validation:
+        print("rcps-train: no validation split (data.val_cases = 0): no validation during training and no best.pt; "
+              "the test split is scored once, after the last epoch")
 
     model = build_model(config).to(device, memory_format=memory_format(config))
     raw_model = model
@@ -319,7 +346,7 @@ def train(config: dict, resume: bool = False) -> dict | None:
             group["lr"] = lr
         ramp = ramp_weight(epoch, epochs)
         batch_size = train_cfg["batch_size"]
-        plan = epoch_plan(len(labeled_cases), len(unlabeled_cases), epoch, seed, rank, world_size,
+        plan = epoch_plan(len(splits.labeled), len(splits.unlabeled), epoch, seed, rank, world_size,
                           train_cfg["max_steps_per_epoch"], batch_size)
         steps = len(plan) // batch_size
         loader = DataLoader(dataset, batch_size=batch_size, sampler=plan[step_in_epoch * batch_size:],
@@ -345,7 +372,8 @@ def train(config: dict, resume: bool = False) -> dict | None:
                 epoch, step_in_epoch = epoch + 1, 0
             if stop or step_in_epoch == 0 or global_step % train_cfg["checkpoint_every"] == 0:
                 if step_in_epoch == 0:
-                    _validate_during_training(raw_model, val_cases, config, device, epoch, val_history, run_dir)
+                    _validate_during_training(raw_model, splits.validation, config, device, epoch, val_history,
+                                              run_dir)
                 save_checkpoint(epoch, step_in_epoch)
             if stop:
                 bar.close()
@@ -353,15 +381,20 @@ def train(config: dict, resume: bool = False) -> dict | None:
                 return None
         bar.close()
 
-    summary = None
-    if main:
-        rows, summary = evaluate_cases(raw_model, val_cases, config, device, train_cfg["progress"])
-        write_metrics(rows, summary, run_dir)
-        _append_row(run_dir / "val_log.csv", VAL_FIELDS, {"epoch": epochs, **summary})
-        plot_run(run_dir)
-        print(format_table(rows, summary))
+    result = _score_test_split(raw_model, splits, config, device, run_dir) if main else None
     ddp.barrier()
-    return summary
+    return result
+
+
+def _start_clean(run_dir: Path) -> None:
+    """A fresh run in a folder without a checkpoint: remove what an earlier attempt (killed before its first
+    checkpoint) left, so that the logs never mix two runs."""
+    stale = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        print(f"rcps-train: {run_dir} had no checkpoint; removed the files of an earlier attempt: "
+              + ", ".join(p.name for p in stale))
 
 
 def _checkpoint_to_resume(config: dict, checkpoint_path: Path, resume: bool, main: bool,
@@ -384,13 +417,58 @@ def _checkpoint_to_resume(config: dict, checkpoint_path: Path, resume: bool, mai
 
 def _validate_during_training(model, val_cases, config, device, epochs_done: int, val_history: list,
                               run_dir: Path) -> None:
-    """Mean validation Dice after an epoch when ``eval.every_epochs`` says so (main process only)."""
+    """Score the validation split after an epoch when ``eval.every_epochs`` says so, and after the last one;
+    keep the weights of the best mean Dice so far as ``best.pt`` (main process only)."""
     every = config["eval"]["every_epochs"]
-    if not ddp.is_main_process() or not every or epochs_done % every or epochs_done == config["train"]["epochs"]:
+    if not ddp.is_main_process() or not val_cases or not every:
+        return
+    if epochs_done % every and epochs_done != config["train"]["epochs"]:
         return
     cases = val_cases[:config["eval"]["max_cases"] or None]
     _, summary = evaluate_cases(model, cases, config, device, progress=False)
+    best_so_far = max((entry["dice"] for entry in val_history), default=-1.0)
     val_history.append({"epoch": epochs_done, **summary})
-    _append_row(run_dir / "val_log.csv", VAL_FIELDS,
-                {"epoch": epochs_done, **summary})
+    if summary["dice"] > best_so_far:
+        _save_atomic({"model": model.state_dict(), "config": config, "epoch": epochs_done,
+                      "val_dice": summary["dice"], "val_cases": [c.name for c in cases]}, run_dir / "best.pt")
+    _append_row(run_dir / "val_log.csv", VAL_FIELDS, {"epoch": epochs_done, **summary})
     plot_run(run_dir)
+
+
+def _score_test_split(model, splits, config: dict, device, run_dir: Path) -> dict:
+    """Score the test split once with the last weights and, when there is one, with ``best.pt``.
+
+    Writes ``metrics.json`` (the last weights' numbers at the top level, ``best.pt``'s under ``"best"``, each
+    naming its checkpoint and epoch), ``metrics.csv`` (last) and ``metrics_best.csv``.
+
+    Returns:
+        The contents of ``metrics.json`` without the per-case rows.
+    """
+    progress = config["train"]["progress"]
+    best_path = run_dir / "best.pt"
+    best = None
+    if splits.validation and best_path.exists():
+        state = torch.load(best_path, map_location=device, weights_only=False)
+        best_model = build_model(config).to(device, memory_format=memory_format(config))
+        best_model.load_state_dict(state["model"])
+        rows, summary = evaluate_cases(best_model, splits.test, config, device, progress)
+        write_metrics(rows, summary, run_dir)
+        os.replace(run_dir / "metrics.csv", run_dir / "metrics_best.csv")
+        best = {"checkpoint": "best.pt", "epoch": state["epoch"], "val_dice": state["val_dice"],
+                "val_cases": len(state["val_cases"]), **json.loads((run_dir / "metrics.json").read_text())}
+        print(f"test split, best.pt (epoch {state['epoch']}, validation Dice {state['val_dice']:.4f}):")
+        print(format_table(rows, summary))
+    rows, summary = evaluate_cases(model, splits.test, config, device, progress)
+    write_metrics(rows, summary, run_dir)
+    payload = {"checkpoint": "checkpoint.pt", "epoch": config["train"]["epochs"],
+               **json.loads((run_dir / "metrics.json").read_text())}
+    if best is not None:
+        payload["best"] = best
+    (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    plot_run(run_dir)
+    print(f"test split, checkpoint.pt (last epoch, {config['train']['epochs']}):")
+    print(format_table(rows, summary))
+    result = {k: v for k, v in payload.items() if k != "per_case"}
+    if best is not None:
+        result["best"] = {k: v for k, v in best.items() if k != "per_case"}
+    return result

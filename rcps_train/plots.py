@@ -51,3 +51,28 @@ def plot_run(run_dir: str | Path) -> None:
         fig.tight_layout()
         fig.savefig(run_dir / "val_dice.png", dpi=100)
         plt.close(fig)
+
+
+def plot_validation_curves(curves: dict[str, list[list[tuple[int, float]]]], path: str | Path) -> None:
+    """Validation Dice over epochs per method: one thin line per seed and the mean over seeds in bold.
+
+    Args:
+        curves: method -> one ``[(epoch, dice), ...]`` list per seed (empty lists are skipped).
+        path: the PNG to write.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for colour, (method, runs) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], curves.items()):
+        runs = [run for run in runs if run]
+        for run in runs:
+            ax.plot(*zip(*run), color=colour, alpha=0.35, linewidth=1)
+        epochs = sorted(set.intersection(*(set(e for e, _ in run) for run in runs))) if runs else []
+        if epochs:
+            mean = [sum(dict(run)[e] for run in runs) / len(runs) for e in epochs]
+            ax.plot(epochs, mean, color=colour, linewidth=2.5, marker="o", label=f"{method} (mean of {len(runs)})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation Dice")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

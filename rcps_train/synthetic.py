@@ -1,4 +1,5 @@
-"""A synthetic 3D segmentation dataset in the official NIfTI layout, so the trainer runs with no download.
+"""A synthetic 3D segmentation dataset in any layout the trainer reads (official NIfTI, nnU-Net v2 raw, h5),
+so the trainer runs with no download.
 
 Each volume holds one or two smoothly deformed ellipsoids (the foreground) and a few unlabeled distractor
 blobs of similar brightness, on a textured background, under a multiplicative bias field and Gaussian noise.
@@ -7,6 +8,7 @@ contrast of about one noise std, so a few labeled cases do not solve it outright
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -56,28 +58,63 @@ def synthetic_case(shape=(64, 64, 48), rng: np.random.Generator | None = None) -
     return image.astype(np.float32), label.astype(np.uint8)
 
 
+LAYOUTS = ("nifti", "nnunet", "h5")
+
+
+def _write_nifti(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+
+
+def _write_case(root: Path, layout: str, split: str, name: str, image: np.ndarray, label: np.ndarray) -> None:
+    if layout == "nifti":
+        _write_nifti(image, root / f"{split}_images" / f"{name}.nii.gz")
+        _write_nifti(label, root / f"{split}_labels" / f"{name}.nii.gz")
+    elif layout == "nnunet":
+        tag = "Tr" if split == "train" else "Ts"
+        _write_nifti(image, root / f"images{tag}" / f"{name}_0000.nii.gz")
+        _write_nifti(label, root / f"labels{tag}" / f"{name}.nii.gz")
+    else:
+        import h5py
+        with h5py.File(root / f"{name}.h5", "w") as f:
+            f["image"], f["label"] = image, label
+
+
 def make_synthetic_dataset(out_dir: str | Path, num_train: int = 40, num_val: int = 10, shape=(64, 64, 48),
-                           seed: int = 0) -> Path:
-    """Write ``<out>/{train,val}_{images,labels}/case_XXX.nii.gz``.
+                           seed: int = 0, layout: str = "nifti") -> Path:
+    """Write a synthetic dataset of ``case_XXX`` volumes (the same volumes whatever the layout; h5 test cases are
+    ``test_XXX``).
 
     Args:
         out_dir: the dataset root (created).
-        num_train: training cases (labeled and unlabeled are chosen later by the config).
-        num_val: validation cases.
+        num_train: training cases (labeled, unlabeled and validation are chosen later by the config).
+        num_val: held-out test cases (``val_*`` folders, ``imagesTs``/``labelsTs`` or ``test.list``); for
+            ``nnunet``, 0 leaves the test split to the trainer's fixed split of the training cases.
         shape: volume shape.
         seed: makes the dataset reproducible.
+        layout: ``"nifti"`` (``{train,val}_{images,labels}/case_XXX.nii.gz``), ``"nnunet"`` (nnU-Net v2 raw with
+            ``dataset.json``) or ``"h5"`` (``case_XXX.h5`` with ``train.list`` / ``test.list``).
 
     Returns:
         The dataset root.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    names = {}
     for split, count in (("train", num_train), ("val", num_val)):
-        (root / f"{split}_images").mkdir(parents=True, exist_ok=True)
-        (root / f"{split}_labels").mkdir(parents=True, exist_ok=True)
-        for index in range(count):
-            image, label = synthetic_case(shape, rng)
-            name = f"case_{index:03d}.nii.gz"
-            nib.save(nib.Nifti1Image(image, np.eye(4)), root / f"{split}_images" / name)
-            nib.save(nib.Nifti1Image(label, np.eye(4)), root / f"{split}_labels" / name)
+        # h5 files of both splits share one folder, so its test cases get their own prefix.
+        prefix = "test" if layout == "h5" and split == "val" else "case"
+        names[split] = [f"{prefix}_{index:03d}" for index in range(count)]
+        for name in names[split]:
+            _write_case(root, layout, split, name, *synthetic_case(shape, rng))
+    if layout == "h5":
+        (root / "train.list").write_text("".join(f"{n}\n" for n in names["train"]))
+        (root / "test.list").write_text("".join(f"{n}\n" for n in names["val"]))
+    if layout == "nnunet":
+        meta = {"name": "synthetic", "channel_names": {"0": "synthetic"}, "labels": {"background": 0, "foreground": 1},
+                "numTraining": num_train, "file_ending": ".nii.gz"}
+        (root / "dataset.json").write_text(json.dumps(meta, indent=2))
     return root

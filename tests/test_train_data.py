@@ -1,5 +1,7 @@
-"""Data loading: NIfTI and h5 layouts, the labeled subset, start-up errors, crops and the epoch plan."""
+"""Data loading: NIfTI, h5 and nnU-Net layouts, the labeled and validation subsets, start-up errors, crops and the
+epoch plan."""
 import gzip
+import json
 
 import h5py
 import nibabel as nib
@@ -7,8 +9,9 @@ import numpy as np
 import pytest
 
 from rcps_train.augment import random_crop, random_grid_distortion
-from rcps_train.data import (DataError, PairedPatchDataset, VolumeStore, epoch_plan, list_cases, load_case,
-                             split_labeled)
+from rcps_train.config import load_config
+from rcps_train.data import (DataError, PairedPatchDataset, VolumeStore, dataset_splits, epoch_plan, list_cases,
+                             load_case, read_nnunet_dataset_json, split_labeled, split_validation)
 from rcps_train.synthetic import make_synthetic_dataset
 
 SHAPE = (32, 32, 24)
@@ -21,7 +24,7 @@ def tiny_dataset(root, num_train=4, num_val=2):
 
 def tiny_overrides(data_root, out_dir, **extra):
     """Config overrides for a run that takes seconds: width 4, 16x16x16 patches, 2 steps per epoch."""
-    values = {"data.root": f'"{data_root}"', "run.out_dir": f'"{out_dir}"', "data.labeled": 1,
+    values = {"data.root": f'"{data_root}"', "run.out_dir": f'"{out_dir}"', "data.labeled": 1, "data.val_cases": 1,
               "data.patch_size": "[16, 16, 16]", "data.num_workers": 0, "model.widths": "[4, 8, 8, 16, 16]",
               "model.project_dim": 16, "train.epochs": 2, "train.max_steps_per_epoch": 2,
               "train.warmup_epochs": 1, "train.progress": "false", "loss.num_negatives": 16,
@@ -167,3 +170,85 @@ def test_paired_dataset_items_are_reproducible(tmp_path):
     assert a["image_l"].shape == (1, 16, 16, 16) and a["label_l"].dtype.is_floating_point is False
     assert all((a[k] == b[k]).all() for k in a)
     assert not (a["image_l"] == other["image_l"]).all()
+
+
+def test_nnunet_layout_reads_dataset_json_and_test_folders(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "nn", 5, 2, SHAPE, seed=0, layout="nnunet")
+    assert (root / "imagesTr" / "case_000_0000.nii.gz").exists() and (root / "labelsTs" / "case_001.nii.gz").exists()
+    assert read_nnunet_dataset_json(root)["num_classes"] == 2
+    train, test = list_cases(root, "train", "nnunet"), list_cases(root, "val", "nnunet")
+    assert [c.name for c in train] == [f"case_{i:03d}" for i in range(5)]
+    assert [c.image.parent.name for c in test] == ["imagesTs"] * 2
+    image, label = load_case(train[0], 2)
+    nifti = make_synthetic_dataset(tmp_path / "same", 5, 0, SHAPE, seed=0)  # the same volumes in the NIfTI layout
+    np.testing.assert_array_equal(label, load_case(list_cases(nifti, "train", "nifti")[0], 2)[1])
+    # Without labelsTs a fixed split of the training cases is the test split, the same on every call.
+    (root / "labelsTs" / "case_000.nii.gz").rename(tmp_path / "moved.nii.gz")
+    for path in (root / "labelsTs").iterdir():
+        path.unlink()
+    (root / "labelsTs").rmdir()
+    held_out = [c.name for c in list_cases(root, "val", "nnunet")]
+    rest = [c.name for c in list_cases(root, "train", "nnunet")]
+    assert len(held_out) == 1 and sorted(held_out + rest) == [f"case_{i:03d}" for i in range(5)]
+    assert held_out == [c.name for c in list_cases(root, "val", "nnunet")]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(channel_names={"0": "T1", "1": "T2"}), "single-channel"),
+    (lambda m: m.update(labels={"background": 0, "a": 1, "b": 3}), "integers 0..n-1"),
+    (lambda m: m.update(labels={"background": 0, "both": [1, 2]}), "region-based"),
+    (lambda m: m.update(file_ending=".mha"), "file_ending '.mha'"),
+    (lambda m: m.update(numTraining=7), "numTraining = 7"),
+    (lambda m: m.pop("labels"), "lacks \\['labels'\\]"),
+    (lambda m: m.update(labels=["background", "foreground"]), "integers 0..n-1"),
+])
+def test_nnunet_dataset_json_errors_name_the_file(tmp_path, edit, message):
+    root = make_synthetic_dataset(tmp_path / "nn", 3, 1, SHAPE, seed=0, layout="nnunet")
+    meta = json.loads((root / "dataset.json").read_text())
+    edit(meta)
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"dataset\.json.*" + message):
+        list_cases(root, "train", "nnunet")
+
+
+def test_nnunet_label_count_must_match_num_classes(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "nn", 4, 1, SHAPE, seed=0, layout="nnunet")
+    config = load_config(None, [f'data.root="{root}"', 'data.format="nnunet"', "data.labeled=1",
+                                "data.num_classes=3", "loss.class_weights=[1.0, 1.0, 1.0]"])
+    with pytest.raises(DataError, match=r"dataset\.json defines 2 labels but data\.num_classes is 3"):
+        dataset_splits(config["data"])
+
+
+def test_h5_layout_written_by_make_synthetic(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "h5", 3, 2, SHAPE, seed=0, layout="h5")
+    assert [c.name for c in list_cases(root, "train", "h5")] == ["case_000", "case_001", "case_002"]
+    assert [c.name for c in list_cases(root, "val", "h5")] == ["test_000", "test_001"]
+    assert load_case(list_cases(root, "val", "h5")[0], 2)[1].any()
+
+
+def test_validation_split_comes_from_the_unlabeled_cases(tmp_path):
+    cases = list_cases(make_synthetic_dataset(tmp_path / "d", 6, 1, SHAPE, seed=0), "train", "nifti")
+    labeled, unlabeled = split_labeled(cases, 2)
+    rest, validation = split_validation(unlabeled, labeled, 2)
+    assert [c.name for c in validation] == ["case_004", "case_005"]
+    assert [c.name for c in rest] == ["case_002", "case_003"]
+    assert split_validation(unlabeled, labeled, 0) == (unlabeled, [])
+    ids = tmp_path / "val.txt"
+    ids.write_text("case_003\n")
+    assert [c.name for c in split_validation(unlabeled, labeled, str(ids))[1]] == ["case_003"]
+    ids.write_text("case_001\n")  # a labeled case: its label would be trained on
+    with pytest.raises(DataError, match=r"data\.val_cases.*labeled training cases \['case_001'\]"):
+        split_validation(unlabeled, labeled, str(ids))
+    with pytest.raises(DataError, match=r"data\.val_cases = 4 takes all 4 unlabeled"):
+        split_validation(unlabeled, labeled, 4)
+
+
+def test_backup_files_are_not_cases_and_empty_root_is_an_error(tmp_path, monkeypatch):
+    root = tiny_dataset(tmp_path / "data")
+    (root / "train_images" / "case_000.nii.gz.bak").write_bytes(b"old")
+    (root / "train_images" / "notes.txt").write_text("x")
+    assert [c.name for c in list_cases(root, "train", "nifti")] == [f"case_{i:03d}" for i in range(4)]
+    # An empty data.root is not the current folder, even when that folder holds a dataset.
+    monkeypatch.chdir(root)
+    with pytest.raises(DataError, match="data.root is empty"):
+        list_cases("", "train", "nifti")

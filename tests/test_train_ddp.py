@@ -37,7 +37,7 @@ def test_all_gather_keeps_gradients_across_ranks(tmp_path):
 
 
 def test_torchrun_two_process_gloo_smoke(tmp_path):
-    data = tiny_dataset(tmp_path / "data", num_train=5)
+    data = tiny_dataset(tmp_path / "data", num_train=6)  # 1 labeled, 1 validation, 4 unlabeled
     overrides = tiny_overrides(data, tmp_path, **{"run.name": '"ddp"', "loss.cross_rank_negatives": "true",
                                                    "train.epochs": 1, "eval.every_epochs": 0})
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -1,4 +1,5 @@
-"""Whole runs on tiny data: run folder contents, resume after an interrupted run, and the eval command."""
+"""Whole runs on tiny data: run folder contents, resume after an interrupted run, run-folder bookkeeping, and the
+eval command."""
 import csv
 import json
 
@@ -20,13 +21,27 @@ def _log(run_dir):
         return list(csv.DictReader(f))
 
 
+def _die_at_step(monkeypatch, number):
+    """Make the ``number``-th training step raise KeyboardInterrupt (a kill); returns the real step function."""
+    real_step, calls = engine.train_step, []
+
+    def dying_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", dying_step)
+    return real_step
+
+
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     data = tiny_dataset(tmp_path / "data")
     summary = engine.train(_config(data, tmp_path, "full", **{"train.checkpoint_every": 2}))
     full_dir = tmp_path / "full"
     assert set(summary) >= {"dice", "hd95", "asd"}
-    for name in ("config.toml", "train_log.csv", "val_log.csv", "checkpoint.pt", "metrics.csv", "metrics.json",
-                 "loss_terms.png", "val_dice.png"):
+    for name in ("config.toml", "train_log.csv", "val_log.csv", "checkpoint.pt", "best.pt", "metrics.csv",
+                 "metrics_best.csv", "metrics.json", "loss_terms.png", "val_dice.png"):
         assert (full_dir / name).exists(), name
     rows = _log(full_dir)
     assert [int(r["global_step"]) for r in rows] == [1, 2, 3, 4]
@@ -36,15 +51,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, mo
     assert {"dice", "hd95", "asd", "per_case"} <= set(metrics) and len(metrics["per_case"]) == 2
 
     # Kill the second run during its 4th step: the last checkpoint is at step 2, the log has 3 rows.
-    real_step, calls = engine.train_step, []
-
-    def dying_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_step", dying_step)
+    real_step = _die_at_step(monkeypatch, 4)
     config = _config(data, tmp_path, "killed", **{"train.checkpoint_every": 2})
     with pytest.raises(KeyboardInterrupt):
         engine.train(config)
@@ -54,6 +61,9 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, mo
     monkeypatch.setattr(engine, "train_step", real_step)
     with pytest.raises(ConfigError, match="--resume"):
         engine.train(config)
+    # A kill while a row was being written leaves a torn last line (here: the global_step field is missing).
+    with open(killed_dir / "train_log.csv", "a") as f:
+        f.write("1,2")
     engine.train(config, resume=True)
 
     resumed_rows = _log(killed_dir)
@@ -66,6 +76,27 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, mo
         torch.testing.assert_close(final_resumed[key], final_full[key], rtol=1e-5, atol=1e-6, msg=key)
     # And the run did train: the weights moved away from the initial ones.
     assert not torch.equal(final_full["heads.3.weight"], engine.build_model(config).state_dict()["heads.3.weight"])
+
+    # --resume of a finished run re-scores the test split and adds no row to either log.
+    val_before = (killed_dir / "val_log.csv").read_text()
+    again = engine.train(config, resume=True)
+    assert (killed_dir / "val_log.csv").read_text() == val_before and len(val_before.splitlines()) == 3
+    assert [r["global_step"] for r in _log(killed_dir)] == [r["global_step"] for r in rows]
+    assert again["dice"] == pytest.approx(json.loads((full_dir / "metrics.json").read_text())["dice"])
+
+
+def test_fresh_run_after_a_kill_before_the_first_checkpoint_starts_clean(tmp_path, monkeypatch, capsys):
+    data = tiny_dataset(tmp_path / "data")
+    config = _config(data, tmp_path, "early", **{"train.checkpoint_every": 100})
+    real_step = _die_at_step(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(config)
+    run_dir = tmp_path / "early"
+    assert len(_log(run_dir)) == 1 and not (run_dir / "checkpoint.pt").exists()
+    monkeypatch.setattr(engine, "train_step", real_step)
+    engine.train(config)  # no checkpoint, so no --resume: the same name starts again from step 1
+    assert [int(r["global_step"]) for r in _log(run_dir)] == [1, 2, 3, 4]
+    assert "removed the files of an earlier attempt: config.toml, train_log.csv" in capsys.readouterr().out
 
 
 def test_eval_command_writes_metrics(tmp_path, capsys):
