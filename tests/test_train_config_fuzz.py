@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import DEFAULTS
-from rcps_train.evaluate import sliding_window_logits
+from rcps_train.evaluate import eval_settings, sliding_window_inference
 from rcps_train.synthetic import make_synthetic_dataset
 
 KEYS = sorted(f"{section}.{key}" for section in DEFAULTS for key in DEFAULTS[section])
@@ -25,7 +25,7 @@ SPECIAL_INTS = [-2**63, -1, 0, 1, 2, 3, 2**31 - 1, 2**31, 2**63, 10**400]
 SPECIAL_FLOATS = [math.nan, math.inf, -math.inf, -1.0, -0.0, 0.0, 5e-324, 1e-300, 1e-7, 1e-6, 0.1, 0.5, 0.999,
                   1.0, 1.5, 2.0, 10.0, 1e3, 1e4, 1e300]
 WORDS = ["auto", "cpu", "cuda", "triton", "reference", "nifti", "h5", "rcps", "supervised", "off", "fp16", "bf16",
-         "topk", "random", ".", ""]
+         "topk", "random", "nnunet", "ssl-la", "ssl-pancreas", "on", ".", ""]
 # No path separators: fuzzed run and data folders stay inside the temporary working folder.
 TEXT = st.text(alphabet="abxyz_-.09 ", max_size=6) | st.sampled_from(WORDS)
 
@@ -96,11 +96,12 @@ def _first_step_checked(real_step):
         values = real_step(model, batch, optimizer, scaler, config, *args, **kwargs)
         assert all(math.isfinite(values[name]) for name in ("loss", "seg")), values
         assert all(torch.isfinite(p).all() for p in model.parameters()), "the first update made a weight non-finite"
-        patch, eval_cfg = config["data"]["patch_size"], config["eval"]
+        eval_cfg = config["eval"]
+        window, stride, blending, _ = eval_settings(config)
         model.eval()
-        # One voxel more than the patch on each axis: at most 8 windows whatever the overlap.
-        logits = sliding_window_logits(model.segment, torch.randn(1, 1, *(n + 1 for n in patch)), patch,
-                                       eval_cfg["overlap"], eval_cfg["sw_batch_size"], eval_cfg["sigma_scale"])
+        # One voxel more than the window on each axis: at most 8 windows whatever the overlap.
+        logits = sliding_window_inference(model.segment, torch.randn(1, 1, *(n + 1 for n in window)), window,
+                                          stride, blending, eval_cfg["sw_batch_size"], eval_cfg["sigma_scale"])
         assert torch.isfinite(logits).all()
         model.train()
         return values
