@@ -77,7 +77,14 @@ def run_case(impl: str, shape: str, k: int, repeats: int, pool: str | None) -> d
         "impl": impl, "shape": shape, "pool": pool or shape, "k": k,
         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
         "rounds": len(times), "peak_bytes": peak, "threads": torch.get_num_threads(),
+        "cpu_variant": _cpu_variant() if impl == "fused" else None,
     }
+
+
+def _cpu_variant() -> str | None:
+    from rcps_kernels._extension import cpu_extension
+
+    return cpu_extension().variant
 
 
 def main() -> None:
