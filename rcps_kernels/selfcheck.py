@@ -53,7 +53,7 @@ def _cases(generator: torch.Generator) -> dict:
 
 
 def _run(fn, inputs: list[torch.Tensor], backend: str, dtype: torch.dtype):
-    leaves = [t.to(dtype).requires_grad_() for t in inputs]
+    leaves = [t.detach().to(dtype).requires_grad_() for t in inputs]
     outputs = fn(*leaves, backend=backend)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     # Distinct weights per output, so a swapped pair of outputs would show in the gradients.

@@ -85,3 +85,17 @@ def test_each_runnable_variant_matches_the_reference(variant):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["variant"] == variant and result["loaded"] == [f"rcps_kernels._C_{variant}"]
     assert len(result["ops"]) == 5
+
+
+def test_selfcheck_names_an_op_whose_kernel_is_off(monkeypatch):
+    from rcps_kernels import selfcheck
+
+    exact = selfcheck.logit_cosine_consistency
+
+    def off_by_a_percent(a, b, *, backend):
+        loss = exact(a, b, backend=backend)
+        return loss * 1.01 if backend == "cpu" else loss
+
+    monkeypatch.setattr(selfcheck, "logit_cosine_consistency", off_by_a_percent)
+    with pytest.raises(AssertionError, match="logit_cosine_consistency on backend=cpu, output 0"):
+        selfcheck.check_backend("cpu")
