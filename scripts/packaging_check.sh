@@ -20,6 +20,8 @@ other_python=${RCPS_PACK_OTHER_PYTHON:-$repo/.venv/bin/python}
 smoke=$repo/scripts/wheel_smoke.py
 mkdir -p "$work" && cd "$work"
 pip_install=(-m pip install --quiet --disable-pip-version-check)
+# One compile job per core (ninja's default is cores + 2): each cc1plus on torch's headers takes ~1 GB.
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 step_started=$SECONDS
 step() { echo "=== [$(date +%T)] $1"; }
