@@ -18,6 +18,7 @@ work=${RCPS_PACK_WORK:-$(mktemp -d /tmp/rcps-packaging.XXXXXX)}
 build_torch=${RCPS_PACK_TORCH:-torch==2.13.0}
 other_python=${RCPS_PACK_OTHER_PYTHON:-$repo/.venv/bin/python}
 smoke=$repo/scripts/wheel_smoke.py
+[ -x "$other_python" ] || { echo "no python with another torch at $other_python (run scripts/setup.sh, or set RCPS_PACK_OTHER_PYTHON)"; exit 1; }
 mkdir -p "$work" && cd "$work"
 pip_install=(-m pip install --quiet --disable-pip-version-check)
 # One compile job per core (ninja's default is cores + 2): each cc1plus on torch's headers takes ~1 GB.
