@@ -32,6 +32,7 @@ def check_installed_package() -> None:
 
 def check_ops(expect_variant: str) -> None:
     import torch
+
     from rcps_kernels import _extension, selfcheck
 
     with warnings.catch_warnings(record=True) as caught:
