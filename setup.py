@@ -1,12 +1,14 @@
 """Build rcps_kernels' C++ (always) and CUDA (when possible) extensions.
 
-setup.py imports torch, so install with ``pip install --no-build-isolation -e .``.
+setup.py imports torch, so install with ``pip install --no-build-isolation .`` (or ``-e .``).
 
 Environment switches:
     RCPS_BUILD_CUDA=0|1   skip / force the CUDA extension (default: build it when nvcc and a CUDA
                           build of torch are both present)
-    RCPS_CUDA_ARCHS       explicit arch list, default "8.0;9.0" (never a device query)
-    RCPS_CPU_ARCH         -march for the CPU extension, default "native"
+    RCPS_CUDA_ARCHS       explicit arch list, default "8.0;9.0" (never a device query); PTX of the
+                          highest one is embedded too
+    RCPS_CPU_ARCH         build one CPU variant for this -march (e.g. "native") instead of the
+                          portable x86-64-v2 / v3 / v4 variants
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ import shutil
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
 _spec = importlib.util.spec_from_file_location("_build_config", ROOT / "rcps_kernels" / "_build_config.py")
 build_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_config)
@@ -37,7 +41,7 @@ def _want_cuda() -> bool:
     switch = os.environ.get("RCPS_BUILD_CUDA", "auto").lower()
     if switch in ("0", "false", "no", "off"):
         return False
-    available = _CUDA_HOME is not None and bool(build_config.cuda_sources())
+    available = _CUDA_HOME is not None and bool(build_config.cuda_sources(CSRC))
     if switch in ("1", "true", "yes", "on", "force"):
         if not available:
             raise RuntimeError("RCPS_BUILD_CUDA=1 but nvcc or csrc/cuda sources were not found")
@@ -50,7 +54,15 @@ if _CUDA_HOME:
     os.environ.setdefault("CUDA_HOME", _CUDA_HOME)  # must be set before cpp_extension is imported
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ";".join(build_config.cuda_archs()))
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ImportError:
+    raise SystemExit(
+        "rcps-kernels: building the C++/CUDA extensions needs torch, and this build environment has none "
+        "(pip's default isolated build starts from an empty one). Install torch first, then build with "
+        "`pip install --no-build-isolation .` (or `-e .`, or the sdist file); "
+        "`python -m build` needs `--no-isolation`."
+    ) from None
 
 
 def _relative(paths: list[str]) -> list[str]:
@@ -60,39 +72,84 @@ def _relative(paths: list[str]) -> list[str]:
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
+# One complete, self-contained CPU module per instruction-set variant (see _build_config).
+CPU_VARIANTS = build_config.cpu_variants()
 ext_modules = [
     CppExtension(
-        "rcps_kernels._C",
-        _relative(build_config.cpu_sources()),
-        extra_compile_args={"cxx": build_config.cpu_compile_args()},
+        f"rcps_kernels._C_{variant}",
+        _relative(build_config.cpu_sources(CSRC)),
+        extra_compile_args={"cxx": build_config.cpu_compile_args(march)},
         extra_link_args=build_config.cpu_link_args(),
     )
+    for variant, march in CPU_VARIANTS.items()
 ]
 
-if _want_cuda():
-    if torch.version.cuda is None:
-        if os.environ.get("RCPS_BUILD_CUDA", "auto").lower() in ("1", "true", "yes", "on", "force"):
-            raise RuntimeError("RCPS_BUILD_CUDA=1 needs a CUDA build of torch; this one is CPU-only")
-    else:
-        from torch.utils.cpp_extension import CUDAExtension
 
-        # cuBLAS/cuSPARSE headers that ATen/cuda includes ship in the nvidia-* wheels.
-        include_dirs = [str(ROOT / "csrc")]
-        for sub in ("cu13", "cu12"):
-            extra = Path(torch.__file__).resolve().parent.parent / "nvidia" / sub / "include"
-            if extra.is_dir():
-                include_dirs.append(str(extra))
-        nvcc_flags = ["-O3", "--use_fast_math"]
-        for arch in build_config.cuda_archs():
-            num = arch.replace(".", "")
-            nvcc_flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
-        ext_modules.append(
-            CUDAExtension(
-                "rcps_kernels._C_cuda",
-                _relative(build_config.cuda_sources()),
-                include_dirs=include_dirs,
-                extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
-            )
+def _cuda_extension():
+    from torch.utils.cpp_extension import CUDAExtension
+
+    # cuBLAS/cuSPARSE headers that ATen/cuda includes ship in the nvidia-* wheels.
+    include_dirs = [str(CSRC)]
+    for sub in ("cu13", "cu12"):
+        extra = Path(torch.__file__).resolve().parent.parent / "nvidia" / sub / "include"
+        if extra.is_dir():
+            include_dirs.append(str(extra))
+    return CUDAExtension(
+        "rcps_kernels._C_cuda",
+        _relative(build_config.cuda_sources(CSRC)),
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math",
+                                                     *build_config.cuda_gencode_flags(build_config.cuda_archs())]},
+    )
+
+
+if _want_cuda():
+    if torch.version.cuda is not None:
+        ext_modules.append(_cuda_extension())
+    elif os.environ.get("RCPS_BUILD_CUDA", "auto").lower() in ("1", "true", "yes", "on", "force"):
+        raise RuntimeError("RCPS_BUILD_CUDA=1 needs a CUDA build of torch; this one is CPU-only")
+BUILDS_CUDA = any(ext.name == "rcps_kernels._C_cuda" for ext in ext_modules)
+
+
+class BuildExtensions(BuildExtension.with_options(use_ninja=True)):
+    """Ninja builds in a persistent folder per extension, plus the record of what they were built against."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        # pip's editable builds use a fresh temporary folder each time; a fixed one (per torch
+        # release, whose headers the objects depend on) lets ninja recompile only what changed.
+        self.build_temp = str(ROOT / "build" / f"temp-rcps-torch{torch.__version__.split('+')[0]}")
+
+    def build_extension(self, ext):
+        # The CPU variants compile the same sources with different flags: separate object folders,
+        # or each variant's objects would overwrite the previous one's.
+        shared_temp = self.build_temp
+        self.build_temp = os.path.join(shared_temp, ext.name.rsplit(".", 1)[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = shared_temp
+
+    def run(self):
+        super().run()
+        in_source = self.inplace or getattr(self, "editable_mode", False)
+        package_dir = ROOT / "rcps_kernels" if in_source else Path(self.build_lib) / "rcps_kernels"
+        package_dir.mkdir(parents=True, exist_ok=True)
+        (package_dir / "_build_info.py").write_text(
+            '"""Written by setup.py: what the compiled extensions next to this file were built against."""\n'
+            f"TORCH_VERSION = {torch.__version__!r}\n"
+            f"CUDA_EXTENSION = {torch.version.cuda if BUILDS_CUDA else None!r}  # its CUDA version, None if not built\n"
+            f"CPU_VARIANTS = {CPU_VARIANTS!r}  # variant -> -march\n"
         )
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (rcps_kernels/_csrc), for the JIT build of an installed wheel."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):  # an editable install uses the checkout's csrc/
+            shutil.copytree(CSRC, Path(self.build_lib) / "rcps_kernels" / "_csrc", dirs_exist_ok=True)
+
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtensions, "build_py": BuildPyWithSources})

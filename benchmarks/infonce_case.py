@@ -67,17 +67,27 @@ def run_case(impl: str, shape: str, k: int, repeats: int, pool: str | None) -> d
     first = time.perf_counter() - start
     peak = peak_growth(rss)
     times = [first]
+    cpu_times = []  # CPU time of the process (all threads): less sensitive than wall time to other load
     for _ in range(repeats - 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     if repeats > 1:
         times = times[1:]  # the first call also pays one-off costs (page faults of new buffers)
     return {
         "impl": impl, "shape": shape, "pool": pool or shape, "k": k,
         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+        "median_cpu_s": statistics.median(cpu_times) if cpu_times else None,
         "rounds": len(times), "peak_bytes": peak, "threads": torch.get_num_threads(),
+        "cpu_variant": _cpu_variant() if impl == "fused" else None,
     }
+
+
+def _cpu_variant() -> str | None:
+    from rcps_kernels._extension import cpu_extension
+
+    return cpu_extension().variant
 
 
 def main() -> None:

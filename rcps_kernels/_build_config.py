@@ -1,35 +1,85 @@
 """Sources and compiler flags of the C++/CUDA extensions, shared by setup.py and the JIT loader.
 
 Kept free of package imports so that setup.py can load it by path before the package is built.
+
+The CPU extension is built once per instruction-set level ("variant"), each a complete,
+self-contained module ``rcps_kernels._C_<variant>``; the loader imports exactly one per process,
+so code compiled for different levels never meets in one process.
 """
 from __future__ import annotations
 
 import os
+import platform
+import re
 from pathlib import Path
 
-#: Repository root: csrc/ lives next to the package in a source checkout or editable install.
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
-CSRC = SOURCE_ROOT / "csrc"
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: The C++/CUDA sources copied into an installed package (wheel), for the JIT fallback.
+PACKAGED_CSRC = PACKAGE_DIR / "_csrc"
+#: csrc/ of a source checkout or editable install, next to the package.
+CHECKOUT_CSRC = PACKAGE_DIR.parent / "csrc"
 
 #: Default CUDA architectures: Ampere and Hopper. Override with RCPS_CUDA_ARCHS="8.0;8.6;9.0".
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
+#: Portable x86-64 variants, lowest first: variant name -> gcc's micro-architecture level.
+X86_VARIANTS = {"baseline": "x86-64-v2", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
 
-def cpu_sources() -> list[str]:
-    return sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp"))
+#: /proc/cpuinfo flags that each level adds to the one below (gcc's definition of the levels;
+#: the kernel calls LZCNT "abm").
+X86_LEVEL_FLAGS = {
+    "baseline": ("cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"),
+    "avx2": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
+    "avx512": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
 
 
-def cuda_sources() -> list[str]:
-    folder = CSRC / "cuda"
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def find_csrc() -> Path | None:
+    """The C++ sources the JIT build compiles: the installed package's copy, else the checkout's."""
+    for folder in (PACKAGED_CSRC, CHECKOUT_CSRC):
+        if (folder / "cpu").is_dir():
+            return folder
+    return None
+
+
+def cpu_sources(csrc: Path) -> list[str]:
+    return sorted(str(p) for p in (csrc / "cpu").glob("*.cpp"))
+
+
+def cuda_sources(csrc: Path) -> list[str]:
+    folder = csrc / "cuda"
     return sorted(str(p) for p in list(folder.glob("*.cu")) + list(folder.glob("*.cpp")))
 
 
-def cpu_compile_args() -> list[str]:
+def cpu_variants() -> dict[str, str | None]:
+    """Variants setup.py builds: name -> the -march value (None: the compiler's default).
+
+    RCPS_CPU_ARCH=<arch> builds a single variant for that -march instead ("native" for
+    ``-march=native``, "custom" for any other value); such a binary only runs on CPUs like the one
+    it was built for, so it is for source installs, never for wheels.
+    """
+    arch = os.environ.get("RCPS_CPU_ARCH", "").strip()
+    if arch:
+        return {"native" if arch == "native" else "custom": arch}
+    if is_x86_64():
+        return dict(X86_VARIANTS)
+    return {"default": None}
+
+
+def cpu_compile_args(march: str | None) -> list[str]:
     # -fopenmp at compile AND link time, or at::parallel_for silently runs on one thread.
-    # The extension is built on the machine that runs it (source install or JIT), so it targets
-    # that CPU by default; RCPS_CPU_ARCH=x86-64-v2 (say) builds a portable binary instead.
-    arch = os.environ.get("RCPS_CPU_ARCH", "native")
-    return ["-O3", "-fopenmp", f"-march={arch}"]
+    # -g0 drops the debug info that Python's default flags ask for: the wheel carries three
+    # variants, and debug info would make up most of each.
+    return ["-O3", "-g0", "-fopenmp"] + ([f"-march={march}"] if march else [])
+
+
+def jit_march() -> str | None:
+    """-march of a JIT build, which runs only where it is built: the local CPU unless overridden."""
+    return os.environ.get("RCPS_CPU_ARCH", "").strip() or ("native" if is_x86_64() else None)
 
 
 def cpu_link_args() -> list[str]:
@@ -39,3 +89,13 @@ def cpu_link_args() -> list[str]:
 def cuda_archs() -> list[str]:
     archs = os.environ.get("RCPS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     return [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+
+
+def cuda_gencode_flags(archs: list[str]) -> list[str]:
+    """SASS for every arch, plus PTX of the highest one so that newer GPUs can JIT it."""
+    nums = [arch.replace(".", "") for arch in archs]
+    flags = []
+    for num in nums:
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    top = max(nums, key=lambda num: int(re.sub(r"\D", "", num)))  # "90a" sorts as 90
+    return flags + ["-gencode", f"arch=compute_{top},code=compute_{top}"]

@@ -10,6 +10,7 @@ def collect() -> dict:
     import torch
 
     from ._backend import backend_status
+    from ._extension import cpu_extension
 
     info = {
         "rcps_kernels": __import__("rcps_kernels").__version__,
@@ -20,6 +21,11 @@ def collect() -> dict:
         "num_threads": torch.get_num_threads(),
         "backends": backend_status(),
     }
+    cpu = cpu_extension()
+    # variant: the one this process loaded ("jit" for a build from source at import, None if none);
+    # built: the variants installed; supported: the portable variants this CPU runs.
+    info["cpu_kernels"] = {"variant": cpu.variant, "built": list(cpu.built), "supported": list(cpu.supported),
+                           "built_for_torch": cpu.built_for_torch}
     try:
         import triton
 
@@ -38,8 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(info))
         return
     for key, value in info.items():
-        if key != "backends":
+        if key not in ("backends", "cpu_kernels"):
             print(f"{key:>13}: {value}")
+    cpu = info["cpu_kernels"]
+    print(f"{'cpu variant':>13}: {cpu['variant']} (built: {', '.join(cpu['built']) or 'none'}; "
+          f"this CPU runs: {', '.join(cpu['supported']) or 'none of the portable ones'})")
     for name, status in info["backends"].items():
         flags = f"built={status['built']} usable={status['usable']}"
         print(f"{name:>13}: {flags}" + (f"  ({status['reason']})" if "reason" in status else ""))

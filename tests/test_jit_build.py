@@ -1,9 +1,11 @@
-"""The JIT fallback: without an importable built extension, the CPU kernels are compiled with ninja
-on first use and give the same results as the reference.
+"""The JIT fallback: without usable compiled kernels (none installed, or built against another
+torch release), the CPU kernels are compiled with ninja on first use, after one warning, and give
+the same results as the reference.
 
-Runs in a subprocess (the built extension registers the same ops, and a process can register
-them once) that hides ``rcps_kernels._C`` from imports and builds into a temporary directory.
-It compiles the C++ sources, so it takes a minute or two.
+Each case runs in a subprocess (a built extension registers the same ops, and a process can
+register them once) that hides the build record ``rcps_kernels._build_info`` or replaces it with
+one naming another torch, and builds into a temporary directory shared by the cases (the second
+reuses the first's build). The first compiles the C++ sources, so it takes a minute or two.
 """
 from __future__ import annotations
 
@@ -13,26 +15,41 @@ import sys
 import textwrap
 from pathlib import Path
 
-CHILD = textwrap.dedent("""
-    import importlib.abc, sys, warnings
+import pytest
 
-    class HideBuiltExtension(importlib.abc.MetaPathFinder):
+CHILD = textwrap.dedent("""
+    import importlib.abc, sys, types, warnings
+
+    SCENARIO = sys.argv[1]
+
+    class HideCompiledKernels(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "rcps_kernels._C":
+            if name == "rcps_kernels._build_info" or name.startswith("rcps_kernels._C_"):
                 raise ImportError("hidden by the JIT test")
             return None
 
-    sys.meta_path.insert(0, HideBuiltExtension())
+    sys.meta_path.insert(0, HideCompiledKernels())
+    if SCENARIO == "other-torch":
+        record = types.ModuleType("rcps_kernels._build_info")
+        record.TORCH_VERSION, record.CUDA_EXTENSION = "2.0.0+cpu", None
+        record.CPU_VARIANTS = {"baseline": "x86-64-v2"}
+        sys.modules["rcps_kernels._build_info"] = record
     import torch
     import rcps_kernels as rk
-    from rcps_kernels._extension import load_cpu_extension
+    from rcps_kernels._extension import cpu_extension, load_cpu_extension
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         reason = load_cpu_extension()
+        assert load_cpu_extension() == reason  # remembered: no second build, no second warning
     assert reason is None, reason
-    assert any("building the CPU kernels with ninja" in str(w.message) for w in caught)
-    assert "rcps_kernels._C" not in sys.modules
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "building the CPU kernels with ninja" in messages[0], messages
+    if SCENARIO == "other-torch":
+        assert "built for torch 2.0.0+cpu" in messages[0], messages
+    assert cpu_extension().variant == "jit"
+    assert not [m for m in sys.modules if m.startswith("rcps_kernels._C_")]
 
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(1, 8, 4, 3, 2, generator=g, dtype=torch.float64) for _ in range(3)]
@@ -48,9 +65,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_cpu_kernels_build_with_ninja_when_the_extension_is_missing(tmp_path):
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "RCPS_NO_JIT": "0"}
-    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env,
+@pytest.fixture(scope="module")
+def extensions_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("torch_extensions")
+
+
+@pytest.mark.parametrize("scenario", ["nothing-compiled", "other-torch"])
+def test_cpu_kernels_build_with_ninja_when_the_compiled_ones_are_unusable(scenario, extensions_dir):
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir), "RCPS_NO_JIT": "0"}
+    env.pop("RCPS_CPU_VARIANT", None)
+    proc = subprocess.run([sys.executable, "-c", CHILD, scenario], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parent.parent, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "jit ok" in proc.stdout
