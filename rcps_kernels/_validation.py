@@ -165,7 +165,8 @@ def all_finite(inputs_sum: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> b
 
 
 def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tensor, bool], ...],
-                        inputs_sum: torch.Tensor | None = None) -> None:
+                        inputs_sum: torch.Tensor | None = None,
+                        remedy: str = "rescale the inputs, or pass float64 tensors") -> None:
     """Non-finite inputs always make the loss non-finite, so only a bad loss costs a full scan.
 
     ``checks`` holds (name, tensor, allow_minus_inf): a teacher may rule classes out with -inf
@@ -176,8 +177,8 @@ def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tenso
 
     Raises:
         ValueError: naming the first input that holds a NaN/Inf; or, when they are all finite
-            and the loss is not, naming them with their largest magnitude (a value overflowed
-            the loss dtype: the loss is refused rather than returned as NaN/Inf).
+            and the loss is not, naming them with their largest magnitude and ``remedy`` (a value
+            overflowed the loss dtype: the loss is refused rather than returned as NaN/Inf).
     """
     if has_no_data(loss):
         return
@@ -202,7 +203,7 @@ def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tenso
             f"{name} {_largest_finite(tensor):.4g}" for name, tensor, _ in checks)
         raise ValueError(
             f"the loss overflowed {loss.dtype} although every input is finite (largest |value|: "
-            f"{largest}): rescale the inputs, or pass float64 tensors"
+            f"{largest}): {remedy}"
         )
 
 

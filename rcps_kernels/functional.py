@@ -1,6 +1,8 @@
 """Public functional API of the bidirectional voxel InfoNCE (DESIGN.md section 2)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -148,21 +150,33 @@ def bidirectional_voxel_infonce(
     else:
         *tables, logits_total = negative_tables(anchor_logits, negative_logits, num_negatives,
                                                 sampling == "random", confidence_threshold)
-    # Finite logits and features cannot make the loss non-finite, so one host sync before the
-    # kernels settles the usual case, and the kernels run on while the host returns. Otherwise
-    # the exact check runs on the loss: a bad feature always reaches it, while a NaN pool voxel
-    # that is never selected does not and is not reported.
+    # Finite logits and features make a finite loss unless the temperature is so small that the
+    # sum over anchors can overflow, so one host sync before the kernels settles the usual case,
+    # and the kernels run on while the host returns. Otherwise the exact check runs on the loss: a
+    # bad feature always reaches it, while a NaN pool voxel that is never selected does not and is
+    # not reported.
     inputs_finite = v.all_finite(logits_total, (anchor, positive, negative))
     loss = _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_logits,
                     num_negatives, temperature, sampling, confidence_threshold, seed, reduction,
                     deterministic)
-    if not inputs_finite:
+    if not inputs_finite or _loss_may_overflow(loss.dtype, anchor_logits, num_negatives, temperature):
         v.check_result_finite(loss, (("anchor_logits", anchor_logits, False),
                                      ("negative_logits", negative_logits, False),
                                      ("anchor", anchor, False), ("positive", positive, False),
                                      ("negative", negative, False)),
-                              inputs_sum=logits_total)
+                              inputs_sum=None if inputs_finite else logits_total,
+                              remedy="raise the temperature, or pass float64 features")
     return loss
+
+
+def _loss_may_overflow(dtype: torch.dtype, anchor_logits: Tensor, num_negatives: int,
+                       temperature: float) -> bool:
+    # |u1 . u| <= 1, so each direction's per-anchor loss is at most 2 / temperature + log(K + 1),
+    # and a sum or mean over N anchors adds N of them before dividing. A quarter of the dtype's
+    # range leaves room for the partial sums of either direction.
+    num_anchors = anchor_logits.numel() // max(anchor_logits.shape[1], 1)
+    bound = num_anchors * 2 * (2.0 / temperature + math.log1p(num_negatives))
+    return bound >= torch.finfo(dtype).max / 4
 
 
 def _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_logits,

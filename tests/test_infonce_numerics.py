@@ -110,3 +110,17 @@ def test_temperatures_whose_loss_overflows_float32_are_refused(backend):
                                           temperature=MIN_TEMPERATURE, num_negatives=4,
                                           reduction="none", backend=backend)
     assert torch.isfinite(loss).all() and loss.max() > 1e37
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_a_summed_loss_that_overflows_float32_is_refused_not_returned_as_inf(backend):
+    # Each anchor's loss is ~1/tau = 2**124 here, finite; 216 of them summed (or added up before
+    # the mean divides) pass float32's 3.4e38. Finite inputs must not give a silent inf.
+    feats, logits = make_case((6, 6, 6), channels=8, classes=2, pool_spatial=(6, 6, 6), seed=5)
+    kw = dict(num_negatives=16, temperature=2.0**-124, backend=backend)
+    per_anchor = rk.bidirectional_voxel_infonce(*feats, *logits, reduction="none", **kw)
+    assert torch.isfinite(per_anchor).all() and per_anchor.max() > 2.0**120
+    for reduction in ("sum", "mean"):
+        with pytest.raises(ValueError, match="overflowed torch.float32 although every input is "
+                                             "finite.*raise the temperature"):
+            rk.bidirectional_voxel_infonce(*feats, *logits, reduction=reduction, **kw)
