@@ -75,7 +75,7 @@ def check_cli(expect_variant: str) -> None:
     run(trainer, "--help")
     with tempfile.TemporaryDirectory() as tmp:
         data, runs = os.path.join(tmp, "data"), os.path.join(tmp, "runs")
-        run(trainer, "make-synthetic", "--out", data, "--train", "3", "--val", "1", "--shape", "32", "32", "32")
+        run(trainer, "make-synthetic", "--out", data, "--train", "5", "--val", "1", "--shape", "32", "32", "32")
         started = time.perf_counter()
         run(trainer, "train", "--config", "demo", "--set", f"data.root={data}", "--set", f"run.out_dir={runs}",
             "--set", "train.stop_after_steps=1", "--set", "train.progress=false", "--set", "loss.backend=cpu")
