@@ -44,7 +44,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "train": {
         "method": "rcps",  # "rcps" | "supervised" (L_seg on the labeled cases only, everything else equal)
-        "epochs": 100,  # one epoch = one pass over the unlabeled cases; also the ramp-up length
+        "epochs": 100,  # one epoch = one pass over the unlabeled cases
+        "rampup_epochs": 0,  # epochs over which the unsupervised weights ramp up to 1; 0: the whole run (the paper)
         "max_steps_per_epoch": 0,  # 0: the whole pass; >0 caps it (short demos and tests)
         "batch_size": 1,  # labeled and unlabeled patches per step and device
         "lr": 0.01,
@@ -166,6 +167,7 @@ RULES: dict[str, Rule] = {
     "model.channels_last": ANY_BOOL,
     "train.method": one_of("rcps", "supervised"),
     "train.epochs": integer(1, 10**6),
+    "train.rampup_epochs": integer(0, 10**6),
     "train.max_steps_per_epoch": integer(0),
     "train.batch_size": integer(1, 4096),
     "train.lr": number(0.0, 10.0, low_open=True),  # the paper uses 0.01; SGD beyond 10 only diverges

@@ -344,7 +344,7 @@ def train(config: dict, resume: bool = False) -> dict | None:
                            train_cfg["poly_power"])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ramp = ramp_weight(epoch, epochs)
+        ramp = ramp_weight(epoch, train_cfg["rampup_epochs"] or epochs)
         batch_size = train_cfg["batch_size"]
         plan = epoch_plan(len(splits.labeled), len(splits.unlabeled), epoch, seed, rank, world_size,
                           train_cfg["max_steps_per_epoch"], batch_size)

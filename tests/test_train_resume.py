@@ -126,3 +126,16 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["per_case"]) == 4
+
+
+@pytest.mark.parametrize("rampup_epochs", [0, 1])
+def test_rampup_epochs_sets_the_ramp_length(tmp_path, rampup_epochs):
+    # 0 (the default) ramps over the whole run, as the paper does; a shorter ramp reaches 1 earlier.
+    from rcps_train.losses import ramp_weight
+    data = tiny_dataset(tmp_path / "data")
+    engine.train(_config(data, tmp_path, "ramp", **{"train.epochs": 3, "train.max_steps_per_epoch": 1,
+                                                   "eval.every_epochs": 0,
+                                                   "train.rampup_epochs": rampup_epochs}))
+    ramps = [float(r["ramp"]) for r in _log(tmp_path / "ramp")]
+    assert ramps == pytest.approx([ramp_weight(epoch, rampup_epochs or 3) for epoch in range(3)])
+    assert (ramps[1] == pytest.approx(1.0)) == (rampup_epochs == 1)
