@@ -1,4 +1,4 @@
-"""GPU benchmark of the fused voxel InfoNCE (issue 3, DESIGN.md section 6).
+"""GPU benchmark of the fused voxel InfoNCE (the GPU goals of docs/design.md section 6).
 
     python -m benchmarks.bench_infonce_gpu [--backends triton,cuda,triton@reduce-overhead]
         [--repeats 20] [--quick]

@@ -1,4 +1,4 @@
-"""Fused vs plain PyTorch L_urp + L_cr, forward+backward, CPU fp32 (DESIGN.md section 6).
+"""Fused vs plain PyTorch L_urp + L_cr, forward+backward, CPU fp32 (docs/design.md section 6).
 
 One step is one deep-supervision head's share of an RCPS step: ``L_urp(z_a1, z_o) +
 L_urp(z_a2, z_o) + L_cr(z_a1, z_a2)`` followed by backward, with the two augmented views z_a1,

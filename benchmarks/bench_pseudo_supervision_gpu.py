@@ -1,4 +1,4 @@
-"""Fused vs plain PyTorch L_urp + L_cr, forward+backward, on a CUDA device (issue 4).
+"""Fused vs plain PyTorch L_urp + L_cr, forward+backward, on a CUDA device (docs/design.md section 6).
 
     python -m benchmarks.bench_pseudo_supervision_gpu [--repeats 20] [--dtype float32]
 

@@ -1,4 +1,4 @@
-"""Public functional API of the bidirectional voxel InfoNCE (DESIGN.md section 2)."""
+"""Public functional API of the bidirectional voxel InfoNCE (docs/design.md section 2)."""
 from __future__ import annotations
 
 import math

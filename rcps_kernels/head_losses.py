@@ -1,4 +1,4 @@
-"""One deep-supervision head's L_urp and L_cr in one op (DESIGN.md sections 1.3 and 3).
+"""One deep-supervision head's L_urp and L_cr in one op (docs/design.md section 3.3).
 
 An RCPS step computes, per head, ``L_urp(z_a1, z_o) + L_urp(z_a2, z_o)`` and
 ``L_cr(z_a1, z_a2)``: three losses on two views. As separate ops their backward holds three

@@ -1,6 +1,6 @@
 """Fused rectified pseudo supervision (L_urp) and logit cosine consistency (L_cr) of RCPS.
 
-For ``(B, K, *S)`` logits (DESIGN.md section 1.3), per voxel v:
+For ``(B, K, *S)`` logits (docs/design.md section 3), per voxel v:
 
 - ``L_urp``: with the teacher ``z_o`` detached, ``q~ = softmax(z_o / T)``,
   ``CE_v = -sum_c q~_c log softmax(z_a)_c`` and ``D_v = KL(softmax(z_o) || softmax(z_a))``,
@@ -274,7 +274,7 @@ def rectified_pseudo_supervision(
     reduction: str = "mean",
     backend: str = "auto",
 ) -> Tensor:
-    """Uncertainty-rectified pseudo supervision L_urp of RCPS (DESIGN.md section 1.3).
+    """Uncertainty-rectified pseudo supervision L_urp of RCPS (docs/design.md section 3.1).
 
     Per voxel, ``exp(-D) * CE + D`` with ``CE`` the cross-entropy of the student against the
     sharpened teacher ``softmax(teacher / temperature)`` and ``D = KL(softmax(teacher) ||

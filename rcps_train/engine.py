@@ -137,7 +137,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def train_step(model, batch: dict, optimizer, scaler, config: dict, ramp: float, device: torch.device,
                amp_dtype, augment_generator: torch.Generator, negative_generator: torch.Generator | None = None,
                gather_negatives=None) -> dict[str, float]:
-    """One optimisation step (DESIGN.md 1.1): views, one forward over 6 volumes, every loss term, update.
+    """One optimisation step (docs/design.md section 1.1): views, one forward over 6 volumes, all losses, update.
 
     Args:
         model: ProjectorUNet (or its DDP wrapper), in train mode.

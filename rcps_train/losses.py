@@ -1,4 +1,4 @@
-"""The RCPS objective (DESIGN.md 1.3) on top of ``rcps_kernels``.
+"""The RCPS objective (docs/design.md section 1.3) on top of ``rcps_kernels``.
 
 ``L = L_seg + beta r(e) (L_bc^l + L_bc^u) + alpha r(e) (L_urp^l + L_urp^u + L_cr^l + L_cr^u)``
 

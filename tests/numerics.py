@@ -1,4 +1,4 @@
-"""The correctness rule of DESIGN.md section 5, shared by all kernel tests.
+"""The correctness rule of docs/design.md section 5, shared by all kernel tests.
 
 A kernel passes when its error against the float64 reference is at most `factor` times the
 error of the reference run in the kernel's own dtype, plus `atol` (the CCE / flash-attention

@@ -1,5 +1,5 @@
 """rk.pseudo_supervision_losses (one head's L_urp on two views and L_cr, in one op) against the
-float64 reference by the rule of DESIGN.md section 5, and against the two separate functions.
+float64 reference by the rule of docs/design.md section 5, and against the two separate functions.
 
 Triton runs under TRITON_INTERPRET=1 on CPU tensors; the CUDA tier is marked ``gpu``.
 """

@@ -1,4 +1,4 @@
-"""The fused CPU voxel InfoNCE against the float64 reference (DESIGN.md section 5)."""
+"""The fused CPU voxel InfoNCE against the float64 reference (docs/design.md section 5)."""
 from __future__ import annotations
 
 import math

@@ -56,8 +56,8 @@ def run(feats, al, nl, *, backend, reduction="mean", grad_out=1.0, device=DEV, *
 
 
 def check_against_reference(feats, al, nl, backend, dtype, *, grad_out, **kw):
-    """Loss and the three gradients of `backend` on CUDA against the float64 reference (DESIGN
-    rule); returns (actual, float64) for further checks."""
+    """Loss and the three gradients of `backend` on CUDA against the float64 reference (the rule
+    of docs/design.md section 5); returns (actual, float64) for further checks."""
     actual = run(feats, al, nl, backend=backend, grad_out=grad_out, **kw)
     same = run(feats, al, nl, backend="reference", grad_out=grad_out, **kw)
     gt = run([f.double() for f in feats], al.double(), nl.double(), backend="reference",

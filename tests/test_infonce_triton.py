@@ -1,5 +1,5 @@
 """Triton backend of the voxel InfoNCE under TRITON_INTERPRET=1 (CPU tensors), against the
-float64 reference (DESIGN.md section 5) and the CPU kernel's random draws.
+float64 reference (docs/design.md section 5) and the CPU kernel's random draws.
 
 Shapes are tiny: every Triton program instance costs 10-35 ms in the interpreter.
 """

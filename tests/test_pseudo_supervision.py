@@ -1,5 +1,5 @@
 """Fused L_urp (rectified pseudo supervision) and L_cr (logit cosine consistency) against the
-float64 reference, by the rule of DESIGN.md section 5 (tests/numerics.py).
+float64 reference, by the rule of docs/design.md section 5 (tests/numerics.py).
 
 Triton runs under TRITON_INTERPRET=1 on tiny CPU tensors (fp32/fp64/fp16 only: the interpreter
 gets bf16 wrong); the CUDA tier is marked ``gpu``.

@@ -1,4 +1,4 @@
-"""Reference bidirectional voxel InfoNCE: the formula of DESIGN.md section 2, materialised.
+"""Reference bidirectional voxel InfoNCE: the formula of docs/design.md section 2, materialised.
 
 It gathers an (anchors, K, C) tensor of negatives and lets autograd differentiate, so it is
 simple to read and exact in float64, but needs O(anchors * K * C) memory: use it as the oracle
