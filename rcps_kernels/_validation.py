@@ -14,6 +14,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate in and return losses in: float64 for float64 inputs, float32
+    for every other floating dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def plain_tensors(*inputs: object) -> tuple:
     """The inputs, with every tensor subclass (MONAI's ``MetaTensor``, ``nn.Parameter``, ...) replaced by a
     plain ``torch.Tensor`` view of it: same memory, still in the autograd graph, so gradients reach the
@@ -90,7 +96,7 @@ def check_positive_real(name: str, value: object) -> float:
 def check_reciprocal_range(name: str, value: float, dtype: torch.dtype) -> None:
     """The kernels multiply by 1/value in the accumulation dtype of `dtype` inputs (float32 for
     half and float32, float64 for float64): it must be a finite normal number there."""
-    info = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32)
+    info = torch.finfo(accumulation_dtype(dtype))
     low, high = 1.0 / info.max, 1.0 / info.tiny
     if not low <= value <= high:
         raise ValueError(
@@ -159,7 +165,7 @@ def all_finite(inputs_sum: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> b
     check). Under torch.compile and on meta tensors nothing is checked and the answer is True."""
     if has_no_data(tensors[0]):
         return True
-    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(tensors[0].dtype)
     norms = torch._foreach_norm([t.detach() for t in tensors], 2, dtype=dtype)  # one launch
     return math.isfinite(torch.stack([inputs_sum.to(dtype), *norms]).sum().item())
 

@@ -182,7 +182,7 @@ def _loss_may_overflow(dtype: torch.dtype, anchor_logits: Tensor, num_negatives:
 def _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_logits,
              num_negatives, temperature, sampling, confidence_threshold, seed, reduction,
              deterministic) -> Tensor:
-    out_dtype = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    out_dtype = v.accumulation_dtype(anchor.dtype)
     if impl == "reference":
         return bidirectional_voxel_infonce_reference(
             anchor, positive, negative, anchor_logits, negative_logits,
@@ -201,8 +201,8 @@ def _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_l
     )
     if reduction == "mean" and wants_grad:
         loss, _, _, _ = ops.mean_loss_with_grads(*args, negative.requires_grad, deterministic)
-        return loss.to(out_dtype)
-    per_anchor = ops.per_anchor_loss(*args, deterministic).to(out_dtype)
+        return loss
+    per_anchor = ops.per_anchor_loss(*args, deterministic)
     if reduction == "mean":
         return per_anchor.mean()
     if reduction == "sum":

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import _validation as v
 from .pseudo_supervision import (
     _REDUCTION_CODES, _as_input_layout, _flat, _flat_grad_output,
-    _kernels, _loss_dtype, _loss_shape, _resolve_impl, _unflatten_loss,
+    _kernels, _loss_shape, _resolve_impl, _unflatten_loss,
 )
 from .reference.pseudo_supervision import (
     logit_cosine_consistency_reference,
@@ -37,7 +37,7 @@ def _losses_op(view_a: Tensor, view_b: Tensor, teacher: Tensor, temperature: flo
 
 @_losses_op.register_fake
 def _(view_a, view_b, teacher, temperature, eps, reduction, impl):
-    shape, dtype = _loss_shape(view_a, reduction), _loss_dtype(view_a.dtype)
+    shape, dtype = _loss_shape(view_a, reduction), v.accumulation_dtype(view_a.dtype)
     return view_a.new_empty(shape, dtype=dtype), view_a.new_empty(shape, dtype=dtype)
 
 

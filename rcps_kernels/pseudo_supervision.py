@@ -88,10 +88,6 @@ def _flat(logits: Tensor) -> Tensor:
     return logits.reshape(logits.shape[0], logits.shape[1], -1)
 
 
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
     return (logits.shape[0], *logits.shape[2:]) if reduction == "none" else ()
 
@@ -127,7 +123,7 @@ def _urp_op(student: Tensor, teacher: Tensor, temperature: float, reduction: str
 
 @_urp_op.register_fake
 def _(student, teacher, temperature, reduction, impl):
-    return student.new_empty(_loss_shape(student, reduction), dtype=_loss_dtype(student.dtype))
+    return student.new_empty(_loss_shape(student, reduction), dtype=v.accumulation_dtype(student.dtype))
 
 
 def _urp_forward_kernel(student, teacher, temperature, reduction, impl):
@@ -195,7 +191,7 @@ def _cosine_op(logits_a: Tensor, logits_b: Tensor, eps: float, reduction: str, i
 
 @_cosine_op.register_fake
 def _(logits_a, logits_b, eps, reduction, impl):
-    return logits_a.new_empty(_loss_shape(logits_a, reduction), dtype=_loss_dtype(logits_a.dtype))
+    return logits_a.new_empty(_loss_shape(logits_a, reduction), dtype=v.accumulation_dtype(logits_a.dtype))
 
 
 def _cosine_forward_kernel(logits_a, logits_b, eps, reduction, impl):

@@ -12,7 +12,6 @@ import torch
 
 from . import _validation as v
 from ._extension import load_cpu_extension
-from ._validation import plain_tensors
 
 
 def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,8 +25,7 @@ def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits). No gradient flows through either.
     """
     logits = logits.detach()
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    confidence, labels = torch.softmax(logits, dim=1, dtype=dtype).max(dim=1)
+    confidence, labels = torch.softmax(logits, dim=1, dtype=v.accumulation_dtype(logits.dtype)).max(dim=1)
     return labels.reshape(-1), confidence.reshape(-1)
 
 
@@ -92,7 +90,7 @@ def select_confident_negatives(
         ValueError: num_negatives < 1, num_classes below the logits' class axis, logits that
             are not a floating (Bn, K_cls, *S) tensor with 1-3 spatial dims, or NaN/Inf logits.
     """
-    (negative_logits,) = plain_tensors(negative_logits)
+    (negative_logits,) = v.plain_tensors(negative_logits)
     num_negatives = v.check_count("num_negatives", num_negatives)
     num_classes = _check_logits(negative_logits, num_classes)
     labels, confidence = pseudo_labels(negative_logits)

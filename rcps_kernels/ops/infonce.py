@@ -4,7 +4,7 @@ Two custom ops, both with fake (meta) implementations so that ``torch.compile(fu
 traces through them:
 
 - ``rcps::voxel_infonce_loss`` -> per-anchor loss l1 + l2 (N,), float64 for float64 features,
-  else float32 (:func:`loss_dtype`). Its backward is the op
+  else float32 (``_validation.accumulation_dtype``). Its backward is the op
   ``rcps::voxel_infonce_backward``, which recomputes the similarity tiles for per-anchor weights
   grad_loss (any reduction, any grad_output).
 - ``rcps::voxel_infonce_mean`` -> (mean loss, grad_anchor, grad_positive, grad_negative): the
@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .._backend import deterministic_override
 from .._extension import load_cpu_extension
+from .._validation import accumulation_dtype
 
 Kernel = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
 _KERNELS: dict[str, Kernel] = {}
@@ -58,11 +59,6 @@ def _cpu_kernel(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 register_kernel("cpu", _cpu_kernel)
-
-
-def loss_dtype(features: Tensor) -> torch.dtype:
-    """The dtype of the loss and of its per-anchor weights: float64 for float64 features."""
-    return torch.float64 if features.dtype == torch.float64 else torch.float32
 
 
 def _kernel(impl: str) -> Kernel:
@@ -89,7 +85,7 @@ def _loss_body(
             anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
             num_negatives, random, seed, offset, None, 0.0, False,
         )
-    return loss.to(loss_dtype(anchor))
+    return loss.to(accumulation_dtype(anchor.dtype))
 
 
 voxel_infonce_loss = torch.library.custom_op("rcps::voxel_infonce_loss", _loss_body,
@@ -98,7 +94,7 @@ voxel_infonce_loss = torch.library.custom_op("rcps::voxel_infonce_loss", _loss_b
 
 @voxel_infonce_loss.register_fake
 def _(anchor, positive, negative, anchor_labels, *_args) -> Tensor:
-    return anchor_labels.new_empty(anchor_labels.shape, dtype=loss_dtype(anchor))
+    return anchor_labels.new_empty(anchor_labels.shape, dtype=accumulation_dtype(anchor.dtype))
 
 
 def _backward_body(
@@ -110,7 +106,7 @@ def _backward_body(
     with deterministic_override(deterministic):
         _, grad_anchor, grad_positive, grad_negative = _kernel(impl)(
             anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
-            num_negatives, random, seed, offset, grad_loss.to(loss_dtype(anchor)).contiguous(), 1.0,
+            num_negatives, random, seed, offset, grad_loss.to(accumulation_dtype(anchor.dtype)).contiguous(), 1.0,
             negative_grad,
         )
     return grad_anchor, grad_positive, grad_negative
@@ -165,7 +161,7 @@ def _mean_body(
             anchor, positive, negative, anchor_labels, neg_index, neg_count, temperature,
             num_negatives, random, seed, offset, None, 1.0 / max(num_anchors, 1), negative_grad,
         )
-    return loss.to(loss_dtype(anchor)).mean(), grad_anchor, grad_positive, grad_negative
+    return loss.to(accumulation_dtype(anchor.dtype)).mean(), grad_anchor, grad_positive, grad_negative
 
 
 voxel_infonce_mean = torch.library.custom_op("rcps::voxel_infonce_mean", _mean_body,
@@ -176,7 +172,7 @@ voxel_infonce_mean = torch.library.custom_op("rcps::voxel_infonce_mean", _mean_b
 def _(anchor, positive, negative, anchor_labels, *args):
     negative_grad = args[8]
     return (
-        anchor_labels.new_empty((), dtype=loss_dtype(anchor)),
+        anchor_labels.new_empty((), dtype=accumulation_dtype(anchor.dtype)),
         anchor.new_empty(anchor.shape),
         positive.new_empty(positive.shape),
         negative.new_empty(negative.shape if negative_grad else (0,)),

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreting
+from .._validation import accumulation_dtype
 
 
 @triton.jit
@@ -204,10 +205,6 @@ def _tile_sizes(classes: int) -> tuple[int, int]:
     return block_c, block_v
 
 
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _launch_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int]:
     batch, classes, voxels_per_item = x.shape
     block_c, block_v = _tile_sizes(classes)
@@ -218,7 +215,7 @@ def _launch_geometry(x: torch.Tensor) -> tuple[int, int, int, int, int]:
 def _forward_output(x: torch.Tensor, reduction: int, programs: int) -> torch.Tensor:
     """The (B, P) loss map, or float64 partial sums, one per program."""
     if reduction == 0:
-        return torch.empty((x.shape[0], x.shape[2]), dtype=_loss_dtype(x.dtype), device=x.device)
+        return torch.empty((x.shape[0], x.shape[2]), dtype=accumulation_dtype(x.dtype), device=x.device)
     return torch.empty((programs,), dtype=torch.float64, device=x.device)
 
 
@@ -226,14 +223,14 @@ def _reduce(loss: torch.Tensor, reduction: int, num_voxels: int, dtype: torch.dt
     if reduction == 0:
         return loss
     total = loss.sum()
-    return (total / num_voxels if reduction == 1 else total).to(_loss_dtype(dtype))
+    return (total / num_voxels if reduction == 1 else total).to(accumulation_dtype(dtype))
 
 
 def _grad_output_arguments(grad_output: torch.Tensor, x: torch.Tensor, reduction: int):
     """(tensor, per-voxel flag) for the gradient scale of each voxel. The 1/N of a mean is
     applied here, in the accumulation dtype: a float scalar argument would reach the kernel as
     fp32 and cost float64 inputs their precision."""
-    accumulate = _loss_dtype(x.dtype)
+    accumulate = accumulation_dtype(x.dtype)
     if reduction == 0:
         return grad_output.to(accumulate).contiguous(), True
     num_voxels = x.shape[0] * x.shape[2]

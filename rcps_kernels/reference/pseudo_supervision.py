@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .._validation import accumulation_dtype
+
 
 def reduce_per_voxel(per_voxel: torch.Tensor, reduction: str) -> torch.Tensor:
     """Apply ``reduction`` ("mean", "sum" or "none") to a per-voxel loss map."""
@@ -18,10 +20,6 @@ def reduce_per_voxel(per_voxel: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return per_voxel.sum()
     return per_voxel
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def rectified_pseudo_supervision_reference(
@@ -35,7 +33,7 @@ def rectified_pseudo_supervision_reference(
     CE_v uses the sharpened teacher softmax(z_o / T), D_v = KL(softmax(z_o) || softmax(z_a)); the
     teacher is detached, the weight exp(-D_v) is not. Half inputs are computed in float32.
     """
-    acc = _accumulation_dtype(student_logits.dtype)
+    acc = accumulation_dtype(student_logits.dtype)
     student = student_logits.to(acc)
     teacher = teacher_logits.detach().to(acc)
     log_p = torch.log_softmax(student, dim=1)
@@ -62,7 +60,7 @@ def logit_cosine_consistency_reference(
     Each norm is clamped to at least ``eps`` (as in torch.nn.functional.cosine_similarity); a
     clamped norm is treated as a constant by the gradient.
     """
-    acc = _accumulation_dtype(logits_a.dtype)
+    acc = accumulation_dtype(logits_a.dtype)
     a_unit = _unit_vectors(logits_a.to(acc), eps)
     b_unit = _unit_vectors(logits_b.to(acc), eps)
     per_voxel = 1.0 - (a_unit * b_unit).sum(dim=1)
