@@ -29,7 +29,7 @@ from . import distributed as ddp
 from .augment import intensity_view
 from .config import ConfigError, resume_changes, to_toml, validate
 from .data import PairedPatchDataset, VolumeStore, check_cases, dataset_splits, epoch_plan, seed_worker
-from .evaluate import evaluate_cases, format_table, write_metrics
+from .evaluate import evaluate_cases, format_table, metrics_record, write_metrics_csv
 from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmentation_loss, total_loss
 from .model import ProjectorUNet
 from .plots import plot_run
@@ -452,16 +452,14 @@ def _score_test_split(model, splits, config: dict, device, run_dir: Path) -> dic
         best_model = build_model(config).to(device, memory_format=memory_format(config))
         best_model.load_state_dict(state["model"])
         rows, summary = evaluate_cases(best_model, splits.test, config, device, progress)
-        write_metrics(rows, summary, run_dir)
-        os.replace(run_dir / "metrics.csv", run_dir / "metrics_best.csv")
+        write_metrics_csv(rows, run_dir / "metrics_best.csv")
         best = {"checkpoint": "best.pt", "epoch": state["epoch"], "val_dice": state["val_dice"],
-                "val_cases": len(state["val_cases"]), **json.loads((run_dir / "metrics.json").read_text())}
+                "val_cases": len(state["val_cases"]), **metrics_record(rows, summary)}
         print(f"test split, best.pt (epoch {state['epoch']}, validation Dice {state['val_dice']:.4f}):")
         print(format_table(rows, summary))
     rows, summary = evaluate_cases(model, splits.test, config, device, progress)
-    write_metrics(rows, summary, run_dir)
-    payload = {"checkpoint": "checkpoint.pt", "epoch": config["train"]["epochs"],
-               **json.loads((run_dir / "metrics.json").read_text())}
+    write_metrics_csv(rows, run_dir / "metrics.csv")
+    payload = {"checkpoint": "checkpoint.pt", "epoch": config["train"]["epochs"], **metrics_record(rows, summary)}
     if best is not None:
         payload["best"] = best
     (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))

@@ -181,17 +181,27 @@ def evaluate_cases(model: torch.nn.Module, cases: list[Case], config: dict, devi
     return rows, summary
 
 
-def write_metrics(rows: list[dict], summary: dict, out_dir: str | Path) -> None:
-    """``metrics.csv`` (one row per case and foreground class) and ``metrics.json`` (summary + per_case)."""
-    out_dir = Path(out_dir)
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
+def metrics_record(rows: list[dict], summary: dict) -> dict:
+    """The summary and the per-case rows as ``metrics.json`` holds them (NaN as null: JSON has no NaN)."""
+    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v
+    record = {key: clean(value) for key, value in summary.items()}
+    record["per_case"] = [{k: clean(v) for k, v in row.items()} for row in rows]
+    return record
+
+
+def write_metrics_csv(rows: list[dict], path: str | Path) -> None:
+    """One row per case and foreground class."""
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["case", "class", *METRICS, "empty"])
         writer.writeheader()
         writer.writerows(rows)
-    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v  # JSON has no nan
-    payload = {key: clean(value) for key, value in summary.items()}
-    payload["per_case"] = [{k: clean(v) for k, v in row.items()} for row in rows]
-    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+
+
+def write_metrics(rows: list[dict], summary: dict, out_dir: str | Path) -> None:
+    """``metrics.csv`` (one row per case and foreground class) and ``metrics.json`` (summary + per_case)."""
+    out_dir = Path(out_dir)
+    write_metrics_csv(rows, out_dir / "metrics.csv")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics_record(rows, summary), indent=2))
 
 
 def format_table(rows: list[dict], summary: dict) -> str:
