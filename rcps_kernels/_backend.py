@@ -1,7 +1,7 @@
 """The ``backend=`` switch: which implementation runs, and whether it can run here.
 
 ``auto`` picks the fused CPU kernel for CPU tensors and the faster GPU backend for CUDA tensors
-(``RCPS_GPU_BACKEND=triton|cuda`` overrides the choice), and falls back to the plain PyTorch
+(``RCPS_GPU_BACKEND=triton|cuda``, read per call, overrides the choice), and falls back to the plain PyTorch
 reference, with one warning, when nothing compiled is usable.
 
 Also here: :func:`deterministic_algorithms`, which kernels with a faster nondeterministic path
@@ -13,11 +13,11 @@ import contextlib
 import contextvars
 import functools
 import importlib.util
-import os
 import warnings
 
 import torch
 
+from . import settings
 from ._extension import load_cpu_extension, load_cuda_extension
 
 BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
@@ -28,15 +28,15 @@ BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
 GPU_PREFERENCE = ("triton", "cuda")
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 @functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _triton_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed"
-    if not (torch.cuda.is_available() or triton_interpreting()):
+    if not (torch.cuda.is_available() or settings.triton_interpreting()):
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
     return None
 
@@ -45,12 +45,11 @@ def backend_status() -> dict[str, dict[str, object]]:
     """Per backend: whether it is built (importable) and usable on this machine, and why not."""
     cpu = load_cpu_extension()
     cuda = load_cuda_extension()
-    triton_installed = importlib.util.find_spec("triton") is not None
     triton = _triton_reason()
     return {
         "reference": {"built": True, "usable": True},
         "cpu": {"built": cpu is None, "usable": cpu is None, **({"reason": cpu} if cpu else {})},
-        "triton": {"built": triton_installed, "usable": triton is None,
+        "triton": {"built": _triton_installed(), "usable": triton is None,
                    **({"reason": triton} if triton else {})},
         "cuda": {
             "built": cuda is None,
@@ -104,7 +103,7 @@ def resolve_backend(backend: str, device: torch.device, available: tuple[str, ..
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            override = os.environ.get("RCPS_GPU_BACKEND")
+            override = settings.gpu_backend()
             order = (override,) if override else GPU_PREFERENCE
         else:
             order = ("cpu",)
@@ -121,7 +120,7 @@ def resolve_backend(backend: str, device: torch.device, available: tuple[str, ..
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+    if backend == "triton" and device.type != "cuda" and not settings.triton_interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}"
         )
@@ -163,7 +162,7 @@ def deterministic_override(deterministic: bool | None):
 def _deprecated_environment_switch() -> bool:
     # RCPS_DETERMINISTIC=1 was the switch before torch's was followed. It still works, with a
     # warning, so that runs which relied on it for bitwise reproducibility do not silently lose it.
-    if os.environ.get("RCPS_DETERMINISTIC", "0") != "1":
+    if not settings.deprecated_deterministic():
         return False
     _warn_deprecated_environment_switch()
     return True

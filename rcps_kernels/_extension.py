@@ -13,12 +13,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import os
 import warnings
 
 import torch
 
-from . import _build_config
+from . import _build_config, settings
 
 #: Preference among built variants: a build for this machine first, then the widest ISA.
 VARIANT_PREFERENCE = ("native", "custom", "default", "avx512", "avx2", "baseline")
@@ -89,7 +88,7 @@ def choose_cpu_variant(built: tuple[str, ...], supported: tuple[str, ...]) -> tu
     Raises:
         ValueError: RCPS_CPU_VARIANT names a variant that is not built or that this CPU cannot run.
     """
-    requested = os.environ.get("RCPS_CPU_VARIANT", "").strip()
+    requested = settings.cpu_variant()
     if requested:
         if requested not in built:
             raise ValueError(f"RCPS_CPU_VARIANT={requested}, but the built CPU variants are {list(built)}")
@@ -108,7 +107,7 @@ def choose_cpu_variant(built: tuple[str, ...], supported: tuple[str, ...]) -> tu
 
 def _jit_build(why: str) -> str | None:
     """JIT-compile the CPU kernels for this CPU. Returns None on success, else the reason it failed."""
-    if os.environ.get("RCPS_NO_JIT", "0") == "1":
+    if settings.jit_disabled():
         return why + "; JIT build disabled by RCPS_NO_JIT=1"
     csrc = _build_config.find_csrc()
     if csrc is None:
@@ -162,6 +161,29 @@ def cpu_extension() -> CpuExtension:
 def load_cpu_extension() -> str | None:
     """Load the CPU kernels (see :func:`cpu_extension`). Returns None on success, else the reason it failed."""
     return cpu_extension().reason
+
+
+def require_cpu_extension() -> None:
+    """Load the CPU kernels, or raise the one error that says why they cannot be used.
+
+    Raises:
+        RuntimeError: no compiled variant is usable and the JIT build failed or is disabled.
+    """
+    _require("CPU", load_cpu_extension())
+
+
+def require_cuda_extension() -> None:
+    """Load the CUDA kernels, or raise the one error that says why they cannot be used.
+
+    Raises:
+        RuntimeError: the CUDA extension is not built, built for another torch/CUDA, or fails to import.
+    """
+    _require("CUDA", load_cuda_extension())
+
+
+def _require(kind: str, reason: str | None) -> None:
+    if reason is not None:
+        raise RuntimeError(f"the rcps_kernels {kind} extension is not usable: {reason}")
 
 
 @functools.lru_cache(maxsize=None)

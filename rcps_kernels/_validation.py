@@ -1,17 +1,25 @@
-"""Input checks shared by the public functions: errors that name the argument and shapes.
+"""Every input check of the public API: errors that name the argument and shapes.
 
 A wrong type (a bool, string or None where a number is expected) raises TypeError; a value of
-the right type outside its range raises ValueError.
+the right type outside its range raises ValueError. Also here: the one dtype rule of the losses
+(:func:`accumulation_dtype`), the unwrapping of tensor subclasses (:func:`plain_tensors`) and
+the deprecated keyword names (:func:`renamed_keywords`).
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import warnings
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+SAMPLING_MODES = ("topk", "random")
+#: Smallest InfoNCE temperature served (2**-125, about 2.35e-38): a per-anchor loss reaches
+#: 4 / temperature, which overflows float32 below it. Every backend is exact down to it.
+MIN_TEMPERATURE = 2.0**-125
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -216,3 +224,91 @@ def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tenso
 def _largest_finite(tensor: torch.Tensor) -> float:
     finite = tensor.detach()[torch.isfinite(tensor.detach())]
     return finite.abs().max().item() if finite.numel() else 0.0
+
+
+def check_class_count(logits: torch.Tensor, num_classes: object, name: str) -> int:
+    """num_classes (default: the logits' class axis), at least that axis."""
+    classes = logits.shape[1]
+    if num_classes is None:
+        return classes
+    check_count("num_classes", num_classes)
+    if num_classes < classes:
+        raise ValueError(f"num_classes={num_classes} is smaller than {name}'s class axis ({classes})")
+    return int(num_classes)
+
+
+def check_pool_logits(logits: object, num_classes: object = None, name: str = "pool_logits") -> int:
+    """Floating, finite (Bn, num_classes, *S) pool logits (pseudo-labels of NaN logits would be
+    arbitrary). Returns the number of classes."""
+    check_volume(name, logits)
+    check_finite(name, logits)
+    return check_class_count(logits, num_classes, name)
+
+
+def check_infonce_inputs(anchor, positive, pool, anchor_logits, pool_logits) -> None:
+    """The five tensors of the voxel InfoNCE: shapes, dtypes and devices that fit together."""
+    for name, t in (("anchor", anchor), ("positive", positive), ("pool", pool),
+                    ("anchor_logits", anchor_logits), ("pool_logits", pool_logits)):
+        check_volume(name, t)
+    check_same_device(anchor=anchor, positive=positive, pool=pool, anchor_logits=anchor_logits,
+                      pool_logits=pool_logits)
+    if positive.shape != anchor.shape:
+        raise ValueError(f"positive must have anchor's shape {shape_str(anchor)}, "
+                         f"got {shape_str(positive)}")
+    if positive.dtype != anchor.dtype or pool.dtype != anchor.dtype:
+        raise ValueError(f"anchor, positive and pool must share a dtype, got {anchor.dtype}, "
+                         f"{positive.dtype} and {pool.dtype}")
+    if pool.dim() != anchor.dim() or pool.shape[1] != anchor.shape[1]:
+        raise ValueError(f"pool must be (Bn, C, *S) with anchor's C={anchor.shape[1]} and "
+                         f"{anchor.dim() - 2} spatial dims, got {shape_str(pool)}")
+    if anchor_logits.shape[0] != anchor.shape[0] or anchor_logits.shape[2:] != anchor.shape[2:]:
+        raise ValueError(f"anchor_logits must be (B, num_classes, *S) matching anchor "
+                         f"{shape_str(anchor)}, got {shape_str(anchor_logits)}")
+    if pool_logits.shape[0] != pool.shape[0] or pool_logits.shape[2:] != pool.shape[2:]:
+        raise ValueError(f"pool_logits must be (Bn, num_classes, *S) matching pool "
+                         f"{shape_str(pool)}, got {shape_str(pool_logits)}")
+    if pool_logits.shape[1] != anchor_logits.shape[1]:
+        raise ValueError(f"anchor_logits and pool_logits must have the same number of classes, "
+                         f"got {shape_str(anchor_logits)} and {shape_str(pool_logits)}")
+    if anchor_logits.shape[1] < 2:
+        raise ValueError(f"anchor_logits needs at least 2 classes, got {shape_str(anchor_logits)}")
+
+
+def check_infonce_options(num_negatives, temperature, sampling, confidence_threshold, generator,
+                          reduction, deterministic) -> None:
+    """The keywords of the voxel InfoNCE."""
+    check_count("num_negatives", num_negatives)
+    check_positive_real("temperature", temperature)
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.4g} (2**-125), got "
+                         f"{temperature!r}: the loss reaches 4 / temperature, beyond float32")
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
+    if not 0.0 <= confidence_threshold <= 1.0:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold!r}")
+    check_generator(generator)
+    check_reduction(reduction)
+    check_optional_bool("deterministic", deterministic)
+
+
+def renamed_keywords(**renames: str):
+    """Accept the old keyword names of a function, with a DeprecationWarning, for one release.
+
+    ``@renamed_keywords(negative="pool")`` lets ``f(negative=x)`` call ``f(pool=x)``.
+    """
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{function.__qualname__}() got both {old}= and its new "
+                                        f"name {new}=; pass only {new}=")
+                    warnings.warn(f"{function.__qualname__}(): the keyword {old}= is deprecated, "
+                                  f"use {new}=", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

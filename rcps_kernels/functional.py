@@ -1,4 +1,10 @@
-"""Public functional API of the bidirectional voxel InfoNCE (docs/design.md section 2)."""
+"""The public functions: the voxel InfoNCE, negative selection and the pseudo-supervision losses.
+
+Every function takes MONAI-style ``(B, C, *spatial)`` tensors (1-3 spatial dims), checks its
+inputs (``_validation``), picks a backend (``backend=``: "auto", "cpu", "triton", "cuda" or
+"reference") and calls the op in ``ops/`` or the float64-exact reference in ``reference/``.
+The losses' semantics and gradients are in docs/design.md sections 2 and 3.
+"""
 from __future__ import annotations
 
 import math
@@ -8,70 +14,61 @@ from torch import Tensor
 
 from . import _validation as v
 from ._backend import resolve_backend
-from .ops import infonce as ops
+from ._validation import MIN_TEMPERATURE, SAMPLING_MODES  # noqa: F401  (public constants)
+from .ops import infonce as infonce_ops
+from .ops import pseudo_supervision as head_ops
+from .ops.infonce import InfoNCEParams
+from .ops.kernels import kernels
+from .ops.selection import (eligible_negatives, logits_sum, negative_tables, pseudo_labels,
+                            topk_negatives)
 from .reference.infonce import bidirectional_voxel_infonce_reference
-from .selection import eligible_negatives, logits_sum, negative_tables, pseudo_labels
+from .reference.pseudo_supervision import (
+    logit_cosine_consistency_reference,
+    rectified_pseudo_supervision_reference,
+)
 
-SAMPLING_MODES = ("topk", "random")
+#: The backends every op implements (besides "auto").
 _BACKENDS = ("cpu", "triton", "cuda", "reference")
-#: Smallest temperature served (2**-125, about 2.35e-38): a per-anchor loss reaches 4 / temperature,
-#: which overflows float32 below it. Every backend is exact down to it.
-MIN_TEMPERATURE = 2.0**-125
 
 
-def _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
-              temperature, sampling, confidence_threshold, generator, reduction,
-              deterministic) -> None:
-    for name, t in (("anchor", anchor), ("positive", positive), ("negative", negative),
-                    ("anchor_logits", anchor_logits), ("negative_logits", negative_logits)):
-        v.check_volume(name, t)
-    v.check_same_device(anchor=anchor, positive=positive, negative=negative,
-                        anchor_logits=anchor_logits, negative_logits=negative_logits)
-    if positive.shape != anchor.shape:
-        raise ValueError(f"positive must have anchor's shape {v.shape_str(anchor)}, "
-                         f"got {v.shape_str(positive)}")
-    if positive.dtype != anchor.dtype or negative.dtype != anchor.dtype:
-        raise ValueError(f"anchor, positive and negative must share a dtype, got {anchor.dtype}, "
-                         f"{positive.dtype} and {negative.dtype}")
-    if negative.dim() != anchor.dim() or negative.shape[1] != anchor.shape[1]:
-        raise ValueError(f"negative must be (Bn, C, *S) with anchor's C={anchor.shape[1]} and "
-                         f"{anchor.dim() - 2} spatial dims, got {v.shape_str(negative)}")
-    if anchor_logits.shape[0] != anchor.shape[0] or anchor_logits.shape[2:] != anchor.shape[2:]:
-        raise ValueError(f"anchor_logits must be (B, K_cls, *S) matching anchor "
-                         f"{v.shape_str(anchor)}, got {v.shape_str(anchor_logits)}")
-    if negative_logits.shape[0] != negative.shape[0] or negative_logits.shape[2:] != negative.shape[2:]:
-        raise ValueError(f"negative_logits must be (Bn, K_cls, *S) matching negative "
-                         f"{v.shape_str(negative)}, got {v.shape_str(negative_logits)}")
-    if negative_logits.shape[1] != anchor_logits.shape[1]:
-        raise ValueError(f"anchor_logits and negative_logits must have the same number of classes, "
-                         f"got {v.shape_str(anchor_logits)} and {v.shape_str(negative_logits)}")
-    if anchor_logits.shape[1] < 2:
-        raise ValueError(f"anchor_logits needs at least 2 classes, got {v.shape_str(anchor_logits)}")
-    v.check_count("num_negatives", num_negatives)
-    v.check_positive_real("temperature", temperature)
-    if temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.4g} (2**-125), got "
-                         f"{temperature!r}: the loss reaches 4 / temperature, beyond float32")
-    if sampling not in SAMPLING_MODES:
-        raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
-    if not 0.0 <= confidence_threshold <= 1.0:
-        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold!r}")
-    v.check_generator(generator)
-    v.check_reduction(reduction)
-    v.check_optional_bool("deterministic", deterministic)
+@torch.compiler.assume_constant_result
+def _resolve_device_type(backend: str, device_type: str) -> str:
+    # Loading extensions and reading the environment cannot be traced: under torch.compile the
+    # choice is made once at trace time and baked into the graph as a constant.
+    return resolve_backend(backend, torch.device(device_type), _BACKENDS)
 
 
+def _resolve_on(backend: str, tensor: Tensor) -> str:
+    return _resolve_device_type(backend, tensor.device.type)
+
+
+def _flat(logits: Tensor) -> Tensor:
+    """(B, C, *S) -> (B, C, P), a view unless the spatial dims cannot be merged. The ops take
+    these views: under torch.compile a graph input then reaches a custom op as a new view, never
+    as the caller's object, which may be a tensor subclass (MONAI MetaTensor)."""
+    return logits.reshape(logits.shape[0], logits.shape[1], -1)
+
+
+def _spatial(loss: Tensor, logits: Tensor, reduction: str) -> Tensor:
+    """An op's (B, P) loss map back to (B, *S); scalars as they are."""
+    return loss.view(logits.shape[0], *logits.shape[2:]) if reduction == "none" else loss
+
+
+# --------------------------------------------------------------------------------------------
+# Bidirectional voxel InfoNCE and confident negative selection
+# --------------------------------------------------------------------------------------------
 def _draw_seed(generator: torch.Generator | None) -> int:
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
 
 
+@v.renamed_keywords(negative="pool", negative_logits="pool_logits")
 def bidirectional_voxel_infonce(
     anchor: Tensor,
     positive: Tensor,
-    negative: Tensor,
+    pool: Tensor,
     anchor_logits: Tensor,
-    negative_logits: Tensor,
+    pool_logits: Tensor,
     *,
     num_negatives: int = 400,
     temperature: float = 0.1,
@@ -85,7 +82,7 @@ def bidirectional_voxel_infonce(
     """Bidirectional voxel InfoNCE with confident negative sampling (RCPS's L_bc).
 
     Every voxel of `anchor` is an anchor; its positive is the same voxel of `positive`; its
-    negatives come from the pool `negative` (the other image's un-augmented view), chosen by the
+    negatives come from `pool` (the other image's un-augmented view), chosen by the
     pseudo-labels of the logits. Per anchor i of pseudo-class c, with u = z / max(||z||, 1e-12)
     and s_i = u1_i . u2_i::
 
@@ -99,15 +96,17 @@ def bidirectional_voxel_infonce(
     pool voxels of another class whose confidence is >= confidence_threshold (counter-based
     Philox draws keyed by a seed from `generator`, regenerated in backward, never stored).
 
-    Gradients flow into anchor, positive and negative; none into the logits. Zero-norm features
+    Gradients flow into anchor, positive and pool; none into the logits. Zero-norm features
     are allowed (u = 0). Memory of the fused backends is O(anchors * C), independent of K.
 
     Args:
         anchor: (B, C, *S) projections of augmented view 1 (1-3 spatial dims).
         positive: (B, C, *S) projections of augmented view 2.
-        negative: (Bn, C, *Sn) projections of the negative pool.
-        anchor_logits: (B, K_cls, *S) logits giving the anchors' pseudo-labels.
-        negative_logits: (Bn, K_cls, *Sn) logits giving the pool's pseudo-labels and confidences.
+        pool: (Bn, C, *Sn) projections of the negative pool (every voxel a candidate negative).
+            Until the next release it may also be passed as ``negative=`` (deprecated).
+        anchor_logits: (B, num_classes, *S) logits giving the anchors' pseudo-labels.
+        pool_logits: (Bn, num_classes, *Sn) logits giving the pool's pseudo-labels and
+            confidences (deprecated name: ``negative_logits=``).
         num_negatives: K, negatives per anchor.
         temperature: tau >= 2**-125 (~2.35e-38): below it the float32 loss, up to 4 / tau per
             anchor, would overflow.
@@ -139,31 +138,39 @@ def bidirectional_voxel_infonce(
             never selected as a negative does not affect the result and is not reported).
         RuntimeError: an explicitly requested backend that is not usable here.
     """
-    anchor, positive, negative, anchor_logits, negative_logits = v.plain_tensors(
-        anchor, positive, negative, anchor_logits, negative_logits)
-    _validate(anchor, positive, negative, anchor_logits, negative_logits, num_negatives,
-              temperature, sampling, confidence_threshold, generator, reduction, deterministic)
-    impl = resolve_backend(backend, anchor.device, _BACKENDS)
+    anchor, positive, pool, anchor_logits, pool_logits = v.plain_tensors(
+        anchor, positive, pool, anchor_logits, pool_logits)
+    v.check_infonce_inputs(anchor, positive, pool, anchor_logits, pool_logits)
+    v.check_infonce_options(num_negatives, temperature, sampling, confidence_threshold, generator,
+                            reduction, deterministic)
+    backend = _resolve_on(backend, anchor)
     seed = _draw_seed(generator) if sampling == "random" else 0
-    if impl == "reference":
-        tables, logits_total = None, logits_sum(anchor_logits, negative_logits)
+    if backend == "reference":
+        tables, logits_total = None, logits_sum(anchor_logits, pool_logits)
     else:
-        *tables, logits_total = negative_tables(anchor_logits, negative_logits, num_negatives,
+        *tables, logits_total = negative_tables(anchor_logits, pool_logits, num_negatives,
                                                 sampling == "random", confidence_threshold)
     # Finite logits and features make a finite loss unless the temperature is so small that the
     # sum over anchors can overflow, so one host sync before the kernels settles the usual case,
     # and the kernels run on while the host returns. Otherwise the exact check runs on the loss: a
     # bad feature always reaches it, while a NaN pool voxel that is never selected does not and is
     # not reported.
-    inputs_finite = v.all_finite(logits_total, (anchor, positive, negative))
-    loss = _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_logits,
-                    num_negatives, temperature, sampling, confidence_threshold, seed, reduction,
-                    deterministic)
+    inputs_finite = v.all_finite(logits_total, (anchor, positive, pool))
+    if backend == "reference":
+        loss = bidirectional_voxel_infonce_reference(
+            anchor, positive, pool, anchor_logits, pool_logits, num_negatives=num_negatives,
+            temperature=temperature, sampling=sampling, confidence_threshold=confidence_threshold,
+            seed=seed, reduction=reduction,
+        ).to(v.accumulation_dtype(anchor.dtype))  # float32 for half inputs, as the fused backends
+    else:
+        params = InfoNCEParams(*tables, temperature=float(temperature),
+                               num_negatives=num_negatives, random=sampling == "random", seed=seed)
+        loss = _fused_infonce(anchor, positive, pool, params, reduction, backend, deterministic)
     if not inputs_finite or _loss_may_overflow(loss.dtype, anchor_logits, num_negatives, temperature):
         v.check_result_finite(loss, (("anchor_logits", anchor_logits, False),
-                                     ("negative_logits", negative_logits, False),
+                                     ("pool_logits", pool_logits, False),
                                      ("anchor", anchor, False), ("positive", positive, False),
-                                     ("negative", negative, False)),
+                                     ("pool", pool, False)),
                               inputs_sum=None if inputs_finite else logits_total,
                               remedy="raise the temperature, or pass float64 features")
     return loss
@@ -179,30 +186,20 @@ def _loss_may_overflow(dtype: torch.dtype, anchor_logits: Tensor, num_negatives:
     return bound >= torch.finfo(dtype).max / 4
 
 
-def _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_logits,
-             num_negatives, temperature, sampling, confidence_threshold, seed, reduction,
-             deterministic) -> Tensor:
-    out_dtype = v.accumulation_dtype(anchor.dtype)
-    if impl == "reference":
-        return bidirectional_voxel_infonce_reference(
-            anchor, positive, negative, anchor_logits, negative_logits,
-            num_negatives=num_negatives, temperature=temperature, sampling=sampling,
-            confidence_threshold=confidence_threshold, seed=seed, reduction=reduction,
-        ).to(out_dtype)  # float32 for half inputs, as the fused backends return
-    anchor_labels, neg_index, neg_count = tables
+def _fused_infonce(anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams,
+                   reduction: str, backend: str, deterministic: bool | None) -> Tensor:
     # (B, C, P) views (copies only for layouts that cannot be flattened); kernels take any strides.
     z1 = anchor.reshape(anchor.shape[0], anchor.shape[1], -1)
     z2 = positive.reshape(z1.shape)
-    zn = negative.reshape(negative.shape[0], negative.shape[1], -1)
-    args = (z1, z2, zn, anchor_labels, neg_index, neg_count, float(temperature), num_negatives,
-            sampling == "random", seed, 0, impl)
+    zn = pool.reshape(pool.shape[0], pool.shape[1], -1)
     wants_grad = torch.is_grad_enabled() and (
-        anchor.requires_grad or positive.requires_grad or negative.requires_grad
+        anchor.requires_grad or positive.requires_grad or pool.requires_grad
     )
     if reduction == "mean" and wants_grad:
-        loss, _, _, _ = ops.mean_loss_with_grads(*args, negative.requires_grad, deterministic)
+        loss, _, _, _ = infonce_ops.mean_loss_with_grads(z1, z2, zn, params, backend,
+                                                         deterministic)
         return loss
-    per_anchor = ops.per_anchor_loss(*args, deterministic)
+    per_anchor = infonce_ops.per_anchor_loss(z1, z2, zn, params, backend, deterministic)
     if reduction == "mean":
         return per_anchor.mean()
     if reduction == "sum":
@@ -210,9 +207,10 @@ def _infonce(impl, tables, anchor, positive, negative, anchor_logits, negative_l
     return per_anchor.reshape(anchor.shape[0], *anchor.shape[2:])
 
 
+@v.renamed_keywords(negative_logits="pool_logits")
 def random_negative_draws(
     anchor_logits: Tensor,
-    negative_logits: Tensor,
+    pool_logits: Tensor,
     *,
     num_negatives: int,
     seed: int,
@@ -225,8 +223,203 @@ def random_negative_draws(
         (B * prod(S), K) int64 flat pool voxels (-1 where the anchor's class has no eligible
         negative), computed by the CPU kernel's Philox generator.
     """
-    anchor_logits, negative_logits = v.plain_tensors(anchor_logits, negative_logits)
-    num_classes = anchor_logits.shape[1]
+    anchor_logits, pool_logits = v.plain_tensors(anchor_logits, pool_logits)
     labels, _ = pseudo_labels(anchor_logits)
-    idx, counts = eligible_negatives(negative_logits, confidence_threshold, num_classes)
-    return ops.random_draws(labels, idx, counts, num_negatives, seed, offset)
+    idx, counts = eligible_negatives(pool_logits, confidence_threshold, anchor_logits.shape[1])
+    params = InfoNCEParams(labels.cpu(), idx.cpu(), counts.cpu(), temperature=1.0,
+                           num_negatives=num_negatives, random=True, seed=seed, offset=offset)
+    return kernels("cpu").random_draws(params).to(anchor_logits.device)
+
+
+@v.renamed_keywords(negative_logits="pool_logits")
+def select_confident_negatives(
+    pool_logits: Tensor, num_negatives: int, num_classes: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per class c, the K most confident pool voxels whose pseudo-class is not c.
+
+    This is the official RCPS selection (top-K over p_j * [c_j != c]) with one deliberate
+    difference: when fewer than K voxels have another class, only those are used (the official
+    code pads with same-class voxels, i.e. false negatives). Ties in confidence go to the lower
+    voxel index.
+
+    Args:
+        pool_logits: (Bn, num_classes, *S) logits of the negative pool (deprecated name:
+            ``negative_logits=``).
+        num_negatives: K >= 1.
+        num_classes: number of classes (default: the logits' class axis).
+
+    Returns:
+        idx (num_classes, K) int64 into the flattened pool (Bn * prod(S)), most confident first,
+        -1 where fewer than K are eligible; counts (num_classes,) int64, the valid entries per row.
+
+    Raises:
+        TypeError: num_negatives or num_classes is not an int (a float or bool).
+        ValueError: num_negatives < 1, num_classes below the logits' class axis, logits that
+            are not a floating (Bn, num_classes, *S) tensor with 1-3 spatial dims, or NaN/Inf logits.
+    """
+    (pool_logits,) = v.plain_tensors(pool_logits)
+    num_negatives = v.check_count("num_negatives", num_negatives)
+    num_classes = v.check_pool_logits(pool_logits, num_classes)
+    return topk_negatives(pool_logits, num_negatives, num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Rectified pseudo supervision (L_urp) and logit cosine consistency (L_cr)
+# --------------------------------------------------------------------------------------------
+def rectified_pseudo_supervision(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 0.5,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Uncertainty-rectified pseudo supervision L_urp of RCPS (docs/design.md section 3.1).
+
+    Per voxel, ``exp(-D) * CE + D`` with ``CE`` the cross-entropy of the student against the
+    sharpened teacher ``softmax(teacher / temperature)`` and ``D = KL(softmax(teacher) ||
+    softmax(student))``. The teacher is detached; the weight ``exp(-D)`` is not.
+
+    Args:
+        student_logits: (B, num_classes, *S) logits of an augmented view (1-3 spatial dims, num_classes >= 2).
+        teacher_logits: (B, num_classes, *S) logits of the original view; never receives gradient. Classes
+            may be ruled out with -inf logits (at least one finite logit per voxel).
+        temperature: sharpening temperature T > 0 of the cross-entropy target; 1/T must be a
+            finite normal float32 (float64 for float64 inputs), i.e. T in [2.9e-39, 8.5e37].
+        reduction: "mean" (over batch and voxels), "sum", or "none" (a (B, *S) map).
+        backend: "auto", "cpu", "triton", "cuda" or "reference".
+
+    Returns:
+        The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs
+        (computed in float64 on every backend, so ``torch.autograd.gradcheck`` applies, with
+        any reduction). Gradients reach ``student_logits`` in its dtype. Any finite logits up to
+        the largest float work (the shifted logits are kept in halves, so differences near
+        +-3e38 do not overflow).
+
+    Raises:
+        TypeError: temperature is not a real number (a bool, string or None).
+        ValueError: mismatched shapes/dtypes/devices, wrong rank, fewer than 2 classes,
+            temperature not finite, <= 0 or out of the range above, unknown reduction,
+            NaN/Inf logits (names the argument and shape), or a loss that overflows its dtype
+            although the logits are finite (names them with their largest magnitude).
+        RuntimeError: an explicitly requested backend that is not usable here.
+    """
+    student_logits, teacher_logits = v.plain_tensors(student_logits, teacher_logits)
+    v.check_logits_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
+    v.check_loss_options(reduction, student_logits.dtype, temperature=temperature)
+    backend = _resolve_on(backend, student_logits)
+    if backend == "reference":
+        loss = rectified_pseudo_supervision_reference(
+            student_logits, teacher_logits, temperature, reduction
+        )
+    else:
+        loss = _spatial(head_ops.rectified_pseudo_supervision_op(
+            _flat(student_logits), _flat(teacher_logits), float(temperature), reduction, backend),
+            student_logits, reduction)
+    v.check_result_finite(loss, (("student_logits", student_logits, False),
+                                ("teacher_logits", teacher_logits, True)))
+    return loss
+
+
+def logit_cosine_consistency(
+    logits_a: Tensor,
+    logits_b: Tensor,
+    *,
+    eps: float = 1e-8,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Logit cosine consistency L_cr of RCPS: ``1 - cos(logits_a(v), logits_b(v))`` per voxel.
+
+    The cosine runs over the class axis of the raw logits; each norm is clamped to at least
+    ``eps`` (the values of torch.nn.functional.cosine_similarity; a clamped norm counts as a
+    constant in the gradient). Both inputs receive gradient. Each voxel's logits are scaled by
+    a power of two before they are squared, so logits of any finite size work (a float32 square
+    overflows from 2e19).
+
+    Args:
+        logits_a: (B, num_classes, *S) logits of augmented view 1 (1-3 spatial dims, num_classes >= 2).
+        logits_b: (B, num_classes, *S) logits of augmented view 2.
+        eps: smallest norm, > 0, with 1/eps a finite normal float32 (float64 for float64 inputs).
+        reduction: "mean" (over batch and voxels), "sum", or "none" (a (B, *S) map).
+        backend: "auto", "cpu", "triton", "cuda" or "reference".
+
+    Returns:
+        The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs
+        (computed in float64 on every backend, so ``torch.autograd.gradcheck`` applies).
+
+    Raises:
+        TypeError: eps is not a real number.
+        ValueError: mismatched shapes/dtypes/devices, wrong rank, fewer than 2 classes,
+            eps not finite, <= 0 or out of range, unknown reduction, NaN/Inf logits (names the
+            argument and shape).
+        RuntimeError: an explicitly requested backend that is not usable here.
+    """
+    logits_a, logits_b = v.plain_tensors(logits_a, logits_b)
+    v.check_logits_pair("logits_a", logits_a, "logits_b", logits_b)
+    v.check_loss_options(reduction, logits_a.dtype, eps=eps)
+    backend = _resolve_on(backend, logits_a)
+    if backend == "reference":
+        loss = logit_cosine_consistency_reference(logits_a, logits_b, eps, reduction)
+    else:
+        loss = _spatial(head_ops.logit_cosine_consistency_op(
+            _flat(logits_a), _flat(logits_b), float(eps), reduction, backend), logits_a, reduction)
+    v.check_result_finite(loss, (("logits_a", logits_a, False), ("logits_b", logits_b, False)))
+    return loss
+
+
+def pseudo_supervision_losses(
+    view_a: Tensor,
+    view_b: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 0.5,
+    eps: float = 1e-8,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """L_urp and L_cr of one head: ``(L_urp(view_a, teacher) + L_urp(view_b, teacher),
+    L_cr(view_a, view_b))``, the values of :func:`rectified_pseudo_supervision` and
+    :func:`logit_cosine_consistency`, with one backward that writes each view's gradient once.
+
+    Args:
+        view_a: (B, num_classes, *S) logits of augmented view 1 (1-3 spatial dims, num_classes >= 2).
+        view_b: (B, num_classes, *S) logits of augmented view 2.
+        teacher_logits: (B, num_classes, *S) logits of the original view; never receives gradient. Classes
+            may be ruled out with -inf logits (at least one finite logit per voxel).
+        temperature: sharpening temperature T > 0 of L_urp's cross-entropy target (1/T a finite
+            normal float32, float64 for float64 inputs).
+        eps: smallest norm in L_cr's cosine, > 0 (1/eps likewise).
+        reduction: "mean" (over batch and voxels, per loss), "sum", or "none" ((B, *S) maps).
+        backend: "auto", "cpu", "triton", "cuda" or "reference".
+
+    Returns:
+        ``(l_urp, l_cr)``, float32 for float16/bfloat16/float32 inputs, float64 for float64
+        (computed in float64, so ``torch.autograd.gradcheck`` applies with any reduction: the
+        backward recomputes from the saved logits and can run more than once).
+
+    Raises:
+        TypeError: temperature or eps is not a real number.
+        ValueError: mismatched shapes/dtypes/devices, wrong rank, fewer than 2 classes,
+            temperature or eps not finite, <= 0 or out of range, unknown reduction, NaN/Inf
+            logits (names the argument), or losses that overflow although the logits are finite.
+        RuntimeError: an explicitly requested backend that is not usable here.
+    """
+    view_a, view_b, teacher_logits = v.plain_tensors(view_a, view_b, teacher_logits)
+    v.check_logits_pair("view_a", view_a, "view_b", view_b)
+    v.check_logits_pair("view_a", view_a, "teacher_logits", teacher_logits)
+    v.check_loss_options(reduction, view_a.dtype, temperature=temperature, eps=eps)
+    backend = _resolve_on(backend, view_a)
+    if backend == "reference":
+        urp = (rectified_pseudo_supervision_reference(view_a, teacher_logits, temperature, reduction)
+               + rectified_pseudo_supervision_reference(view_b, teacher_logits, temperature,
+                                                        reduction))
+        cr = logit_cosine_consistency_reference(view_a, view_b, eps, reduction)
+    else:
+        urp, cr = head_ops.pseudo_supervision_losses_op(
+            _flat(view_a), _flat(view_b), _flat(teacher_logits), float(temperature), float(eps),
+            reduction, backend)
+        urp, cr = _spatial(urp, view_a, reduction), _spatial(cr, view_a, reduction)
+    v.check_result_finite(urp + cr, (("view_a", view_a, False), ("view_b", view_b, False),
+                                     ("teacher_logits", teacher_logits, True)))
+    return urp, cr

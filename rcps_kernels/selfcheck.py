@@ -11,9 +11,8 @@ import json
 
 import torch
 
-from .functional import bidirectional_voxel_infonce
-from .head_losses import pseudo_supervision_losses
-from .pseudo_supervision import logit_cosine_consistency, rectified_pseudo_supervision
+from .functional import (bidirectional_voxel_infonce, logit_cosine_consistency,
+                         pseudo_supervision_losses, rectified_pseudo_supervision)
 
 
 def _infonce_inputs(generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

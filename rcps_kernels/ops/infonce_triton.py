@@ -1,13 +1,13 @@
-"""Triton kernels of the fused bidirectional voxel InfoNCE (``impl="triton"``).
+"""Triton kernels of the fused bidirectional voxel InfoNCE (``backend="triton"``).
 
-Kernel signature: see :mod:`rcps_kernels.ops.infonce`. Everything is computed in fp32 (every load
+Kernel contract: ``voxel_infonce`` in :mod:`rcps_kernels.ops.kernels`. Everything is computed in fp32 (every load
 is cast to fp32 right away, so fp16/bf16/fp64 inputs work the same way); flat offsets that
 multiply a voxel index by a channel count or a stride are int64.
 
 topk mode (one bank N_c per class):
-  1. ``normalize_rows`` (triton_shared.py): fp32 normalised copies of the anchors and positives
+  1. ``normalize_rows`` (infonce_triton_common.py): fp32 normalised copies of the anchors and positives
      in class-sorted order (a stable partition by pseudo-label: ``_class_order_kernel`` up to
-     64Ki anchors, ``rcps_C::anchor_class_order`` past that), both in one launch, (N, C) each,
+     64Ki anchors, ``the op anchor_class_order`` past that), both in one launch, (N, C) each,
      plus their norms; the class banks (classes, L, C) likewise (padding rows are zero).
   2. ``_topk_lse_kernel``: one program per tile of same-class anchors (each program finds its
      class and rows from the class boundaries, ``_tile_rows``: no host sync, no tile map);
@@ -23,7 +23,7 @@ topk mode (one bank N_c per class):
      into the pool gradient (rows of one bank are distinct; one launch per class in class order,
      or one for both classes of a binary task, whose banks are disjoint), so the result is
      bitwise deterministic.
-  5. ``pool_input_grad`` (triton_shared.py): chains the (M, C) pool gradient through the pool's normalisation into
+  5. ``pool_input_grad`` (infonce_triton_common.py): chains the (M, C) pool gradient through the pool's normalisation into
      the (Bn, C, Pn) output (writes every element).
 
 random mode: infonce_triton_random.py. Deterministic mode (int64 fixed-point atomics for the
@@ -34,22 +34,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .._backend import deterministic_algorithms
-from ..selection import anchor_class_order
-from .infonce import register_kernel
-from .infonce_triton_random import random_draws_triton, random_mode
-from .triton_shared import (INTERPRET, block_c, chain_store, normalize_rows, pool_input_grad,
-                            positive_nll, softmax_weight, store_normaliser)
-
-#: tl.dot precision of the fp32 similarity products: "tf32x3" (fp32-accurate on tensor cores),
-#: "ieee" (plain fp32 FMA) or "tf32" (fast, ~1e-3 relative error: fails the accuracy rule).
-DOT_PRECISION = os.environ.get("RCPS_TRITON_DOT_PRECISION", "tf32x3")
+from ..settings import triton_dot_precision, triton_interpreting
+from .infonce_triton_common import (block_c, chain_store, normalize_rows, pool_input_grad,
+                                    positive_nll, softmax_weight, store_normaliser)
+from .infonce_triton_random import random_draws, random_mode
+from .selection import anchor_class_order
 
 
 
@@ -258,7 +253,7 @@ def _bank_scatter_kernel(part_ptr, neg_index_ptr, neg_count_ptr, pool_grad_ptr, 
 def _class_order_kernel(labels_ptr, order_ptr, class_start_ptr, N, num_classes,
                         BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr):
     """Stable partition of the anchors by class, in one program: order (N,) and class_start
-    (classes + 1,), as rcps_C::anchor_class_order. Pass 1 counts each class; pass 2 places each
+    (classes + 1,), as the op anchor_class_order. Pass 1 counts each class; pass 2 places each
     anchor at its class's start plus the number of earlier anchors of its class."""
     cls = tl.arange(0, BLOCK_CLS)
     counts = tl.zeros([BLOCK_CLS], tl.int32)
@@ -284,7 +279,7 @@ def _class_order_kernel(labels_ptr, order_ptr, class_start_ptr, N, num_classes,
 # ---------------------------------------------------------------------------------------------
 def _topk_blocks(C: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for the tl.dot kernels."""
-    if INTERPRET:
+    if triton_interpreting():
         return 16, 16, 4
     bc = block_c(C)
     if bc <= 64:
@@ -315,9 +310,9 @@ def _class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, 
     order = torch.empty((N,), device=labels.device, dtype=torch.int64)
     class_start = torch.empty((num_classes + 1,), device=labels.device, dtype=torch.int64)
     _class_order_kernel[(1,)](labels, order, class_start, N, num_classes,
-                              BLOCK=16 if INTERPRET else 1024,
+                              BLOCK=16 if triton_interpreting() else 1024,
                               BLOCK_CLS=triton.next_power_of_2(num_classes + 1),
-                              num_warps=1 if INTERPRET else 8)
+                              num_warps=1 if triton_interpreting() else 8)
     return order, class_start
 
 
@@ -329,6 +324,7 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     dev = z1.device
     bm, bn, warps = _topk_blocks(C)
     bc = block_c(C)
+    precision = triton_dot_precision()
     order, class_start = _class_order(labels, num_classes)
     num_tiles = triton.cdiv(N, bm) + num_classes  # >= sum_c ceil(n_c / bm); spares do nothing
     (u1, u2), (norm1, norm2) = normalize_rows(z1, order, N, z2=z2)
@@ -337,7 +333,7 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     lse1, lse2 = torch.empty((2, N, 2), device=dev, dtype=torch.float32)  # (anchor, rel) per row
     _topk_lse_kernel[(num_tiles,)](
         u1, u2, bank, class_start, num_classes, neg_count, order, lse1, lse2, loss, C, L,
-        inv_tau, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=DOT_PRECISION, num_warps=warps)
+        inv_tau, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=precision, num_warps=warps)
     if not want_grad:
         return loss, None, None, None
     g1 = torch.empty((B, C, P), device=dev, dtype=z1.dtype)
@@ -345,13 +341,13 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     _topk_anchor_grad_kernel[(num_tiles,)](
         u1, u2, norm1, norm2, bank, class_start, num_classes, neg_count, order, lse1, lse2, w,
         grad_scale, g1, g2, C, P, L, inv_tau, HAS_W=w is not None, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_C=bc, PRECISION=DOT_PRECISION, num_warps=warps)
+        BLOCK_C=bc, PRECISION=precision, num_warps=warps)
     if not neg_grad:
         return loss, g1, g2, None
     M = zn.shape[0] * zn.shape[2]
     pool_grad = torch.zeros((M, C), device=dev, dtype=torch.float32)
     nblocks = triton.cdiv(L, bn)
-    if INTERPRET:
+    if triton_interpreting():
         split = 2
     else:
         split = max(1, min(32, (2 * _num_sms(dev)) // max(1, num_classes * nblocks),
@@ -360,8 +356,8 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     _topk_bank_grad_kernel[(num_classes, nblocks, split)](
         u1, u2, bank, class_start, neg_count, order, lse1, lse2, w, grad_scale, partial, C, L,
         num_classes, inv_tau, HAS_W=w is not None, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_C=bc, PRECISION=DOT_PRECISION, num_warps=warps)
-    block_r = 16 if INTERPRET else 32
+        BLOCK_C=bc, PRECISION=precision, num_warps=warps)
+    block_r = 16 if triton_interpreting() else 32
     # With two classes the banks are disjoint (the other class's voxels each): one launch.
     # Otherwise banks can share voxels: one launch per class, in class order (deterministic).
     together = num_classes if num_classes == 2 else 1
@@ -372,54 +368,51 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     return loss, g1, g2, pool_input_grad(zn, pool_grad, None)
 
 
-def voxel_infonce_triton(anchor, positive, negative, anchor_labels, neg_index, neg_count,
-                         temperature, num_negatives, random, seed, offset, grad_weight,
-                         grad_scale, negative_grad):
-    """The kernel signature of ops/infonce.py, on CUDA tensors (or CPU under TRITON_INTERPRET=1)."""
+def voxel_infonce(anchor, positive, pool, params, *, grad_weight=None, grad_scale=0.0,
+                  pool_grad=False):
+    """The voxel_infonce kernel of ops/kernels.py, on CUDA tensors (or CPU ones under
+    TRITON_INTERPRET=1)."""
     if anchor.dim() != 3 or positive.shape != anchor.shape:
-        raise ValueError(f"voxel_infonce_triton: anchor and positive must be equal (B, C, P), got "
-                         f"{tuple(anchor.shape)} and {tuple(positive.shape)}")
-    if negative.dim() != 3 or negative.shape[1] != anchor.shape[1]:
-        raise ValueError(f"voxel_infonce_triton: negative must be (Bn, C, Pn) with C = "
-                         f"{anchor.shape[1]}, got {tuple(negative.shape)}")
+        raise ValueError(f"voxel_infonce (triton): anchor and positive must be equal (B, C, P), "
+                         f"got {tuple(anchor.shape)} and {tuple(positive.shape)}")
+    if pool.dim() != 3 or pool.shape[1] != anchor.shape[1]:
+        raise ValueError(f"voxel_infonce (triton): pool must be (Bn, C, Pn) with C = "
+                         f"{anchor.shape[1]}, got {tuple(pool.shape)}")
     B, C, P = anchor.shape
     N = B * P
     dev = anchor.device
     want_grad = grad_scale != 0.0
-    neg_grad = want_grad and negative_grad
-    labels = anchor_labels.to(device=dev, dtype=torch.int64).contiguous()
-    neg_index = neg_index.to(device=dev, dtype=torch.int64).contiguous()
-    neg_count = neg_count.to(device=dev, dtype=torch.int64).contiguous()
+    pool_grad = want_grad and pool_grad
+    labels, neg_index, neg_count = (t.to(device=dev, dtype=torch.int64).contiguous()
+                                    for t in params.tables())
     w = None
     if want_grad and grad_weight is not None:
         w = grad_weight.to(device=dev, dtype=torch.float32).contiguous()
-    inv_tau = 1.0 / float(temperature)
+    inv_tau = 1.0 / float(params.temperature)
     if N == 0 or neg_index.shape[0] == 0:
         loss = torch.zeros((N,), device=dev, dtype=torch.float32)
         g1 = torch.zeros_like(anchor, memory_format=torch.contiguous_format) if want_grad else None
         g2 = torch.zeros_like(positive, memory_format=torch.contiguous_format) if want_grad else None
-        gn = torch.zeros_like(negative, memory_format=torch.contiguous_format) if neg_grad else None
-        return _with_empty_grads(loss, g1, g2, gn, anchor, negative)
+        gn = torch.zeros_like(pool, memory_format=torch.contiguous_format) if pool_grad else None
+        return _with_empty_grads(loss, g1, g2, gn, anchor, pool)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        if random:
-            loss, g1, g2, gn = random_mode(anchor, positive, negative, labels, neg_index,
-                                           neg_count, inv_tau, int(num_negatives), int(seed),
-                                           int(offset), w, float(grad_scale), want_grad,
-                                           neg_grad, deterministic_algorithms())
+        if params.random:
+            loss, g1, g2, gn = random_mode(anchor, positive, pool, labels, neg_index, neg_count,
+                                           inv_tau, int(params.num_negatives), int(params.seed),
+                                           int(params.offset), w, float(grad_scale), want_grad,
+                                           pool_grad, deterministic_algorithms())
         else:
-            loss, g1, g2, gn = _topk(anchor, positive, negative, labels, neg_index, neg_count,
-                                     inv_tau, w, float(grad_scale), want_grad, neg_grad)
-    return _with_empty_grads(loss, g1, g2, gn, anchor, negative)
+            loss, g1, g2, gn = _topk(anchor, positive, pool, labels, neg_index, neg_count,
+                                     inv_tau, w, float(grad_scale), want_grad, pool_grad)
+    return _with_empty_grads(loss, g1, g2, gn, anchor, pool)
 
 
-def _with_empty_grads(loss, g1, g2, gn, anchor, negative):
+def _with_empty_grads(loss, g1, g2, gn, anchor, pool):
     """The kernel's outputs, with empty tensors for the gradients it did not compute."""
     def given(grad, like):
         return grad if grad is not None else like.new_empty((0,))
 
-    return loss, given(g1, anchor), given(g2, anchor), given(gn, negative)
+    return loss, given(g1, anchor), given(g2, anchor), given(gn, pool)
 
 
-register_kernel("triton", voxel_infonce_triton)
-
-__all__ = ["voxel_infonce_triton", "random_draws_triton", "DOT_PRECISION"]
+__all__ = ["voxel_infonce", "random_draws"]

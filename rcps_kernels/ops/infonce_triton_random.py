@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_shared import (INTERPRET, block_c, chain_store, normalize_rows, pool_input_grad,
-                            positive_nll, row_norms)
+from ..settings import triton_interpreting
+from .infonce_triton_common import (block_c, chain_store, normalize_rows, pool_input_grad,
+                                    positive_nll, row_norms)
 
 _FIXED_POINT_BITS = 61
 
@@ -170,24 +171,25 @@ def random_mode(z1, z2, zn, labels, neg_index, neg_count, inv_tau, K, seed, offs
             descale = (1.0 / qscale.double()).reshape(1)
         else:
             pool_grad = torch.zeros((M, C), device=dev, dtype=torch.float32)
-    block_k = 16 if INTERPRET else 64
+    block_k = 16 if triton_interpreting() else 64
     _random_kernel[(N,)](
         z1, z2, z1.stride(0), z1.stride(1), z1.stride(2), z2.stride(0), z2.stride(1),
         z2.stride(2), un, labels, neg_index, neg_count, loss, w, grad_scale, g1, g2, pool_grad,
         qscale, C, P, L, K, seed, offset, inv_tau, HAS_W=w is not None, WANT_GRAD=want_grad,
         NEG_GRAD=neg_grad, FIXED=fixed, BLOCK_K=block_k, BLOCK_C=block_c(C),
-        num_warps=1 if INTERPRET else 2)
+        num_warps=1 if triton_interpreting() else 2)
     gn = pool_input_grad(zn, pool_grad, descale) if neg_grad else None
     return loss, g1, g2, gn
 
 
-def random_draws_triton(anchor_labels: Tensor, neg_index: Tensor, neg_count: Tensor,
-                        num_negatives: int, seed: int, offset: int = 0) -> Tensor:
+def random_draws(params) -> Tensor:
     """(N, K) pool voxels that the Triton random mode draws (-1: nothing eligible); for tests."""
-    N, K = anchor_labels.numel(), num_negatives
-    out = torch.empty((N, K), device=anchor_labels.device, dtype=torch.int64)
+    labels, neg_index, neg_count = params.tables()
+    N, K = labels.numel(), params.num_negatives
+    out = torch.empty((N, K), device=labels.device, dtype=torch.int64)
     if N and K:
         _random_draws_kernel[(N,)](
-            anchor_labels.contiguous(), neg_index.contiguous(), neg_count.contiguous(), out,
-            neg_index.shape[1], K, seed, offset, BLOCK_K=16 if INTERPRET else 128)
+            labels.contiguous(), neg_index.contiguous(), neg_count.contiguous(), out,
+            neg_index.shape[1], K, params.seed, params.offset,
+            BLOCK_K=16 if triton_interpreting() else 128)
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..selection import eligible_negatives, pseudo_labels, select_confident_negatives
+from ..ops.selection import eligible_negatives, pseudo_labels, topk_negatives
 
 _MASK32 = np.uint64(0xFFFFFFFF)
 
@@ -87,7 +87,7 @@ def normalize(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def negatives_per_anchor(
     anchor_logits: torch.Tensor,
-    negative_logits: torch.Tensor,
+    pool_logits: torch.Tensor,
     *,
     num_negatives: int,
     sampling: str,
@@ -96,21 +96,21 @@ def negatives_per_anchor(
     offset: int = 0,
 ) -> torch.Tensor:
     """(N, K) flat pool index of every anchor's negatives, -1 for unused slots."""
-    num_classes = max(anchor_logits.shape[1], negative_logits.shape[1])
+    num_classes = max(anchor_logits.shape[1], pool_logits.shape[1])
     labels, _ = pseudo_labels(anchor_logits)
     if sampling == "topk":
-        idx, _ = select_confident_negatives(negative_logits, num_negatives, num_classes)
+        idx, _ = topk_negatives(pool_logits, num_negatives, num_classes)
         return idx[labels]
-    idx, counts = eligible_negatives(negative_logits, confidence_threshold, num_classes)
+    idx, counts = eligible_negatives(pool_logits, confidence_threshold, num_classes)
     return random_negative_draws_reference(labels, idx, counts, num_negatives, seed, offset)
 
 
 def bidirectional_voxel_infonce_reference(
     anchor: torch.Tensor,
     positive: torch.Tensor,
-    negative: torch.Tensor,
+    pool: torch.Tensor,
     anchor_logits: torch.Tensor,
-    negative_logits: torch.Tensor,
+    pool_logits: torch.Tensor,
     *,
     num_negatives: int = 400,
     temperature: float = 0.1,
@@ -129,9 +129,9 @@ def bidirectional_voxel_infonce_reference(
     shape (B, *S) ("none"). Arguments as in :func:`rcps_kernels.bidirectional_voxel_infonce`;
     ``seed``/``offset`` key the random draws.
     """
-    u1, u2, un = normalize(_rows(anchor)), normalize(_rows(positive)), normalize(_rows(negative))
+    u1, u2, un = normalize(_rows(anchor)), normalize(_rows(positive)), normalize(_rows(pool))
     neg = negatives_per_anchor(
-        anchor_logits, negative_logits, num_negatives=num_negatives, sampling=sampling,
+        anchor_logits, pool_logits, num_negatives=num_negatives, sampling=sampling,
         confidence_threshold=confidence_threshold, seed=seed, offset=offset,
     )
     valid = neg >= 0  # (N, K)

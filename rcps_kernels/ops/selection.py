@@ -3,22 +3,23 @@
 Selection is a per-class operation on 1-D vectors over the pool (at most num_classes sorts of the
 pool's confidences), so it runs as plain tensor ops on whatever device the logits live; the fused
 kernels consume its (num_classes, L) index tables. The functions here are the readable version;
-:func:`negative_tables` issues the same op sequence from C++ (csrc/cpu/selection.cpp), because at
-small shapes on a GPU each torch call made from Python costs more host time than its kernel.
+:func:`negative_tables` issues the same op sequence from C++ (csrc/common/selection.cpp, compiled
+into the CPU extension, running on CPU and CUDA tensors alike), because at small shapes on a GPU
+each torch call made from Python costs more host time than its kernel.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _validation as v
-from ._extension import load_cpu_extension
+from .. import _validation as v
+from .._extension import load_cpu_extension
 
 
 def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Argmax class and max softmax probability of every voxel, flattened over (B, *S).
 
     Args:
-        logits: (B, K_cls, *S).
+        logits: (B, num_classes, *S).
 
     Returns:
         labels (B * prod(S),) int64 and confidence (B * prod(S),) in float32 (float64 for float64
@@ -27,22 +28,6 @@ def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = logits.detach()
     confidence, labels = torch.softmax(logits, dim=1, dtype=v.accumulation_dtype(logits.dtype)).max(dim=1)
     return labels.reshape(-1), confidence.reshape(-1)
-
-
-def _check_logits(negative_logits: torch.Tensor, num_classes: int | None) -> int:
-    """The number of classes, after checking the logits: (Bn, K_cls, *S), 1-3 spatial dims,
-    floating, finite (pseudo-labels of NaN logits would be arbitrary)."""
-    v.check_volume("negative_logits", negative_logits)
-    v.check_finite("negative_logits", negative_logits)
-    classes = negative_logits.shape[1]
-    if num_classes is None:
-        return classes
-    v.check_count("num_classes", num_classes)
-    if num_classes < classes:
-        raise ValueError(
-            f"num_classes={num_classes} is smaller than negative_logits' class axis ({classes})"
-        )
-    return num_classes
 
 
 def _topk_tables(labels, confidence, num_negatives: int, num_classes: int):
@@ -66,39 +51,16 @@ def _eligible_tables(labels, confidence, threshold: float, num_classes: int):
     return order.masked_fill_(sorted_flag == 0, -1), eligible.sum(dim=1)
 
 
-def select_confident_negatives(
-    negative_logits: torch.Tensor, num_negatives: int, num_classes: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class c, the K most confident pool voxels whose pseudo-class is not c.
-
-    This is the official RCPS selection (top-K over p_j * [c_j != c]) with one deliberate
-    difference: when fewer than K voxels have another class, only those are used (the official
-    code pads with same-class voxels, i.e. false negatives). Ties in confidence go to the lower
-    voxel index.
-
-    Args:
-        negative_logits: (Bn, K_cls, *S) logits of the negative pool.
-        num_negatives: K >= 1.
-        num_classes: number of classes (default: K_cls).
-
-    Returns:
-        idx (num_classes, K) int64 into the flattened pool (Bn * prod(S)), most confident first,
-        -1 where fewer than K are eligible; counts (num_classes,) int64, the valid entries per row.
-
-    Raises:
-        TypeError: num_negatives or num_classes is not an int (a float or bool).
-        ValueError: num_negatives < 1, num_classes below the logits' class axis, logits that
-            are not a floating (Bn, K_cls, *S) tensor with 1-3 spatial dims, or NaN/Inf logits.
-    """
-    (negative_logits,) = v.plain_tensors(negative_logits)
-    num_negatives = v.check_count("num_negatives", num_negatives)
-    num_classes = _check_logits(negative_logits, num_classes)
-    labels, confidence = pseudo_labels(negative_logits)
+def topk_negatives(pool_logits: torch.Tensor, num_negatives: int,
+                   num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class c, the K most confident pool voxels of another class ("topk" mode; the public
+    :func:`rcps_kernels.select_confident_negatives`, without its checks)."""
+    labels, confidence = pseudo_labels(pool_logits)
     return _topk_tables(labels, confidence, num_negatives, num_classes)
 
 
 def eligible_negatives(
-    negative_logits: torch.Tensor, confidence_threshold: float, num_classes: int | None = None
+    pool_logits: torch.Tensor, confidence_threshold: float, num_classes: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class c, every pool voxel of another class with confidence >= threshold ("random" mode).
 
@@ -106,8 +68,8 @@ def eligible_negatives(
         idx (num_classes, M) int64, eligible voxels in increasing order first, then -1;
         counts (num_classes,) int64.
     """
-    num_classes = _check_logits(negative_logits, num_classes)
-    labels, confidence = pseudo_labels(negative_logits)
+    num_classes = v.check_pool_logits(pool_logits, num_classes)
+    labels, confidence = pseudo_labels(pool_logits)
     return _eligible_tables(labels, confidence, confidence_threshold, num_classes)
 
 
@@ -117,13 +79,13 @@ def _use_extension(requested: bool) -> bool:
 
 
 def negative_tables(
-    anchor_logits: torch.Tensor, negative_logits: torch.Tensor, num_negatives: int,
+    anchor_logits: torch.Tensor, pool_logits: torch.Tensor, num_negatives: int,
     random: bool, confidence_threshold: float, use_extension: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All the fused kernels need from the logits, as one op (``rcps_C::negative_tables``).
+    """All the fused kernels need from the logits, as one op (``negative_tables`` of the CPU extension).
 
     Args:
-        anchor_logits, negative_logits: (B, K_cls, *S) and (Bn, K_cls, *Sn), same K_cls.
+        anchor_logits, pool_logits: (B, num_classes, *S) and (Bn, num_classes, *Sn), same num_classes.
         num_negatives: K of "topk" sampling.
         random: "random" sampling (eligible tables) instead of "topk".
         confidence_threshold: "random" only.
@@ -136,22 +98,22 @@ def negative_tables(
         of all logits, 0-d, which is finite exactly when the logits are (barring overflow).
     """
     if _use_extension(use_extension):
-        return torch.ops.rcps_C.negative_tables(anchor_logits, negative_logits, num_negatives,
+        return torch.ops.rcps_C.negative_tables(anchor_logits, pool_logits, num_negatives,
                                                 random, confidence_threshold)
     num_classes = anchor_logits.shape[1]
     anchor_labels, _ = pseudo_labels(anchor_logits)
-    labels, confidence = pseudo_labels(negative_logits)
+    labels, confidence = pseudo_labels(pool_logits)
     if random:
         index, counts = _eligible_tables(labels, confidence, confidence_threshold, num_classes)
     else:
         index, counts = _topk_tables(labels, confidence, num_negatives, num_classes)
-    return anchor_labels, index, counts, logits_sum(anchor_logits, negative_logits)
+    return anchor_labels, index, counts, logits_sum(anchor_logits, pool_logits)
 
 
-def logits_sum(anchor_logits: torch.Tensor, negative_logits: torch.Tensor) -> torch.Tensor:
+def logits_sum(anchor_logits: torch.Tensor, pool_logits: torch.Tensor) -> torch.Tensor:
     """0-d float32 sum of both logits: finite exactly when they are (barring overflow)."""
     return (anchor_logits.detach().sum(dtype=torch.float32)
-            + negative_logits.detach().sum(dtype=torch.float32))
+            + pool_logits.detach().sum(dtype=torch.float32))
 
 
 def anchor_class_order(
@@ -159,7 +121,7 @@ def anchor_class_order(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Anchors sorted by class (stable) and where each class starts: the fused kernels' tiles.
 
-    One op, ``rcps_C::anchor_class_order``; use_extension=False computes it here in Python.
+    One op, ``anchor_class_order`` of the CPU extension; use_extension=False computes it here in Python.
 
     Returns:
         order (N,) int64, anchor indices grouped by class in increasing index order;

@@ -7,15 +7,12 @@ gradient.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-#: Kernels run through the Triton interpreter (CPU tensors, small blocks).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..settings import triton_interpreting
 
 
 @triton.jit
@@ -144,7 +141,7 @@ def normalize_rows(z: Tensor, rows: Tensor | None, R: int, want_norm: bool = Tru
     u = torch.empty((views, R, C), device=z.device, dtype=torch.float32)
     norm = torch.empty((views, R), device=z.device, dtype=torch.float32) if want_norm else None
     if R > 0:
-        block_r = 16 if INTERPRET else 32
+        block_r = 16 if triton_interpreting() else 32
         other = z if z2 is None else z2
         _normalize_kernel[(triton.cdiv(R, block_r), views)](
             z, other, rows, u, norm, R, C, z.shape[2], z.stride(0), z.stride(1), z.stride(2),
@@ -158,7 +155,7 @@ def pool_input_grad(zn: Tensor, pool_grad: Tensor, descale: Tensor | None) -> Te
     out = torch.empty((Bn, C, Pn), device=zn.device, dtype=zn.dtype)
     M = Bn * Pn
     if M > 0:
-        block_r = 16 if INTERPRET else 32
+        block_r = 16 if triton_interpreting() else 32
         _pool_chain_kernel[(triton.cdiv(M, block_r),)](
             zn, pool_grad, descale, out, M, C, Pn, zn.stride(0), zn.stride(1), zn.stride(2),
             FIXED=descale is not None, BLOCK_R=block_r, BLOCK_C=block_c(C))

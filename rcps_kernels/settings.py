@@ -1,0 +1,97 @@
+"""Every environment variable rcps_kernels reads, in one place.
+
+Each is read when it is needed, not at import, so a change between calls takes effect on the
+next call; the exceptions say so (the compiled CPU variant is chosen once per process, and
+build-time variables matter only while setup.py or a JIT build runs). This module needs only
+the standard library: setup.py loads it before torch is importable.
+
+Run time:
+
+- ``RCPS_GPU_BACKEND=triton|cuda``: the backend ``backend="auto"`` picks for CUDA tensors.
+- ``RCPS_TRITON_DOT_PRECISION=tf32x3|ieee|tf32``: ``tl.dot`` precision of the Triton InfoNCE's
+  fp32 similarity products (default ``tf32x3``, fp32-accurate on tensor cores; ``tf32`` is
+  faster but misses the accuracy rule).
+- ``TRITON_INTERPRET=1``: Triton's own switch. Triton reads it when a kernel is defined (at
+  import); rcps_kernels reads it per call to accept CPU tensors on ``backend="triton"`` and to
+  pick small blocks for the interpreter.
+- ``RCPS_DETERMINISTIC=1``: deprecated; use ``torch.use_deterministic_algorithms(True)``.
+- ``RCPS_CPU_VARIANT=baseline|avx2|avx512|...``: force one compiled CPU variant (read once,
+  when the CPU extension is first loaded).
+- ``RCPS_NO_JIT=1``: never JIT-build the CPU kernels when no compiled variant is usable.
+
+Build time (setup.py, and the JIT build of the CPU kernels):
+
+- ``RCPS_BUILD_CUDA=auto|0|1``: build the CUDA extension (``1`` fails when it cannot).
+- ``RCPS_CPU_ARCH=native|<-march value>``: one CPU variant for that architecture instead of
+  the portable three.
+- ``RCPS_CUDA_ARCHS="8.0;9.0"``: the CUDA architectures compiled for.
+"""
+from __future__ import annotations
+
+import os
+
+GPU_BACKENDS = ("triton", "cuda")
+DOT_PRECISIONS = ("tf32x3", "ieee", "tf32")
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _read(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def _choice(name: str, choices: tuple[str, ...], default: str | None) -> str | None:
+    value = _read(name)
+    if not value:
+        return default
+    if value not in choices:
+        raise ValueError(f"environment variable {name}={value!r}: expected one of {choices}")
+    return value
+
+
+def _flag(name: str) -> bool:
+    return _read(name, "0") == "1"
+
+
+def gpu_backend() -> str | None:
+    """RCPS_GPU_BACKEND: the backend "auto" must use for CUDA tensors (None: the default order)."""
+    return _choice("RCPS_GPU_BACKEND", GPU_BACKENDS, None)
+
+
+def triton_dot_precision() -> str:
+    """RCPS_TRITON_DOT_PRECISION: tl.dot precision of the Triton InfoNCE (default tf32x3)."""
+    return _choice("RCPS_TRITON_DOT_PRECISION", DOT_PRECISIONS, "tf32x3")
+
+
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run in its interpreter, on CPU tensors."""
+    return _flag("TRITON_INTERPRET")
+
+
+def deprecated_deterministic() -> bool:
+    """RCPS_DETERMINISTIC=1, the deterministic switch of earlier versions."""
+    return _flag("RCPS_DETERMINISTIC")
+
+
+def cpu_variant() -> str:
+    """RCPS_CPU_VARIANT: the compiled CPU variant to load ("" lets the loader choose)."""
+    return _read("RCPS_CPU_VARIANT")
+
+
+def jit_disabled() -> bool:
+    """RCPS_NO_JIT=1: no JIT build of the CPU kernels."""
+    return _flag("RCPS_NO_JIT")
+
+
+def build_cuda() -> str:
+    """RCPS_BUILD_CUDA, lower-cased (default "auto")."""
+    return _read("RCPS_BUILD_CUDA", "auto").lower()
+
+
+def cpu_arch() -> str:
+    """RCPS_CPU_ARCH: -march of a single-variant build ("": the portable variants)."""
+    return _read("RCPS_CPU_ARCH")
+
+
+def cuda_archs() -> str:
+    """RCPS_CUDA_ARCHS: the CUDA architectures to compile, ';'-separated."""
+    return _read("RCPS_CUDA_ARCHS") or DEFAULT_CUDA_ARCHS
