@@ -29,6 +29,7 @@ import torch
 
 import rcps_kernels as rk
 from benchmarks.memory import measure_in_subprocess, peak_growth, reset_peak
+from benchmarks.shapes import bench_small
 
 SHAPES = {"la": (2, 2, 112, 112, 80), "pancreas": (2, 17, 96, 96, 96)}
 SMALL_SHAPES = {"la": (2, 2, 16, 16, 8), "pancreas": (2, 17, 8, 8, 8)}
@@ -37,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def shapes() -> dict[str, tuple[int, ...]]:
-    return SMALL_SHAPES if os.environ.get("RCPS_BENCH_SMALL", "0") == "1" else SHAPES
+    return SMALL_SHAPES if bench_small() else SHAPES
 
 
 def make_inputs(shape: tuple[int, ...], seed: int = 0):
@@ -157,7 +158,7 @@ def main() -> None:
         "results": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    suffix = "_small" if os.environ.get("RCPS_BENCH_SMALL", "0") == "1" else ""
+    suffix = "_small" if bench_small() else ""
     (RESULTS / f"pseudo_supervision_cpu{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     mib = 1 << 20
     lines = [

@@ -1,5 +1,5 @@
 """pytest-benchmark of the selection step: ``rcps_C::negative_tables`` against the same op sequence
-issued from Python (rcps_kernels/selection.py, the oracle of tests/test_selection.py).
+issued from Python (rcps_kernels/ops/selection.py, the oracle of tests/test_selection.py).
 
     python -m pytest benchmarks/bench_selection.py
     RCPS_BENCH_SMALL=1 python -m pytest benchmarks --benchmark-disable   # smoke run (CI)
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.shapes import bench_small, make_inputs
-from rcps_kernels.selection import negative_tables
+from rcps_kernels.ops.selection import negative_tables
 
 def logits(size: str):
     """tiny: a 4x4x4 patch; la: the LA shape (the small CI shape under --benchmark-disable)."""
@@ -28,8 +28,8 @@ def logits(size: str):
 @pytest.mark.parametrize("issued_from", ["cpp", "python"])
 @pytest.mark.parametrize("size", ["tiny", "la"])
 def test_negative_tables(benchmark, size, issued_from, sampling):
-    anchor_logits, negative_logits = logits(size)
-    args = (anchor_logits, negative_logits, 400, sampling == "random", 0.0)
+    anchor_logits, pool_logits = logits(size)
+    args = (anchor_logits, pool_logits, 400, sampling == "random", 0.0)
     use_extension = issued_from == "cpp"
     expected = negative_tables(*args, use_extension=False)
     got = negative_tables(*args, use_extension=use_extension)

@@ -1,7 +1,7 @@
 """The authors' contrastive-loss algorithm, reimplemented as the baseline of the benchmarks.
 
-Same maths as RCPS's official NegativeSamplingPixelContrastiveLoss (see
-shared/RCPS-REFERENCE.md section 1.2): a pool x anchor float mask of "different class" times the
+Same maths as RCPS's official NegativeSamplingPixelContrastiveLoss (docs/design.md section 2.6
+lists where we differ from it): a pool x anchor float mask of "different class" times the
 pool confidence, top-K along the pool axis per anchor, a K x anchors x C gather of negatives and
 cosine similarities on the expanded tensors; called under torch.utils.checkpoint as in the
 official training step. Written from that description, not copied.
@@ -17,18 +17,18 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     return z.movedim(1, -1).reshape(-1, z.shape[1])
 
 
-def _official_loss(anchor, positive, negative, anchor_logits, negative_logits,
+def _official_loss(anchor, positive, pool, anchor_logits, pool_logits,
                    num_negatives: int, temperature: float) -> torch.Tensor:
     z1 = F.normalize(_rows(anchor), dim=-1)
     z2 = F.normalize(_rows(positive), dim=-1)
-    zn = F.normalize(_rows(negative), dim=-1)
+    zn = F.normalize(_rows(pool), dim=-1)
     anchor_class = torch.softmax(_rows(anchor_logits), dim=1).max(dim=1).indices
-    negative_conf, negative_class = torch.softmax(_rows(negative_logits), dim=1).max(dim=1)
+    pool_conf, pool_class = torch.softmax(_rows(pool_logits), dim=1).max(dim=1)
 
     positive_sim = F.cosine_similarity(z1, z2, dim=-1) / temperature  # (N,)
     # (M, N) float masks: rows are pool voxels, columns anchors.
-    different = (negative_class.unsqueeze(1) != anchor_class.unsqueeze(0)).float()
-    masked_conf = different * negative_conf.unsqueeze(1).expand_as(different)
+    different = (pool_class.unsqueeze(1) != anchor_class.unsqueeze(0)).float()
+    masked_conf = different * pool_conf.unsqueeze(1).expand_as(different)
     idx = torch.topk(masked_conf, num_negatives, dim=0).indices  # (K, N)
     gathered = zn[idx]  # (K, N, C)
 
@@ -40,8 +40,8 @@ def _official_loss(anchor, positive, negative, anchor_logits, negative_logits,
     return direction(z1) + direction(z2)
 
 
-def official_infonce(anchor, positive, negative, anchor_logits, negative_logits,
+def official_infonce(anchor, positive, pool, anchor_logits, pool_logits,
                      num_negatives: int = 400, temperature: float = 0.1) -> torch.Tensor:
     """Official-algorithm L_bc (bidirectional), under activation checkpointing like the authors'."""
-    return checkpoint(_official_loss, anchor, positive, negative, anchor_logits, negative_logits,
+    return checkpoint(_official_loss, anchor, positive, pool, anchor_logits, pool_logits,
                       num_negatives, temperature, use_reentrant=False)

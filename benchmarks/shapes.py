@@ -19,7 +19,7 @@ def bench_small() -> bool:
 
 def make_inputs(shape: str, *, num_classes: int = 2, dtype=torch.float32, device="cpu",
                 pool_shape: str | None = None, seed: int = 0):
-    """anchor, positive, negative (leaf tensors requiring grad), anchor_logits, negative_logits.
+    """anchor, positive, pool (leaf tensors requiring grad), anchor_logits, pool_logits.
 
     The pool has the anchors' shape unless `pool_shape` names another one (full-resolution
     anchors may use any pool). Logits are random, so classes are roughly balanced.
@@ -33,5 +33,5 @@ def make_inputs(shape: str, *, num_classes: int = 2, dtype=torch.float32, device
 
     anchor, positive, negative = features(spatial), features(spatial), features(pool_spatial)
     anchor_logits = torch.randn(1, num_classes, *spatial, generator=g).to(device)
-    negative_logits = torch.randn(1, num_classes, *pool_spatial, generator=g).to(device)
-    return anchor, positive, negative, anchor_logits, negative_logits
+    pool_logits = torch.randn(1, num_classes, *pool_spatial, generator=g).to(device)
+    return anchor, positive, pool, anchor_logits, pool_logits

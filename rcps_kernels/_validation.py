@@ -61,7 +61,7 @@ def check_volume(name: str, tensor: object) -> torch.Tensor:
 
 
 def check_logits(name: str, logits: object) -> torch.Tensor:
-    """Floating (B, K, *S) logits with 1-3 spatial dims, K >= 2 classes and no empty axis."""
+    """Floating (B, num_classes, *S) logits with 1-3 spatial dims, num_classes >= 2 and no empty axis."""
     check_volume(name, logits)
     if logits.shape[1] < 2:
         raise ValueError(f"{name} needs at least 2 classes on axis 1, got shape {shape_str(logits)}")

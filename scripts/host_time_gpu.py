@@ -9,12 +9,12 @@ At the LA shape the call is bound by the host: the GPU waits for launches. The p
 inflates host time, so this script times each piece on its own in a loop of --calls calls:
 "host" is the time to issue them (no sync inside the loop), "wall" adds the final sync, so wall
 above host means the device was the slower side. Pieces that sync (the finite check) show the
-wait in both. Prints one table; nothing is written.
+wait in both. "public call + backward" minus "finite-input check" is the call without its one
+host sync. Prints one table; nothing is written.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
@@ -23,11 +23,11 @@ import triton.language as tl
 
 import rcps_kernels as rk
 from benchmarks.bench_infonce_gpu import make_inputs
-from rcps_kernels import _validation, functional
-from rcps_kernels.ops import infonce as ops
-from rcps_kernels.ops import infonce_triton as fused
-from rcps_kernels.ops.triton_shared import normalize_rows
-from rcps_kernels.selection import anchor_class_order, negative_tables
+from rcps_kernels import _validation
+from rcps_kernels.ops import infonce_triton
+from rcps_kernels.ops.infonce import InfoNCEParams, mean_loss_with_grads
+from rcps_kernels.ops.infonce_triton_common import normalize_rows
+from rcps_kernels.ops.selection import anchor_class_order, negative_tables
 
 
 @triton.jit
@@ -49,17 +49,6 @@ def time_calls(fn, calls: int, sync) -> tuple[float, float]:
     return 1e6 * (issued - start) / calls, 1e6 * (done - start) / calls
 
 
-@contextlib.contextmanager
-def no_finite_check():
-    """The call without its finite-input check (and so without a host sync)."""
-    saved = _validation.all_finite
-    functional.v.all_finite = lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        functional.v.all_finite = saved
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=400)
@@ -73,9 +62,9 @@ def main() -> None:
     z1, z2, zn = (t.reshape(t.shape[0], t.shape[1], -1) for t in (a, p, n))
     labels, idx, cnt, logits_total = negative_tables(al, nl, k, False, 0.0)
     N = labels.numel()
-    order, _ = fused._class_order(labels, 2)
+    order, _ = infonce_triton.class_order(labels, 2)
     leaves = [t.detach().clone().requires_grad_() for t in (a, p, n)]
-    kernel_args = (z1, z2, zn, labels, idx, cnt, 0.1, k, False, 0, 0)
+    params = InfoNCEParams(labels, idx, cnt, temperature=0.1, num_negatives=k, random=False)
     grads = [torch.randn_like(t) for t in (a, p, n)]
     scale = torch.ones((), device=dev)
     scratch = torch.empty(1, device=dev)
@@ -97,37 +86,33 @@ def main() -> None:
         x = [t.detach().clone().requires_grad_() for t in (a, p, n)]
         public(*x).backward()
 
-    def step_without_check():
-        with no_finite_check():
-            step()
-
     def no_grad_call():
         with torch.no_grad():
             public(a, p, n)
 
     def mean_function():
-        ops.mean_loss_with_grads(*[t.reshape(t.shape[0], t.shape[1], -1) for t in leaves],
-                                 labels, idx, cnt, 0.1, k, False, 0, 0, "triton", True)
+        mean_loss_with_grads(*[t.reshape(t.shape[0], t.shape[1], -1) for t in leaves], params,
+                             "triton")
 
     pieces = {
         "empty Triton launch": lambda: _empty_kernel[(1,)](scratch),
         "one aten op (add_)": lambda: scratch.add_(1.0),
         "clone 3 leaves": lambda: [t.detach().clone().requires_grad_() for t in (a, p, n)],
-        "validate arguments": lambda: functional._validate(a, p, n, al, nl, k, 0.1, "topk", 0.0,
-                                                           "mean"),
+        "validate arguments": lambda: (
+            _validation.check_infonce_inputs(a, p, n, al, nl),
+            _validation.check_infonce_options(k, 0.1, "topk", 0.0, None, "mean", None)),
         "negative_tables, C++ op": lambda: negative_tables(al, nl, k, False, 0.0),
         "negative_tables, Python": lambda: negative_tables(al, nl, k, False, 0.0,
                                                            use_extension=False),
         "stable sort of the selection keys": lambda: sort_key.sort(dim=1, descending=True,
                                                                     stable=True),
         "top-K of unique int64 keys": lambda: unique_key.topk(k, dim=1),
-        "class order, one-program kernel": lambda: fused._class_order(labels, 2),
+        "class order, one-program kernel": lambda: infonce_triton.class_order(labels, 2),
         "class order, sort op": lambda: anchor_class_order(labels, 2),
         "normalise both views": lambda: normalize_rows(z1, order, N, z2=z2),
-        "Triton kernels, loss only": lambda: fused.voxel_infonce_triton(*kernel_args, None, 0.0,
-                                                                        False),
-        "Triton kernels, loss + grads": lambda: fused.voxel_infonce_triton(
-            *kernel_args, None, 1.0 / N, True),
+        "Triton kernels, loss only": lambda: infonce_triton.voxel_infonce(z1, z2, zn, params),
+        "Triton kernels, loss + grads": lambda: infonce_triton.voxel_infonce(
+            z1, z2, zn, params, grad_scale=1.0 / N, pool_grad=True),
         "mean Function (autograd node)": mean_function,
         "finite-input check (norms, one .item())": lambda: _validation.all_finite(
             logits_total, (a, p, n)),
@@ -135,7 +120,6 @@ def main() -> None:
         "3 x mul_": lambda: [g.mul_(scale) for g in grads],
         "public call, no grad": no_grad_call,
         "public call + backward": step,
-        "public call + backward, no check": step_without_check,
     }
     name = torch.cuda.get_device_name() if dev == "cuda" else dev
     print(f"{args.shape} shape, K={k}, {name}, torch {torch.__version__}, "

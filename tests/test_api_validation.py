@@ -6,6 +6,7 @@ which path (deterministic or not) the kernels are told to take, and when.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -13,7 +14,8 @@ import torch
 
 import rcps_kernels as rk
 from rcps_kernels import _backend
-from rcps_kernels.ops import infonce as ops
+from rcps_kernels.ops import infonce as infonce_ops
+from rcps_kernels.ops.kernels import kernels
 
 
 def infonce_inputs(dtype=torch.float32, device="cpu", seed=0):
@@ -58,9 +60,9 @@ def test_module_forwards_the_checks():
     (lambda x: rk.select_confident_negatives(x, 0), ValueError, "num_negatives must be >= 1"),
     (lambda x: rk.select_confident_negatives(x, 3, num_classes=True), TypeError, "num_classes"),
     (lambda x: rk.select_confident_negatives(x.reshape(1, 2, 1, 1, 3, 4, 1), 3), ValueError,
-     r"negative_logits must be \(B, C, \*spatial\).*\(1, 2, 1, 1, 3, 4, 1\)"),
+     r"pool_logits must be \(B, C, \*spatial\).*\(1, 2, 1, 1, 3, 4, 1\)"),
     (lambda x: rk.select_confident_negatives(torch.full_like(x, float("nan")), 3), ValueError,
-     r"negative_logits contains NaN or Inf \(shape \(1, 2, 3, 4\)\)"),
+     r"pool_logits contains NaN or Inf \(shape \(1, 2, 3, 4\)\)"),
     (lambda x: rk.select_confident_negatives(x.long(), 3), ValueError, "floating"),
 ])
 def test_select_confident_negatives_refuses_bad_arguments(call, error, match):
@@ -138,13 +140,14 @@ def test_an_override_wins_over_torchs_switch(torch_deterministic):
 def kernel_choices(monkeypatch):
     """The CPU kernel, recording what deterministic_algorithms() answers each time it runs."""
     seen: list[bool] = []
-    cpu_kernel = ops._kernel("cpu")
+    table = kernels("cpu")
 
-    def recording_kernel(*args):
+    def recording_kernel(*args, **kwargs):
         seen.append(_backend.deterministic_algorithms())
-        return cpu_kernel(*args)
+        return table.voxel_infonce(*args, **kwargs)
 
-    monkeypatch.setitem(ops._KERNELS, "cpu", recording_kernel)
+    recording_table = dataclasses.replace(table, voxel_infonce=recording_kernel)
+    monkeypatch.setattr(infonce_ops, "kernels", lambda backend: recording_table)
     return seen
 
 
@@ -219,3 +222,43 @@ def test_deterministic_keyword_makes_random_mode_bitwise_reproducible_on_a_gpu(b
     for _ in range(3):
         for x, y in zip(first, run()):
             assert torch.equal(x, y)
+
+
+# --- renamed keywords and settings ----------------------------------------------------------
+
+def test_old_pool_keywords_warn_and_give_the_same_loss():
+    anchor, positive, pool, anchor_logits, pool_logits = infonce_inputs()
+    expected = rk.bidirectional_voxel_infonce(anchor, positive, pool=pool,
+                                              anchor_logits=anchor_logits, pool_logits=pool_logits)
+    with pytest.warns(DeprecationWarning, match="negative= is deprecated, use pool="):
+        old = rk.bidirectional_voxel_infonce(anchor, positive, negative=pool,
+                                             anchor_logits=anchor_logits,
+                                             negative_logits=pool_logits)
+    assert torch.equal(old, expected)
+    module = rk.BidirectionalVoxelContrastiveLoss()
+    with pytest.warns(DeprecationWarning, match="negative_logits= is deprecated"):
+        assert torch.equal(module(anchor, positive, pool, anchor_logits,
+                                  negative_logits=pool_logits), expected)
+    with pytest.warns(DeprecationWarning, match="negative_logits= is deprecated"):
+        idx, _ = rk.select_confident_negatives(negative_logits=pool_logits, num_negatives=3)
+    assert torch.equal(idx, rk.select_confident_negatives(pool_logits, 3)[0])
+
+
+def test_old_and_new_keyword_together_is_a_type_error():
+    anchor, positive, pool, anchor_logits, pool_logits = infonce_inputs()
+    with pytest.raises(TypeError, match="both negative= and its new name pool="):
+        rk.bidirectional_voxel_infonce(anchor, positive, anchor_logits=anchor_logits,
+                                       pool_logits=pool_logits, pool=pool, negative=pool)
+
+
+def test_settings_are_read_at_call_time_and_checked(monkeypatch):
+    from rcps_kernels import settings
+
+    monkeypatch.setenv("RCPS_TRITON_DOT_PRECISION", "ieee")
+    assert settings.triton_dot_precision() == "ieee"
+    monkeypatch.setenv("RCPS_TRITON_DOT_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="RCPS_TRITON_DOT_PRECISION='fp8'"):
+        settings.triton_dot_precision()
+    monkeypatch.setenv("RCPS_GPU_BACKEND", "opencl")
+    with pytest.raises(ValueError, match="RCPS_GPU_BACKEND='opencl'"):
+        _backend.resolve_backend("auto", torch.device("cuda"), ("cpu", "cuda", "triton"))

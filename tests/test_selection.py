@@ -1,4 +1,4 @@
-"""The one-call selection ops (csrc/cpu/selection.cpp) against rcps_kernels/selection.py and a
+"""The one-call selection ops (csrc/common/selection.cpp) against rcps_kernels/ops/selection.py and a
 brute force over Python lists.
 
 ``rcps_C::negative_tables`` and ``rcps_C::anchor_class_order`` issue the op sequence of the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rcps_kernels._extension import load_cpu_extension
-from rcps_kernels.selection import anchor_class_order, negative_tables, pseudo_labels
+from rcps_kernels.ops.selection import anchor_class_order, negative_tables, pseudo_labels
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

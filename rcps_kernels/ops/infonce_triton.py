@@ -7,7 +7,7 @@ multiply a voxel index by a channel count or a stride are int64.
 topk mode (one bank N_c per class):
   1. ``normalize_rows`` (infonce_triton_common.py): fp32 normalised copies of the anchors and positives
      in class-sorted order (a stable partition by pseudo-label: ``_class_order_kernel`` up to
-     64Ki anchors, ``the op anchor_class_order`` past that), both in one launch, (N, C) each,
+     64Ki anchors, the op ``anchor_class_order`` past that), both in one launch, (N, C) each,
      plus their norms; the class banks (classes, L, C) likewise (padding rows are zero).
   2. ``_topk_lse_kernel``: one program per tile of same-class anchors (each program finds its
      class and rows from the class boundaries, ``_tile_rows``: no host sync, no tile map);
@@ -303,7 +303,9 @@ _ONE_PROGRAM_ORDER_ANCHORS = 1 << 16
 _ONE_PROGRAM_ORDER_CLASSES = 31
 
 
-def _class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rcps_kernels.ops.selection.anchor_class_order`, as one Triton program up to
+    64Ki anchors and 31 classes."""
     N = labels.numel()
     if N > _ONE_PROGRAM_ORDER_ANCHORS or num_classes > _ONE_PROGRAM_ORDER_CLASSES:
         return anchor_class_order(labels, num_classes)
@@ -325,7 +327,7 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     bm, bn, warps = _topk_blocks(C)
     bc = block_c(C)
     precision = triton_dot_precision()
-    order, class_start = _class_order(labels, num_classes)
+    order, class_start = class_order(labels, num_classes)
     num_tiles = triton.cdiv(N, bm) + num_classes  # >= sum_c ceil(n_c / bm); spares do nothing
     (u1, u2), (norm1, norm2) = normalize_rows(z1, order, N, z2=z2)
     bank, _ = normalize_rows(zn, neg_index.reshape(-1), num_classes * L, want_norm=False)

@@ -28,7 +28,7 @@ def rectified_pseudo_supervision_reference(
     temperature: float = 0.5,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """L_urp = mean_v(exp(-D_v) * CE_v) + mean_v(D_v) over (B, K, *S) logits.
+    """L_urp = mean_v(exp(-D_v) * CE_v) + mean_v(D_v) over (B, num_classes, *S) logits.
 
     CE_v uses the sharpened teacher softmax(z_o / T), D_v = KL(softmax(z_o) || softmax(z_a)); the
     teacher is detached, the weight exp(-D_v) is not. Half inputs are computed in float32.
@@ -55,7 +55,7 @@ def logit_cosine_consistency_reference(
     eps: float = 1e-8,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """L_cr = mean_v(1 - cos(z_a(v), z_b(v))) over the class axis of raw (B, K, *S) logits.
+    """L_cr = mean_v(1 - cos(z_a(v), z_b(v))) over the class axis of raw (B, num_classes, *S) logits.
 
     Each norm is clamped to at least ``eps`` (as in torch.nn.functional.cosine_similarity); a
     clamped norm is treated as a constant by the gradient.
