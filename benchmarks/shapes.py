@@ -31,7 +31,7 @@ def make_inputs(shape: str, *, num_classes: int = 2, dtype=torch.float32, device
     def features(sp):
         return torch.randn(1, channels, *sp, generator=g).to(device=device, dtype=dtype).requires_grad_()
 
-    anchor, positive, negative = features(spatial), features(spatial), features(pool_spatial)
+    anchor, positive, pool = features(spatial), features(spatial), features(pool_spatial)
     anchor_logits = torch.randn(1, num_classes, *spatial, generator=g).to(device)
     pool_logits = torch.randn(1, num_classes, *pool_spatial, generator=g).to(device)
     return anchor, positive, pool, anchor_logits, pool_logits
