@@ -1,10 +1,11 @@
-"""The training loop: set-up, one RCPS (or supervised) step, per-epoch schedule, logs, checkpoints, resume.
+"""The training loop: set-up, epochs, one RCPS (or supervised) step, validation, checkpoints, test scoring.
 
 A run folder ``<run.out_dir>/<run.name>`` holds ``config.toml`` (resolved), ``train_log.csv`` (one row per
 step), ``val_log.csv`` (validation-split Dice per scored epoch), ``checkpoint.pt`` (the last state), ``best.pt``
 (the weights of the best validation Dice, with a validation split), PNG plots and, at the end, the test split's
 ``metrics.csv`` / ``metrics.json`` (and ``metrics_best.csv``). The test split is read once before the first step
 to check its files, and predicted only after the last step, for both checkpoints: it never chooses anything.
+Checkpoints, RNG streams and the CSV logs are written and read back through :mod:`rcps_train.checkpoint`.
 """
 from __future__ import annotations
 
@@ -172,10 +173,6 @@ class TrainingRun:
     def main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
-
 
 def train(config: dict, resume: bool = False) -> dict | None:
     """Run (or resume) a training run, then score the test split with the last (and the best) weights.
@@ -196,8 +193,9 @@ def train(config: dict, resume: bool = False) -> dict | None:
         stopped = False
         while run.epoch < config["train"]["epochs"] and not stopped:
             stopped = run_epoch(run)
-        result = _score_test_split(run.raw_model, run.splits, config, device, run.run_dir) if (
-            run.main and not stopped) else None
+        result = None
+        if run.main and not stopped:  # an early stop leaves the test split unread
+            result = _score_test_split(run.raw_model, run.splits, config, device, run.run_dir)
         ddp.barrier()
         return result
     finally:
@@ -214,12 +212,13 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
     """
     amp_dtype, use_scaler = amp_settings(config, device)
     check_loss_backend(config, device)
+    main = rank == 0
     run_dir = Path(config["run"]["out_dir"]) / config["run"]["name"]
-    state = checkpoint_to_resume(config, run_dir / "checkpoint.pt", resume, rank == 0, device)
-    if rank == 0 and not resume:
+    state = checkpoint_to_resume(config, run_dir / "checkpoint.pt", resume, main, device)
+    if main and not resume:
         start_clean(run_dir)
     generators = _seed(config["run"]["seed"], rank)
-    splits, dataset = _read_data(config, main=rank == 0)
+    splits, dataset = _read_data(config, main)
     model, raw_model = _build_parallel_model(config, device, world_size)
     train_cfg = config["train"]
     optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"],
@@ -229,7 +228,7 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
                       ddp.gather_negative_pool if config["loss"]["cross_rank_negatives"] and world_size > 1 else None)
     if resume:
         _restore(run, state)
-    if run.main:
+    if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config))
         if resume:
@@ -359,7 +358,7 @@ def save_checkpoint(run: TrainingRun) -> None:
         save_atomic({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
                      "scaler": run.scaler.state_dict(), "epoch": run.epoch, "step_in_epoch": run.step_in_epoch,
                      "global_step": run.global_step, "rng": rng, "val_history": run.val_history,
-                     "config": run.config}, run.checkpoint_path)
+                     "config": run.config}, run.run_dir / "checkpoint.pt")
 
 
 def _validate_during_training(model, val_cases, config, device, epochs_done: int, val_history: list,
