@@ -2,8 +2,8 @@
 
 Modules, in the order a training run uses them: ``config`` (TOML + overrides), ``data`` and ``augment``
 (loading, crops, grid distortion, intensity views), ``model`` (ProjectorUNet), ``losses`` (L_seg and the
-RCPS terms from ``rcps_kernels``), ``engine`` (the loop, checkpoints, logs), ``evaluate`` and ``metrics``
-(sliding window, Dice/HD95/ASD), ``distributed`` (torchrun/DDP), ``synthetic`` (a generated dataset),
-``plots`` and ``cli`` (``rcps-train``).
+RCPS terms from ``rcps_kernels``), ``engine`` (set-up, epochs, steps), ``checkpoint`` (checkpoints, RNG
+streams and CSV logs, for resuming), ``evaluate`` and ``metrics`` (sliding window, Dice/HD95/ASD),
+``distributed`` (torchrun/DDP), ``synthetic`` (a generated dataset), ``plots`` and ``cli`` (``rcps-train``).
 """
 __version__ = "0.1.0"

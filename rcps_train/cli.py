@@ -27,8 +27,9 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
+    from .checkpoint import check_weights_fit, load_checkpoint
     from .data import list_cases
-    from .engine import build_model, check_weights_fit, load_checkpoint, memory_format, resolve_device
+    from .engine import build_model, memory_format, resolve_device
     from .evaluate import evaluate_cases, format_table, write_metrics
 
     path = Path(args.checkpoint)

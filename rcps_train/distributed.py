@@ -7,24 +7,33 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed(device_type: str) -> tuple[int, int, int]:
+def _launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's device index on its node: torchrun's ``LOCAL_RANK`` in a multi-process run, else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if _launched_world_size() > 1 else 0
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, bool]:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); a no-op for a single process.
 
     Args:
-        device_type: ``"cuda"`` (NCCL) or ``"cpu"`` (gloo).
+        device: this process's device (index :func:`local_rank` on CUDA): NCCL on CUDA, gloo on CPU.
 
     Returns:
-        ``(rank, local_rank, world_size)``.
+        ``(rank, world_size, created)``: ``created`` is True when this call initialised the process group,
+        which its caller then ends with :func:`cleanup`; a group the caller set up is joined and left alone.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 0, 1
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return dist.get_rank(), local_rank, dist.get_world_size()
+    if _launched_world_size() == 1:
+        return 0, 1, False
+    created = not dist.is_initialized()
+    if created:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), created
 
 
 def is_main_process() -> bool:

@@ -1,20 +1,21 @@
-"""The training loop: set-up, one RCPS (or supervised) step, per-epoch schedule, logs, checkpoints, resume.
+"""The training loop: set-up, epochs, one RCPS (or supervised) step, validation, checkpoints, test scoring.
 
 A run folder ``<run.out_dir>/<run.name>`` holds ``config.toml`` (resolved), ``train_log.csv`` (one row per
 step), ``val_log.csv`` (validation-split Dice per scored epoch), ``checkpoint.pt`` (the last state), ``best.pt``
 (the weights of the best validation Dice, with a validation split), PNG plots and, at the end, the test split's
 ``metrics.csv`` / ``metrics.json`` (and ``metrics_best.csv``). The test split is read once before the first step
 to check its files, and predicted only after the last step, for both checkpoints: it never chooses anything.
+Checkpoints, RNG streams and the CSV logs are written and read back through :mod:`rcps_train.checkpoint`.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
-import os
 import random
 import resource
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +28,18 @@ from rcps_kernels._backend import BACKENDS, resolve_backend
 
 from . import distributed as ddp
 from .augment import intensity_view
-from .config import ConfigError, resume_changes, to_toml, validate
-from .data import PairedPatchDataset, VolumeStore, check_cases, dataset_splits, epoch_plan, seed_worker
+from .checkpoint import (append_row, checkpoint_to_resume, restore_rng, rng_states, save_atomic, start_clean,
+                         truncate_log)
+from .config import ConfigError, to_toml, validate
+from .data import PairedPatchDataset, Splits, VolumeStore, check_cases, dataset_splits, epoch_plan, seed_worker
 from .evaluate import evaluate_cases, format_table, metrics_record, write_metrics_csv
 from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmentation_loss, total_loss
 from .model import ProjectorUNet
 from .plots import plot_run
 
-RESUME_ENTRIES = ("model", "optimizer", "scaler", "epoch", "step_in_epoch", "global_step", "rng", "val_history",
-                  "config")
 VAL_FIELDS = ["epoch", "dice", "jaccard", "hd95", "asd", "num_undefined_distances", "distance_unit", "protocol",
               "largest_component"]
 LOG_FIELDS = ["epoch", "step", "global_step", "lr", "ramp", "loss", *TERMS, "step_time_s", "peak_mem_mb"]
-# Files a run writes into its folder; a fresh run (no checkpoint.pt) removes any left by an earlier attempt.
-RUN_FILES = ("config.toml", "train_log.csv", "val_log.csv", "best.pt", "best.pt.tmp", "checkpoint.pt.tmp",
-             "metrics.csv", "metrics_best.csv", "metrics.json", "loss_terms.png", "val_dice.png")
 
 
 def resolve_device(config: dict, local_rank: int = 0) -> torch.device:
@@ -71,49 +69,6 @@ def check_loss_backend(config: dict, device: torch.device) -> None:
         resolve_backend(backend, device, tuple(name for name in BACKENDS if name != "auto"))
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"loss.backend = {backend!r} cannot run on {device}: {err}") from None
-
-
-def load_checkpoint(path: str | Path, map_location, entries: tuple[str, ...]) -> dict:
-    """Read a checkpoint written by :func:`train`.
-
-    Args:
-        path: the file.
-        map_location: passed to ``torch.load``.
-        entries: keys the caller needs (``model``, ``config``, ...).
-
-    Raises:
-        ConfigError: naming the file when it is missing, unreadable or not such a checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # pickle and zip readers raise many types for foreign or truncated files
-        raise ConfigError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
-    if not isinstance(state, dict) or not all(entry in state for entry in entries):
-        found = f"entries {sorted(map(str, state))}" if isinstance(state, dict) else f"a {type(state).__name__}"
-        raise ConfigError(f"{path} is not an rcps-train checkpoint: expected a dict with entries "
-                          f"{', '.join(entries)}, found {found}")
-    return state
-
-
-def check_weights_fit(model: torch.nn.Module, weights: dict, config: dict, path: str | Path) -> None:
-    """Raise ConfigError naming ``path`` when ``weights`` do not fit ``model`` (built from ``config``)."""
-    expected = model.state_dict()
-    if not isinstance(weights, dict):
-        raise ConfigError(f"checkpoint {path}: 'model' holds a {type(weights).__name__}, expected a state dict")
-    shapes = {name: tuple(getattr(value, "shape", ())) for name, value in weights.items()}
-    head = f"heads.{len(model.heads) - 1}.weight"
-    if head in shapes and shapes[head][:1] != expected[head].shape[:1]:
-        raise ConfigError(f"checkpoint {path} holds weights for {shapes[head][0]} classes ({head} of shape "
-                          f"{shapes[head]}) but its config has data.num_classes = {config['data']['num_classes']}")
-    wrong = sorted(set(expected) ^ set(shapes)) + [name for name in expected
-                                                   if name in shapes and shapes[name] != tuple(expected[name].shape)]
-    if wrong:
-        raise ConfigError(f"checkpoint {path}: its weights do not fit the model of its config (model.widths = "
-                          f"{config['model']['widths']}, model.project_dim = {config['model']['project_dim']}); "
-                          f"first differing entries: {wrong[:3]}")
 
 
 def build_model(config: dict) -> ProjectorUNet:
@@ -189,70 +144,34 @@ def train_step(model, batch: dict, optimizer, scaler, config: dict, ramp: float,
     return {"loss": numbers[0], **values}
 
 
-def _save_atomic(state: dict, path: Path) -> None:
-    """Write to a temporary file, flush it to disk, then rename over ``path``: a kill never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@dataclass
+class TrainingRun:
+    """What a training run carries from step to step: where it runs, what it trains, and how far it got.
 
-
-def _rng_states(generators: dict[str, torch.Generator]) -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-              **{name: g.get_state() for name, g in generators.items()}}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _restore_rng(states: dict, generators: dict[str, torch.Generator]) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    for name, g in generators.items():
-        g.set_state(states[name])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _truncate_log(path: Path, key: str, last: int) -> None:
-    """Drop log rows written after the checkpoint a resumed run restarts from (they will be redone).
-
-    A row cut short by a kill (missing fields, an unreadable ``key``) can only come after the checkpoint,
-    since a row is complete on disk before the checkpoint that follows it is written: it is dropped too.
+    ``epoch``/``step_in_epoch`` always name the next step to take (the position a checkpoint resumes from).
     """
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames
-        rows = [row for row in reader if _complete_row_at_most(row, key, last)]
-    with open(path, "w", newline="") as f:
-        if fields:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+    config: dict
+    device: torch.device
+    rank: int
+    world_size: int
+    amp_dtype: torch.dtype | None
+    run_dir: Path
+    splits: Splits
+    dataset: PairedPatchDataset
+    model: torch.nn.Module  # what the steps call: the DDP wrapper in a distributed run
+    raw_model: ProjectorUNet  # what is saved, validated and tested
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generators: dict[str, torch.Generator]  # "augment" (intensity views), "negatives" (random sampling)
+    gather: Callable | None  # the cross-rank negative pool, or None
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    val_history: list[dict] = field(default_factory=list)
 
-
-def _complete_row_at_most(row: dict, key: str, last: int) -> bool:
-    """Whether a CSV row has every field (no torn line) and ``row[key] <= last``."""
-    if None in row or None in row.values():  # csv marks missing fields with None values, extra ones with a None key
-        return False
-    try:
-        return int(row.get(key, "")) <= last
-    except ValueError:
-        return False
-
-
-def _append_row(path: Path, fields: list[str], row: dict) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 def train(config: dict, resume: bool = False) -> dict | None:
@@ -267,26 +186,69 @@ def train(config: dict, resume: bool = False) -> dict | None:
         validation split, on the main process (None on other ranks, or when stopped early).
     """
     validate(config)  # again: callers may have edited the dict (paths, names) since load_config
-    run_cfg, data_cfg, train_cfg = config["run"], config["data"], config["train"]
-    device = resolve_device(config, int(os.environ.get("LOCAL_RANK", "0")))
-    rank, local_rank, world_size = ddp.init_distributed(device.type)
-    main = rank == 0
-    device = resolve_device(config, local_rank)
+    device = resolve_device(config, ddp.local_rank())
+    rank, world_size, created_group = ddp.init_distributed(device)
+    try:
+        run = set_up_run(config, resume, device, rank, world_size)
+        stopped = False
+        while run.epoch < config["train"]["epochs"] and not stopped:
+            stopped = run_epoch(run)
+        result = None
+        if run.main and not stopped:  # an early stop leaves the test split unread
+            result = _score_test_split(run.raw_model, run.splits, config, device, run.run_dir)
+        ddp.barrier()
+        return result
+    finally:
+        if created_group:
+            ddp.cleanup()
+
+
+def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, world_size: int) -> TrainingRun:
+    """Check the config against the device and the run folder, seed every stream, read the data, build the
+    model and optimizer, and continue from the checkpoint on ``resume`` (or clear the folder of a fresh run).
+
+    The order is part of the run's reproducibility: the seeds are set before the model is built (the same
+    initial weights on every rank), and a resumed run then overwrites every stream with the saved ones.
+    """
     amp_dtype, use_scaler = amp_settings(config, device)
     check_loss_backend(config, device)
-    run_dir = Path(run_cfg["out_dir"]) / run_cfg["name"]
-    checkpoint_path = run_dir / "checkpoint.pt"
-    state = _checkpoint_to_resume(config, checkpoint_path, resume, main, device)
+    main = rank == 0
+    run_dir = Path(config["run"]["out_dir"]) / config["run"]["name"]
+    state = checkpoint_to_resume(config, run_dir / "checkpoint.pt", resume, main, device)
     if main and not resume:
-        _start_clean(run_dir)
+        start_clean(run_dir)
+    generators = _seed(config["run"]["seed"], rank)
+    splits, dataset = _read_data(config, main)
+    model, raw_model = _build_parallel_model(config, device, world_size)
+    train_cfg = config["train"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"],
+                                weight_decay=train_cfg["weight_decay"])
+    run = TrainingRun(config, device, rank, world_size, amp_dtype, run_dir, splits, dataset, model, raw_model,
+                      optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler), generators,
+                      ddp.gather_negative_pool if config["loss"]["cross_rank_negatives"] and world_size > 1 else None)
+    if resume:
+        _restore(run, state)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(config))
+        if resume:
+            truncate_log(run_dir / "train_log.csv", "global_step", run.global_step)
+            truncate_log(run_dir / "val_log.csv", "epoch", run.epoch)
+    return run
 
-    seed = run_cfg["seed"]
+
+def _seed(seed: int, rank: int) -> dict[str, torch.Generator]:
+    """Seed the global streams and return the run's own generators (``augment``, ``negatives``)."""
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed)  # the same initial weights on every rank
-    generators = {"augment": torch.Generator().manual_seed(seed * 1009 + rank),
-                  "negatives": torch.Generator().manual_seed(seed * 2003 + rank)}
+    return {"augment": torch.Generator().manual_seed(seed * 1009 + rank),
+            "negatives": torch.Generator().manual_seed(seed * 2003 + rank)}
 
+
+def _read_data(config: dict, main: bool) -> tuple[Splits, PairedPatchDataset]:
+    """The splits and the training dataset; the validation and test files are checked now, before step 1."""
+    data_cfg = config["data"]
     splits = dataset_splits(data_cfg)
     dataset = PairedPatchDataset(VolumeStore(splits.labeled, data_cfg["num_classes"], data_cfg["cache"]),
                                  VolumeStore(splits.unlabeled, data_cfg["num_classes"], data_cfg["cache"]),
@@ -296,123 +258,107 @@ def train(config: dict, resume: bool = False) -> dict | None:
     if main and config["eval"]["every_epochs"] and not splits.validation:
         print("rcps-train: no validation split (data.val_cases = 0): no validation during training and no best.pt; "
               "the test split is scored once, after the last epoch")
+    return splits, dataset
 
+
+def _build_parallel_model(config: dict, device: torch.device,
+                          world_size: int) -> tuple[torch.nn.Module, ProjectorUNet]:
+    """``(model the steps call, raw model)``: the DDP wrapper and the network inside it in a distributed run
+    (with SyncBatchNorm on CUDA), the network twice otherwise."""
     model = build_model(config).to(device, memory_format=memory_format(config))
-    raw_model = model
-    if world_size > 1:
-        if device.type == "cuda":  # SyncBatchNorm has no CPU implementation
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            raw_model = model
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                                        find_unused_parameters=train_cfg["method"] == "supervised")
-    optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"],
-                                weight_decay=train_cfg["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    gather = ddp.gather_negative_pool if config["loss"]["cross_rank_negatives"] and world_size > 1 else None
+    if world_size == 1:
+        return model, model
+    if device.type == "cuda":  # SyncBatchNorm has no CPU implementation
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    wrapper = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=config["train"]["method"] == "supervised")
+    return wrapper, model
 
-    epoch, step_in_epoch, global_step, val_history = 0, 0, 0, []
-    if resume:
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, step_in_epoch, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        val_history = state["val_history"]
-        _restore_rng(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"], generators)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(config))
-        if resume:
-            _truncate_log(run_dir / "train_log.csv", "global_step", global_step)
-            _truncate_log(run_dir / "val_log.csv", "epoch", epoch)
 
-    def save_checkpoint(next_epoch: int, next_step: int) -> None:
-        rng = _rng_states(generators)
-        if world_size > 1:  # every rank's generators, so each resumes its own stream
-            gathered = [None] * world_size
-            torch.distributed.all_gather_object(gathered, rng)
-            rng = gathered
-        if main:
-            _save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scaler": scaler.state_dict(), "epoch": next_epoch, "step_in_epoch": next_step,
-                          "global_step": global_step, "rng": rng, "val_history": val_history, "config": config},
-                         checkpoint_path)
+def _restore(run: TrainingRun, state: dict) -> None:
+    """Continue ``run`` from a checkpoint's weights, optimizer, scaler, position, history and RNG streams."""
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.step_in_epoch, run.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+    run.val_history = state["val_history"]
+    restore_rng(state["rng"][run.rank] if isinstance(state["rng"], list) else state["rng"], run.generators)
 
-    epochs = train_cfg["epochs"]
-    model.train()
-    while epoch < epochs:
-        lr = learning_rate(epoch, epochs, train_cfg["lr"], train_cfg["warmup_epochs"], train_cfg["warmup_lr"],
-                           train_cfg["poly_power"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ramp = ramp_weight(epoch, train_cfg["rampup_epochs"] or epochs)
-        batch_size = train_cfg["batch_size"]
-        plan = epoch_plan(len(splits.labeled), len(splits.unlabeled), epoch, seed, rank, world_size,
-                          train_cfg["max_steps_per_epoch"], batch_size)
-        steps = len(plan) // batch_size
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=plan[step_in_epoch * batch_size:],
-                            num_workers=data_cfg["num_workers"], worker_init_fn=seed_worker,
-                            pin_memory=device.type == "cuda")
-        bar = tqdm(loader, total=steps, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{epochs}",
-                   disable=not (main and train_cfg["progress"]), leave=False)
+
+def run_epoch(run: TrainingRun) -> bool:
+    """Train from ``run``'s position to the end of its epoch (validating and checkpointing as configured).
+
+    Returns:
+        True when ``train.stop_after_steps`` stopped the run inside the epoch.
+    """
+    train_cfg = run.config["train"]
+    epochs, batch_size = train_cfg["epochs"], train_cfg["batch_size"]
+    lr = learning_rate(run.epoch, epochs, train_cfg["lr"], train_cfg["warmup_epochs"], train_cfg["warmup_lr"],
+                       train_cfg["poly_power"])
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    ramp = ramp_weight(run.epoch, train_cfg["rampup_epochs"] or epochs)
+    plan = epoch_plan(len(run.splits.labeled), len(run.splits.unlabeled), run.epoch, run.config["run"]["seed"],
+                      run.rank, run.world_size, train_cfg["max_steps_per_epoch"], batch_size)
+    steps = len(plan) // batch_size
+    loader = DataLoader(run.dataset, batch_size=batch_size, sampler=plan[run.step_in_epoch * batch_size:],
+                        num_workers=run.config["data"]["num_workers"], worker_init_fn=seed_worker,
+                        pin_memory=run.device.type == "cuda")
+    bar = tqdm(loader, total=steps, initial=run.step_in_epoch, desc=f"epoch {run.epoch + 1}/{epochs}",
+               disable=not (run.main and train_cfg["progress"]), leave=False)
+    with contextlib.closing(bar):
         for batch in bar:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            values = train_step(model, batch, optimizer, scaler, config, ramp, device, amp_dtype,
-                                generators["augment"], generators["negatives"], gather)
-            step_in_epoch += 1
-            global_step += 1
-            row = {"epoch": epoch, "step": step_in_epoch, "global_step": global_step, "lr": lr, "ramp": ramp,
-                   **values, "step_time_s": time.perf_counter() - start, "peak_mem_mb": peak_memory_mb(device)}
-            if main:
-                _append_row(run_dir / "train_log.csv", LOG_FIELDS, row)
+            values = _logged_step(run, batch, lr, ramp)
+            if run.main:
                 bar.set_postfix(loss=f"{values['loss']:.3f}", seg=f"{values['seg']:.3f}")
-            stop = train_cfg["stop_after_steps"] and global_step >= train_cfg["stop_after_steps"]
-            if step_in_epoch == steps:
-                epoch, step_in_epoch = epoch + 1, 0
-            if stop or step_in_epoch == 0 or global_step % train_cfg["checkpoint_every"] == 0:
-                if step_in_epoch == 0:
-                    _validate_during_training(raw_model, splits.validation, config, device, epoch, val_history,
-                                              run_dir)
-                save_checkpoint(epoch, step_in_epoch)
-            if stop:
-                bar.close()
-                ddp.barrier()
-                return None
-        bar.close()
-
-    result = _score_test_split(raw_model, splits, config, device, run_dir) if main else None
-    ddp.barrier()
-    return result
+            if _after_step(run, steps):
+                return True
+    return False
 
 
-def _start_clean(run_dir: Path) -> None:
-    """A fresh run in a folder without a checkpoint: remove what an earlier attempt (killed before its first
-    checkpoint) left, so that the logs never mix two runs."""
-    stale = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-    for path in stale:
-        path.unlink()
-    if stale:
-        print(f"rcps-train: {run_dir} had no checkpoint; removed the files of an earlier attempt: "
-              + ", ".join(p.name for p in stale))
+def _logged_step(run: TrainingRun, batch: dict, lr: float, ramp: float) -> dict[str, float]:
+    """One :func:`train_step`, counted, timed and appended to ``train_log.csv``; returns its loss values."""
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    start = time.perf_counter()
+    values = train_step(run.model, batch, run.optimizer, run.scaler, run.config, ramp, run.device, run.amp_dtype,
+                        run.generators["augment"], run.generators["negatives"], run.gather)
+    run.step_in_epoch += 1
+    run.global_step += 1
+    row = {"epoch": run.epoch, "step": run.step_in_epoch, "global_step": run.global_step, "lr": lr, "ramp": ramp,
+           **values, "step_time_s": time.perf_counter() - start, "peak_mem_mb": peak_memory_mb(run.device)}
+    if run.main:
+        append_row(run.run_dir / "train_log.csv", LOG_FIELDS, row)
+    return values
 
 
-def _checkpoint_to_resume(config: dict, checkpoint_path: Path, resume: bool, main: bool,
-                          device: torch.device) -> dict | None:
-    """The checkpoint a ``--resume`` continues, after checking that its config matches ``config``; None for a
-    new run, whose folder must not hold a checkpoint yet."""
-    if main and checkpoint_path.exists() and not resume:
-        raise ConfigError(f"{checkpoint_path} exists: pass --resume to continue it, or choose another run.name")
-    if not resume:
-        return None
-    if not checkpoint_path.exists():
-        raise ConfigError(f"--resume: no checkpoint at {checkpoint_path}")
-    state = load_checkpoint(checkpoint_path, device, RESUME_ENTRIES)
-    allowed_changes = resume_changes(state["config"], config, str(checkpoint_path))
-    if main and allowed_changes:
-        print(f"--resume with changed keys that leave the run as it was: {'; '.join(allowed_changes)} "
-              f"(written to {checkpoint_path.parent / 'config.toml'})")
-    return state
+def _after_step(run: TrainingRun, steps: int) -> bool:
+    """Advance to the next epoch after its last step (validating then), checkpoint when due; True to stop."""
+    train_cfg = run.config["train"]
+    stop = bool(train_cfg["stop_after_steps"]) and run.global_step >= train_cfg["stop_after_steps"]
+    if run.step_in_epoch == steps:
+        run.epoch, run.step_in_epoch = run.epoch + 1, 0
+    if stop or run.step_in_epoch == 0 or run.global_step % train_cfg["checkpoint_every"] == 0:
+        if run.step_in_epoch == 0:
+            _validate_during_training(run.raw_model, run.splits.validation, run.config, run.device, run.epoch,
+                                      run.val_history, run.run_dir)
+        save_checkpoint(run)
+    return stop
+
+
+def save_checkpoint(run: TrainingRun) -> None:
+    """Write ``checkpoint.pt`` (main process) with the state to continue ``run`` from its next step, including
+    every rank's RNG streams, so that each resumes its own."""
+    rng = rng_states(run.generators)
+    if run.world_size > 1:
+        gathered = [None] * run.world_size
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    if run.main:
+        save_atomic({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "scaler": run.scaler.state_dict(), "epoch": run.epoch, "step_in_epoch": run.step_in_epoch,
+                     "global_step": run.global_step, "rng": rng, "val_history": run.val_history,
+                     "config": run.config}, run.run_dir / "checkpoint.pt")
 
 
 def _validate_during_training(model, val_cases, config, device, epochs_done: int, val_history: list,
@@ -429,9 +375,9 @@ def _validate_during_training(model, val_cases, config, device, epochs_done: int
     best_so_far = max((entry["dice"] for entry in val_history), default=-1.0)
     val_history.append({"epoch": epochs_done, **summary})
     if summary["dice"] > best_so_far:
-        _save_atomic({"model": model.state_dict(), "config": config, "epoch": epochs_done,
+        save_atomic({"model": model.state_dict(), "config": config, "epoch": epochs_done,
                       "val_dice": summary["dice"], "val_cases": [c.name for c in cases]}, run_dir / "best.pt")
-    _append_row(run_dir / "val_log.csv", VAL_FIELDS, {"epoch": epochs_done, **summary})
+    append_row(run_dir / "val_log.csv", VAL_FIELDS, {"epoch": epochs_done, **summary})
     plot_run(run_dir)
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rcps_train import engine
+from rcps_train.config import load_config
 from rcps_train.distributed import all_gather_with_grad
 from test_train_data import tiny_dataset, tiny_overrides
 
@@ -53,3 +55,56 @@ def test_torchrun_two_process_gloo_smoke(tmp_path):
     assert (run_dir / "metrics.json").exists()
     rows = (run_dir / "train_log.csv").read_text().splitlines()
     assert len(rows) == 3 and "nan" not in rows[1]
+
+
+def _failing_step(*args, **kwargs):
+    raise RuntimeError("step failed on purpose")
+
+
+def _process_group_worker(rank, world_size, ports, overrides, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1"})
+    seen = {}
+    # A group the caller set up: train() joins it and leaves it to the caller.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=world_size)
+    engine.train(load_config(None, overrides + ['run.name="caller"']))
+    seen["caller_group_kept"] = dist.is_initialized()
+    dist.destroy_process_group()
+    # A group train() set up from the torchrun variables: ended with the run...
+    os.environ["MASTER_PORT"] = str(ports[1])
+    engine.train(load_config(None, overrides + ['run.name="own"']))
+    seen["own_group_ended"] = not dist.is_initialized()
+    # ... and when the run fails.
+    os.environ["MASTER_PORT"] = str(ports[2])
+    engine.train_step = _failing_step
+    try:
+        engine.train(load_config(None, overrides + ['run.name="failing"']))
+    except RuntimeError as err:
+        seen["error"] = str(err)
+    seen["own_group_ended_after_error"] = not dist.is_initialized()
+    torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_train_ends_only_the_process_group_it_started(tmp_path):
+    data = tiny_dataset(tmp_path / "data", num_train=6)
+    overrides = tiny_overrides(data, tmp_path, **{"train.stop_after_steps": 1, "eval.every_epochs": 0})
+    mp.spawn(_process_group_worker, args=(2, [_free_port() for _ in range(3)], overrides, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert seen == {"caller_group_kept": True, "own_group_ended": True, "error": "step failed on purpose",
+                        "own_group_ended_after_error": True}
+
+
+def test_train_resolves_the_device_once(tmp_path, monkeypatch):
+    calls = []
+    real_resolve = engine.resolve_device
+
+    def counting_resolve(*args, **kwargs):
+        calls.append(args)
+        return real_resolve(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "resolve_device", counting_resolve)
+    data = tiny_dataset(tmp_path / "data")
+    engine.train(load_config(None, tiny_overrides(data, tmp_path, **{"train.stop_after_steps": 1})))
+    assert len(calls) == 1
