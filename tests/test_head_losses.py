@@ -1,7 +1,8 @@
 """rk.pseudo_supervision_losses (one head's L_urp on two views and L_cr, in one op) against the
 float64 reference by the rule of docs/design.md section 5, and against the two separate functions.
 
-Triton runs under TRITON_INTERPRET=1 on CPU tensors; the CUDA tier is marked ``gpu``.
+The op template (tests/op_template.py) runs every target: "cpu", "triton" under
+TRITON_INTERPRET=1 on CPU tensors, and "triton"/"cuda" on CUDA tensors, marked ``gpu``.
 """
 from __future__ import annotations
 

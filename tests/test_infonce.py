@@ -43,20 +43,22 @@ def test_matches_float64_reference(target, dtype, sampling, reduction):
                   reduction=reduction, grad_out=random_grad_out(loss_shape), **kw)
 
 
+#: (spatial, pool spatial, classes, K) per case; the interpreter gets smaller versions of each.
+SHAPE_CASES = {
+    "3d": {"full": ((5, 6, 4), None, 2, 16), "tiny": ((3, 2, 2), None, 2, 6)},  # K < eligible
+    "2d": {"full": ((7, 9), (5, 11), 3, 200), "tiny": ((4, 5), (3, 5), 3, 40)},  # K > pool
+    "1d": {"full": ((13,), (17,), 5, 4), "tiny": ((7,), (9,), 5, 4)},  # 5 classes
+    "odd": {"full": ((3, 5, 7), (4, 4, 3), 4, 48), "tiny": ((3, 3, 2), (2, 3, 3), 4, 20)},
+}
+
+
 @pytest.mark.parametrize("target", targets(CPU, TRITON, CUDA))
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
-@pytest.mark.parametrize(
-    "spatial,pool_spatial,classes,k",
-    [
-        ((5, 6, 4), None, 2, 16),       # 3-D, K below the eligible count
-        ((7, 9), (5, 11), 3, 200),      # 2-D, pool of another size, K above it
-        ((13,), (17,), 5, 4),           # 1-D, 5 classes
-        ((3, 5, 7), (4, 4, 3), 4, 48),  # odd sizes
-    ],
-)
-def test_spatial_ranks_and_pool_sizes(target, sampling, reduction, spatial, pool_spatial,
-                                      classes, k):
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_spatial_ranks_and_pool_sizes(target, sampling, reduction, case):
+    spatial, pool_spatial, classes, k = SHAPE_CASES[case]["tiny" if target.size == "tiny"
+                                                          else "full"]
     feats, logits = infonce_case(spatial, channels=12, classes=classes, pool_spatial=pool_spatial)
     check_infonce(target, feats, logits, num_negatives=k, sampling=sampling, reduction=reduction,
                   seed=7)
@@ -76,7 +78,8 @@ def test_confident_anchors_keep_a_tiny_loss_accurate(target, sampling, reduction
 
 @pytest.mark.parametrize("target", targets())
 def test_batches_on_both_sides(target):
-    feats, logits = infonce_case((4, 5, 3), batch=2, pool_batch=3, classes=3)
+    spatial = (3, 2, 2) if target.size == "tiny" else (4, 5, 3)
+    feats, logits = infonce_case(spatial, batch=2, pool_batch=3, classes=3)
     for sampling in ("topk", "random"):
         check_infonce(target, feats, logits, num_negatives=30, sampling=sampling)
 

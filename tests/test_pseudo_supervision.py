@@ -1,8 +1,9 @@
 """Fused L_urp (rectified pseudo supervision) and L_cr (logit cosine consistency) against the
 float64 reference, by the rule of docs/design.md section 5 (tests/numerics.py).
 
-Triton runs under TRITON_INTERPRET=1 on tiny CPU tensors (fp32/fp64/fp16 only: the interpreter
-gets bf16 wrong); the CUDA tier is marked ``gpu``.
+The op template (tests/op_template.py) runs every target: "cpu", "triton" under
+TRITON_INTERPRET=1 on tiny CPU tensors (fp32/fp64/fp16 only: the interpreter gets bf16 wrong),
+and "triton"/"cuda" on CUDA tensors, marked ``gpu``.
 """
 from __future__ import annotations
 
