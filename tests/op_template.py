@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -124,9 +125,9 @@ def check_against_reference(evaluate: Callable, target: Target, inputs, dtype: t
 # --------------------------------------------------------------------------------------------
 #: Per case size: spatial shapes, channels and K per sampling mode.
 INFONCE_SIZES = {
-    "tiny": dict(spatial=(4, 3, 2), pool_spatial=(3, 3, 2), channels=12, k=(7, 20)),
-    "cpu": dict(spatial=(5, 6, 4), pool_spatial=(5, 4, 4), channels=12, k=(16, 20)),
-    "gpu": dict(spatial=(8, 6, 5), pool_spatial=(7, 6, 5), channels=32, k=(70, 70)),
+    "tiny": {"spatial": (4, 3, 2), "pool_spatial": (3, 3, 2), "channels": 12, "k": (7, 20)},
+    "cpu": {"spatial": (5, 6, 4), "pool_spatial": (5, 4, 4), "channels": 12, "k": (16, 20)},
+    "gpu": {"spatial": (8, 6, 5), "pool_spatial": (7, 6, 5), "channels": 32, "k": (70, 70)},
 }
 
 
