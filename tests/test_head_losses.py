@@ -1,7 +1,8 @@
 """rk.pseudo_supervision_losses (one head's L_urp on two views and L_cr, in one op) against the
 float64 reference by the rule of docs/design.md section 5, and against the two separate functions.
 
-Triton runs under TRITON_INTERPRET=1 on CPU tensors; the CUDA tier is marked ``gpu``.
+The op template (tests/op_template.py) runs every target: "cpu", "triton" under
+TRITON_INTERPRET=1 on CPU tensors, and "triton"/"cuda" on CUDA tensors, marked ``gpu``.
 """
 from __future__ import annotations
 
@@ -9,58 +10,30 @@ import pytest
 import torch
 
 import rcps_kernels as rk
-from numerics import assert_close_to_reference
-from test_pseudo_supervision import CPU_BACKENDS, as_layout, leaf_shape, logits, needs_cpu
+from tests.op_template import (HEAD_GRID, HEAD_SHAPES, check_head, cpu_backends,
+                               head_losses_run, logits, needs_cpu, targets)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter's masked lanes
 NAMES = ("urp", "cr", "grad_a", "grad_b")
 
 
-def evaluate(backend, view_a, view_b, teacher, reduction, layout="contiguous", device=None):
-    """(l_urp, l_cr, grad of view_a, grad of view_b) for fixed non-uniform grad_outputs; inputs
-    are cast into leaves laid out as `layout` on `device`."""
-    device = device or view_a.device
-    leaves = []
-    for x in (view_a, view_b):
-        leaf = torch.empty(leaf_shape(x.shape, layout), dtype=x.dtype, device=device)
-        with torch.no_grad():
-            as_layout(leaf, layout).copy_(x)
-        leaves.append(leaf.requires_grad_())
-    a, b = (as_layout(leaf, layout) for leaf in leaves)
-    urp, cr = rk.pseudo_supervision_losses(a, b, teacher.to(device), reduction=reduction,
-                                           backend=backend)
-    g_urp = logits(urp.shape, 1.0, seed=11, dtype=urp.dtype).to(device)
-    g_cr = logits(cr.shape, 1.0, seed=12, dtype=cr.dtype).to(device)
-    grad_a, grad_b = torch.autograd.grad((urp, cr), leaves, (g_urp, g_cr))
-    return urp, cr, as_layout(grad_a, layout), as_layout(grad_b, layout)
-
-
-def check(backend, dtype, reduction, layout="contiguous", shape=(2, 3, 5, 4, 3), device=None):
-    view_a, view_b, teacher = (logits(shape, seed=s).to(dtype) for s in (41, 42, 43))
+def head_inputs(shape, dtype=torch.float64):
+    view_a, view_b, teacher = (logits(shape, seed=s, dtype=dtype) for s in (41, 42, 43))
     teacher[:, 0, :1] = float("-inf")  # a class ruled out by the teacher
-    exact = evaluate("reference", view_a.double(), view_b.double(), teacher.double(), reduction)
-    same = evaluate("reference", view_a, view_b, teacher, reduction)
-    actual = evaluate(backend, view_a, view_b, teacher, reduction, layout, device)
-    for name, x, y, z in zip(NAMES, actual, same, exact):
-        assert torch.isfinite(x).all(), name
-        assert_close_to_reference(x, y, z, dtype=dtype, name=f"{backend}/{layout}/{name}")
-    return actual
+    return view_a, view_b, teacher
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("target,dtype", HEAD_GRID)
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_matches_reference_fp32(backend, reduction, layout):
-    check(backend, torch.float32, reduction, layout)
+def test_matches_reference(target, dtype, reduction, layout):
+    check_head(head_losses_run, target, head_inputs(HEAD_SHAPES[target.size]), dtype, reduction,
+               layout)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).split(".")[1])
-def test_matches_reference_other_dtypes(backend, dtype):
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter computes bf16 wrongly; tested on a GPU")
-    check(backend, dtype, "mean", shape=(1, 17, 4, 3))
+@pytest.mark.parametrize("target,dtype", HEAD_GRID)
+def test_many_classes(target, dtype):
+    check_head(head_losses_run, target, head_inputs((1, 17, 4, 3)), dtype, "mean")
 
 
 @needs_cpu
@@ -68,7 +41,7 @@ def test_matches_reference_other_dtypes(backend, dtype):
 def test_equals_the_two_separate_functions(reduction):
     shape = (2, 4, 6, 5)
     view_a, view_b, teacher = (logits(shape, seed=s).float() for s in (44, 45, 46))
-    one_op = evaluate("cpu", view_a, view_b, teacher, reduction)
+    one_op = head_losses_run("cpu", (view_a, view_b, teacher), reduction)
 
     a, b = view_a.clone().requires_grad_(), view_b.clone().requires_grad_()
     urp = (rk.rectified_pseudo_supervision(a, teacher, reduction=reduction, backend="cpu")
@@ -77,11 +50,12 @@ def test_equals_the_two_separate_functions(reduction):
     g_urp = logits(urp.shape, 1.0, seed=11, dtype=urp.dtype)
     g_cr = logits(cr.shape, 1.0, seed=12, dtype=cr.dtype)
     separate = (urp, cr, *torch.autograd.grad((urp, cr), (a, b), (g_urp, g_cr)))
-    for name, x, y in zip(NAMES, one_op, separate):
+    for name, y in zip(NAMES, separate, strict=True):
+        x = one_op[name]
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", cpu_backends(reference=True))
 def test_only_the_views_that_ask_get_gradient(backend):
     shape = (1, 3, 4)
     view_a = logits(shape, seed=47).float().requires_grad_()
@@ -94,7 +68,7 @@ def test_only_the_views_that_ask_get_gradient(backend):
 
 
 @needs_cpu
-def test_torch_compile_fullgraph_and_opcheck():
+def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     shape = (2, 3, 4, 5)
     view_a, view_b, teacher = (logits(shape, seed=s).float() for s in (50, 51, 52))
@@ -112,12 +86,21 @@ def test_torch_compile_fullgraph_and_opcheck():
     for x, y in zip(compiled, eager):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
+
+@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(target, reduction):
+    # The ops take the (B, num_classes, P) views the public function makes.
+    view_a, view_b, teacher = (logits((2, 3, 20), seed=s).float().to(target.device)
+                               for s in (50, 51, 52))
+    a, b = view_a.clone().requires_grad_(), view_b.clone().requires_grad_()
+    grad = (torch.ones(()) if reduction != "none" else torch.randn(2, 20)).to(target.device)
     ops = torch.ops.rcps
     torch.library.opcheck(ops.pseudo_supervision_losses.default,
-                          (a, b, teacher, 0.5, 1e-8, "mean", "cpu"))
+                          (a, b, teacher, 0.5, 1e-8, reduction, target.backend))
     torch.library.opcheck(ops.pseudo_supervision_losses_backward.default,
-                          (torch.ones(()), torch.ones(()), view_a, view_b, teacher, 0.5, 1e-8,
-                           "mean", "cpu"))
+                          (grad, 2 * grad, view_a, view_b, teacher, 0.5, 1e-8, reduction,
+                           target.backend))
 
 
 @needs_cpu
@@ -151,12 +134,3 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(mutate, kwargs, match
     with pytest.raises(ValueError, match=match):
         rk.pseudo_supervision_losses(*inputs, backend="reference" if "NaN" in match else "auto",
                                      **kwargs)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gpu_backends_match_reference(backend, dtype, reduction):
-    actual = check(backend, dtype, reduction, device="cuda")
-    assert all(x.is_cuda for x in actual)

@@ -1,125 +1,118 @@
-"""The fused CPU voxel InfoNCE against the float64 reference (docs/design.md section 5)."""
+"""The fused voxel InfoNCE of every backend against the float64 reference (docs/design.md
+section 5): the op template of tests/op_template.py over targets x dtypes x sampling x
+reduction, the edge cases, validation, torch.library and torch.compile. The random draws are in
+test_infonce_random.py, the numeric extremes in test_infonce_numerics.py.
+"""
 from __future__ import annotations
 
-import math
+import warnings
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import rcps_kernels as rk
+from rcps_kernels import _backend
 from rcps_kernels.ops import infonce as ops
-from rcps_kernels.reference.infonce import philox_randint, random_negative_draws_reference
-from rcps_kernels.selection import eligible_negatives, pseudo_labels
-from tests.numerics import (assert_close_to_reference, assert_relative_error_below,
-                            confident_features)
+from rcps_kernels.ops.infonce import InfoNCEParams
+from rcps_kernels.ops.kernels import kernels
+from rcps_kernels.ops.selection import eligible_negatives, pseudo_labels
+from tests.numerics import assert_relative_error_below, confident_features
+from tests.op_template import (CPU, CUDA, INFONCE_GRID, TRITON, TRITON_GPU, check_infonce,
+                               infonce_case, infonce_run, random_grad_out, sized_infonce_case,
+                               targets)
+
+# The interpreter evaluates both branches of tl.where: (-inf) - (-inf) in masked lanes of the
+# random kernel's online log-sum-exp warns in numpy, and is discarded.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
 
 
-def make_case(spatial, channels=8, classes=2, pool_spatial=None, batch=1, pool_batch=1,
-              dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    pool_spatial = pool_spatial or spatial
-    feats = [torch.randn(b, channels, *sp, generator=g, dtype=torch.float64)
-             for b, sp in ((batch, spatial), (batch, spatial), (pool_batch, pool_spatial))]
-    logits = [torch.randn(b, classes, *sp, generator=g) * 2
-              for b, sp in ((batch, spatial), (pool_batch, pool_spatial))]
-    return [f.to(dtype) for f in feats], logits
+# --- the template: values and gradients -----------------------------------------------------
 
-
-def run(backend, feats, logits, *, dtype, grad_out=None, **kw):
-    """Loss and the three input gradients for features cast to `dtype`."""
-    leaves = [f.detach().to(dtype).requires_grad_() for f in feats]
-    loss = rk.bidirectional_voxel_infonce(*leaves, *logits, backend=backend, **kw)
-    if grad_out is None:
-        grad_out = torch.ones_like(loss)
-    loss.backward(grad_out.to(loss.dtype))
-    return loss.detach(), [t.grad for t in leaves]
-
-
-def check_against_reference(feats, logits, *, dtype=torch.float32, seed=None, grad_out=None,
-                            factor=2.0, **kw):
-    def call(backend, dt):
-        extra = {}
-        if kw.get("sampling") == "random":
-            extra["generator"] = torch.Generator().manual_seed(seed or 0)
-        return run(backend, feats, logits, dtype=dt, grad_out=grad_out, **kw, **extra)
-
-    gt_loss, gt_grads = call("reference", torch.float64)
-    ref_loss, ref_grads = call("reference", dtype)
-    loss, grads = call("cpu", dtype)
-    assert loss.dtype == torch.float32
-    assert torch.isfinite(loss).all()
-    assert_close_to_reference(loss, ref_loss, gt_loss, dtype=dtype, factor=factor, name="loss")
-    for name, g, r, gt in zip(("anchor", "positive", "negative"), grads, ref_grads, gt_grads):
-        assert g.dtype == dtype and g.shape == gt.shape
-        assert_close_to_reference(g, r, gt, dtype=dtype, factor=factor, name=f"grad {name}")
-    return loss, grads
-
-
-# --- values and gradients -------------------------------------------------------------------
-
+@pytest.mark.parametrize("target,dtype", INFONCE_GRID)
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
-@pytest.mark.parametrize(
-    "spatial,pool_spatial,classes,k",
-    [
-        ((5, 6, 4), None, 2, 16),       # 3-D, K below the eligible count
-        ((7, 9), (5, 11), 3, 200),      # 2-D, pool of another size, K above it
-        ((13,), (17,), 5, 4),           # 1-D, 5 classes
-        ((3, 5, 7), (4, 4, 3), 4, 48),  # odd sizes
-    ],
-)
-def test_matches_float64_reference(sampling, reduction, spatial, pool_spatial, classes, k):
-    feats, logits = make_case(spatial, channels=12, classes=classes, pool_spatial=pool_spatial)
-    check_against_reference(feats, logits, num_negatives=k, sampling=sampling,
-                            reduction=reduction, seed=7)
+def test_matches_float64_reference(target, dtype, sampling, reduction):
+    # random: K above the interpreter's 16-draw block, the threshold leaves part of the pool.
+    feats, logits, k = sized_infonce_case(target, sampling)
+    loss_shape = logits[0][:, 0].shape if reduction == "none" else ()
+    kw = dict(confidence_threshold=0.6) if sampling == "random" else {}
+    check_infonce(target, feats, logits, dtype=dtype, num_negatives=k, sampling=sampling,
+                  reduction=reduction, grad_out=random_grad_out(loss_shape), **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+#: (spatial, pool spatial, classes, K) per case; the interpreter gets smaller versions of each.
+SHAPE_CASES = {
+    "3d": {"full": ((5, 6, 4), None, 2, 16), "tiny": ((3, 2, 2), None, 2, 6)},  # K < eligible
+    "2d": {"full": ((7, 9), (5, 11), 3, 200), "tiny": ((4, 5), (3, 5), 3, 40)},  # K > pool
+    "1d": {"full": ((13,), (17,), 5, 4), "tiny": ((7,), (9,), 5, 4)},  # 5 classes
+    "odd": {"full": ((3, 5, 7), (4, 4, 3), 4, 48), "tiny": ((3, 3, 2), (2, 3, 3), 4, 20)},
+}
+
+
+@pytest.mark.parametrize("target", targets(CPU, TRITON, CUDA))
 @pytest.mark.parametrize("sampling", ["topk", "random"])
-def test_half_precision_inputs_accumulate_in_fp32(dtype, sampling):
-    feats, logits = make_case((6, 5, 4), channels=16, classes=3)
-    check_against_reference(feats, logits, dtype=dtype, num_negatives=24, sampling=sampling)
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_spatial_ranks_and_pool_sizes(target, sampling, reduction, case):
+    spatial, pool_spatial, classes, k = SHAPE_CASES[case]["tiny" if target.size == "tiny"
+                                                          else "full"]
+    feats, logits = infonce_case(spatial, channels=12, classes=classes, pool_spatial=pool_spatial)
+    check_infonce(target, feats, logits, num_negatives=k, sampling=sampling, reduction=reduction,
+                  seed=7)
 
 
+@pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_confident_anchors_keep_a_tiny_loss_accurate(sampling, reduction):
+def test_confident_anchors_keep_a_tiny_loss_accurate(target, sampling, reduction):
     # Per-anchor losses ~1e-3 under logits ~20: the kernel must not form them as lse - x.
     # The fp32 reference forms them that way itself, so the loss also gets a relative bound.
-    _, logits = make_case((6, 5), classes=2, pool_spatial=(5, 4), seed=3)
+    _, logits = infonce_case((6, 5), classes=2, pool_spatial=(5, 4), seed=3)
     kw = dict(sampling=sampling, num_negatives=4, temperature=0.05, reduction=reduction)
-    feats = confident_features()
-    loss, _ = check_against_reference(feats, logits, seed=1, **kw)
-    gen = torch.Generator().manual_seed(1) if sampling == "random" else None
-    gt = rk.bidirectional_voxel_infonce(*feats, *logits, backend="reference", generator=gen, **kw)
-    assert_relative_error_below(loss, gt, rtol=1e-5, name="loss")
+    actual, exact = check_infonce(target, confident_features(), logits, seed=1, **kw)
+    assert_relative_error_below(actual["loss"], exact["loss"], rtol=1e-5, name="loss")
 
 
-def test_batches_on_both_sides():
-    feats, logits = make_case((4, 5, 3), batch=2, pool_batch=3, classes=3)
-    check_against_reference(feats, logits, num_negatives=30)
+@pytest.mark.parametrize("target", targets())
+def test_batches_on_both_sides(target):
+    spatial = (3, 2, 2) if target.size == "tiny" else (4, 5, 3)
+    feats, logits = infonce_case(spatial, batch=2, pool_batch=3, classes=3)
+    for sampling in ("topk", "random"):
+        check_infonce(target, feats, logits, num_negatives=30, sampling=sampling)
 
 
-def test_grad_output_not_one():
-    feats, logits = make_case((5, 4, 3), classes=3)
-    check_against_reference(feats, logits, num_negatives=10, grad_out=torch.tensor(-3.7))
+@pytest.mark.parametrize("target", targets())
+def test_three_classes_whose_banks_overlap_and_span_blocks(target):
+    # K=20 > the interpreter's BLOCK_N=16 (two bank blocks), 3 classes whose banks share voxels
+    # (the pool gradient is scattered class by class).
+    feats, logits = infonce_case((4, 3, 2), channels=12, classes=3, pool_spatial=(4, 3, 3), seed=3)
+    check_infonce(target, feats, logits, num_negatives=20, reduction="sum",
+                  grad_out=torch.tensor(0.7))
+
+
+@pytest.mark.parametrize("target", targets())
+def test_grad_output_not_one(target):
+    feats, logits = infonce_case((5, 4, 3), classes=3)
+    check_infonce(target, feats, logits, num_negatives=10, grad_out=torch.tensor(-3.7))
     weights = torch.linspace(-2, 3, 60).reshape(1, 5, 4, 3)
-    check_against_reference(feats, logits, num_negatives=10, reduction="none", grad_out=weights)
+    check_infonce(target, feats, logits, num_negatives=10, reduction="none", grad_out=weights)
 
 
-def test_large_bank_uses_the_second_pass():
+@pytest.mark.parametrize("target", targets(CPU))
+def test_large_bank_uses_the_second_pass(target):
     # K * C * threads above the per-thread-copy budget (2^18 floats) takes the recompute pass.
-    feats, logits = make_case((3, 3, 2), channels=64, pool_spatial=(24, 24, 12), classes=2)
-    loss, _ = check_against_reference(feats, logits, num_negatives=3000)
-    assert loss.ndim == 0
+    feats, logits = infonce_case((3, 3, 2), channels=64, pool_spatial=(24, 24, 12), classes=2)
+    actual, _ = check_infonce(target, feats, logits, num_negatives=3000)
+    assert actual["loss"].ndim == 0
 
 
+@pytest.mark.parametrize("target", targets(CPU, TRITON))
 @pytest.mark.parametrize("layout", ["channels_last_3d", "transposed", "sliced"])
-def test_non_contiguous_inputs(layout):
-    feats, logits = make_case((6, 5, 4), channels=8, classes=3)
+def test_non_contiguous_inputs(target, layout):
+    feats, logits = infonce_case((6, 5, 4) if target == CPU else (4, 3, 2), classes=3)
     if layout == "channels_last_3d":
         feats = [f.contiguous(memory_format=torch.channels_last_3d) for f in feats]
     elif layout == "transposed":
@@ -128,49 +121,54 @@ def test_non_contiguous_inputs(layout):
         wide = [torch.cat([f, f.flip(1)], dim=1) for f in feats]
         feats = [w[:, ::2] for w in wide]
     assert not feats[0].is_contiguous()
-    check_against_reference(feats, logits, num_negatives=20)
-
-
-# --- edge cases --------------------------------------------------------------------------
-
-def test_single_class_present_gives_zero_loss_and_gradients():
-    feats, logits = make_case((4, 4, 3), classes=2)
-    logits = [torch.stack([torch.ones_like(l[:, 0]), torch.zeros_like(l[:, 0])], 1) for l in logits]
     for sampling in ("topk", "random"):
-        loss, grads = run("cpu", feats, logits, dtype=torch.float32, num_negatives=5,
-                          sampling=sampling)
-        assert loss.item() == 0.0
-        assert all(torch.count_nonzero(g) == 0 for g in grads)
-    check_against_reference(feats, logits, num_negatives=5)
+        check_infonce(target, feats, logits, num_negatives=20, sampling=sampling)
 
 
-def test_k_larger_than_pool_uses_only_eligible_voxels():
-    feats, logits = make_case((3, 3, 2), classes=2, pool_spatial=(2, 2, 2))
+# --- edge cases -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", targets())
+def test_single_class_present_gives_zero_loss_and_gradients(target):
+    feats, logits = infonce_case((4, 4, 3), classes=2)
+    logits = [torch.stack([torch.ones_like(x[:, 0]), torch.zeros_like(x[:, 0])], 1)
+              for x in logits]  # anchors and pool all class 0: nothing eligible
+    for sampling in ("topk", "random"):
+        out = infonce_run(target.backend, [f.to(target.device) for f in feats], logits,
+                          num_negatives=5, sampling=sampling, reduction="none")
+        for name, value in out.items():
+            assert value.abs().sum().item() == 0.0, f"{sampling} {name}"
+    check_infonce(target, feats, logits, num_negatives=5)
+
+
+@pytest.mark.parametrize("target", targets())
+def test_k_larger_than_pool_uses_only_eligible_voxels(target):
+    feats, logits = infonce_case((3, 3, 2), classes=2, pool_spatial=(2, 2, 2))
     idx, counts = rk.select_confident_negatives(logits[1], 50)
     labels, _ = pseudo_labels(logits[1])
     for c in range(2):
         valid = idx[c, : counts[c]]
         assert (labels[valid] != c).all() and (idx[c, counts[c]:] == -1).all()
     assert counts.sum() == 8  # every pool voxel is eligible for exactly one of the 2 classes
-    check_against_reference(feats, logits, num_negatives=50)
+    check_infonce(target, feats, logits, num_negatives=50)
+    check_infonce(target, feats, logits, num_negatives=50, sampling="random")
 
 
-def test_zero_norm_features_are_finite_and_match():
-    feats, logits = make_case((4, 3, 3), classes=3)
+@pytest.mark.parametrize("target", targets())
+def test_zero_norm_features_are_finite_and_match(target):
+    feats, logits = infonce_case((4, 3, 3), classes=3)
     for f in feats:
         f[..., 0, 0, :] = 0.0
-    check_against_reference(feats, logits, num_negatives=12)
-    check_against_reference(feats, logits, num_negatives=12, sampling="random")
+    check_infonce(target, feats, logits, num_negatives=12)
+    check_infonce(target, feats, logits, num_negatives=12, sampling="random")
 
 
 def test_selection_matches_official_topk_on_distinct_confidences():
     """Brute force: the official pool x anchor mask + topk along the pool axis, per anchor."""
-    _, logits = make_case((5, 4, 3), classes=3, seed=3)
-    anchor_logits, negative_logits = logits
+    _, (anchor_logits, pool_logits) = infonce_case((5, 4, 3), classes=3, seed=3)
     k = 9
-    idx, counts = rk.select_confident_negatives(negative_logits, k)
+    idx, counts = rk.select_confident_negatives(pool_logits, k)
     a_labels, _ = pseudo_labels(anchor_logits)
-    n_labels, conf = pseudo_labels(negative_logits)
+    n_labels, conf = pseudo_labels(pool_logits)
     masked = (n_labels[:, None] != a_labels[None, :]).float() * conf[:, None]  # (M, N)
     official = torch.topk(masked, k, dim=0).indices  # (K, N)
     for anchor in range(a_labels.numel()):
@@ -179,115 +177,116 @@ def test_selection_matches_official_topk_on_distinct_confidences():
         assert set(official[:, anchor].tolist()) == set(idx[c].tolist())
 
 
-def test_inputs_without_grad_get_none_and_no_grad_runs_forward_only():
-    feats, logits = make_case((4, 4, 3), classes=2)
+@pytest.mark.parametrize("target", targets())
+def test_inputs_without_grad_get_none_and_no_grad_runs_forward_only(target):
+    feats, logits = infonce_case((4, 4, 3), classes=2)
+    feats = [f.float().to(target.device) for f in feats]
+    logits = [x.to(target.device) for x in logits]
     a, p = [f.clone().requires_grad_() for f in feats[:2]]
     n = feats[2].clone()
-    loss = rk.bidirectional_voxel_infonce(a, p, n, *logits, num_negatives=8, backend="cpu")
+    loss = rk.bidirectional_voxel_infonce(a, p, n, *logits, num_negatives=8,
+                                          backend=target.backend)
     loss.backward()
     assert n.grad is None and a.grad is not None and p.grad is not None
-    ref_a = feats[0].clone().requires_grad_()
-    rk.bidirectional_voxel_infonce(ref_a, feats[1], feats[2], *logits, num_negatives=8,
+    ref_a = feats[0].cpu().double().requires_grad_()
+    rk.bidirectional_voxel_infonce(ref_a, *[f.cpu().double() for f in feats[1:]],
+                                   *[x.cpu() for x in logits], num_negatives=8,
                                    backend="reference").backward()
-    torch.testing.assert_close(a.grad, ref_a.grad.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.grad.cpu(), ref_a.grad.float(), rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        nograd = rk.bidirectional_voxel_infonce(*feats, *logits, num_negatives=8, backend="cpu")
+        nograd = rk.bidirectional_voxel_infonce(a, p, n, *logits, num_negatives=8,
+                                                backend=target.backend)
     assert not nograd.requires_grad
     torch.testing.assert_close(nograd, loss.detach(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("sampling", ["topk", "random"])
-def test_deterministic_run_to_run(sampling):
-    feats, logits = make_case((6, 6, 5), channels=16, classes=3)
-    first = run("cpu", feats, logits, dtype=torch.float32, num_negatives=40, sampling=sampling,
-                generator=torch.Generator().manual_seed(1))
-    second = run("cpu", feats, logits, dtype=torch.float32, num_negatives=40, sampling=sampling,
-                 generator=torch.Generator().manual_seed(1))
-    assert torch.equal(first[0], second[0])
-    assert all(torch.equal(x, y) for x, y in zip(first[1], second[1]))
+def test_deterministic_run_to_run(target, sampling):
+    # deterministic=True: random mode's GPU pool gradient takes the fixed-point atomics.
+    spatial = {"tiny": (4, 3, 2), "cpu": (6, 6, 5), "gpu": (16, 16, 8)}[target.size]
+    feats, logits = infonce_case(spatial, channels=16 if target == CPU else 64, classes=3)
+    feats = [f.float().to(target.device) for f in feats]
+    kw = dict(num_negatives=40 if target.size != "gpu" else 200, sampling=sampling,
+              deterministic=True)
+    first = infonce_run(target.backend, feats, logits, **kw)
+    for _ in range(2 if target.size == "tiny" else 3):
+        again = infonce_run(target.backend, feats, logits, **kw)
+        for name in first:
+            assert torch.equal(first[name], again[name]), name
 
 
-# --- random mode -------------------------------------------------------------------------
+# --- the kernel table -------------------------------------------------------------------------
 
-def test_philox_known_answer():
-    # Philox4x32-10 with zero key and counter (Random123 test vector), first output word.
-    assert philox_randint(0, np.array([0], dtype=np.uint64))[0] == 0x6627E8D5
-
-
-def random_setup(threshold=0.0, seed=0):
-    _, logits = make_case((6, 5, 4), classes=3, pool_spatial=(5, 5, 4), seed=seed)
+def _kernel_inputs(random, device, *, classes=3, k=9, weight=True):
+    feats, logits = infonce_case((4, 3, 2), channels=12, classes=classes,
+                                 pool_spatial=(3, 3, 2), pool_batch=2, seed=11)
     labels, _ = pseudo_labels(logits[0])
-    idx, counts = eligible_negatives(logits[1], threshold, 3)
-    return logits, labels, idx, counts
+    if random:
+        idx, counts = eligible_negatives(logits[1], 0.0, classes)
+    else:
+        idx, counts = rk.select_confident_negatives(logits[1], k, classes)
+    z = [f.float().reshape(f.shape[0], f.shape[1], -1).to(device) for f in feats]
+    w = torch.rand(labels.numel(), generator=torch.Generator().manual_seed(2)) if weight else None
+    params = InfoNCEParams(labels.to(device), idx.to(device), counts.to(device), temperature=0.2,
+                           num_negatives=k, random=random, seed=77)
+    return z, params, w
 
 
-@pytest.mark.parametrize("offset", [0, 12345, 2**32 - 7])
-def test_cpu_draws_equal_the_independent_numpy_philox(offset):
-    _, labels, idx, counts = random_setup()
-    for seed in (0, 1, 2**40 + 3, 2**62 - 1):
-        kernel = ops.random_draws(labels, idx, counts, 17, seed, offset)
-        reference = random_negative_draws_reference(labels, idx, counts, 17, seed, offset)
-        assert torch.equal(kernel, reference)
+@pytest.mark.parametrize("target", targets(TRITON, TRITON_GPU, CUDA))
+@pytest.mark.parametrize("random", [False, True])
+def test_kernel_matches_cpu_kernel_with_weights(target, random):
+    z, params, w = _kernel_inputs(random, target.device)
+    actual = kernels(target.backend).voxel_infonce(*z, params, grad_weight=w.to(target.device),
+                                                   grad_scale=0.37, pool_grad=True)
+    z_cpu, params_cpu, _ = _kernel_inputs(random, "cpu")
+    expected = kernels("cpu").voxel_infonce(*z_cpu, params_cpu, grad_weight=w, grad_scale=0.37,
+                                            pool_grad=True)
+    for x, y in zip(actual, expected, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype and y.numel() > 0
+        torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-6)
 
 
-def test_same_seed_same_draws_new_seed_new_draws():
-    logits, _, _, _ = random_setup()
-    a = rk.random_negative_draws(*logits, num_negatives=32, seed=5)
-    b = rk.random_negative_draws(*logits, num_negatives=32, seed=5)
-    c = rk.random_negative_draws(*logits, num_negatives=32, seed=6)
-    assert torch.equal(a, b)
-    assert (a != c).float().mean() > 0.5
+@pytest.mark.parametrize("target", targets())
+def test_kernel_loss_only_returns_empty_grads(target):
+    z, params, _ = _kernel_inputs(False, target.device)
+    loss, g1, g2, gn = kernels(target.backend).voxel_infonce(*z, params)  # grad_scale 0
+    assert g1.numel() == g2.numel() == gn.numel() == 0
+    with_grads = kernels(target.backend).voxel_infonce(*z, params, grad_scale=1.0)
+    assert with_grads[1].numel() > 0 and with_grads[3].numel() == 0  # no pool_grad asked
+    torch.testing.assert_close(loss, with_grads[0], rtol=1e-6, atol=1e-7)
 
 
-def test_random_loss_depends_on_the_generator_only():
-    feats, logits = make_case((5, 5, 4), classes=3)
-    kw = dict(num_negatives=8, sampling="random", backend="cpu")
-    one = rk.bidirectional_voxel_infonce(*feats, *logits, generator=torch.Generator().manual_seed(4), **kw)
-    two = rk.bidirectional_voxel_infonce(*feats, *logits, generator=torch.Generator().manual_seed(4), **kw)
-    other = rk.bidirectional_voxel_infonce(*feats, *logits, generator=torch.Generator().manual_seed(9), **kw)
-    assert one.item() == two.item() and one.item() != other.item()
+@pytest.mark.parametrize("target", targets(TRITON, TRITON_GPU, CUDA))
+@pytest.mark.parametrize("sampling", ["topk", "random"])
+def test_public_api_matches_the_cpu_kernel(target, sampling):
+    spatial, channels = ((4, 3, 2), 12) if target.size == "tiny" else ((8, 6, 5), 64)
+    feats, logits = infonce_case(spatial, channels=channels, classes=3, seed=2)
+    kw = dict(num_negatives=100 if target.size == "gpu" else 10, sampling=sampling)
+    actual = infonce_run(target.backend, [f.float().to(target.device) for f in feats], logits,
+                         **kw)
+    expected = infonce_run("cpu", [f.float() for f in feats], logits, **kw)
+    for name in expected:
+        torch.testing.assert_close(actual[name].cpu(), expected[name], rtol=2e-4, atol=2e-6)
 
 
-@pytest.mark.parametrize("threshold", [0.0, 0.6])
-def test_every_draw_is_eligible(threshold):
-    logits, labels, _, _ = random_setup(threshold)
-    draws = rk.random_negative_draws(*logits, num_negatives=50, seed=3,
-                                     confidence_threshold=threshold)
-    n_labels, conf = pseudo_labels(logits[1])
-    used = draws >= 0
-    assert used.any()
-    pool = draws.clamp(min=0)
-    assert (n_labels[pool] != labels[:, None])[used].all()
-    assert (conf[pool] >= threshold)[used].all()
-    # Rows without a draw are exactly the anchors whose class has no eligible voxel.
-    _, counts = eligible_negatives(logits[1], threshold, 3)
-    assert torch.equal(~used.all(dim=1), counts[labels] == 0)
+def test_cuda_table_loads_where_torch_has_cuda():
+    # The CUDA extension loads and registers its kernels on any machine whose torch was built
+    # with CUDA (no device needed to load it).
+    if torch.version.cuda is None:
+        pytest.skip("this torch build has no CUDA")
+    table = kernels("cuda")
+    assert all(getattr(table, field) is not None for field in
+               ("voxel_infonce", "random_draws", "urp_forward", "urp_backward", "cosine_forward",
+                "cosine_backward"))
+    with pytest.raises(ValueError, match="backend must be 'cpu', 'cuda' or 'triton'"):
+        kernels("tpu")
 
 
-def test_draws_are_uniform_over_the_eligible_pool():
-    logits, labels, idx, counts = random_setup(seed=11)
-    draws = rk.random_negative_draws(*logits, num_negatives=4000, seed=2024)
-    for c in range(3):
-        rows = draws[labels == c]
-        n = int(counts[c])
-        if rows.numel() == 0 or n < 2:
-            continue
-        observed = torch.bincount(
-            torch.searchsorted(idx[c, :n], rows.flatten()), minlength=n
-        ).double()
-        assert observed.sum() == rows.numel() and observed.numel() == n
-        expected = rows.numel() / n
-        chi2 = float(((observed - expected) ** 2 / expected).sum())
-        df = n - 1
-        # Wilson-Hilferty: the 1e-6 upper quantile of chi-square(df) is about df*(1-2/(9df)+4.75*sqrt(2/(9df)))^3.
-        bound = df * (1 - 2 / (9 * df) + 4.75 * math.sqrt(2 / (9 * df))) ** 3
-        assert chi2 < bound, f"class {c}: chi2 {chi2:.1f} >= {bound:.1f} (df {df})"
-
-
-# --- validation --------------------------------------------------------------------------
+# --- validation -------------------------------------------------------------------------------
 
 def _inputs():
-    feats, logits = make_case((4, 4, 3), classes=2)
+    feats, logits = infonce_case((4, 4, 3), classes=2)
     return [*feats, *logits]
 
 
@@ -296,14 +295,14 @@ def _inputs():
     [
         (lambda x: x.__setitem__(0, x[0].unsqueeze(-1)), {}, "anchor must be"),
         (lambda x: x.__setitem__(1, x[1][..., :2]), {}, "positive must have"),
-        (lambda x: x.__setitem__(2, x[2][:, :4]), {}, "negative must be"),
+        (lambda x: x.__setitem__(2, x[2][:, :4]), {}, "pool must be"),
         (lambda x: x.__setitem__(3, x[3][..., :2]), {}, "anchor_logits must be"),
-        (lambda x: x.__setitem__(4, x[4][..., :2]), {}, "negative_logits must be"),
+        (lambda x: x.__setitem__(4, x[4][..., :2]), {}, "pool_logits must be"),
         (lambda x: x.__setitem__(4, torch.cat([x[4], x[4][:, :1]], 1)), {}, "same number of classes"),
         (lambda x: x.__setitem__(1, x[1].double()), {}, "share a dtype"),
         (lambda x: x.__setitem__(2, x[2].to("meta")), {}, "one device"),
         (lambda x: x[0].view(-1).__setitem__(3, float("nan")), {}, "anchor contains NaN"),
-        (lambda x: x[4].view(-1).__setitem__(0, float("inf")), {}, "negative_logits contains NaN or Inf"),
+        (lambda x: x[4].view(-1).__setitem__(0, float("inf")), {}, "pool_logits contains NaN or Inf"),
         (lambda x: x.__setitem__(0, x[0].long()), {}, "floating"),
         (lambda x: None, {"num_negatives": 0}, "num_negatives"),
         (lambda x: None, {"temperature": 0.0}, "temperature"),
@@ -325,8 +324,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument(mutate, kwargs, match
 def test_a_bad_pool_voxel_that_is_never_selected_is_not_reported(backend, bad):
     """The finite-input check passes the inputs' norms first; a non-finite one only fails the
     call if it reaches the loss, so a broken pool voxel outside every negative table is fine."""
-    feats, logits = make_case((4, 4, 3), classes=2)
-    feats = [f.float() for f in feats]
+    feats, logits = infonce_case((4, 4, 3), classes=2)
     idx, _ = rk.select_confident_negatives(logits[1], 3)
     unused = next(j for j in range(48) if j not in set(idx.flatten().tolist()))
     clean = rk.bidirectional_voxel_infonce(*feats, *logits, num_negatives=3, backend=backend)
@@ -334,7 +332,7 @@ def test_a_bad_pool_voxel_that_is_never_selected_is_not_reported(backend, bad):
     broken = rk.bidirectional_voxel_infonce(*feats, *logits, num_negatives=3, backend=backend)
     torch.testing.assert_close(broken, clean, rtol=0, atol=0)
     feats[2].view(8, -1)[:, idx[0, 0]] = bad  # now a selected one: reported
-    with pytest.raises(ValueError, match="negative contains NaN or Inf"):
+    with pytest.raises(ValueError, match="pool contains NaN or Inf"):
         rk.bidirectional_voxel_infonce(*feats, *logits, num_negatives=3, backend=backend)
 
 
@@ -344,10 +342,10 @@ def test_cpu_backend_refuses_other_devices():
         rk.bidirectional_voxel_infonce(*x, backend="cpu")
 
 
-# --- module, torch.library, torch.compile -----------------------------------------------
+# --- module, torch.library, torch.compile -----------------------------------------------------
 
 def test_module_matches_functional():
-    feats, logits = make_case((4, 4, 3), classes=3)
+    feats, logits = infonce_case((4, 4, 3), classes=3)
     module = rk.BidirectionalVoxelContrastiveLoss(num_negatives=11, temperature=0.2, backend="cpu")
     expected = rk.bidirectional_voxel_infonce(*feats, *logits, num_negatives=11, temperature=0.2,
                                               backend="reference")
@@ -355,35 +353,38 @@ def test_module_matches_functional():
     assert "num_negatives=11" in repr(module)
 
 
-def _op_args(sampling="topk"):
-    feats, logits = make_case((4, 3, 3), classes=3)
-    z = [f.float().reshape(1, 8, -1).requires_grad_() for f in feats]
+@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("sampling", ["topk", "random"])
+def test_opcheck(target, sampling):
+    feats, logits = infonce_case((4, 3, 2) if target.size == "tiny" else (4, 4, 3), classes=3)
+    z = [f.float().reshape(1, 8, -1).to(target.device).requires_grad_() for f in feats]
     labels, _ = pseudo_labels(logits[0])
     if sampling == "topk":
         idx, counts = rk.select_confident_negatives(logits[1], 6)
     else:
         idx, counts = eligible_negatives(logits[1], 0.0, 3)
-    return (*z, labels, idx, counts, 0.1, 6, sampling == "random", 77, 0, "cpu")
-
-
-@pytest.mark.parametrize("sampling", ["topk", "random"])
-def test_opcheck(sampling):
-    args = _op_args(sampling)
+    tables = [t.to(target.device) for t in (labels, idx, counts)]
+    args = (*z, *tables, 0.1, 6, sampling == "random", 77, 0, target.backend, None)
     torch.library.opcheck(ops.voxel_infonce_loss, args)
     torch.library.opcheck(ops.voxel_infonce_mean, (*args, True))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("target", targets(CPU, TRITON_GPU, CUDA) + ["reference"])
+def test_torch_compile_fullgraph(target):
     torch._dynamo.reset()
-    feats, logits = make_case((4, 4, 3), classes=2)
+    backend, device = (target, "cpu") if target == "reference" else target
+    feats, logits = infonce_case((4, 4, 3), classes=2)
+    logits = [x.to(device) for x in logits]
+    k = 7 if device == "cpu" else 50
 
     def loss_fn(a, p, n, la, ln):
-        return rk.bidirectional_voxel_infonce(a, p, n, la, ln, num_negatives=7, backend=backend)
+        return rk.bidirectional_voxel_infonce(a, p, n, la, ln, num_negatives=k, backend=backend)
 
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    eager_leaves = [f.clone().requires_grad_() for f in feats]
-    compiled_leaves = [f.clone().requires_grad_() for f in feats]
+    # The CPU test stops at aot_eager (the ops' fakes and autograd); a GPU runs inductor.
+    compiled = torch.compile(loss_fn, fullgraph=True,
+                             backend="aot_eager" if device == "cpu" else "inductor")
+    eager_leaves = [f.float().to(device).requires_grad_() for f in feats]
+    compiled_leaves = [f.float().to(device).requires_grad_() for f in feats]
     eager = loss_fn(*eager_leaves, *logits)
     got = compiled(*compiled_leaves, *logits)
     eager.backward()
@@ -393,7 +394,67 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(x.grad, y.grad)
 
 
-# --- fuzzing -----------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_torch_compile_cuda_graphs_follow_new_inputs():
+    """mode="reduce-overhead" replays the call as CUDA graphs: every step with new values (same
+    shapes) must give the eager loss and gradients, not the recorded step's."""
+
+    def f(a, p, n, al, nl):
+        return rk.bidirectional_voxel_infonce(a, p, n, al, nl, num_negatives=50,
+                                              backend="triton")
+
+    compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for step in range(4):  # warm-up, recording, then replays
+        feats, logits = infonce_case((8, 6, 5), channels=32, pool_spatial=(7, 6, 5), seed=step)
+        logits = [x.cuda() for x in logits]
+        results = []
+        for fn in (compiled, f):
+            leaves = [t.cuda().requires_grad_() for t in feats]
+            torch.compiler.cudagraph_mark_step_begin()
+            loss = fn(*leaves, *logits)
+            loss.backward()
+            results.append([loss.detach().clone()] + [t.grad for t in leaves])
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("target", targets(TRITON_GPU, CUDA))
+def test_large_index_offsets(target):
+    """More than 2^31 elements in the anchor map: offsets voxel * C must be 64-bit."""
+    free, _ = torch.cuda.mem_get_info()
+    N, C = 2**25 + 1000, 64  # 2^31 + 64000 elements per feature map
+    need = N * C * 2 * 2 * 3 + N * C * 4 * 4  # fp16 inputs + grads + fp32 normalised copies
+    if free < need * 1.3:
+        pytest.skip(f"needs ~{need / 2**30:.0f} GiB of free GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, dtype=torch.float16):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
+
+    a, p, n = (randn(1, C, size).requires_grad_() for size in (N, N, 4096))
+    al, nl = randn(1, 2, N, dtype=torch.float32), randn(1, 2, 4096, dtype=torch.float32)
+    loss = rk.bidirectional_voxel_infonce(a, p, n, al, nl, num_negatives=16,
+                                          backend=target.backend)
+    loss.backward()
+    assert torch.isfinite(loss)
+    # The last anchors (beyond 2^31 / C voxels) are checked against the reference on a slice.
+    tail = slice(N - 256, N)
+    labels, _ = pseudo_labels(al)
+    idx, counts = rk.select_confident_negatives(nl, 16, 2)
+    params = InfoNCEParams(labels, idx, counts, temperature=0.1, num_negatives=16, random=False)
+    per_anchor = kernels(target.backend).voxel_infonce(a.detach(), p.detach(), n.detach(),
+                                                       params)[0]
+    sub = [t.detach()[:, :, tail].float() for t in (a, p)]
+    ref = rk.bidirectional_voxel_infonce(*sub, n.detach().float(), al[:, :, tail], nl,
+                                         num_negatives=16, backend="reference", reduction="none")
+    torch.testing.assert_close(per_anchor[tail].cpu(), ref.flatten().float().cpu(), rtol=2e-3,
+                               atol=2e-3)
+    assert torch.isfinite(a.grad[:, :, tail]).all() and a.grad[:, :, tail].abs().sum() > 0
+
+
+# --- fuzzing, graphs, fallback ----------------------------------------------------------------
 
 # Derandomised so that CI sees the same 300 examples every run, over temperatures 1e-6..1e3 and
 # feature scales 1e-30..1e30 (log-uniform); the @example cases are ones that earlier random
@@ -418,19 +479,18 @@ def test_torch_compile_fullgraph(backend):
     scale=st.floats(-30.0, 30.0).map(lambda exponent: 10.0**exponent),
     seed=st.integers(0, 2**31),
 )
-def test_fuzz_against_reference(dims, size, pool_size, channels, classes, k, sampling,
-                                 reduction, temperature, scale, seed):
+def test_fuzz_cpu_against_reference(dims, size, pool_size, channels, classes, k, sampling,
+                                    reduction, temperature, scale, seed):
     spatial = tuple(size + d for d in range(dims))
     pool_spatial = tuple(pool_size + (d * 2) % 3 for d in range(dims))
-    feats, logits = make_case(spatial, channels=channels, classes=classes,
-                              pool_spatial=pool_spatial, seed=seed)
-    check_against_reference([f * scale for f in feats], logits, num_negatives=k,
-                            sampling=sampling, reduction=reduction, temperature=temperature,
-                            seed=seed)
+    feats, logits = infonce_case(spatial, channels=channels, classes=classes,
+                                 pool_spatial=pool_spatial, seed=seed)
+    check_infonce(CPU, [f * scale for f in feats], logits, num_negatives=k, sampling=sampling,
+                  reduction=reduction, temperature=temperature, seed=seed)
 
 
 def test_mean_path_refuses_a_second_backward_through_the_graph():
-    feats, logits = make_case((4, 4, 3), classes=2)
+    feats, logits = infonce_case((4, 4, 3), classes=2)
     leaves = [f.clone().requires_grad_() for f in feats]
     loss = rk.bidirectional_voxel_infonce(*leaves, *logits, num_negatives=6, backend="cpu")
     (2 * loss).backward(retain_graph=True)
@@ -445,10 +505,6 @@ def test_mean_path_refuses_a_second_backward_through_the_graph():
 
 
 def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
-    import warnings
-
-    from rcps_kernels import _backend
-
     monkeypatch.setattr(_backend, "load_cpu_extension", lambda: "pretend the build failed")
     _backend._warn_fallback_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="pretend the build failed"):

@@ -1,12 +1,12 @@
 """Fused L_urp (rectified pseudo supervision) and L_cr (logit cosine consistency) against the
 float64 reference, by the rule of docs/design.md section 5 (tests/numerics.py).
 
-Triton runs under TRITON_INTERPRET=1 on tiny CPU tensors (fp32/fp64/fp16 only: the interpreter
-gets bf16 wrong); the CUDA tier is marked ``gpu``.
+The op template (tests/op_template.py) runs every target: "cpu", "triton" under
+TRITON_INTERPRET=1 on tiny CPU tensors (fp32/fp64/fp16 only: the interpreter gets bf16 wrong),
+and "triton"/"cuda" on CUDA tensors, marked ``gpu``.
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 import pytest
@@ -16,103 +16,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rcps_kernels as rk
-from rcps_kernels._extension import load_cpu_extension
+from rcps_kernels._backend import resolve_backend
+from rcps_kernels.functional import _BACKENDS
 from rcps_kernels.reference.pseudo_supervision import (
     logit_cosine_consistency_reference,
     rectified_pseudo_supervision_reference,
 )
-from numerics import assert_close_to_reference
-
-HAVE_CPU = load_cpu_extension() is None
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
-needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason="the CPU extension is not usable")
-needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-
-CPU_BACKENDS = [
-    pytest.param("cpu", marks=needs_cpu),
-    pytest.param("triton", marks=needs_triton),
-]
-TEMPERATURE = 0.5
+from tests.numerics import assert_close_to_reference
+from tests.op_template import (CPU, HEAD_GRID, HEAD_SHAPES, TRITON,
+                               URP_TEMPERATURE as TEMPERATURE, check_head, cpu_backends, logits,
+                               needs_cpu, targets, urp_cr_run)
 
 # The interpreter computes -inf - -inf in masked-out lanes; numpy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-def logits(shape, scale=3.0, seed=0, dtype=torch.float64):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
-
-
-def as_layout(leaf: torch.Tensor, layout: str) -> torch.Tensor:
-    """A view of `leaf` with the given memory layout (leaf shapes come from leaf_shape)."""
-    if layout == "contiguous":
-        return leaf
-    if layout == "channels_last":
-        return leaf.movedim(-1, 1)
-    if layout == "strided":
-        return leaf[..., ::2]
-    if layout == "transposed":
-        return leaf.transpose(-1, -2)
-    raise AssertionError(layout)
-
-
-def leaf_shape(shape, layout):
-    if layout == "channels_last":
-        return (shape[0], *shape[2:], shape[1])
-    if layout == "strided":
-        return (*shape[:-1], 2 * shape[-1])
-    if layout == "transposed":
-        return (*shape[:-2], shape[-1], shape[-2])
-    return tuple(shape)
-
-
-def evaluate(backend, student, teacher, other, reduction, layout="contiguous"):
-    """L_urp(student, teacher) and L_cr(student, other) with their gradients.
-
-    Inputs are float64 tensors of the logical shape; they are cast to `student.dtype` leaves laid
-    out as `layout`, and backward uses fixed non-uniform grad_outputs.
-    """
-    leaves = []
-    for x in (student, teacher, other):
-        leaf = torch.empty(leaf_shape(x.shape, layout), dtype=x.dtype, device=x.device)
-        with torch.no_grad():
-            as_layout(leaf, layout).copy_(x)
-        leaves.append(leaf.requires_grad_())
-    s, t, o = (as_layout(leaf, layout) for leaf in leaves)
-    if layout != "contiguous":
-        assert not s.is_contiguous()
-    urp = rk.rectified_pseudo_supervision(s, t, temperature=TEMPERATURE, reduction=reduction,
-                                          backend=backend)
-    cr = rk.logit_cosine_consistency(s, o, reduction=reduction, backend=backend)
-    g_urp = logits(urp.shape, 1.0, seed=11, dtype=urp.dtype).to(urp.device)
-    g_cr = logits(cr.shape, 1.0, seed=12, dtype=cr.dtype).to(cr.device)
-    (grad_urp,) = torch.autograd.grad(urp, leaves[0], g_urp)
-    grad_cr_a, grad_cr_b = torch.autograd.grad(cr, (leaves[0], leaves[2]), g_cr)
-    return {
-        "urp": urp, "urp_grad": as_layout(grad_urp, layout),
-        "cr": cr, "cr_grad_a": as_layout(grad_cr_a, layout), "cr_grad_b": as_layout(grad_cr_b, layout),
-    }
-
-
-def check_against_reference(backend, student, teacher, other, reduction, dtype, layout="contiguous"):
-    """student/teacher/other: float64 logits; the kernel runs in `dtype`."""
-    cast = [x.to(dtype) for x in (student, teacher, other)]
-    exact = evaluate("reference", *(x.double() for x in cast), reduction)
-    same_dtype = evaluate("reference", *cast, reduction)
-    actual = evaluate(backend, *cast, reduction, layout)
-    for name, value in actual.items():
-        if name in ("urp", "cr"):
-            expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        else:
-            expected_dtype = dtype
-        assert value.dtype == expected_dtype, f"{name}: dtype {value.dtype}"
-        assert torch.isfinite(value).all(), f"{name} has non-finite values"
-        assert_close_to_reference(value, same_dtype[name], exact[name], dtype=dtype,
-                                  name=f"{backend}/{dtype}/{reduction}/{name}")
-    return actual
+def three_logits(shape, seeds, dtype=torch.float64):
+    """Student, teacher and other-view logits; the teacher rules class 0 out at some voxels."""
+    student, teacher, other = (logits(shape, seed=s, dtype=dtype) for s in seeds)
+    teacher[:, 0, :1] = float("-inf")
+    return student, teacher, other
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,68 +61,62 @@ def test_reference_matches_official_formulation():
 
 
 # --------------------------------------------------------------------------------------------
-# Values and gradients of the fused backends
+# The template: values and gradients of the fused backends
 # --------------------------------------------------------------------------------------------
 SHAPES = [(2, 3, 7), (1, 2, 4, 6), (2, 4, 3, 4, 5), (1, 33, 2, 3, 2)]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("target,dtype", HEAD_GRID)
+@pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_reference(target, dtype, reduction, layout):
+    inputs = three_logits(HEAD_SHAPES[target.size], (34, 35, 36))
+    check_head(urp_cr_run, target, inputs, dtype, reduction, layout)
+
+
+@pytest.mark.parametrize("target", targets(CPU, TRITON))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
-def test_matches_reference_fp32(backend, shape, reduction):
-    check_against_reference(backend, logits(shape, seed=1), logits(shape, seed=2),
-                            logits(shape, seed=3), reduction, torch.float32)
+def test_spatial_ranks_and_class_counts(target, shape, reduction):
+    inputs = [logits(shape, seed=s) for s in (1, 2, 3)]
+    check_head(urp_cr_run, target, inputs, torch.float32, reduction)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16],
-                         ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_matches_reference_other_dtypes(backend, dtype, reduction):
-    if backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter computes bf16 wrongly; tested on a GPU")
-    shape = (2, 5, 4, 3, 2)
-    check_against_reference(backend, logits(shape, seed=4), logits(shape, seed=5),
-                            logits(shape, seed=6), reduction, dtype)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("layout", ["channels_last", "strided", "transposed"])
-def test_non_contiguous_layouts(backend, layout):
-    shape = (2, 3, 4, 3, 5)
-    check_against_reference(backend, logits(shape, seed=7), logits(shape, seed=8),
-                            logits(shape, seed=9), "none", torch.float32, layout)
+@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("layout", ["strided", "transposed"])
+def test_non_contiguous_layouts(target, layout):
+    inputs = [logits((2, 3, 4, 3, 5), seed=s) for s in (7, 8, 9)]
+    check_head(urp_cr_run, target, inputs, torch.float32, "none", layout)
 
 
 @needs_cpu
 def test_cpu_kernel_covers_many_blocks_and_threads():
     # Several voxel blocks per batch item, a ragged last block, and more than one thread chunk.
-    shape = (2, 17, 9, 10, 11)
-    check_against_reference("cpu", logits(shape, seed=10), logits(shape, seed=11),
-                            logits(shape, seed=12), "mean", torch.float32)
+    inputs = [logits((2, 17, 9, 10, 11), seed=s) for s in (10, 11, 12)]
+    check_head(urp_cr_run, CPU, inputs, torch.float32, "mean")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_confident_and_masked_teacher(backend):
+@pytest.mark.parametrize("target", targets())
+def test_confident_and_masked_teacher(target):
     shape = (2, 4, 3, 5)
     teacher = logits(shape, scale=60.0, seed=13)  # one-hot to fp32 precision
     teacher[:, 1, 0] = float("-inf")              # classes ruled out entirely
     teacher[0, :3, 1, 1] = float("-inf")          # a voxel with a single possible class
     student = logits(shape, scale=40.0, seed=14)  # confident student, often against the teacher
-    out = check_against_reference(backend, student, teacher, logits(shape, seed=15), "none",
-                                  torch.float32)
+    out = check_head(urp_cr_run, target, (student, teacher, logits(shape, seed=15)),
+                     torch.float32, "none")
     assert out["urp"].max() > 10  # the confident-disagreement regime was reached
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_zero_norm_logits_in_cosine(backend, dtype):
+def test_zero_norm_logits_in_cosine(target, dtype):
     shape = (1, 3, 8)
     a, b = logits(shape, seed=16), logits(shape, seed=17)
     a[0, :, 0] = 0.0
     b[0, :, 1] = 0.0
     a[0, :, 2] = 1e-9  # below eps: the clamped norm
-    out = check_against_reference(backend, a, logits(shape, seed=18), b, "none", dtype)
+    out = check_head(urp_cr_run, target, (a, logits(shape, seed=18), b), dtype, "none")
     assert out["cr"][0, 0].item() == pytest.approx(1.0)
 
 
@@ -217,24 +134,27 @@ def test_double_precision_gradcheck_of_fused_ops(reduction):
         (student, other))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_float64_inputs_are_computed_in_float64(backend):
+@pytest.mark.parametrize("target", targets())
+def test_float64_inputs_are_computed_in_float64(target):
     # A float32 computation would be off by ~1e-7 relative; double gets ~1e-16.
     student, teacher, other = (logits((2, 4, 3, 5), seed=s) for s in (62, 63, 64))
+    dev = target.device
     for fused, exact in (
-        (rk.rectified_pseudo_supervision(student, teacher, reduction="none", backend=backend),
+        (rk.rectified_pseudo_supervision(student.to(dev), teacher.to(dev), reduction="none",
+                                         backend=target.backend),
          rectified_pseudo_supervision_reference(student, teacher, TEMPERATURE, "none")),
-        (rk.logit_cosine_consistency(student, other, reduction="none", backend=backend),
+        (rk.logit_cosine_consistency(student.to(dev), other.to(dev), reduction="none",
+                                     backend=target.backend),
          logit_cosine_consistency_reference(student, other, 1e-8, "none")),
     ):
         assert fused.dtype == torch.float64
-        torch.testing.assert_close(fused, exact, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(fused.cpu(), exact, rtol=1e-13, atol=1e-13)
 
 
 # --------------------------------------------------------------------------------------------
 # Large and small finite values
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", cpu_backends(reference=True))
 @pytest.mark.parametrize("scale", [1e20, 1e30, 1e37, 1e-20, 1e-30])
 def test_cosine_of_huge_and_tiny_logits(backend, scale):
     # Squares of float32 logits overflow from 2e19 (and underflow below 1e-19); the cosine
@@ -256,7 +176,7 @@ def evaluate_cosine(backend, a, b, eps, dtype):
     return (loss, *torch.autograd.grad(loss.sum(), (a, b)))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_urp_logits_near_the_largest_float(backend, reduction):
     # z - max z overflows for logits of opposite signs near 3e38, but the loss is representable:
@@ -291,7 +211,7 @@ def test_a_loss_that_overflows_is_refused_not_returned_as_nan(backend):
         rk.pseudo_supervision_losses(student, student, teacher, backend=backend)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", cpu_backends(reference=True))
 def test_gradient_flows_only_where_asked(backend):
     student = logits((1, 3, 4), seed=22).float().requires_grad_()
     teacher = logits((1, 3, 4), seed=23).float().requires_grad_()
@@ -422,22 +342,25 @@ def test_torch_compile_fullgraph(backend):
                                   dtype=torch.float32, name=f"compiled {backend} {label}")
 
 
-@pytest.mark.parametrize("impl", [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck(impl, reduction):
-    student = logits((2, 3, 3, 4), seed=28).float().requires_grad_()
-    teacher = logits((2, 3, 3, 4), seed=29).float()
-    other = logits((2, 3, 3, 4), seed=30).float().contiguous(memory_format=torch.channels_last)
-    other.requires_grad_()
-    grad = torch.ones(()) if reduction != "none" else torch.randn(2, 3, 4)
+def test_opcheck(target, reduction):
+    # The ops take the (B, num_classes, P) views the public functions make; "other" is strided
+    # like a flattened channels-last tensor.
+    dev = target.device
+    student = logits((2, 3, 12), seed=28).float().to(dev).requires_grad_()
+    teacher = logits((2, 3, 12), seed=29).float().to(dev)
+    other = logits((2, 12, 3), seed=30).float().to(dev).transpose(1, 2).requires_grad_()
+    grad = (torch.ones(()) if reduction != "none" else torch.randn(2, 12)).to(dev)
     ops = torch.ops.rcps
+    backend = target.backend
     cases = [
-        (ops.rectified_pseudo_supervision.default, (student, teacher, 0.5, reduction, impl)),
-        (ops.logit_cosine_consistency.default, (student, other, 1e-8, reduction, impl)),
+        (ops.rectified_pseudo_supervision.default, (student, teacher, 0.5, reduction, backend)),
+        (ops.logit_cosine_consistency.default, (student, other, 1e-8, reduction, backend)),
         (ops.rectified_pseudo_supervision_backward.default,
-         (grad, student.detach(), teacher, 0.5, reduction, impl)),
+         (grad, student.detach(), teacher, 0.5, reduction, backend)),
         (ops.logit_cosine_consistency_backward.default,
-         (grad, student.detach(), other.detach(), 1e-8, reduction, impl, True, False)),
+         (grad, student.detach(), other.detach(), 1e-8, reduction, backend, True, False)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -461,7 +384,7 @@ def test_auto_backend_uses_fused_cpu_kernel():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning
         rk.rectified_pseudo_supervision(x, x, backend="auto")
-    assert rk.pseudo_supervision._resolve_impl("auto", "cpu") == "cpu"
+    assert resolve_backend("auto", torch.device("cpu"), _BACKENDS) == "cpu"
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,27 +432,8 @@ def test_fuzz_cpu_against_reference(batch, classes, spatial, log_scales, log_tem
 
 
 # --------------------------------------------------------------------------------------------
-# GPU tier
+# GPU only (the GPU targets of the tests above are marked gpu too)
 # --------------------------------------------------------------------------------------------
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64],
-                         ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gpu_backends_match_reference(backend, dtype, layout, reduction):
-    shape = (2, 5, 24, 20, 16)
-    cast = [logits(shape, seed=s).to(dtype) for s in (34, 35, 36)]
-    cast[1][:, 0, :4] = float("-inf")
-    exact = evaluate("reference", *(x.double() for x in cast), reduction)
-    same = evaluate("reference", *cast, reduction)
-    actual = evaluate(backend, *(x.cuda() for x in cast), reduction, layout)
-    for name, value in actual.items():
-        assert value.is_cuda
-        assert_close_to_reference(value, same[name], exact[name], dtype=dtype,
-                                  name=f"{backend}/{layout}/{name}")
-
-
 @pytest.mark.gpu
 def test_gpu_torch_compile_cuda_backend():
     s = torch.randn(2, 3, 8, 8, 8, device="cuda", requires_grad=True)
