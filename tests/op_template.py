@@ -10,7 +10,6 @@ yardstick. The case builders and ``*_run`` functions below give each op's evalua
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -19,11 +18,12 @@ import torch
 
 import rcps_kernels as rk
 from rcps_kernels._extension import load_cpu_extension
+from rcps_kernels.settings import triton_interpreting
 from tests.numerics import assert_close_to_reference
 
 HAVE_CPU = load_cpu_extension() is None
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETER = triton_interpreting()
 
 needs_cpu = pytest.mark.skipif(not HAVE_CPU, reason="the CPU extension is not usable")
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
