@@ -26,7 +26,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../rcps_math.h"
+#include "../common/rcps_math.h"
 #include "fast_math.h"
 
 namespace rcps {

@@ -6,7 +6,7 @@
 // then runs over V contiguous voxels, which the compiler vectorises. So each op reads the logits
 // once in forward and once in backward, and the only logits-sized tensor it allocates is the
 // gradient. The per-voxel and per-class formulas (and their gradients) are those of
-// csrc/pseudo_supervision_math.h, the same lines the CUDA kernels run.
+// csrc/common/pseudo_supervision_math.h, the same lines the CUDA kernels run.
 //
 // Reductions: 0 = "none" (a (B, P) map), 1 = "mean", 2 = "sum" (a 0-dim tensor). Block partial sums
 // are accumulated in double per block and added in block order, so results do not depend on the
@@ -21,7 +21,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../pseudo_supervision_math.h"
+#include "../common/pseudo_supervision_math.h"
 #include "fast_math.h"
 
 namespace rcps {

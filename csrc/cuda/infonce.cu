@@ -2,7 +2,7 @@
 //
 // Same kernel signature and semantics as csrc/cpu/infonce.cpp (read it for the maths); the
 // arithmetic shared with the CPU (normalisation and its chain rule, online log-sum-exp, Philox
-// draws and their mapping onto the eligible list) comes from csrc/rcps_math.h.
+// draws and their mapping onto the eligible list) comes from csrc/common/rcps_math.h.
 //
 // Inputs are read as fp32 (fp16/bf16/fp64 are converted once), everything accumulates in fp32,
 // and the gradients are written in the input dtype. Flat offsets are int64.
@@ -19,8 +19,9 @@
 //   bank_scatter      per class in class order: pool_grad[j] += sum over splits (deterministic)
 //   pool_chain        the pool gradient through the pool's normalisation into (Bn, C, Pn)
 // random mode: one warp per anchor, lane k holds draw k of a 32-draw chunk (Philox counters of
-// csrc/rcps_math.h, regenerated in the backward pass); pool gradient by fp32 atomicAdd, or, when
-// deterministic, by int64 fixed-point atomicAdd (bitwise reproducible, see infonce_triton.py).
+// csrc/common/rcps_math.h, regenerated in the backward pass); pool gradient by fp32 atomicAdd,
+// or, when deterministic, by int64 fixed-point atomicAdd (bitwise reproducible, see
+// infonce_triton.py).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,7 +29,7 @@
 
 #include <cuda_runtime.h>
 
-#include "../rcps_math.h"
+#include "../common/rcps_math.h"
 #include "infonce_kernels.cuh"
 
 namespace rcps {

@@ -2,8 +2,8 @@
 //
 // One thread per voxel walks the voxel's K classes (consecutive threads read consecutive voxels,
 // so class rows of (B, K, P) logits are read coalesced); the per-class and per-voxel formulas and
-// their gradients are those of csrc/pseudo_supervision_math.h, which the CPU kernels (and their
-// tests) share. The class loop re-reads the voxel's logits after the max pass, from L1/L2.
+// their gradients are those of csrc/common/pseudo_supervision_math.h, which the CPU kernels (and
+// their tests) share. The class loop re-reads the voxel's logits after the max pass, from L1/L2.
 // Reductions write one partial sum per thread block (cub::BlockReduce), summed by torch in block
 // order, so results are deterministic. Same contract as csrc/cpu/pseudo_supervision.cpp:
 // reduction 0 = "none" ((B, P) map), 1 = "mean", 2 = "sum" (0-dim); fp16/bf16 accumulate in fp32.
@@ -17,7 +17,7 @@
 
 #include <cub/block/block_reduce.cuh>
 
-#include "../pseudo_supervision_math.h"
+#include "../common/pseudo_supervision_math.h"
 
 namespace rcps {
 namespace cuda {
