@@ -47,7 +47,8 @@ def find_csrc() -> Path | None:
 
 
 def cpu_sources(csrc: Path) -> list[str]:
-    return sorted(str(p) for p in (csrc / "cpu").glob("*.cpp"))
+    """The CPU extension: its kernels (cpu/) and the composite ops that serve both devices (common/)."""
+    return sorted(str(p) for folder in ("cpu", "common") for p in (csrc / folder).glob("*.cpp"))
 
 
 def cuda_sources(csrc: Path) -> list[str]:

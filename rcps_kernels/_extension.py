@@ -1,6 +1,6 @@
 """Loading the compiled kernels: one built CPU variant, else a JIT build with ninja.
 
-Importing an extension registers its ops under ``torch.ops.rcps_C`` (CPU) and
+Importing an extension registers its ops under ``torch.ops.rcps_cpu`` (CPU) and
 ``torch.ops.rcps_cuda`` (CUDA). The CPU extension is built once per instruction-set level
 (``rcps_kernels._C_baseline`` / ``_C_avx2`` / ``_C_avx512`` on x86-64); exactly one is imported,
 the best this CPU runs, or the one ``RCPS_CPU_VARIANT`` names. Binaries built against another

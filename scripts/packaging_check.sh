@@ -38,7 +38,7 @@ rm -rf dist && mkdir dist
 (cd "$repo" && RCPS_BUILD_CUDA=0 "$work/build-venv/bin/python" -m build --sdist --no-isolation --outdir "$work/dist" >/dev/null)
 sdist=$(ls dist/rcps_kernels-*.tar.gz)
 tar tzf "$sdist" > sdist.txt
-for needed in csrc/rcps_math.h csrc/pseudo_supervision_math.h csrc/cpu/fast_math.h csrc/cpu/infonce.cpp \
+for needed in csrc/common/rcps_math.h csrc/common/pseudo_supervision_math.h csrc/common/selection.cpp csrc/cpu/fast_math.h csrc/cpu/infonce.cpp \
               csrc/cuda/infonce.cu csrc/cuda/infonce_kernels.cuh LICENSE MANIFEST.in setup.py \
               rcps_kernels/_build_config.py rcps_train/configs/demo.toml; do
   grep -q "^rcps_kernels-[^/]*/$needed\$" sdist.txt || { echo "sdist lacks $needed"; exit 1; }
@@ -62,7 +62,7 @@ if [ "$(uname -m)" = x86_64 ]; then variants="baseline avx2 avx512"; fi
 for variant in $variants; do
   grep -q "^rcps_kernels/_C_${variant}\..*\.so\$" wheel.txt || { echo "wheel lacks the $variant variant"; exit 1; }
 done
-for needed in rcps_kernels/_build_info.py rcps_kernels/_csrc/rcps_math.h rcps_kernels/_csrc/cpu/fast_math.h \
+for needed in rcps_kernels/_build_info.py rcps_kernels/_csrc/common/rcps_math.h rcps_kernels/_csrc/cpu/fast_math.h \
               rcps_kernels/_csrc/cuda/infonce.cu rcps_train/configs/demo.toml; do
   grep -qx "$needed" wheel.txt || { echo "wheel lacks $needed"; exit 1; }
 done

@@ -6,7 +6,7 @@
 // then runs over V contiguous voxels, which the compiler vectorises. So each op reads the logits
 // once in forward and once in backward, and the only logits-sized tensor it allocates is the
 // gradient. The per-voxel and per-class formulas (and their gradients) are those of
-// csrc/pseudo_supervision_math.h, the same lines the CUDA kernels run.
+// csrc/common/pseudo_supervision_math.h, the same lines the CUDA kernels run.
 //
 // Reductions: 0 = "none" (a (B, P) map), 1 = "mean", 2 = "sum" (a 0-dim tensor). Block partial sums
 // are accumulated in double per block and added in block order, so results do not depend on the
@@ -19,158 +19,18 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
-#include "../pseudo_supervision_math.h"
+#include "../common/pseudo_supervision_math.h"
 #include "fast_math.h"
+#include "logit_blocks.h"
 
 namespace rcps {
 namespace cpu {
 namespace {
 
-using at::Tensor;
 namespace ps = rcps::pseudo_supervision;
-
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
-
-struct ExpFn {
-  float operator()(float x) const { return fast_exp(x); }
-  double operator()(double x) const { return std::exp(x); }
-};
-
-struct LogFn {
-  float operator()(float x) const { return fast_log(x); }
-  double operator()(double x) const { return std::log(x); }
-};
-
-// sqrt of a sum of squares (x >= 0) that vectorises (sqrtf does not while it may set errno):
-// 1/sqrt(x) from the bit-level estimate (3e-2) and three Newton steps (~2 ulp), times x.
-// x = 0 gives 0; +inf and NaN give NaN.
-inline float vector_sqrt(float x) {
-  const float half = 0.5f * x;
-  float y = __builtin_bit_cast(float, 0x5f375a86 - (__builtin_bit_cast(int32_t, x) >> 1));
-  y = y * (1.5f - half * y * y);
-  y = y * (1.5f - half * y * y);
-  y = y * (1.5f - half * y * y);
-  return x * y;
-}
-
-struct SqrtFn {
-  float operator()(float x) const { return vector_sqrt(x); }
-  double operator()(double x) const { return std::sqrt(x); }
-};
-
-// ---------------------------------------------------------------------------------------------
-// Blocked access to (B, K, P) logits.
-// ---------------------------------------------------------------------------------------------
-
-template <typename scalar_t>
-struct LogitsView {
-  scalar_t* data;
-  int64_t stride_b, stride_c, stride_p, classes, voxels_per_item;
-
-  explicit LogitsView(const Tensor& x)
-      : data(x.data_ptr<scalar_t>()),
-        stride_b(x.stride(0)),
-        stride_c(x.stride(1)),
-        stride_p(x.stride(2)),
-        classes(x.size(1)),
-        voxels_per_item(x.size(2)) {}
-};
-
-// Voxels [first, first + count) of batch item `item`.
-struct Block {
-  int64_t item, first, count;
-};
-
-struct BlockGrid {
-  int64_t block_voxels, blocks_per_item, num_blocks;
-
-  BlockGrid(int64_t batch, int64_t classes, int64_t voxels_per_item) {
-    // About 32 KB of fp32 logits per input and block, a multiple of 16 voxels.
-    block_voxels = std::clamp<int64_t>((8192 / std::max<int64_t>(classes, 1)) / 16 * 16, 16, 256);
-    blocks_per_item = (voxels_per_item + block_voxels - 1) / block_voxels;
-    num_blocks = batch * blocks_per_item;
-  }
-
-  // Blocks per parallel task: about 16K voxels, so small inputs run without waking threads.
-  int64_t grain() const { return std::max<int64_t>(1, 16384 / block_voxels); }
-
-  Block block(int64_t index, int64_t voxels_per_item) const {
-    const int64_t item = index / blocks_per_item;
-    const int64_t first = (index % blocks_per_item) * block_voxels;
-    return Block{item, first, std::min(block_voxels, voxels_per_item - first)};
-  }
-};
-
-// buffer[c * V + j] = x[item, c, first + j] in the accumulation type (V = grid's block_voxels).
-template <typename acc_t, typename scalar_t>
-void load_block(const LogitsView<scalar_t>& x, const Block& blk, int64_t V, acc_t* buffer) {
-  const scalar_t* base = x.data + blk.item * x.stride_b + blk.first * x.stride_p;
-  if (x.stride_p == 1 || x.stride_c != 1) {
-    for (int64_t c = 0; c < x.classes; ++c) {
-      const scalar_t* src = base + c * x.stride_c;
-      acc_t* dst = buffer + c * V;
-      if (x.stride_p == 1) {
-        for (int64_t j = 0; j < blk.count; ++j) dst[j] = static_cast<acc_t>(src[j]);
-      } else {
-        for (int64_t j = 0; j < blk.count; ++j) dst[j] = static_cast<acc_t>(src[j * x.stride_p]);
-      }
-    }
-  } else {  // channels-last: the classes of a voxel are contiguous
-    for (int64_t j = 0; j < blk.count; ++j) {
-      const scalar_t* src = base + j * x.stride_p;
-      for (int64_t c = 0; c < x.classes; ++c) buffer[c * V + j] = static_cast<acc_t>(src[c]);
-    }
-  }
-}
-
-// The inverse of load_block: x[item, c, first + j] = buffer[c * V + j], converted to scalar_t.
-template <typename acc_t, typename scalar_t>
-void store_block(const acc_t* buffer, const Block& blk, int64_t V, const LogitsView<scalar_t>& x) {
-  scalar_t* base = x.data + blk.item * x.stride_b + blk.first * x.stride_p;
-  if (x.stride_p == 1 || x.stride_c != 1) {
-    for (int64_t c = 0; c < x.classes; ++c) {
-      scalar_t* dst = base + c * x.stride_c;
-      const acc_t* src = buffer + c * V;
-      for (int64_t j = 0; j < blk.count; ++j) dst[j * x.stride_p] = static_cast<scalar_t>(src[j]);
-    }
-  } else {
-    for (int64_t j = 0; j < blk.count; ++j) {
-      scalar_t* dst = base + j * x.stride_p;
-      for (int64_t c = 0; c < x.classes; ++c) dst[c] = static_cast<scalar_t>(buffer[c * V + j]);
-    }
-  }
-}
-
-// Where a block's per-voxel losses go: a (B, P) map, or a partial sum per block.
-template <typename acc_t>
-struct LossSink {
-  acc_t* voxel_loss;       // (B, P) contiguous, reduction "none"
-  double* block_partials;  // (num_blocks,), "mean" / "sum"
-
-  void write(int64_t block_index, const Block& blk, int64_t P, const acc_t* loss) const {
-    if (voxel_loss != nullptr) {
-      std::copy(loss, loss + blk.count, voxel_loss + blk.item * P + blk.first);
-    } else {
-      double sum = 0.0;
-      for (int64_t j = 0; j < blk.count; ++j) sum += static_cast<double>(loss[j]);
-      block_partials[block_index] = sum;
-    }
-  }
-};
-
-// Per-voxel scale of the gradient: grad_output (scaled by 1/N for the mean) per voxel or for all.
-template <typename acc_t>
-struct GradScale {
-  const acc_t* per_voxel;  // (B, P) contiguous, or null
-  acc_t uniform;
-
-  void fill(const Block& blk, int64_t P, acc_t* out) const {
-    for (int64_t j = 0; j < blk.count; ++j)
-      out[j] = per_voxel != nullptr ? per_voxel[blk.item * P + blk.first + j] : uniform;
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // L_urp
@@ -244,8 +104,12 @@ struct UrpBlockState {
     }
   }
 
-  // Overwrites `student` with the gradient of sum_j grad_scale_j loss_j (after evaluate).
-  void student_gradient(int64_t K, int64_t V, int64_t count) {
+  acc_t* input_x() { return student.data(); }
+  acc_t* input_y() { return teacher.data(); }
+
+  // Overwrites `student` with the gradient of sum_j grad_scale_j loss_j (after evaluate); the
+  // teacher is detached.
+  void gradients(int64_t K, int64_t V, int64_t count) {
     for (int64_t c = 0; c < K; ++c) {
       acc_t* z = student.data() + c * V;
       const acc_t* t = teacher.data() + c * V;
@@ -259,105 +123,6 @@ struct UrpBlockState {
     }
   }
 };
-
-void check_pair(const Tensor& x, const Tensor& y, const char* op, const char* x_name,
-                const char* y_name) {
-  TORCH_CHECK(x.dim() == 3 && x.sizes() == y.sizes(), op, ": ", x_name, " and ", y_name,
-              " must both be (B, K, P), got ", x.sizes(), " and ", y.sizes());
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": ", x_name, " and ", y_name,
-              " must share a dtype");
-  TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op, ": tensors must be on the CPU");
-  TORCH_CHECK(x.size(1) >= 2, op, ": need at least 2 classes, got ", x.size(1));
-}
-
-at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// The reduced loss as a 0-dim tensor of the accumulation type.
-Tensor reduce_partials(const std::vector<double>& partials, int64_t reduction, int64_t voxels,
-                       at::ScalarType acc) {
-  double total = 0.0;
-  for (double p : partials) total += p;
-  if (reduction == kMean) total /= static_cast<double>(voxels);
-  // Converted as a tensor: a total beyond the float range becomes inf (which the Python layer
-  // reports), where scalar_tensor(total, kFloat) would throw.
-  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)).to(acc);
-}
-
-// grad_output as a per-voxel (B, P) map (reduction "none") or a uniform scale.
-template <typename acc_t>
-GradScale<acc_t> make_grad_scale(const Tensor& grad_output, int64_t reduction, int64_t B,
-                                 int64_t P, Tensor* holder) {
-  if (reduction == kNone) {
-    *holder = grad_output.reshape({B, P}).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    return GradScale<acc_t>{holder->data_ptr<acc_t>(), acc_t(0)};
-  }
-  const double g = grad_output.item<double>();
-  return GradScale<acc_t>{nullptr,
-                          static_cast<acc_t>(reduction == kMean ? g / static_cast<double>(B * P) : g)};
-}
-
-Tensor urp_forward_cpu(const Tensor& student, const Tensor& teacher, double temperature,
-                       int64_t reduction) {
-  check_pair(student, teacher, "urp_forward_cpu", "student", "teacher");
-  const int64_t B = student.size(0), K = student.size(1), P = student.size(2);
-  const at::ScalarType acc = accumulation_type(student.scalar_type());
-  const BlockGrid grid(B, K, P);
-  Tensor voxel_loss = reduction == kNone ? at::empty({B, P}, student.options().dtype(acc))
-                                         : Tensor();
-  std::vector<double> partials(reduction == kNone ? 0 : grid.num_blocks);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "urp_forward_cpu",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const LogitsView<scalar_t> z(student), t(teacher);
-    const LossSink<acc_t> sink{voxel_loss.defined() ? voxel_loss.data_ptr<acc_t>() : nullptr,
-                               partials.data()};
-    const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
-      UrpBlockState<acc_t> state(K, grid.block_voxels);
-      for (int64_t b = begin; b < end; ++b) {
-        const Block blk = grid.block(b, P);
-        load_block(z, blk, grid.block_voxels, state.student.data());
-        load_block(t, blk, grid.block_voxels, state.teacher.data());
-        state.evaluate(K, grid.block_voxels, blk.count, inv_temperature);
-        sink.write(b, blk, P, state.loss.data());
-      }
-    });
-  });
-  return reduction == kNone ? voxel_loss : reduce_partials(partials, reduction, B * P, acc);
-}
-
-Tensor urp_backward_cpu(const Tensor& grad_output, const Tensor& student, const Tensor& teacher,
-                        double temperature, int64_t reduction) {
-  check_pair(student, teacher, "urp_backward_cpu", "student", "teacher");
-  const int64_t B = student.size(0), K = student.size(1), P = student.size(2);
-  const BlockGrid grid(B, K, P);
-  Tensor grad_student = at::empty_like(student);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "urp_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const LogitsView<scalar_t> z(student), t(teacher), dz(grad_student);
-    Tensor scale_holder;
-    const GradScale<acc_t> scale = make_grad_scale<acc_t>(grad_output, reduction, B, P, &scale_holder);
-    const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
-      UrpBlockState<acc_t> state(K, grid.block_voxels);
-      for (int64_t b = begin; b < end; ++b) {
-        const Block blk = grid.block(b, P);
-        load_block(z, blk, grid.block_voxels, state.student.data());
-        load_block(t, blk, grid.block_voxels, state.teacher.data());
-        state.evaluate(K, grid.block_voxels, blk.count, inv_temperature);
-        scale.fill(blk, P, state.grad_scale.data());
-        state.student_gradient(K, grid.block_voxels, blk.count);
-        store_block(state.student.data(), blk, grid.block_voxels, dz);
-      }
-    });
-  });
-  return grad_student;
-}
 
 // ---------------------------------------------------------------------------------------------
 // L_cr
@@ -374,6 +139,9 @@ struct CosineBlockState {
       : a(K * V), b(K * V), scale_a(V), scale_b(V), sq_norm_a(V), sq_norm_b(V), dot(V), loss(V),
         cosine(V), unit_a(V), unit_b(V), inv_norm_a(V), inv_norm_b(V), grad_scale(V),
         clamped_a(V), clamped_b(V) {}
+
+  acc_t* input_x() { return a.data(); }
+  acc_t* input_y() { return b.data(); }
 
   // Per voxel, the power-of-two scales that bring the largest |a_c| and |b_c| to [1, 4).
   void find_scales(int64_t K, int64_t V, int64_t count) {
@@ -460,73 +228,132 @@ struct CosineBlockState {
   }
 };
 
-Tensor cosine_consistency_forward_cpu(const Tensor& logits_a, const Tensor& logits_b, double eps,
-                                      int64_t reduction) {
-  check_pair(logits_a, logits_b, "cosine_consistency_forward_cpu", "logits_a", "logits_b");
-  const int64_t B = logits_a.size(0), K = logits_a.size(1), P = logits_a.size(2);
-  const at::ScalarType acc = accumulation_type(logits_a.scalar_type());
-  const BlockGrid grid(B, K, P);
-  Tensor voxel_loss = reduction == kNone ? at::empty({B, P}, logits_a.options().dtype(acc))
-                                         : Tensor();
-  std::vector<double> partials(reduction == kNone ? 0 : grid.num_blocks);
+// ---------------------------------------------------------------------------------------------
+// The block loops of the two-input ops. A block state State<acc_t> loads its inputs into
+// input_x() / input_y() (K x V buffers), evaluate(K, V, count, parameter) leaves the block's
+// per-voxel losses in `loss`, and gradients(K, V, count) then overwrites the input buffers with
+// the gradients of sum_j grad_scale_j loss_j.
+// ---------------------------------------------------------------------------------------------
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
-                                  "cosine_consistency_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const LogitsView<scalar_t> xa(logits_a), xb(logits_b);
-    const LossSink<acc_t> sink{voxel_loss.defined() ? voxel_loss.data_ptr<acc_t>() : nullptr,
-                               partials.data()};
-    at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
-      CosineBlockState<acc_t> state(K, grid.block_voxels);
-      for (int64_t b = begin; b < end; ++b) {
-        const Block blk = grid.block(b, P);
-        load_block(xa, blk, grid.block_voxels, state.a.data());
-        load_block(xb, blk, grid.block_voxels, state.b.data());
-        state.evaluate(K, grid.block_voxels, blk.count, static_cast<acc_t>(eps));
-        sink.write(b, blk, P, state.loss.data());
-      }
-    });
+// Loads and evaluates every block of (x, y), in parallel, then calls
+// `then(state, block_index, blk, V)`. `parameter` is the argument of evaluate() (1/T, or eps).
+template <template <typename> class State, typename scalar_t, typename Then>
+void for_each_block(const Tensor& x, const Tensor& y, double parameter, const Then& then) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t K = x.size(1), P = x.size(2);
+  const BlockGrid grid(x.size(0), K, P);
+  const int64_t V = grid.block_voxels;
+  const LogitsView<scalar_t> xv(x), yv(y);
+  const acc_t state_parameter = static_cast<acc_t>(parameter);
+  at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
+    State<acc_t> state(K, V);
+    for (int64_t b = begin; b < end; ++b) {
+      const Block blk = grid.block(b, P);
+      load_block(xv, blk, V, state.input_x());
+      load_block(yv, blk, V, state.input_y());
+      state.evaluate(K, V, blk.count, state_parameter);
+      then(state, b, blk, V);
+    }
   });
+}
+
+// The loss of (x, y): a (B, P) map (reduction "none") or the reduced 0-dim tensor, in the
+// accumulation type.
+template <template <typename> class State, typename scalar_t>
+Tensor blockwise_loss(const Tensor& x, const Tensor& y, int64_t reduction, double parameter) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), P = x.size(2);
+  const at::ScalarType acc = accumulation_type(x.scalar_type());
+  const BlockGrid grid(B, x.size(1), P);
+  Tensor voxel_loss = reduction == kNone ? at::empty({B, P}, x.options().dtype(acc)) : Tensor();
+  std::vector<double> partials(reduction == kNone ? 0 : grid.num_blocks);
+  const LossSink<acc_t> sink{voxel_loss.defined() ? voxel_loss.data_ptr<acc_t>() : nullptr,
+                             partials.data()};
+  for_each_block<State, scalar_t>(
+      x, y, parameter, [&](State<acc_t>& state, int64_t b, const Block& blk, int64_t) {
+        sink.write(b, blk, P, state.loss.data());
+      });
   return reduction == kNone ? voxel_loss : reduce_partials(partials, reduction, B * P, acc);
 }
 
+// The gradients of grad_output times the loss of (x, y), written into grad_x and grad_y; an
+// undefined one is not computed.
+template <template <typename> class State, typename scalar_t>
+void blockwise_gradients(const Tensor& grad_output, const Tensor& x, const Tensor& y,
+                         int64_t reduction, double parameter, const Tensor& grad_x,
+                         const Tensor& grad_y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = x.size(0), K = x.size(1), P = x.size(2);
+  // (a view of the input stands in for a gradient that is not written)
+  const LogitsView<scalar_t> dx(grad_x.defined() ? grad_x : x), dy(grad_y.defined() ? grad_y : y);
+  Tensor scale_holder;
+  const GradScale<acc_t> scale =
+      make_grad_scale<acc_t>(grad_output, reduction, B, P, &scale_holder);
+  for_each_block<State, scalar_t>(
+      x, y, parameter, [&](State<acc_t>& state, int64_t, const Block& blk, int64_t V) {
+        scale.fill(blk, P, state.grad_scale.data());
+        state.gradients(K, V, blk.count);
+        if (grad_x.defined()) store_block(state.input_x(), blk, V, dx);
+        if (grad_y.defined()) store_block(state.input_y(), blk, V, dy);
+      });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops
+// ---------------------------------------------------------------------------------------------
+
+Tensor urp_forward(const Tensor& student, const Tensor& teacher, double temperature,
+                   int64_t reduction) {
+  check_pair(student, teacher, "rcps_cpu::urp_forward", "student", "teacher");
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                         "rcps_cpu::urp_forward", [&] {
+    return blockwise_loss<UrpBlockState, scalar_t>(student, teacher, reduction, 1.0 / temperature);
+  });
+}
+
+// The student's gradient (the teacher is detached).
+Tensor urp_backward(const Tensor& grad_output, const Tensor& student, const Tensor& teacher,
+                    double temperature, int64_t reduction) {
+  check_pair(student, teacher, "rcps_cpu::urp_backward", "student", "teacher");
+  Tensor grad_student = at::empty_like(student);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                  "rcps_cpu::urp_backward", [&] {
+    blockwise_gradients<UrpBlockState, scalar_t>(grad_output, student, teacher, reduction,
+                                                 1.0 / temperature, grad_student, Tensor());
+  });
+  return grad_student;
+}
+
+Tensor cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b, double eps,
+                                  int64_t reduction) {
+  check_pair(logits_a, logits_b, "rcps_cpu::cosine_consistency_forward", "logits_a",
+             "logits_b");
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
+                                         "rcps_cpu::cosine_consistency_forward", [&] {
+    return blockwise_loss<CosineBlockState, scalar_t>(logits_a, logits_b, reduction, eps);
+  });
+}
+
 // Gradients for a and b; a zero-element tensor for one not asked for.
-std::tuple<Tensor, Tensor> cosine_consistency_backward_cpu(const Tensor& grad_output,
-                                                           const Tensor& logits_a,
-                                                           const Tensor& logits_b, double eps,
-                                                           int64_t reduction, bool need_grad_a,
-                                                           bool need_grad_b) {
-  check_pair(logits_a, logits_b, "cosine_consistency_backward_cpu", "logits_a", "logits_b");
-  const int64_t B = logits_a.size(0), K = logits_a.size(1), P = logits_a.size(2);
-  const BlockGrid grid(B, K, P);
+std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output,
+                                                       const Tensor& logits_a,
+                                                       const Tensor& logits_b, double eps,
+                                                       int64_t reduction, bool need_grad_a,
+                                                       bool need_grad_b) {
+  check_pair(logits_a, logits_b, "rcps_cpu::cosine_consistency_backward", "logits_a",
+             "logits_b");
   Tensor grad_a = need_grad_a ? at::empty_like(logits_a) : at::empty({0}, logits_a.options());
   Tensor grad_b = need_grad_b ? at::empty_like(logits_b) : at::empty({0}, logits_b.options());
   if (!need_grad_a && !need_grad_b) return {grad_a, grad_b};
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
-                                  "cosine_consistency_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const LogitsView<scalar_t> xa(logits_a), xb(logits_b);
-    const LogitsView<scalar_t> da(need_grad_a ? grad_a : logits_a),
-        db(need_grad_b ? grad_b : logits_b);
-    Tensor scale_holder;
-    const GradScale<acc_t> scale = make_grad_scale<acc_t>(grad_output, reduction, B, P, &scale_holder);
-    at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
-      CosineBlockState<acc_t> state(K, grid.block_voxels);
-      for (int64_t b = begin; b < end; ++b) {
-        const Block blk = grid.block(b, P);
-        load_block(xa, blk, grid.block_voxels, state.a.data());
-        load_block(xb, blk, grid.block_voxels, state.b.data());
-        state.evaluate(K, grid.block_voxels, blk.count, static_cast<acc_t>(eps));
-        scale.fill(blk, P, state.grad_scale.data());
-        state.gradients(K, grid.block_voxels, blk.count);
-        if (need_grad_a) store_block(state.a.data(), blk, grid.block_voxels, da);
-        if (need_grad_b) store_block(state.b.data(), blk, grid.block_voxels, db);
-      }
-    });
+                                  "rcps_cpu::cosine_consistency_backward", [&] {
+    blockwise_gradients<CosineBlockState, scalar_t>(grad_output, logits_a, logits_b, reduction,
+                                                    eps, need_grad_a ? grad_a : Tensor(),
+                                                    need_grad_b ? grad_b : Tensor());
   });
   return {grad_a, grad_b};
 }
+
 
 // ---------------------------------------------------------------------------------------------
 // One head's L_urp(a, t) + L_urp(b, t) and L_cr(a, b): each view's gradient is written once
@@ -544,10 +371,10 @@ void add_block(acc_t* into, const acc_t* from, int64_t K, int64_t V, int64_t cou
 // The gradients of g_urp * (L_urp(a, t) + L_urp(b, t)) + g_cr * L_cr(a, b) for a and b, summed in
 // each block's buffers: the only logits-sized tensors are the two gradients themselves (two
 // separate ops would hold a third while autograd adds up a's two gradients).
-std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward_cpu(
+std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward(
     const Tensor& grad_urp, const Tensor& grad_cr, const Tensor& view_a, const Tensor& view_b,
     const Tensor& teacher, double temperature, double eps, int64_t reduction) {
-  const char* op = "pseudo_supervision_losses_backward_cpu";
+  const char* op = "rcps_cpu::pseudo_supervision_losses_backward";
   check_pair(view_a, view_b, op, "view_a", "view_b");
   check_pair(view_a, teacher, op, "view_a", "teacher");
   const int64_t B = view_a.size(0), K = view_a.size(1), P = view_a.size(2);
@@ -556,7 +383,7 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward_cpu(
   Tensor grad_a = at::empty_like(view_a), grad_b = at::empty_like(view_b);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view_a.scalar_type(),
-                                  "pseudo_supervision_losses_backward_cpu", [&] {
+                                  "rcps_cpu::pseudo_supervision_losses_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LogitsView<scalar_t> xa(view_a), xb(view_b), t(teacher), da(grad_a), db(grad_b);
     Tensor urp_holder, cr_holder;
@@ -578,7 +405,7 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward_cpu(
         for (UrpBlockState<acc_t>* state : {&urp_a, &urp_b}) {
           state->evaluate(K, V, blk.count, inv_temperature);
           urp_scale.fill(blk, P, state->grad_scale.data());
-          state->student_gradient(K, V, blk.count);
+          state->gradients(K, V, blk.count);
         }
         cosine.evaluate(K, V, blk.count, static_cast<acc_t>(eps));
         cr_scale.fill(blk, P, cosine.grad_scale.data());
@@ -597,24 +424,24 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward_cpu(
 }  // namespace cpu
 }  // namespace rcps
 
-TORCH_LIBRARY_FRAGMENT(rcps_C, m) {
-  m.def("urp_forward_cpu(Tensor student, Tensor teacher, float temperature, int reduction) -> Tensor",
-        &rcps::cpu::urp_forward_cpu);
+TORCH_LIBRARY_FRAGMENT(rcps_cpu, m) {
+  m.def("urp_forward(Tensor student, Tensor teacher, float temperature, int reduction) -> Tensor",
+        &rcps::cpu::urp_forward);
   m.def(
-      "urp_backward_cpu(Tensor grad_output, Tensor student, Tensor teacher, float temperature, "
+      "urp_backward(Tensor grad_output, Tensor student, Tensor teacher, float temperature, "
       "int reduction) -> Tensor",
-      &rcps::cpu::urp_backward_cpu);
+      &rcps::cpu::urp_backward);
   m.def(
-      "cosine_consistency_forward_cpu(Tensor logits_a, Tensor logits_b, float eps, int reduction) "
+      "cosine_consistency_forward(Tensor logits_a, Tensor logits_b, float eps, int reduction) "
       "-> Tensor",
-      &rcps::cpu::cosine_consistency_forward_cpu);
+      &rcps::cpu::cosine_consistency_forward);
   m.def(
-      "cosine_consistency_backward_cpu(Tensor grad_output, Tensor logits_a, Tensor logits_b, "
+      "cosine_consistency_backward(Tensor grad_output, Tensor logits_a, Tensor logits_b, "
       "float eps, int reduction, bool need_grad_a, bool need_grad_b) -> (Tensor, Tensor)",
-      &rcps::cpu::cosine_consistency_backward_cpu);
+      &rcps::cpu::cosine_consistency_backward);
   m.def(
-      "pseudo_supervision_losses_backward_cpu(Tensor grad_urp, Tensor grad_cr, Tensor view_a, "
+      "pseudo_supervision_losses_backward(Tensor grad_urp, Tensor grad_cr, Tensor view_a, "
       "Tensor view_b, Tensor teacher, float temperature, float eps, int reduction) "
       "-> (Tensor, Tensor)",
-      &rcps::cpu::pseudo_supervision_losses_backward_cpu);
+      &rcps::cpu::pseudo_supervision_losses_backward);
 }

@@ -2,7 +2,7 @@
 //
 // Same kernel signature and semantics as csrc/cpu/infonce.cpp (read it for the maths); the
 // arithmetic shared with the CPU (normalisation and its chain rule, online log-sum-exp, Philox
-// draws and their mapping onto the eligible list) comes from csrc/rcps_math.h.
+// draws and their mapping onto the eligible list) comes from csrc/common/rcps_math.h.
 //
 // Inputs are read as fp32 (fp16/bf16/fp64 are converted once), everything accumulates in fp32,
 // and the gradients are written in the input dtype. Flat offsets are int64.
@@ -19,8 +19,9 @@
 //   bank_scatter      per class in class order: pool_grad[j] += sum over splits (deterministic)
 //   pool_chain        the pool gradient through the pool's normalisation into (Bn, C, Pn)
 // random mode: one warp per anchor, lane k holds draw k of a 32-draw chunk (Philox counters of
-// csrc/rcps_math.h, regenerated in the backward pass); pool gradient by fp32 atomicAdd, or, when
-// deterministic, by int64 fixed-point atomicAdd (bitwise reproducible, see infonce_triton.py).
+// csrc/common/rcps_math.h, regenerated in the backward pass); pool gradient by fp32 atomicAdd,
+// or, when deterministic, by int64 fixed-point atomicAdd (bitwise reproducible, see
+// infonce_triton.py).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,7 +29,7 @@
 
 #include <cuda_runtime.h>
 
-#include "../rcps_math.h"
+#include "../common/rcps_math.h"
 #include "infonce_kernels.cuh"
 
 namespace rcps {
@@ -99,8 +100,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
   int TM = 32;
   while (TM > kWarps && topk_smem(TM, C) > 48 * 1024) TM /= 2;
   const size_t smem = topk_smem(TM, C);
-  TORCH_CHECK(smem <= kMaxSmem, "voxel_infonce_cuda: C = ", C, " channels is too many for the "
-              "CUDA kernel's shared-memory tiles (use backend='triton')");
+  TORCH_CHECK(smem <= kMaxSmem, "rcps_cuda::voxel_infonce: C = ", C,
+              " channels is too many for the CUDA kernel's shared-memory tiles "
+              "(use backend='triton')");
 
   // Stable sort by class and a device-side tile map (no host sync).
   const Tensor order = std::get<1>(at::sort(labels, /*stable=*/true, /*dim=*/0, false));
@@ -244,31 +246,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_mode(
   return {loss, g1, g2, gn};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce_cuda(
-    const Tensor& anchor, const Tensor& positive, const Tensor& negative,
+std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce(
+    const Tensor& anchor, const Tensor& positive, const Tensor& pool,
     const Tensor& anchor_labels, const Tensor& neg_index, const Tensor& neg_count,
     double temperature, int64_t num_negatives, bool random, int64_t seed, int64_t offset,
-    const c10::optional<Tensor>& grad_weight, double grad_scale, bool negative_grad,
+    const c10::optional<Tensor>& grad_weight, double grad_scale, bool pool_grad,
     bool deterministic) {
   TORCH_CHECK(anchor.dim() == 3 && positive.sizes() == anchor.sizes(),
-              "voxel_infonce_cuda: anchor and positive must be equal (B, C, P), got ",
+              "rcps_cuda::voxel_infonce: anchor and positive must be equal (B, C, P), got ",
               anchor.sizes(), " and ", positive.sizes());
-  TORCH_CHECK(negative.dim() == 3 && negative.size(1) == anchor.size(1),
-              "voxel_infonce_cuda: negative must be (Bn, C, Pn) with C = ", anchor.size(1),
-              ", got ", negative.sizes());
+  TORCH_CHECK(pool.dim() == 3 && pool.size(1) == anchor.size(1),
+              "rcps_cuda::voxel_infonce: pool must be (Bn, C, Pn) with C = ", anchor.size(1),
+              ", got ", pool.sizes());
   TORCH_CHECK(neg_index.dim() == 2 && neg_count.numel() == neg_index.size(0),
-              "voxel_infonce_cuda: neg_index must be (classes, L) with one neg_count per class");
+              "rcps_cuda::voxel_infonce: neg_index must be (classes, L) with one neg_count per "
+              "class");
   TORCH_CHECK(anchor_labels.numel() == anchor.size(0) * anchor.size(2),
-              "voxel_infonce_cuda: anchor_labels must have B*P elements");
-  for (const Tensor* t : {&anchor, &positive, &negative})
-    TORCH_CHECK(t->is_cuda(), "voxel_infonce_cuda: feature tensors must be CUDA tensors");
+              "rcps_cuda::voxel_infonce: anchor_labels must have B*P elements");
+  for (const Tensor* t : {&anchor, &positive, &pool})
+    TORCH_CHECK(t->is_cuda(), "rcps_cuda::voxel_infonce: feature tensors must be CUDA tensors");
   const c10::cuda::CUDAGuard guard(anchor.device());
   const auto dev = anchor.device();
-  const Tensor z1 = anchor.to(at::kFloat), z2 = positive.to(at::kFloat), zn = negative.to(at::kFloat);
+  const Tensor z1 = anchor.to(at::kFloat), z2 = positive.to(at::kFloat), zn = pool.to(at::kFloat);
   const Tensor labels = anchor_labels.to(dev, at::kLong).contiguous();
   const Tensor index = neg_index.to(dev, at::kLong).contiguous();
   const Tensor count = neg_count.to(dev, at::kLong).contiguous();
-  const bool want_grad = grad_scale != 0.0, neg_grad = want_grad && negative_grad;
+  const bool want_grad = grad_scale != 0.0, neg_grad = want_grad && pool_grad;
   Tensor weight;
   if (want_grad && grad_weight.has_value() && grad_weight->defined())
     weight = grad_weight->to(dev, at::kFloat).contiguous();
@@ -281,21 +284,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce_cuda(
       g1 = at::zeros(anchor.sizes(), anchor.options());
       g2 = at::zeros(anchor.sizes(), anchor.options());
     }
-    if (neg_grad) gn = at::zeros(negative.sizes(), negative.options());
+    if (neg_grad) gn = at::zeros(pool.sizes(), pool.options());
   } else if (random) {
     std::tie(loss, g1, g2, gn) =
         random_mode(z1, z2, zn, labels, index, count, inv_tau, num_negatives, seed, offset,
                     weight, static_cast<float>(grad_scale), want_grad, neg_grad, deterministic,
-                    anchor.scalar_type(), negative.scalar_type());
+                    anchor.scalar_type(), pool.scalar_type());
   } else {
     std::tie(loss, g1, g2, gn) =
         topk_mode(z1, z2, zn, labels, index, count, inv_tau, weight,
                   static_cast<float>(grad_scale), want_grad, neg_grad, anchor.scalar_type(),
-                  negative.scalar_type());
+                  pool.scalar_type());
   }
   if (!g1.defined()) g1 = at::empty({0}, anchor.options());
   if (!g2.defined()) g2 = at::empty({0}, anchor.options());
-  if (!gn.defined()) gn = at::empty({0}, negative.options());
+  if (!gn.defined()) gn = at::empty({0}, pool.options());
   return {loss, g1, g2, gn};
 }
 
@@ -315,10 +318,11 @@ __global__ void random_draws_kernel(const int64_t* labels, const int64_t* neg_in
   out[e] = neg_index[cls * L + draw_to_index(r, n)];
 }
 
-Tensor random_draws_cuda(const Tensor& anchor_labels, const Tensor& neg_index,
-                         const Tensor& neg_count, int64_t num_negatives, int64_t seed,
-                         int64_t offset) {
-  TORCH_CHECK(anchor_labels.is_cuda(), "random_draws_cuda: anchor_labels must be a CUDA tensor");
+Tensor random_draws(const Tensor& anchor_labels, const Tensor& neg_index,
+                    const Tensor& neg_count, int64_t num_negatives, int64_t seed,
+                    int64_t offset) {
+  TORCH_CHECK(anchor_labels.is_cuda(),
+              "rcps_cuda::random_draws: anchor_labels must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(anchor_labels.device());
   const auto dev = anchor_labels.device();
   const Tensor labels = anchor_labels.to(at::kLong).contiguous();
@@ -342,16 +346,16 @@ Tensor random_draws_cuda(const Tensor& anchor_labels, const Tensor& neg_index,
 
 TORCH_LIBRARY_FRAGMENT(rcps_cuda, m) {
   m.def(
-      "voxel_infonce_cuda(Tensor anchor, Tensor positive, Tensor negative, Tensor anchor_labels, "
+      "voxel_infonce(Tensor anchor, Tensor positive, Tensor pool, Tensor anchor_labels, "
       "Tensor neg_index, Tensor neg_count, float temperature, int num_negatives, bool random, "
-      "int seed, int offset, Tensor? grad_weight, float grad_scale, bool negative_grad, "
+      "int seed, int offset, Tensor? grad_weight, float grad_scale, bool pool_grad, "
       "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "random_draws_cuda(Tensor anchor_labels, Tensor neg_index, Tensor neg_count, "
+      "random_draws(Tensor anchor_labels, Tensor neg_index, Tensor neg_count, "
       "int num_negatives, int seed, int offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(rcps_cuda, CUDA, m) {
-  m.impl("voxel_infonce_cuda", &rcps::cuda::voxel_infonce_cuda);
-  m.impl("random_draws_cuda", &rcps::cuda::random_draws_cuda);
+  m.impl("voxel_infonce", &rcps::cuda::voxel_infonce);
+  m.impl("random_draws", &rcps::cuda::random_draws);
 }

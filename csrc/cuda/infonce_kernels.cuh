@@ -5,7 +5,7 @@
 #include <ATen/ATen.h>
 #include <cuda_runtime.h>
 
-#include "../rcps_math.h"
+#include "../common/rcps_math.h"
 
 namespace rcps {
 namespace cuda {

@@ -2,8 +2,8 @@
 //
 // One thread per voxel walks the voxel's K classes (consecutive threads read consecutive voxels,
 // so class rows of (B, K, P) logits are read coalesced); the per-class and per-voxel formulas and
-// their gradients are those of csrc/pseudo_supervision_math.h, which the CPU kernels (and their
-// tests) share. The class loop re-reads the voxel's logits after the max pass, from L1/L2.
+// their gradients are those of csrc/common/pseudo_supervision_math.h, which the CPU kernels (and
+// their tests) share. The class loop re-reads the voxel's logits after the max pass, from L1/L2.
 // Reductions write one partial sum per thread block (cub::BlockReduce), summed by torch in block
 // order, so results are deterministic. Same contract as csrc/cpu/pseudo_supervision.cpp:
 // reduction 0 = "none" ((B, P) map), 1 = "mean", 2 = "sum" (0-dim); fp16/bf16 accumulate in fp32.
@@ -17,7 +17,7 @@
 
 #include <cub/block/block_reduce.cuh>
 
-#include "../pseudo_supervision_math.h"
+#include "../common/pseudo_supervision_math.h"
 
 namespace rcps {
 namespace cuda {
@@ -298,14 +298,14 @@ GradScale<acc_t> grad_scale_of(const Tensor& grad_output, int64_t reduction, int
   return GradScale<acc_t>{holder->data_ptr<acc_t>(), false, factor};
 }
 
-Tensor urp_forward_cuda(const Tensor& student, const Tensor& teacher, double temperature,
-                        int64_t reduction) {
-  check_pair(student, teacher, "urp_forward_cuda");
+Tensor urp_forward(const Tensor& student, const Tensor& teacher, double temperature,
+                   int64_t reduction) {
+  check_pair(student, teacher, "rcps_cuda::urp_forward");
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), K = student.size(1), P = student.size(2), N = B * P;
   const LossBuffers buffers(student, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "urp_forward_cuda", [&] {
+                                  "rcps_cuda::urp_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     urp_forward_kernel<scalar_t, acc_t>
         <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -317,14 +317,14 @@ Tensor urp_forward_cuda(const Tensor& student, const Tensor& teacher, double tem
   return buffers.result(reduction, N);
 }
 
-Tensor urp_backward_cuda(const Tensor& grad_output, const Tensor& student, const Tensor& teacher,
-                         double temperature, int64_t reduction) {
-  check_pair(student, teacher, "urp_backward_cuda");
+Tensor urp_backward(const Tensor& grad_output, const Tensor& student, const Tensor& teacher,
+                    double temperature, int64_t reduction) {
+  check_pair(student, teacher, "rcps_cuda::urp_backward");
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), K = student.size(1), P = student.size(2), N = B * P;
   Tensor grad = at::empty_like(student);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "urp_backward_cuda", [&] {
+                                  "rcps_cuda::urp_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Tensor holder;
     const GradScale<acc_t> scale = grad_scale_of<acc_t>(grad_output, reduction, B, P, &holder);
@@ -338,14 +338,14 @@ Tensor urp_backward_cuda(const Tensor& grad_output, const Tensor& student, const
   return grad;
 }
 
-Tensor cosine_consistency_forward_cuda(const Tensor& logits_a, const Tensor& logits_b, double eps,
-                                       int64_t reduction) {
-  check_pair(logits_a, logits_b, "cosine_consistency_forward_cuda");
+Tensor cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b, double eps,
+                                  int64_t reduction) {
+  check_pair(logits_a, logits_b, "rcps_cuda::cosine_consistency_forward");
   const c10::cuda::CUDAGuard guard(logits_a.device());
   const int64_t B = logits_a.size(0), K = logits_a.size(1), P = logits_a.size(2), N = B * P;
   const LossBuffers buffers(logits_a, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
-                                  "cosine_consistency_forward_cuda", [&] {
+                                  "rcps_cuda::cosine_consistency_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cosine_forward_kernel<scalar_t, acc_t>
         <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -357,19 +357,19 @@ Tensor cosine_consistency_forward_cuda(const Tensor& logits_a, const Tensor& log
   return buffers.result(reduction, N);
 }
 
-std::tuple<Tensor, Tensor> cosine_consistency_backward_cuda(const Tensor& grad_output,
-                                                            const Tensor& logits_a,
-                                                            const Tensor& logits_b, double eps,
-                                                            int64_t reduction, bool need_grad_a,
-                                                            bool need_grad_b) {
-  check_pair(logits_a, logits_b, "cosine_consistency_backward_cuda");
+std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output,
+                                                       const Tensor& logits_a,
+                                                       const Tensor& logits_b, double eps,
+                                                       int64_t reduction, bool need_grad_a,
+                                                       bool need_grad_b) {
+  check_pair(logits_a, logits_b, "rcps_cuda::cosine_consistency_backward");
   const c10::cuda::CUDAGuard guard(logits_a.device());
   const int64_t B = logits_a.size(0), K = logits_a.size(1), P = logits_a.size(2), N = B * P;
   Tensor grad_a = need_grad_a ? at::empty_like(logits_a) : at::empty({0}, logits_a.options());
   Tensor grad_b = need_grad_b ? at::empty_like(logits_b) : at::empty({0}, logits_b.options());
   if (!need_grad_a && !need_grad_b) return {grad_a, grad_b};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
-                                  "cosine_consistency_backward_cuda", [&] {
+                                  "rcps_cuda::cosine_consistency_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Tensor holder;
     const GradScale<acc_t> scale = grad_scale_of<acc_t>(grad_output, reduction, B, P, &holder);
@@ -391,18 +391,18 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward_cuda(const Tensor& grad_o
 
 TORCH_LIBRARY_FRAGMENT(rcps_cuda, m) {
   m.def(
-      "urp_forward_cuda(Tensor student, Tensor teacher, float temperature, int reduction) -> Tensor",
-      &rcps::cuda::urp_forward_cuda);
+      "urp_forward(Tensor student, Tensor teacher, float temperature, int reduction) -> Tensor",
+      &rcps::cuda::urp_forward);
   m.def(
-      "urp_backward_cuda(Tensor grad_output, Tensor student, Tensor teacher, float temperature, "
+      "urp_backward(Tensor grad_output, Tensor student, Tensor teacher, float temperature, "
       "int reduction) -> Tensor",
-      &rcps::cuda::urp_backward_cuda);
+      &rcps::cuda::urp_backward);
   m.def(
-      "cosine_consistency_forward_cuda(Tensor logits_a, Tensor logits_b, float eps, "
+      "cosine_consistency_forward(Tensor logits_a, Tensor logits_b, float eps, "
       "int reduction) -> Tensor",
-      &rcps::cuda::cosine_consistency_forward_cuda);
+      &rcps::cuda::cosine_consistency_forward);
   m.def(
-      "cosine_consistency_backward_cuda(Tensor grad_output, Tensor logits_a, Tensor logits_b, "
+      "cosine_consistency_backward(Tensor grad_output, Tensor logits_a, Tensor logits_b, "
       "float eps, int reduction, bool need_grad_a, bool need_grad_b) -> (Tensor, Tensor)",
-      &rcps::cuda::cosine_consistency_backward_cuda);
+      &rcps::cuda::cosine_consistency_backward);
 }

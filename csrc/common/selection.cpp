@@ -87,7 +87,7 @@ std::tuple<Tensor, Tensor> anchor_class_order(const Tensor& labels, int64_t num_
 }  // namespace selection
 }  // namespace rcps
 
-TORCH_LIBRARY_FRAGMENT(rcps_C, m) {
+TORCH_LIBRARY_FRAGMENT(rcps_cpu, m) {
   m.def(
       "negative_tables(Tensor anchor_logits, Tensor negative_logits, int num_negatives, "
       "bool random, float confidence_threshold) -> (Tensor, Tensor, Tensor, Tensor)",
