@@ -38,7 +38,7 @@ def _find_cuda_home() -> str | None:
 
 
 def _want_cuda() -> bool:
-    switch = os.environ.get("RCPS_BUILD_CUDA", "auto").lower()
+    switch = build_config.settings.build_cuda()
     if switch in ("0", "false", "no", "off"):
         return False
     available = _CUDA_HOME is not None and bool(build_config.cuda_sources(CSRC))
@@ -106,7 +106,7 @@ def _cuda_extension():
 if _want_cuda():
     if torch.version.cuda is not None:
         ext_modules.append(_cuda_extension())
-    elif os.environ.get("RCPS_BUILD_CUDA", "auto").lower() in ("1", "true", "yes", "on", "force"):
+    elif build_config.settings.build_cuda() in ("1", "true", "yes", "on", "force"):
         raise RuntimeError("RCPS_BUILD_CUDA=1 needs a CUDA build of torch; this one is CPU-only")
 BUILDS_CUDA = any(ext.name == "rcps_kernels._C_cuda" for ext in ext_modules)
 

@@ -1,4 +1,4 @@
-"""pytest-benchmark of the selection step: ``rcps_C::negative_tables`` against the same op sequence
+"""pytest-benchmark of the selection step: ``rcps_cpu::negative_tables`` against the same op sequence
 issued from Python (rcps_kernels/ops/selection.py, the oracle of tests/test_selection.py).
 
     python -m pytest benchmarks/bench_selection.py

@@ -1,6 +1,7 @@
 """Sources and compiler flags of the C++/CUDA extensions, shared by setup.py and the JIT loader.
 
-Kept free of package imports so that setup.py can load it by path before the package is built.
+Kept free of package imports (besides the standard-library ``settings``) so that setup.py can
+load it by path before the package is built.
 
 The CPU extension is built once per instruction-set level ("variant"), each a complete,
 self-contained module ``rcps_kernels._C_<variant>``; the loader imports exactly one per process,
@@ -8,19 +9,23 @@ so code compiled for different levels never meets in one process.
 """
 from __future__ import annotations
 
-import os
+import importlib.util
 import platform
 import re
 from pathlib import Path
+
+try:
+    from . import settings
+except ImportError:  # loaded by path from setup.py, outside the package: load the sibling the same way
+    _spec = importlib.util.spec_from_file_location("rcps_settings", Path(__file__).with_name("settings.py"))
+    settings = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(settings)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: The C++/CUDA sources copied into an installed package (wheel), for the JIT fallback.
 PACKAGED_CSRC = PACKAGE_DIR / "_csrc"
 #: csrc/ of a source checkout or editable install, next to the package.
 CHECKOUT_CSRC = PACKAGE_DIR.parent / "csrc"
-
-#: Default CUDA architectures: Ampere and Hopper. Override with RCPS_CUDA_ARCHS="8.0;8.6;9.0".
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 #: Portable x86-64 variants, lowest first: variant name -> gcc's micro-architecture level.
 X86_VARIANTS = {"baseline": "x86-64-v2", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
@@ -63,7 +68,7 @@ def cpu_variants() -> dict[str, str | None]:
     ``-march=native``, "custom" for any other value); such a binary only runs on CPUs like the one
     it was built for, so it is for source installs, never for wheels.
     """
-    arch = os.environ.get("RCPS_CPU_ARCH", "").strip()
+    arch = settings.cpu_arch()
     if arch:
         return {"native" if arch == "native" else "custom": arch}
     if is_x86_64():
@@ -80,7 +85,7 @@ def cpu_compile_args(march: str | None) -> list[str]:
 
 def jit_march() -> str | None:
     """-march of a JIT build, which runs only where it is built: the local CPU unless overridden."""
-    return os.environ.get("RCPS_CPU_ARCH", "").strip() or ("native" if is_x86_64() else None)
+    return settings.cpu_arch() or ("native" if is_x86_64() else None)
 
 
 def cpu_link_args() -> list[str]:
@@ -88,7 +93,8 @@ def cpu_link_args() -> list[str]:
 
 
 def cuda_archs() -> list[str]:
-    archs = os.environ.get("RCPS_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+    """RCPS_CUDA_ARCHS as a list (default: Ampere and Hopper, 8.0 and 9.0)."""
+    archs = settings.cuda_archs()
     return [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
 
 

@@ -1,7 +1,7 @@
 """The one-call selection ops (csrc/common/selection.cpp) against rcps_kernels/ops/selection.py and a
 brute force over Python lists.
 
-``rcps_C::negative_tables`` and ``rcps_C::anchor_class_order`` issue the op sequence of the
+``rcps_cpu::negative_tables`` and ``rcps_cpu::anchor_class_order`` issue the op sequence of the
 Python functions from C++; their results must be identical, element for element, on CPU tensors
 here and on CUDA tensors in the gpu tier.
 """

@@ -1,7 +1,7 @@
 """Triton pieces shared by the topk and random modes of the voxel InfoNCE (infonce_triton.py).
 
 The positive's NLL from the negatives' log-sum-exp state; feature rows normalised into fp32
-copies (u = z / max(||z||, eps), as F.normalize and csrc/rcps_math.h); and the chain rule that
+copies (u = z / max(||z||, eps), as F.normalize and csrc/common/rcps_math.h); and the chain rule that
 takes gradients of those copies back through the normalisation into the input-dtype (B, C, P)
 gradient.
 """
@@ -17,7 +17,7 @@ from ..settings import triton_interpreting
 
 @triton.jit
 def row_norms(z):
-    """||z|| of each row of a 2-D block, scaled before squaring like csrc/rcps_math.h's
+    """||z|| of each row of a 2-D block, scaled before squaring like csrc/common/rcps_math.h's
     scaled_norm: sum(z * z) overflows float32 from ||z|| ~ 1.8e19, sum((z / max|z|)^2) never."""
     amax = tl.max(tl.abs(z), 1)
     scaled = z / tl.where(amax > 0, amax, 1.0)[:, None]

@@ -2,7 +2,7 @@
 
 random mode: ``_random_kernel``, one program per anchor: normalises its anchor/positive rows,
 regenerates its K Philox draws (``tl.randint(seed, anchor * K + k + offset)``, 64-bit counters,
-the layout of csrc/rcps_math.h's philox_randint), gathers the normalised pool rows, online LSE;
+the layout of csrc/common/rcps_math.h's philox_randint), gathers the normalised pool rows, online LSE;
 with gradients a second pass over the same draws accumulates the anchor gradients and adds the
 pool gradient with fp32 atomics, or, in deterministic mode, with int64 fixed-point atomics
 (integer addition is associative: bitwise identical run to run). Deterministic mode is on when
@@ -30,7 +30,7 @@ _FIXED_POINT_BITS = 61
 
 @triton.jit
 def _random_draw_positions(seed, anchor, ks, K, offset, n):
-    """Position in the class's eligible list of draws ks of `anchor` (csrc/rcps_math.h)."""
+    """Position in the class's eligible list of draws ks of `anchor` (csrc/common/rcps_math.h)."""
     counter = anchor * K + ks + offset  # int64: the 64-bit counter of draw_counter()
     r = tl.randint(seed, counter)  # uint32, counter words (lo32, hi32, 0, 0)
     return ((r.to(tl.uint64) * n.to(tl.uint64)) >> 32).to(tl.int64)

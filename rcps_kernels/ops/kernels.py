@@ -68,10 +68,10 @@ def kernels(backend: str) -> Kernels:
     """
     if backend == "cpu":
         require_cpu_extension()
-        return _compiled_table(_TEMP_SUFFIXED(torch.ops.rcps_C, "_cpu"), cuda=False)
+        return _compiled_table(torch.ops.rcps_cpu, cuda=False)
     if backend == "cuda":
         require_cuda_extension()
-        return _compiled_table(_TEMP_SUFFIXED(torch.ops.rcps_cuda, "_cuda"), cuda=True)
+        return _compiled_table(torch.ops.rcps_cuda, cuda=True)
     if backend == "triton":
         try:  # imported on demand: triton is needed only when it is asked for
             infonce = importlib.import_module(f"{__package__}.infonce_triton")
@@ -84,16 +84,6 @@ def kernels(backend: str) -> Kernels:
             cosine_forward=heads.cosine_forward, cosine_backward=heads.cosine_backward,
         )
     raise ValueError(f"backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
-
-
-class _TEMP_SUFFIXED:  # TEMP until the C++ op rename lands
-    def __init__(self, ns, suffix):
-        self.ns, self.suffix = ns, suffix
-
-    def __getattr__(self, name):
-        if name in ("negative_tables", "anchor_class_order"):
-            return getattr(self.ns, name)
-        return getattr(self.ns, name + self.suffix, None)
 
 
 def _compiled_table(ops, cuda: bool) -> Kernels:

@@ -9,7 +9,7 @@ write one float64 partial sum per program, added by torch in program order (dete
 
 Loads are cast to the accumulation type right away (bf16 arithmetic is broken in the Triton
 interpreter, and fp16/bf16 inputs accumulate in fp32 anyway). Under TRITON_INTERPRET=1 these run
-on CPU tensors. The per-voxel formulas and their derivations are in csrc/pseudo_supervision_math.h.
+on CPU tensors. The per-voxel formulas and their derivations are in csrc/common/pseudo_supervision_math.h.
 """
 from __future__ import annotations
 

@@ -98,7 +98,7 @@ def negative_tables(
         of all logits, 0-d, which is finite exactly when the logits are (barring overflow).
     """
     if _use_extension(use_extension):
-        return torch.ops.rcps_C.negative_tables(anchor_logits, pool_logits, num_negatives,
+        return torch.ops.rcps_cpu.negative_tables(anchor_logits, pool_logits, num_negatives,
                                                 random, confidence_threshold)
     num_classes = anchor_logits.shape[1]
     anchor_labels, _ = pseudo_labels(anchor_logits)
@@ -129,7 +129,7 @@ def anchor_class_order(
         class_start[c + 1]].
     """
     if _use_extension(use_extension):
-        return torch.ops.rcps_C.anchor_class_order(labels, num_classes)
+        return torch.ops.rcps_cpu.anchor_class_order(labels, num_classes)
     # A narrow key: the GPU radix sort then makes 1-2 passes, not 8.
     key_dtype = torch.int16 if num_classes < 2**15 else torch.int32
     sorted_labels, order = torch.sort(labels.to(key_dtype), stable=True)

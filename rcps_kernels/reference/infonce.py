@@ -18,7 +18,7 @@ def philox_randint(seed: int, counters: np.ndarray) -> np.ndarray:
     """Philox4x32-10 draws laid out like Triton's ``tl.randint(seed, offset)`` (64-bit offsets).
 
     Counter words (lo32(offset), hi32(offset), 0, 0), key (lo32(seed), hi32(seed)); returns the
-    first output word as uint32. Written independently of the C++ version (csrc/rcps_math.h) so
+    first output word as uint32. Written independently of the C++ version (csrc/common/rcps_math.h) so
     that each checks the other.
     """
     counters = np.asarray(counters, dtype=np.uint64)
