@@ -1,6 +1,6 @@
 """Triton kernels of the rectified pseudo supervision (L_urp) and logit cosine consistency (L_cr).
 
-Same contract as the C++ kernels (csrc/cpu/pseudo_supervision.cpp): inputs are (B, num_classes, P) views
+Same contract as the C++ kernels (ops/kernels.py; csrc/cpu/pseudo_supervision.cpp): inputs are (B, num_classes, P) views
 with any strides; forward returns a (B, P) loss map (reduction code 0) or a 0-dim mean/sum
 (codes 1/2) in float32 (float64 for float64 inputs); backward returns gradients shaped and strided
 like torch.empty_like of the inputs. One program handles BLOCK_V voxels with all their classes in
