@@ -10,6 +10,7 @@ Environment switches:
     RCPS_CPU_ARCH         build one CPU variant for this -march (e.g. "native") instead of the
                           portable x86-64-v2 / v3 / v4 variants
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -98,8 +99,10 @@ def _cuda_extension():
         "rcps_kernels._C_cuda",
         _relative(build_config.cuda_sources(CSRC)),
         include_dirs=include_dirs,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math",
-                                                     *build_config.cuda_gencode_flags(build_config.cuda_archs())]},
+        extra_compile_args={
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", *build_config.cuda_gencode_flags(build_config.cuda_archs())],
+        },
     )
 
 

@@ -15,6 +15,7 @@ machine, at a tiny shape where the kernels themselves cost next to nothing:
 
 Counts are exact and machine-independent; the time is this machine's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,16 +34,56 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 #: aten ops that launch no kernel on a GPU: views, metadata, allocation without fill.
 NO_KERNEL = {
-    "view", "_unsafe_view", "reshape", "as_strided", "detach", "t", "transpose", "slice",
-    "select", "unsqueeze", "squeeze", "movedim", "permute", "alias", "expand", "lift_fresh",
-    "empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "resolve_conj",
-    "resolve_neg", "is_nonzero", "result_type", "requires_grad_", "_reshape_alias", "split",
-    "unbind", "lift_fresh_copy", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "as_strided",
+    "detach",
+    "t",
+    "transpose",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "movedim",
+    "permute",
+    "alias",
+    "expand",
+    "lift_fresh",
+    "empty",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "empty_like",
+    "resolve_conj",
+    "resolve_neg",
+    "is_nonzero",
+    "result_type",
+    "requires_grad_",
+    "_reshape_alias",
+    "split",
+    "unbind",
+    "lift_fresh_copy",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
     "scalar_tensor",  # a wrapped CPU scalar, e.g. where(cond, x, -1)
 }
 #: Tensor methods answered from metadata, without dispatch.
-METADATA = {"dim", "size", "stride", "numel", "nelement", "data_ptr", "is_contiguous",
-            "element_size", "get_device", "is_floating_point", "storage_offset"}
+METADATA = {
+    "dim",
+    "size",
+    "stride",
+    "numel",
+    "nelement",
+    "data_ptr",
+    "is_contiguous",
+    "element_size",
+    "get_device",
+    "is_floating_point",
+    "storage_offset",
+}
 
 
 class _TritonLaunches:
@@ -117,8 +158,8 @@ def make_step(backend: str):
 
     def step():
         leaves = [t.detach().clone().requires_grad_() for t in feats]
-        rk.bidirectional_voxel_infonce(*leaves, *logits, num_negatives=8,
-                                       backend=backend).backward()
+        rk.bidirectional_voxel_infonce(*leaves, *logits, num_negatives=8, backend=backend).backward()
+
     return step
 
 
@@ -131,8 +172,11 @@ def measure(backend: str, timed: bool) -> dict:
             step()
         with _CountTorchCalls(triton) as torch_calls:
             step()
-    result = {"kernel_ops": sum(kernel_ops.ops.values()), "by_op": dict(kernel_ops.ops),
-              "python_torch_calls": torch_calls.calls}
+    result = {
+        "kernel_ops": sum(kernel_ops.ops.values()),
+        "by_op": dict(kernel_ops.ops),
+        "python_torch_calls": torch_calls.calls,
+    }
     if backend == "triton":
         result["triton_launches"] = triton.count // 2
     if timed:
@@ -150,17 +194,22 @@ def measure(backend: str, timed: bool) -> dict:
 
 
 def to_markdown(results: dict, label: str) -> str:
-    lines = [f"# Host-side cost of one voxel InfoNCE call ({label})", "",
-             f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, 1 torch thread, {datetime.date.today().isoformat()}; "
-             "shape (1, 16, 4, 4, 4), K = 8, forward + backward, reduction=\"mean\"", "",
-             "| backend | kernel ops | Triton launches | python torch calls | us per call (min) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# Host-side cost of one voxel InfoNCE call ({label})",
+        "",
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, 1 torch thread, {datetime.date.today().isoformat()}; "
+        'shape (1, 16, 4, 4, 4), K = 8, forward + backward, reduction="mean"',
+        "",
+        "| backend | kernel ops | Triton launches | python torch calls | us per call (min) |",
+        "|---|---|---|---|---|",
+    ]
     for backend, r in results.items():
-        time_cell = (f"{r['us_per_call']:.0f} ({r['us_min']:.0f})" if "us_per_call" in r
-                     else "interpreted: not timed")
-        lines.append(f"| {backend} | {r['kernel_ops']} | {r.get('triton_launches', '-')} | "
-                     f"{r['python_torch_calls']} | {time_cell} |")
+        time_cell = f"{r['us_per_call']:.0f} ({r['us_min']:.0f})" if "us_per_call" in r else "interpreted: not timed"
+        lines.append(
+            f"| {backend} | {r['kernel_ops']} | {r.get('triton_launches', '-')} | "
+            f"{r['python_torch_calls']} | {time_cell} |"
+        )
     lines += ["", "Kernel ops by name:", ""]
     for backend, r in results.items():
         ops = ", ".join(f"{k.split('::')[-1]} {v}" for k, v in sorted(r["by_op"].items()))

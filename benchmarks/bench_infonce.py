@@ -9,6 +9,7 @@ Side by side: the fused kernel (backend="cpu"), the plain PyTorch reference, the
 algorithm (benchmarks/official_baseline.py) and the matmul floor (the six N x C x K products).
 Peak memory is measured separately, per process, by ``python -m benchmarks.la_compare``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,6 +32,7 @@ def fwd_bwd(impl: str, k: int, shape: str = SHAPE):
         for t in inputs[:3]:
             t.grad = None
         fn(*inputs).backward()
+
     return step
 
 

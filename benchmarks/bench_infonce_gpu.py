@@ -26,6 +26,7 @@ memory that the graph's private pool keeps between calls is not counted as growt
 Implementations that would not fit in GPU memory are skipped (and say so). Writes
 benchmarks/results/infonce_gpu_<device>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,13 +75,11 @@ def loss_callable(impl, k):
     if impl == "official":
         from benchmarks.official_baseline import official_infonce
 
-        return lambda a, p, n, al, nl: official_infonce(a, p, n, al, nl, num_negatives=k,
-                                                        temperature=0.1)
+        return lambda a, p, n, al, nl: official_infonce(a, p, n, al, nl, num_negatives=k, temperature=0.1)
     backend, _, mode = impl.partition("@")
 
     def loss(a, p, n, al, nl):
-        return rk.bidirectional_voxel_infonce(a, p, n, al, nl, num_negatives=k, temperature=0.1,
-                                              backend=backend)
+        return rk.bidirectional_voxel_infonce(a, p, n, al, nl, num_negatives=k, temperature=0.1, backend=backend)
 
     if not mode:
         return loss
@@ -120,8 +119,13 @@ def time_phase(fn, repeats, setup=None):
         if r >= WARMUP:
             times.append(start.elapsed_time(end))
         del state
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "rounds": len(times), "peak_bytes": int(peak)}
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "rounds": len(times),
+        "peak_bytes": int(peak),
+    }
 
 
 def bench_impl(impl, inputs, k, repeats):
@@ -146,9 +150,11 @@ def bench_impl(impl, inputs, k, repeats):
     def backward(loss):
         loss.backward()
 
-    return {"forward": time_phase(forward, repeats), "backward": time_phase(backward, repeats,
-                                                                            setup_backward),
-            "both": time_phase(both, repeats)}
+    return {
+        "forward": time_phase(forward, repeats),
+        "backward": time_phase(backward, repeats, setup_backward),
+        "both": time_phase(both, repeats),
+    }
 
 
 def bench_floor(n_anchors, k, c, dtype, device, repeats):
@@ -186,38 +192,46 @@ def write_results(out_dir: str, name: str, report: dict, markdown: str) -> None:
 
 
 def to_markdown(report) -> str:
-    lines = [f"# Voxel InfoNCE on {report['device']}", "",
-             f"torch {report['torch']}, triton {report['triton']}, CUDA {report['cuda']}, "
-             f"{report['date']}, dtype {report['dtype']}", "",
-             "| case | K | impl | phase | median ms | min-max ms | peak MiB over inputs |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Voxel InfoNCE on {report['device']}",
+        "",
+        f"torch {report['torch']}, triton {report['triton']}, CUDA {report['cuda']}, "
+        f"{report['date']}, dtype {report['dtype']}",
+        "",
+        "| case | K | impl | phase | median ms | min-max ms | peak MiB over inputs |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for case in report["cases"]:
         for impl, phases in case["results"].items():
             if "skipped" in phases:
-                lines.append(f"| {case['shape']} | {case['k']} | {impl} | - | skipped: "
-                             f"{phases['skipped']} | | |")
+                lines.append(f"| {case['shape']} | {case['k']} | {impl} | - | skipped: {phases['skipped']} | | |")
                 continue
             for phase, r in phases.items():
-                lines.append(f"| {case['shape']} | {case['k']} | {impl} | {phase} | "
-                             f"{r['median_ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} | "
-                             f"{r['peak_bytes'] / 2**20:.1f} |")
+                lines.append(
+                    f"| {case['shape']} | {case['k']} | {impl} | {phase} | "
+                    f"{r['median_ms']:.3f} | {r['min_ms']:.3f}-{r['max_ms']:.3f} | "
+                    f"{r['peak_bytes'] / 2**20:.1f} |"
+                )
         for key, value in case.get("ratios", {}).items():
             lines.append(f"| {case['shape']} | {case['k']} | ratio | {key} | {value:.2f} | | |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="triton,cuda,triton@reduce-overhead",
-                        help="fused GPU backends to time (comma-separated); backend@mode runs "
-                             "it under torch.compile(mode=mode)")
-    parser.add_argument("--baselines", default="reference,official,floor",
-                        help="baselines to time (comma-separated; empty for none)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--backends",
+        default="triton,cuda,triton@reduce-overhead",
+        help="fused GPU backends to time (comma-separated); backend@mode runs it under torch.compile(mode=mode)",
+    )
+    parser.add_argument(
+        "--baselines", default="reference,official,floor", help="baselines to time (comma-separated; empty for none)"
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--full-pool", default="la", choices=["la", "full"],
-                        help="pool shape of the full-resolution case")
+    parser.add_argument(
+        "--full-pool", default="la", choices=["la", "full"], help="pool shape of the full-resolution case"
+    )
     parser.add_argument("--quick", action="store_true", help="only the LA shape at K=400")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -225,8 +239,11 @@ def main(argv=None) -> None:
         raise SystemExit("bench_infonce_gpu needs a CUDA device")
     dtype = getattr(torch, args.dtype)
     device = "cuda"
-    cases = [("la", "la", 400)] if args.quick else [
-        ("la", "la", 100), ("la", "la", 400), ("la", "la", 4096), ("full", args.full_pool, 4096)]
+    cases = (
+        [("la", "la", 400)]
+        if args.quick
+        else [("la", "la", 100), ("la", "la", 400), ("la", "la", 4096), ("full", args.full_pool, 4096)]
+    )
     impls = [b for b in args.backends.split(",") if b]
     baselines = [b for b in args.baselines.split(",") if b]
     try:
@@ -235,11 +252,17 @@ def main(argv=None) -> None:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": triton_version, "cuda": torch.version.cuda,
-              "python": platform.python_version(), "dtype": args.dtype,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "repeats": args.repeats, "cases": []}
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "dtype": args.dtype,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "repeats": args.repeats,
+        "cases": [],
+    }
     for shape, pool, k in cases:
         inputs = make_inputs(shape, pool, dtype, device)
         n_anchors, n_pool, c = numel(shape), numel(pool), SHAPES[shape][1]
@@ -255,12 +278,10 @@ def main(argv=None) -> None:
             except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
                 torch.cuda.empty_cache()
                 case["results"][impl] = {"skipped": f"{type(exc).__name__}: {str(exc)[:120]}"}
-            print(json.dumps({"shape": shape, "k": k, "impl": impl,
-                              "result": case["results"][impl]}), flush=True)
+            print(json.dumps({"shape": shape, "k": k, "impl": impl, "result": case["results"][impl]}), flush=True)
         if "floor" in baselines:
             case["results"]["floor"] = bench_floor(n_anchors, k, c, dtype, device, args.repeats)
-        fused = {b: case["results"][b]["both"]["median_ms"] for b in impls
-                 if "both" in case["results"].get(b, {})}
+        fused = {b: case["results"][b]["both"]["median_ms"] for b in impls if "both" in case["results"].get(b, {})}
         if fused:
             fastest = min(fused, key=fused.get)
             ratios = {}

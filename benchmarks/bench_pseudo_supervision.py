@@ -13,6 +13,7 @@ As a script, ``python -m benchmarks.bench_pseudo_supervision`` times the forms s
 a fresh subprocess (benchmarks/memory.py), and writes benchmarks/results/pseudo_supervision_cpu.json
 and .md. Goal at the LA shape: fused >= 10x faster and <= 1/6 of the plain form's peak memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,14 +51,14 @@ def make_inputs(shape: tuple[int, ...], seed: int = 0):
     return z_a1, z_a2, z_o
 
 
-def step(backend: str, z_a1: torch.Tensor, z_a2: torch.Tensor, z_o: torch.Tensor,
-         one_op: bool = True) -> float:
+def step(backend: str, z_a1: torch.Tensor, z_a2: torch.Tensor, z_o: torch.Tensor, one_op: bool = True) -> float:
     """One head's L_urp(z_a1, z_o) + L_urp(z_a2, z_o) + L_cr(z_a1, z_a2) and its backward."""
     if one_op:
         urp, cr = rk.pseudo_supervision_losses(z_a1, z_a2, z_o, backend=backend)
     else:
-        urp = (rk.rectified_pseudo_supervision(z_a1, z_o, backend=backend)
-               + rk.rectified_pseudo_supervision(z_a2, z_o, backend=backend))
+        urp = rk.rectified_pseudo_supervision(z_a1, z_o, backend=backend) + rk.rectified_pseudo_supervision(
+            z_a2, z_o, backend=backend
+        )
         cr = rk.logit_cosine_consistency(z_a1, z_a2, backend=backend)
     loss = urp + cr
     loss.backward()
@@ -105,9 +106,12 @@ def _peaks(shape_name: str, tight: bool) -> dict[str, int]:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the subprocesses
     else:
         os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-    return {form: measure_in_subprocess("benchmarks.bench_pseudo_supervision",
-                                        ["--memory-child", form, shape_name])["peak_bytes"]
-            for form in FORMS}
+    return {
+        form: measure_in_subprocess("benchmarks.bench_pseudo_supervision", ["--memory-child", form, shape_name])[
+            "peak_bytes"
+        ]
+        for form in FORMS
+    }
 
 
 def _as_fraction(ratio: float) -> str:
@@ -137,21 +141,31 @@ def main() -> None:
         memory = _peaks(shape_name, tight=True)
         default_malloc = _peaks(shape_name, tight=False)
         input_bytes = 3 * torch.Size(shape).numel() * 4
-        rows.append({
-            "shape_name": shape_name, "shape": list(shape), "rounds": rounds,
-            "input_bytes": input_bytes, "time_s": times, "peak_bytes": memory,
-            "peak_bytes_default_malloc": default_malloc,
-            "speedup": times["plain"] / times["fused"],
-            "memory_ratio": memory["fused"] / memory["plain"],
-            "memory_ratio_default_malloc": default_malloc["fused"] / default_malloc["plain"],
-        })
+        rows.append(
+            {
+                "shape_name": shape_name,
+                "shape": list(shape),
+                "rounds": rounds,
+                "input_bytes": input_bytes,
+                "time_s": times,
+                "peak_bytes": memory,
+                "peak_bytes_default_malloc": default_malloc,
+                "speedup": times["plain"] / times["fused"],
+                "memory_ratio": memory["fused"] / memory["plain"],
+                "memory_ratio_default_malloc": default_malloc["fused"] / default_malloc["plain"],
+            }
+        )
         print(json.dumps(rows[-1]))
 
     report = {
         "benchmark": "one head's L_urp(z_a1) + L_urp(z_a2) + L_cr forward+backward, fp32, CPU: "
-                     "fused (one op), separate (two fused ops), plain PyTorch (reference)",
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "platform": platform.platform()},
+        "fused (one op), separate (two fused ops), plain PyTorch (reference)",
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "goal_la": "fused >= 10x faster and <= 1/6 of the plain peak memory",
@@ -178,10 +192,12 @@ def main() -> None:
             lines.append(
                 f"| {tuple(r['shape'])} | {r['input_bytes'] / mib:.0f} MiB | {form} "
                 f"| {r['time_s'][form] * 1e3:.1f} ms | {r['peak_bytes'][form] / mib:.0f} MiB "
-                f"| {r['peak_bytes_default_malloc'][form] / mib:.0f} MiB |")
+                f"| {r['peak_bytes_default_malloc'][form] / mib:.0f} MiB |"
+            )
         lines.append(
             f"| {tuple(r['shape'])} | | fused vs plain | {r['speedup']:.1f}x faster "
-            f"| {_as_fraction(r['memory_ratio'])} | {_as_fraction(r['memory_ratio_default_malloc'])} |")
+            f"| {_as_fraction(r['memory_ratio'])} | {_as_fraction(r['memory_ratio_default_malloc'])} |"
+        )
     lines += ["", f"Goal at (2, 2, 112, 112, 80): {report['goal_la']}.", ""]
     (RESULTS / f"pseudo_supervision_cpu{suffix}.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -11,6 +11,7 @@ min / max over --repeats after warm-up; memory: peak torch.cuda.max_memory_alloc
 over the inputs (benchmarks/bench_infonce_gpu.time_phase). Writes
 benchmarks/results/pseudo_supervision_gpu_<device>.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="triton,cuda,reference")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -37,10 +37,15 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_pseudo_supervision_gpu needs a CUDA device")
     dtype = getattr(torch, args.dtype)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "cuda": torch.version.cuda, "dtype": args.dtype, "repeats": args.repeats,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "results": []}
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "results": [],
+    }
     for shape_name, shape in SHAPES.items():
         g = torch.Generator().manual_seed(0)
         z_a1, z_a2, z_o = (torch.randn(shape, generator=g).mul_(2).to("cuda", dtype) for _ in range(3))
@@ -50,7 +55,8 @@ def main(argv=None) -> None:
         for backend in args.backends.split(","):
             try:
                 row["timings"][backend] = time_phase(
-                    lambda _, b=backend: step(b, z_a1, z_a2, z_o), args.repeats)
+                    lambda _, b=backend, views=(z_a1, z_a2, z_o): step(b, *views), args.repeats
+                )
             except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
                 torch.cuda.empty_cache()
                 row["timings"][backend] = {"skipped": f"{type(exc).__name__}: {str(exc)[:120]}"}
@@ -65,20 +71,28 @@ def main(argv=None) -> None:
         print(json.dumps(row), flush=True)
         del z_a1, z_a2, z_o
         torch.cuda.empty_cache()
-    lines = [f"# L_urp + L_cr forward+backward on {report['device']}", "",
-             f"torch {report['torch']}, CUDA {report['cuda']}, {report['date']}, dtype {args.dtype}",
-             "", "| shape | backend | median ms | min-max ms | peak MiB over inputs |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# L_urp + L_cr forward+backward on {report['device']}",
+        "",
+        f"torch {report['torch']}, CUDA {report['cuda']}, {report['date']}, dtype {args.dtype}",
+        "",
+        "| shape | backend | median ms | min-max ms | peak MiB over inputs |",
+        "|---|---|---|---|---|",
+    ]
     for row in report["results"]:
         for backend, r in row["timings"].items():
             if "skipped" in r:
                 lines.append(f"| {row['shape_name']} | {backend} | skipped: {r['skipped']} | | |")
             else:
-                lines.append(f"| {row['shape_name']} | {backend} | {r['median_ms']:.3f} | "
-                             f"{r['min_ms']:.3f}-{r['max_ms']:.3f} | {r['peak_bytes'] / 2**20:.1f} |")
+                lines.append(
+                    f"| {row['shape_name']} | {backend} | {r['median_ms']:.3f} | "
+                    f"{r['min_ms']:.3f}-{r['max_ms']:.3f} | {r['peak_bytes'] / 2**20:.1f} |"
+                )
         if "speedup" in row:
-            lines.append(f"| {row['shape_name']} | {row['fastest']} vs reference | "
-                         f"{row['speedup']:.1f}x faster | | memory ratio {row['memory_ratio']:.3f} |")
+            lines.append(
+                f"| {row['shape_name']} | {row['fastest']} vs reference | "
+                f"{row['speedup']:.1f}x faster | | memory ratio {row['memory_ratio']:.3f} |"
+            )
     write_results(args.out_dir, "pseudo_supervision_gpu", report, "\n".join(lines) + "\n")
 
 

@@ -8,6 +8,7 @@ Two sizes: "tiny" (a 4x4x4 patch), where the time is the host issuing the ops, a
 (both logits 1 x 2 x 28 x 28 x 20), where it is the ops themselves. For the whole loss call, see
 ``python -m benchmarks.bench_host_overhead``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 
 from benchmarks.shapes import bench_small, make_inputs
 from rcps_kernels.ops.selection import negative_tables
+
 
 def logits(size: str):
     """tiny: a 4x4x4 patch; la: the LA shape (the small CI shape under --benchmark-disable)."""
@@ -34,6 +36,5 @@ def test_negative_tables(benchmark, size, issued_from, sampling):
     expected = negative_tables(*args, use_extension=False)
     got = negative_tables(*args, use_extension=use_extension)
     assert all(torch.equal(x, y) for x, y in zip(got, expected))
-    benchmark.extra_info.update(size=size, issued_from=issued_from, sampling=sampling,
-                                threads=torch.get_num_threads())
+    benchmark.extra_info.update(size=size, issued_from=issued_from, sampling=sampling, threads=torch.get_num_threads())
     benchmark(negative_tables, *args, use_extension=use_extension)

@@ -8,6 +8,7 @@ with fp16 AMP. Peak memory is torch.cuda.max_memory_allocated() over the timed s
 includes the model, optimizer state and inputs. Writes benchmarks/results/train_step_gpu_<device>.json
 and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,21 +36,31 @@ def run_case(spec: dict, patch: list[int], k: int, steps: int, warmup: int) -> d
     from rcps_train.engine import amp_settings, build_model, memory_format, train_step
 
     device = torch.device("cuda")
-    config = load_config("la", [f'loss.backend="{spec["backend"]}"', f'train.amp="{spec["amp"]}"',
-                                f"model.checkpointing={str(spec['checkpointing']).lower()}",
-                                f"data.patch_size={patch}", f"loss.num_negatives={k}"])
+    config = load_config(
+        "la",
+        [
+            f'loss.backend="{spec["backend"]}"',
+            f'train.amp="{spec["amp"]}"',
+            f"model.checkpointing={str(spec['checkpointing']).lower()}",
+            f"data.patch_size={patch}",
+            f"loss.num_negatives={k}",
+        ],
+    )
     torch.manual_seed(0)
     model = build_model(config).to(device=device, memory_format=memory_format(config))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     amp_dtype, use_scaler = amp_settings(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     label = torch.zeros(1, 1, *patch, dtype=torch.long)
-    label[..., patch[0] // 4:patch[0] // 2, patch[1] // 4:patch[1] // 2, patch[2] // 4:patch[2] // 2] = 1
-    batch = {"image_l": (torch.randn(1, 1, *patch) + label).to(device), "label_l": label.to(device),
-             "image_u": torch.randn(1, 1, *patch).to(device)}
+    label[..., patch[0] // 4 : patch[0] // 2, patch[1] // 4 : patch[1] // 2, patch[2] // 4 : patch[2] // 2] = 1
+    batch = {
+        "image_l": (torch.randn(1, 1, *patch) + label).to(device),
+        "label_l": label.to(device),
+        "image_u": torch.randn(1, 1, *patch).to(device),
+    }
     generator = torch.Generator().manual_seed(0)  # augmentation draws on CPU, as in the trainer
 
-    def step():
+    def step(model=model, batch=batch, optimizer=optimizer):  # bound now: the names are deleted below
         return train_step(model, batch, optimizer, scaler, config, 1.0, device, amp_dtype, generator)
 
     for _ in range(warmup):  # Triton compilation, cuDNN autotuning, optimizer state
@@ -61,20 +72,28 @@ def run_case(spec: dict, patch: list[int], k: int, steps: int, warmup: int) -> d
         start = time.perf_counter()
         values = step()  # ends in .item(): synchronised
         times.append(time.perf_counter() - start)
-    result = {"step_ms_median": 1e3 * statistics.median(times), "step_ms_min": 1e3 * min(times),
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss_terms": values}
+    result = {
+        "step_ms_median": 1e3 * statistics.median(times),
+        "step_ms_min": 1e3 * min(times),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss_terms": values,
+    }
     del model, optimizer, batch
     torch.cuda.empty_cache()
     return result
 
 
 def to_markdown(report: dict) -> str:
-    lines = [f"# One RCPS training step on {report['device']}", "",
-             f"torch {report['torch']}, CUDA {report['cuda']}, {report['date']}; LA config, patch "
-             f"{report['patch']}, K = {report['k']}, {report['steps']} timed steps after "
-             f"{report['warmup']} warm-up steps.", "",
-             "| case | median step ms | min step ms | peak GPU GiB (model, optimizer, activations) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"# One RCPS training step on {report['device']}",
+        "",
+        f"torch {report['torch']}, CUDA {report['cuda']}, {report['date']}; LA config, patch "
+        f"{report['patch']}, K = {report['k']}, {report['steps']} timed steps after "
+        f"{report['warmup']} warm-up steps.",
+        "",
+        "| case | median step ms | min step ms | peak GPU GiB (model, optimizer, activations) |",
+        "|---|---|---|---|",
+    ]
     for name, r in report["cases"].items():
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} | | |")
@@ -94,9 +113,17 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_train_step_gpu needs a CUDA device")
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "patch": args.patch, "k": args.k, "steps": args.steps, "warmup": args.warmup, "cases": {}}
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "patch": args.patch,
+        "k": args.k,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "cases": {},
+    }
     for name in args.cases:
         try:
             report["cases"][name] = run_case(CASES[name], args.patch, args.k, args.steps, args.warmup)

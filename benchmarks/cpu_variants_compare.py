@@ -10,6 +10,7 @@ build with the variant chosen automatically, each portable variant forced with R
 and the package built with RCPS_CPU_ARCH=native. Writes
 benchmarks/results/cpu_variants_la_k<K>_<threads>t.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,25 @@ def run_case(package_dir: Path, variant: str | None, k: int, repeats: int, threa
     if variant:
         env["RCPS_CPU_VARIANT"] = variant
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.infonce_case", "--impl", "fused", "--shape", "la", "--k", str(k),
-         "--repeats", str(repeats)],
-        capture_output=True, text=True, env=env, cwd=package_dir, timeout=1800)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.infonce_case",
+            "--impl",
+            "fused",
+            "--shape",
+            "la",
+            "--k",
+            str(k),
+            "--repeats",
+            str(repeats),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=package_dir,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"case in {package_dir} (variant {variant}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -43,13 +60,18 @@ def run_case(package_dir: Path, variant: str | None, k: int, repeats: int, threa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--native-lib", type=Path, required=True,
-                        help="build_lib of an RCPS_CPU_ARCH=native build (holds rcps_kernels/)")
+    parser.add_argument(
+        "--native-lib",
+        type=Path,
+        required=True,
+        help="build_lib of an RCPS_CPU_ARCH=native build (holds rcps_kernels/)",
+    )
     parser.add_argument("--k", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2,
-                        help="OMP_NUM_THREADS of the cases (1: CPU time without OpenMP's spin-waits)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="OMP_NUM_THREADS of the cases (1: CPU time without OpenMP's spin-waits)"
+    )
     args = parser.parse_args()
     candidates = {"portable, auto": (REPO, None)}
     candidates.update({f"portable, {v}": (REPO, v) for v in ("avx512", "avx2", "baseline")})
@@ -63,8 +85,9 @@ def main() -> None:
             times[name].append(row["median_s"])
             cpu_times[name].append(row["median_cpu_s"])
             loaded[name] = row["cpu_variant"]
-        print(f"round {round_index + 1}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()),
-              flush=True)
+        print(
+            f"round {round_index + 1}: " + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()), flush=True
+        )
     native = statistics.median(times["-march=native"])
     native_cpu = statistics.median(cpu_times["-march=native"])
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
@@ -88,9 +111,11 @@ def main() -> None:
     ]
     for name, values in times.items():
         median, cpu = statistics.median(values), statistics.median(cpu_times[name])
-        lines.append(f"| {name} | {loaded[name]} | {median * 1e3:.1f} ms | {min(values) * 1e3:.1f} / "
-                     f"{max(values) * 1e3:.1f} ms | {median / native:.3f} | {cpu * 1e3:.1f} ms | "
-                     f"{cpu / native_cpu:.3f} |")
+        lines.append(
+            f"| {name} | {loaded[name]} | {median * 1e3:.1f} ms | {min(values) * 1e3:.1f} / "
+            f"{max(values) * 1e3:.1f} ms | {median / native:.3f} | {cpu * 1e3:.1f} ms | "
+            f"{cpu / native_cpu:.3f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     out = RESULTS / f"cpu_variants_la_k{args.k}_{args.threads}t.md"

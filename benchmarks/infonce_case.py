@@ -6,6 +6,7 @@ impl: fused (backend="cpu"), reference, official (the authors' algorithm), floor
 N x C x K torch.mm products the loss needs: S = U N^T, P N and P^T U, for both directions).
 Prints one JSON line: median/min/max seconds of forward+backward and peak memory growth.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ def loss_fn(impl: str, k: int):
     if impl == "official":
         return lambda *x: official_infonce(*x, num_negatives=k, temperature=0.1)
     backend = {"fused": "cpu", "reference": "reference"}[impl]
-    return lambda *x: rk.bidirectional_voxel_infonce(*x, num_negatives=k, temperature=0.1,
-                                                      backend=backend)
+    return lambda *x: rk.bidirectional_voxel_infonce(*x, num_negatives=k, temperature=0.1, backend=backend)
 
 
 def floor_fn(shape: str, k: int):
@@ -43,6 +43,7 @@ def floor_fn(shape: str, k: int):
             torch.mm(u, bank.t())
             torch.mm(p, bank)
             torch.mm(p.t(), u)
+
     return run
 
 
@@ -61,6 +62,7 @@ def run_case(impl: str, shape: str, k: int, repeats: int, pool: str | None) -> d
             for t in inputs[:3]:
                 t.grad = None
             fn(*inputs).backward()
+
     rss = reset_peak()
     start = time.perf_counter()
     step()
@@ -76,10 +78,17 @@ def run_case(impl: str, shape: str, k: int, repeats: int, pool: str | None) -> d
     if repeats > 1:
         times = times[1:]  # the first call also pays one-off costs (page faults of new buffers)
     return {
-        "impl": impl, "shape": shape, "pool": pool or shape, "k": k,
-        "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+        "impl": impl,
+        "shape": shape,
+        "pool": pool or shape,
+        "k": k,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
         "median_cpu_s": statistics.median(cpu_times) if cpu_times else None,
-        "rounds": len(times), "peak_bytes": peak, "threads": torch.get_num_threads(),
+        "rounds": len(times),
+        "peak_bytes": peak,
+        "threads": torch.get_num_threads(),
         "cpu_variant": _cpu_variant() if impl == "fused" else None,
     }
 

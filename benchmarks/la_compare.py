@@ -10,6 +10,7 @@ N x C x K torch.mm products the loss needs) measured in the same run. ``--large`
 the LA shape and full-resolution anchors (1 x 64 x 112 x 112 x 80, pool the same) with K=4096,
 fused only. Results go to benchmarks/results/infonce_cpu.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,11 @@ def machine() -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {
-        "date": datetime.date.today().isoformat(), "cpu": cpu, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
     }
 
 
@@ -74,8 +78,10 @@ def table(rows: list[dict]) -> str:
     floors = [r for r in rows if r["impl"] == "floor"]
     if floors:
         lines.append("")
-        lines.append("Matmul floor (six N x C x K torch.mm products): " + ", ".join(
-            f"{r['shape']} K={r['k']}: {r['median_s'] * 1e3:.1f} ms" for r in floors))
+        lines.append(
+            "Matmul floor (six N x C x K torch.mm products): "
+            + ", ".join(f"{r['shape']} K={r['k']}: {r['median_s'] * 1e3:.1f} ms" for r in floors)
+        )
     return "\n".join(lines)
 
 
@@ -103,11 +109,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"machine": info, "cases": rows}, indent=1))
-    header = (f"# Voxel InfoNCE on the CPU\n\n{info['date']}, {info['cpu']}, {info['threads']} "
-              f"threads, torch {info['torch']}, Python {info['python']}. Forward+backward of one "
-              "loss call, fp32; `python -m benchmarks.la_compare " + " ".join(
-                  [f"--k {' '.join(map(str, args.k))}"] + (["--large"] if args.large else [])) +
-              "`.\n\n")
+    header = (
+        f"# Voxel InfoNCE on the CPU\n\n{info['date']}, {info['cpu']}, {info['threads']} "
+        f"threads, torch {info['torch']}, Python {info['python']}. Forward+backward of one "
+        "loss call, fp32; `python -m benchmarks.la_compare "
+        + " ".join([f"--k {' '.join(map(str, args.k))}"] + (["--large"] if args.large else []))
+        + "`.\n\n"
+    )
     out.with_suffix(".md").write_text(header + md + "\n")
     print(f"\nwritten: {out.with_suffix('.json')} and .md")
 

@@ -5,6 +5,7 @@ with the high-water mark reset through /proc/self/clear_refs after a warm-up cal
 figure contains everything the op allocated: saved tensors, temporaries and the gradients.
 CUDA: torch.cuda.max_memory_allocated() growth over the inputs.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,13 @@ def peak_growth(rss_before: int) -> int:
 
 def measure_in_subprocess(module: str, args: list[str], timeout: float = 1800) -> dict:
     """Run ``python -m module *args``; it must print one JSON object as its last line."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -6,6 +6,7 @@ pool confidence, top-K along the pool axis per anchor, a K x anchors x C gather 
 cosine similarities on the expanded tensors; called under torch.utils.checkpoint as in the
 official training step. Written from that description, not copied.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     return z.movedim(1, -1).reshape(-1, z.shape[1])
 
 
-def _official_loss(anchor, positive, pool, anchor_logits, pool_logits,
-                   num_negatives: int, temperature: float) -> torch.Tensor:
+def _official_loss(
+    anchor, positive, pool, anchor_logits, pool_logits, num_negatives: int, temperature: float
+) -> torch.Tensor:
     z1 = F.normalize(_rows(anchor), dim=-1)
     z2 = F.normalize(_rows(positive), dim=-1)
     zn = F.normalize(_rows(pool), dim=-1)
@@ -40,8 +42,18 @@ def _official_loss(anchor, positive, pool, anchor_logits, pool_logits,
     return direction(z1) + direction(z2)
 
 
-def official_infonce(anchor, positive, pool, anchor_logits, pool_logits,
-                     num_negatives: int = 400, temperature: float = 0.1) -> torch.Tensor:
+def official_infonce(
+    anchor, positive, pool, anchor_logits, pool_logits, num_negatives: int = 400, temperature: float = 0.1
+) -> torch.Tensor:
     """Official-algorithm L_bc (bidirectional), under activation checkpointing like the authors'."""
-    return checkpoint(_official_loss, anchor, positive, pool, anchor_logits, pool_logits,
-                      num_negatives, temperature, use_reentrant=False)
+    return checkpoint(
+        _official_loss,
+        anchor,
+        positive,
+        pool,
+        anchor_logits,
+        pool_logits,
+        num_negatives,
+        temperature,
+        use_reentrant=False,
+    )

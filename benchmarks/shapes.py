@@ -1,4 +1,5 @@
 """Benchmark problem sizes and inputs, shared by the pytest-benchmark suite and the scripts."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ def bench_small() -> bool:
     return os.environ.get("RCPS_BENCH_SMALL", "0") == "1"
 
 
-def make_inputs(shape: str, *, num_classes: int = 2, dtype=torch.float32, device="cpu",
-                pool_shape: str | None = None, seed: int = 0):
+def make_inputs(
+    shape: str, *, num_classes: int = 2, dtype=torch.float32, device="cpu", pool_shape: str | None = None, seed: int = 0
+):
     """anchor, positive, pool (leaf tensors requiring grad), anchor_logits, pool_logits.
 
     The pool has the anchors' shape unless `pool_shape` names another one (full-resolution

@@ -10,6 +10,7 @@ the teachers. MONAI's UNet gives a feature map that feeds a segmentation head an
 
     python examples/monai_drop_in.py [--steps 5] [--compile] [--backend auto]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,20 @@ class UNetWithProjection(nn.Module):
 
     def __init__(self, num_classes: int = 2, feature_channels: int = 16, project_dim: int = 16):
         super().__init__()
-        self.backbone = UNet(spatial_dims=3, in_channels=1, out_channels=feature_channels, channels=(8, 16, 32),
-                             strides=(2, 2), num_res_units=1)
+        self.backbone = UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=feature_channels,
+            channels=(8, 16, 32),
+            strides=(2, 2),
+            num_res_units=1,
+        )
         self.seg_head = nn.Conv3d(feature_channels, num_classes, kernel_size=1)
-        self.project_head = nn.Sequential(nn.Conv3d(feature_channels, feature_channels, kernel_size=1), nn.ReLU(),
-                                          nn.Conv3d(feature_channels, project_dim, kernel_size=1))
+        self.project_head = nn.Sequential(
+            nn.Conv3d(feature_channels, feature_channels, kernel_size=1),
+            nn.ReLU(),
+            nn.Conv3d(feature_channels, project_dim, kernel_size=1),
+        )
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(image)
@@ -79,8 +89,9 @@ def rcps_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch, losses:
         teacher = logits[first].detach()  # the un-augmented view's prediction, no gradient
         terms[f"urp_{name}"], terms[f"cr_{name}"] = losses["pseudo"](logits[first + 1], logits[first + 2], teacher)
         other = 3 - first  # negatives: the other image's un-augmented projections
-        terms[f"bc_{name}"] = losses["infonce"](projections[first + 1], projections[first + 2], projections[other],
-                                                teacher, logits[other].detach())
+        terms[f"bc_{name}"] = losses["infonce"](
+            projections[first + 1], projections[first + 2], projections[other], teacher, logits[other].detach()
+        )
     loss = terms["seg"] + 0.1 * sum(value for key, value in terms.items() if key != "seg")
     optimizer.zero_grad()
     loss.backward()
@@ -104,8 +115,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     losses = {
         "seg": DiceCELoss(to_onehot_y=True, softmax=True),
         "pseudo": functools.partial(rk.pseudo_supervision_losses, temperature=0.5, backend=args.backend),
-        "infonce": functools.partial(rk.bidirectional_voxel_infonce, num_negatives=64, temperature=0.1,
-                                     backend=args.backend),
+        "infonce": functools.partial(
+            rk.bidirectional_voxel_infonce, num_negatives=64, temperature=0.1, backend=args.backend
+        ),
     }
     if args.compile:
         losses["pseudo"] = torch.compile(losses["pseudo"], fullgraph=True)
@@ -114,8 +126,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for step in range(args.steps):
         terms = rcps_step(model, optimizer, synthetic_batch(2, args.size, generator), losses, seed=step * 4)
         history.append(terms)
-        print(f"step {step}: " + ", ".join(f"{key} {value.item():.4f}" for key, value in terms.items())
-              + f"  (L_bc is a {type(terms['bc_u']).__name__})")
+        print(
+            f"step {step}: "
+            + ", ".join(f"{key} {value.item():.4f}" for key, value in terms.items())
+            + f"  (L_bc is a {type(terms['bc_u']).__name__})"
+        )
     return history
 
 

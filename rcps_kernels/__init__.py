@@ -15,6 +15,7 @@ op with its custom ops, fakes and autograd; ``ops/kernels.py``, the kernel table
 ``reference/`` (plain PyTorch, the test oracle), ``_validation.py`` (every input check),
 ``settings.py`` (every environment variable).
 """
+
 __version__ = "0.1.0"
 
 from .functional import (

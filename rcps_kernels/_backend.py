@@ -7,6 +7,7 @@ reference, with one warning, when nothing compiled is usable.
 Also here: :func:`deterministic_algorithms`, which kernels with a faster nondeterministic path
 ask, when they run, whether to take their deterministic one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,13 +50,11 @@ def backend_status() -> dict[str, dict[str, object]]:
     return {
         "reference": {"built": True, "usable": True},
         "cpu": {"built": cpu is None, "usable": cpu is None, **({"reason": cpu} if cpu else {})},
-        "triton": {"built": _triton_installed(), "usable": triton is None,
-                   **({"reason": triton} if triton else {})},
+        "triton": {"built": _triton_installed(), "usable": triton is None, **({"reason": triton} if triton else {})},
         "cuda": {
             "built": cuda is None,
             "usable": cuda is None and torch.cuda.is_available(),
-            **({"reason": cuda} if cuda else
-               {} if torch.cuda.is_available() else {"reason": "no CUDA device"}),
+            **({"reason": cuda} if cuda else {} if torch.cuda.is_available() else {"reason": "no CUDA device"}),
         },
     }
 
@@ -121,9 +120,7 @@ def resolve_backend(backend: str, device: torch.device, available: tuple[str, ..
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
     if backend == "triton" and device.type != "cuda" and not settings.triton_interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}"
-        )
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device}")
     reason = _usable(backend)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} is not usable here: {reason}")
@@ -133,7 +130,8 @@ def resolve_backend(backend: str, device: torch.device, available: tuple[str, ..
 # The deterministic= keyword of a public call, while that call's kernels run (forward and
 # backward op bodies set it from their own argument; None: no per-call choice).
 _DETERMINISTIC_OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar(
-    "rcps_deterministic_override", default=None)
+    "rcps_deterministic_override", default=None
+)
 
 
 def deterministic_algorithms() -> bool:

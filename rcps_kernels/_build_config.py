@@ -7,6 +7,7 @@ The CPU extension is built once per instruction-set level ("variant"), each a co
 self-contained module ``rcps_kernels._C_<variant>``; the loader imports exactly one per process,
 so code compiled for different levels never meets in one process.
 """
+
 from __future__ import annotations
 
 import importlib.util

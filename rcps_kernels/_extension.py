@@ -8,6 +8,7 @@ torch release are not imported (the C++ ABI of torch is not stable across releas
 kernels are then JIT-built from the shipped sources, after one warning. Failures are remembered,
 not raised: the backend switch decides what to do when a backend is unusable.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -66,8 +67,7 @@ def supported_x86_variants() -> tuple[str, ...]:
     if not _build_config.is_x86_64():
         return ()
     flags = _cpuinfo_flags()
-    cpuid_says = {"baseline": True, "avx2": torch.cpu._is_avx2_supported(),
-                  "avx512": torch.cpu._is_avx512_supported()}
+    cpuid_says = {"baseline": True, "avx2": torch.cpu._is_avx2_supported(), "avx512": torch.cpu._is_avx512_supported()}
     supported = []
     for name in _build_config.X86_VARIANTS:  # lowest first: each level includes the ones below
         listed = flags is None or flags.issuperset(_build_config.X86_LEVEL_FLAGS[name])
@@ -97,7 +97,9 @@ def choose_cpu_variant(built: tuple[str, ...], supported: tuple[str, ...]) -> tu
             raise ValueError(
                 f"RCPS_CPU_VARIANT={requested} needs {_build_config.X86_VARIANTS[requested]}, which this CPU "
                 f"does not support (it runs {list(supported) or 'none of the portable variants'}"
-                + (f"; missing flags: {', '.join(missing)}" if missing else "") + ")")
+                + (f"; missing flags: {', '.join(missing)}" if missing else "")
+                + ")"
+            )
         return requested, None
     for name in VARIANT_PREFERENCE:
         if name in built and _runnable(name, supported):
@@ -115,8 +117,10 @@ def _jit_build(why: str) -> str | None:
     try:
         from torch.utils.cpp_extension import load
 
-        warnings.warn(f"rcps_kernels: {why}; building the CPU kernels with ninja from {csrc} "
-                      "(first time ~20-60 s, cached after)", stacklevel=4)
+        warnings.warn(
+            f"rcps_kernels: {why}; building the CPU kernels with ninja from {csrc} (first time ~20-60 s, cached after)",
+            stacklevel=4,
+        )
         # The torch release is part of the name: torch's JIT cache does not key on it.
         load(
             name="rcps_kernels_C_jit_torch" + _release(torch.__version__).replace(".", "_"),
@@ -136,13 +140,16 @@ def cpu_extension() -> CpuExtension:
     info = build_info()
     built = tuple(info.CPU_VARIANTS) if info else ()
     supported = supported_x86_variants()
-    state = functools.partial(CpuExtension, built=built, supported=supported,
-                              built_for_torch=info.TORCH_VERSION if info else None)
+    state = functools.partial(
+        CpuExtension, built=built, supported=supported, built_for_torch=info.TORCH_VERSION if info else None
+    )
     if info is None:
         why = "no compiled CPU kernels in this install"
     elif _release(info.TORCH_VERSION) != _release(torch.__version__):
-        why = (f"the compiled CPU kernels were built for torch {info.TORCH_VERSION} and this is torch "
-               f"{torch.__version__}, so they are not loaded")
+        why = (
+            f"the compiled CPU kernels were built for torch {info.TORCH_VERSION} and this is torch "
+            f"{torch.__version__}, so they are not loaded"
+        )
     else:
         try:
             variant, why = choose_cpu_variant(built, supported)
@@ -195,10 +202,14 @@ def load_cuda_extension() -> str | None:
     if info is not None and info.CUDA_EXTENSION is None:
         return "the CUDA extension was not built (no nvcc, a CPU-only torch or RCPS_BUILD_CUDA=0 at build time)"
     if info is not None and (_release(info.TORCH_VERSION), info.CUDA_EXTENSION) != (
-            _release(torch.__version__), torch.version.cuda):
-        return (f"rcps_kernels._C_cuda was built for torch {info.TORCH_VERSION} with CUDA {info.CUDA_EXTENSION}, "
-                f"this is torch {torch.__version__} with CUDA {torch.version.cuda}, so it is not loaded; "
-                "rebuild from source (pip install --no-build-isolation ...)")
+        _release(torch.__version__),
+        torch.version.cuda,
+    ):
+        return (
+            f"rcps_kernels._C_cuda was built for torch {info.TORCH_VERSION} with CUDA {info.CUDA_EXTENSION}, "
+            f"this is torch {torch.__version__} with CUDA {torch.version.cuda}, so it is not loaded; "
+            "rebuild from source (pip install --no-build-isolation ...)"
+        )
     try:
         importlib.import_module("rcps_kernels._C_cuda")
         return None

@@ -5,6 +5,7 @@ the right type outside its range raises ValueError. Also here: the one dtype rul
 (:func:`accumulation_dtype`), the unwrapping of tensor subclasses (:func:`plain_tensors`) and
 the deprecated keyword names (:func:`renamed_keywords`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,7 @@ def plain_tensors(*inputs: object) -> tuple:
     subclass dispatch disabled (``Tensor.as_subclass`` does not trace under torch.compile). Non-tensors
     pass through for the checks to report.
     """
-    return tuple(_plain(x) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
-                 for x in inputs)
+    return tuple(_plain(x) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x for x in inputs)
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -50,9 +50,7 @@ def check_volume(name: str, tensor: object) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not 3 <= tensor.dim() <= 5:
-        raise ValueError(
-            f"{name} must be (B, C, *spatial) with 1-3 spatial dims, got shape {tuple(tensor.shape)}"
-        )
+        raise ValueError(f"{name} must be (B, C, *spatial) with 1-3 spatial dims, got shape {tuple(tensor.shape)}")
     if tensor.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be a floating tensor, got dtype {tensor.dtype}")
     if tensor.numel() == 0:
@@ -73,14 +71,19 @@ def check_logits_pair(first_name: str, first: object, second_name: str, second: 
     check_logits(first_name, first)
     check_logits(second_name, second)
     if first.shape != second.shape:
-        raise ValueError(f"{first_name} and {second_name} must have the same shape, got "
-                         f"{shape_str(first)} and {shape_str(second)}")
+        raise ValueError(
+            f"{first_name} and {second_name} must have the same shape, got {shape_str(first)} and {shape_str(second)}"
+        )
     if first.dtype != second.dtype:
-        raise ValueError(f"{first_name} and {second_name} must have the same dtype, got "
-                         f"{first.dtype} and {second.dtype} (shape {shape_str(first)})")
+        raise ValueError(
+            f"{first_name} and {second_name} must have the same dtype, got "
+            f"{first.dtype} and {second.dtype} (shape {shape_str(first)})"
+        )
     if first.device != second.device:
-        raise ValueError(f"{first_name} (shape {shape_str(first)}) is on {first.device} but "
-                         f"{second_name} (shape {shape_str(second)}) is on {second.device}")
+        raise ValueError(
+            f"{first_name} (shape {shape_str(first)}) is on {first.device} but "
+            f"{second_name} (shape {shape_str(second)}) is on {second.device}"
+        )
 
 
 def check_count(name: str, value: object, minimum: int = 1) -> int:
@@ -113,8 +116,7 @@ def check_reciprocal_range(name: str, value: float, dtype: torch.dtype) -> None:
         )
 
 
-def check_loss_options(reduction: str, dtype: torch.dtype | None = None,
-                       **reciprocals: object) -> None:
+def check_loss_options(reduction: str, dtype: torch.dtype | None = None, **reciprocals: object) -> None:
     """reduction, and the numbers whose reciprocal the kernels use (temperature, eps): finite
     and > 0, with a reciprocal that is a finite normal number for `dtype` inputs (when known)."""
     check_reduction(reduction)
@@ -131,8 +133,7 @@ def check_optional_bool(name: str, value: object) -> None:
 
 def check_generator(generator: object) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got "
-                        f"{type(generator).__name__} {generator!r}")
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r}")
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -178,9 +179,12 @@ def all_finite(inputs_sum: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> b
     return math.isfinite(torch.stack([inputs_sum.to(dtype), *norms]).sum().item())
 
 
-def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tensor, bool], ...],
-                        inputs_sum: torch.Tensor | None = None,
-                        remedy: str = "rescale the inputs, or pass float64 tensors") -> None:
+def check_result_finite(
+    loss: torch.Tensor,
+    checks: tuple[tuple[str, torch.Tensor, bool], ...],
+    inputs_sum: torch.Tensor | None = None,
+    remedy: str = "rescale the inputs, or pass float64 tensors",
+) -> None:
     """Non-finite inputs always make the loss non-finite, so only a bad loss costs a full scan.
 
     ``checks`` holds (name, tensor, allow_minus_inf): a teacher may rule classes out with -inf
@@ -213,11 +217,9 @@ def check_result_finite(loss: torch.Tensor, checks: tuple[tuple[str, torch.Tenso
         elif not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} contains NaN or Inf (shape {shape})")
     if not bool(torch.isfinite(loss.detach()).all()):
-        largest = ", ".join(
-            f"{name} {_largest_finite(tensor):.4g}" for name, tensor, _ in checks)
+        largest = ", ".join(f"{name} {_largest_finite(tensor):.4g}" for name, tensor, _ in checks)
         raise ValueError(
-            f"the loss overflowed {loss.dtype} although every input is finite (largest |value|: "
-            f"{largest}): {remedy}"
+            f"the loss overflowed {loss.dtype} although every input is finite (largest |value|: {largest}): {remedy}"
         )
 
 
@@ -247,41 +249,55 @@ def check_pool_logits(logits: object, num_classes: object = None, name: str = "p
 
 def check_infonce_inputs(anchor, positive, pool, anchor_logits, pool_logits) -> None:
     """The five tensors of the voxel InfoNCE: shapes, dtypes and devices that fit together."""
-    for name, t in (("anchor", anchor), ("positive", positive), ("pool", pool),
-                    ("anchor_logits", anchor_logits), ("pool_logits", pool_logits)):
+    for name, t in (
+        ("anchor", anchor),
+        ("positive", positive),
+        ("pool", pool),
+        ("anchor_logits", anchor_logits),
+        ("pool_logits", pool_logits),
+    ):
         check_volume(name, t)
-    check_same_device(anchor=anchor, positive=positive, pool=pool, anchor_logits=anchor_logits,
-                      pool_logits=pool_logits)
+    check_same_device(anchor=anchor, positive=positive, pool=pool, anchor_logits=anchor_logits, pool_logits=pool_logits)
     if positive.shape != anchor.shape:
-        raise ValueError(f"positive must have anchor's shape {shape_str(anchor)}, "
-                         f"got {shape_str(positive)}")
+        raise ValueError(f"positive must have anchor's shape {shape_str(anchor)}, got {shape_str(positive)}")
     if positive.dtype != anchor.dtype or pool.dtype != anchor.dtype:
-        raise ValueError(f"anchor, positive and pool must share a dtype, got {anchor.dtype}, "
-                         f"{positive.dtype} and {pool.dtype}")
+        raise ValueError(
+            f"anchor, positive and pool must share a dtype, got {anchor.dtype}, {positive.dtype} and {pool.dtype}"
+        )
     if pool.dim() != anchor.dim() or pool.shape[1] != anchor.shape[1]:
-        raise ValueError(f"pool must be (Bn, C, *S) with anchor's C={anchor.shape[1]} and "
-                         f"{anchor.dim() - 2} spatial dims, got {shape_str(pool)}")
+        raise ValueError(
+            f"pool must be (Bn, C, *S) with anchor's C={anchor.shape[1]} and "
+            f"{anchor.dim() - 2} spatial dims, got {shape_str(pool)}"
+        )
     if anchor_logits.shape[0] != anchor.shape[0] or anchor_logits.shape[2:] != anchor.shape[2:]:
-        raise ValueError(f"anchor_logits must be (B, num_classes, *S) matching anchor "
-                         f"{shape_str(anchor)}, got {shape_str(anchor_logits)}")
+        raise ValueError(
+            f"anchor_logits must be (B, num_classes, *S) matching anchor "
+            f"{shape_str(anchor)}, got {shape_str(anchor_logits)}"
+        )
     if pool_logits.shape[0] != pool.shape[0] or pool_logits.shape[2:] != pool.shape[2:]:
-        raise ValueError(f"pool_logits must be (Bn, num_classes, *S) matching pool "
-                         f"{shape_str(pool)}, got {shape_str(pool_logits)}")
+        raise ValueError(
+            f"pool_logits must be (Bn, num_classes, *S) matching pool {shape_str(pool)}, got {shape_str(pool_logits)}"
+        )
     if pool_logits.shape[1] != anchor_logits.shape[1]:
-        raise ValueError(f"anchor_logits and pool_logits must have the same number of classes, "
-                         f"got {shape_str(anchor_logits)} and {shape_str(pool_logits)}")
+        raise ValueError(
+            f"anchor_logits and pool_logits must have the same number of classes, "
+            f"got {shape_str(anchor_logits)} and {shape_str(pool_logits)}"
+        )
     if anchor_logits.shape[1] < 2:
         raise ValueError(f"anchor_logits needs at least 2 classes, got {shape_str(anchor_logits)}")
 
 
-def check_infonce_options(num_negatives, temperature, sampling, confidence_threshold, generator,
-                          reduction, deterministic) -> None:
+def check_infonce_options(
+    num_negatives, temperature, sampling, confidence_threshold, generator, reduction, deterministic
+) -> None:
     """The keywords of the voxel InfoNCE."""
     check_count("num_negatives", num_negatives)
     check_positive_real("temperature", temperature)
     if temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.4g} (2**-125), got "
-                         f"{temperature!r}: the loss reaches 4 / temperature, beyond float32")
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE:.4g} (2**-125), got "
+            f"{temperature!r}: the loss reaches 4 / temperature, beyond float32"
+        )
     if sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     if not 0.0 <= confidence_threshold <= 1.0:
@@ -296,16 +312,21 @@ def renamed_keywords(**renames: str):
 
     ``@renamed_keywords(negative="pool")`` lets ``f(negative=x)`` call ``f(pool=x)``.
     """
+
     def decorate(function):
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
             for old, new in renames.items():
                 if old in kwargs:
                     if new in kwargs:
-                        raise TypeError(f"{function.__qualname__}() got both {old}= and its new "
-                                        f"name {new}=; pass only {new}=")
-                    warnings.warn(f"{function.__qualname__}(): the keyword {old}= is deprecated, "
-                                  f"use {new}=", DeprecationWarning, stacklevel=2)
+                        raise TypeError(
+                            f"{function.__qualname__}() got both {old}= and its new name {new}=; pass only {new}="
+                        )
+                    warnings.warn(
+                        f"{function.__qualname__}(): the keyword {old}= is deprecated, use {new}=",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
                     kwargs[new] = kwargs.pop(old)
             return function(*args, **kwargs)
 

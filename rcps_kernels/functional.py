@@ -5,6 +5,7 @@ inputs (``_validation``), picks a backend (``backend=``: "auto", "cpu", "triton"
 "reference") and calls the op in ``ops/`` or the float64-exact reference in ``reference/``.
 The losses' semantics and gradients are in docs/design.md sections 2 and 3.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,7 @@ from .ops import infonce as infonce_ops
 from .ops import pseudo_supervision as head_ops
 from .ops.infonce import InfoNCEParams
 from .ops.kernels import kernels
-from .ops.selection import (eligible_negatives, logits_sum, negative_tables, pseudo_labels,
-                            topk_negatives)
+from .ops.selection import eligible_negatives, logits_sum, negative_tables, pseudo_labels, topk_negatives
 from .reference.infonce import bidirectional_voxel_infonce_reference
 from .reference.pseudo_supervision import (
     logit_cosine_consistency_reference,
@@ -139,17 +139,20 @@ def bidirectional_voxel_infonce(
         RuntimeError: an explicitly requested backend that is not usable here.
     """
     anchor, positive, pool, anchor_logits, pool_logits = v.plain_tensors(
-        anchor, positive, pool, anchor_logits, pool_logits)
+        anchor, positive, pool, anchor_logits, pool_logits
+    )
     v.check_infonce_inputs(anchor, positive, pool, anchor_logits, pool_logits)
-    v.check_infonce_options(num_negatives, temperature, sampling, confidence_threshold, generator,
-                            reduction, deterministic)
+    v.check_infonce_options(
+        num_negatives, temperature, sampling, confidence_threshold, generator, reduction, deterministic
+    )
     backend = _resolve_on(backend, anchor)
     seed = _draw_seed(generator) if sampling == "random" else 0
     if backend == "reference":
         tables, logits_total = None, logits_sum(anchor_logits, pool_logits)
     else:
-        *tables, logits_total = negative_tables(anchor_logits, pool_logits, num_negatives,
-                                                sampling == "random", confidence_threshold)
+        *tables, logits_total = negative_tables(
+            anchor_logits, pool_logits, num_negatives, sampling == "random", confidence_threshold
+        )
     # Finite logits and features make a finite loss unless the temperature is so small that the
     # sum over anchors can overflow, so one host sync before the kernels settles the usual case,
     # and the kernels run on while the host returns. Otherwise the exact check runs on the loss: a
@@ -158,26 +161,40 @@ def bidirectional_voxel_infonce(
     inputs_finite = v.all_finite(logits_total, (anchor, positive, pool))
     if backend == "reference":
         loss = bidirectional_voxel_infonce_reference(
-            anchor, positive, pool, anchor_logits, pool_logits, num_negatives=num_negatives,
-            temperature=temperature, sampling=sampling, confidence_threshold=confidence_threshold,
-            seed=seed, reduction=reduction,
+            anchor,
+            positive,
+            pool,
+            anchor_logits,
+            pool_logits,
+            num_negatives=num_negatives,
+            temperature=temperature,
+            sampling=sampling,
+            confidence_threshold=confidence_threshold,
+            seed=seed,
+            reduction=reduction,
         ).to(v.accumulation_dtype(anchor.dtype))  # float32 for half inputs, as the fused backends
     else:
-        params = InfoNCEParams(*tables, temperature=float(temperature),
-                               num_negatives=num_negatives, random=sampling == "random", seed=seed)
+        params = InfoNCEParams(
+            *tables, temperature=float(temperature), num_negatives=num_negatives, random=sampling == "random", seed=seed
+        )
         loss = _fused_infonce(anchor, positive, pool, params, reduction, backend, deterministic)
     if not inputs_finite or _loss_may_overflow(loss.dtype, anchor_logits, num_negatives, temperature):
-        v.check_result_finite(loss, (("anchor_logits", anchor_logits, False),
-                                     ("pool_logits", pool_logits, False),
-                                     ("anchor", anchor, False), ("positive", positive, False),
-                                     ("pool", pool, False)),
-                              inputs_sum=None if inputs_finite else logits_total,
-                              remedy="raise the temperature, or pass float64 features")
+        v.check_result_finite(
+            loss,
+            (
+                ("anchor_logits", anchor_logits, False),
+                ("pool_logits", pool_logits, False),
+                ("anchor", anchor, False),
+                ("positive", positive, False),
+                ("pool", pool, False),
+            ),
+            inputs_sum=None if inputs_finite else logits_total,
+            remedy="raise the temperature, or pass float64 features",
+        )
     return loss
 
 
-def _loss_may_overflow(dtype: torch.dtype, anchor_logits: Tensor, num_negatives: int,
-                       temperature: float) -> bool:
+def _loss_may_overflow(dtype: torch.dtype, anchor_logits: Tensor, num_negatives: int, temperature: float) -> bool:
     # |u1 . u| <= 1, so each direction's per-anchor loss is at most 2 / temperature + log(K + 1),
     # and a sum or mean over N anchors adds N of them before dividing. A quarter of the dtype's
     # range leaves room for the partial sums of either direction.
@@ -186,18 +203,22 @@ def _loss_may_overflow(dtype: torch.dtype, anchor_logits: Tensor, num_negatives:
     return bound >= torch.finfo(dtype).max / 4
 
 
-def _fused_infonce(anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams,
-                   reduction: str, backend: str, deterministic: bool | None) -> Tensor:
+def _fused_infonce(
+    anchor: Tensor,
+    positive: Tensor,
+    pool: Tensor,
+    params: InfoNCEParams,
+    reduction: str,
+    backend: str,
+    deterministic: bool | None,
+) -> Tensor:
     # (B, C, P) views (copies only for layouts that cannot be flattened); kernels take any strides.
     z1 = anchor.reshape(anchor.shape[0], anchor.shape[1], -1)
     z2 = positive.reshape(z1.shape)
     zn = pool.reshape(pool.shape[0], pool.shape[1], -1)
-    wants_grad = torch.is_grad_enabled() and (
-        anchor.requires_grad or positive.requires_grad or pool.requires_grad
-    )
+    wants_grad = torch.is_grad_enabled() and (anchor.requires_grad or positive.requires_grad or pool.requires_grad)
     if reduction == "mean" and wants_grad:
-        loss, _, _, _ = infonce_ops.mean_loss_with_grads(z1, z2, zn, params, backend,
-                                                         deterministic)
+        loss, _, _, _ = infonce_ops.mean_loss_with_grads(z1, z2, zn, params, backend, deterministic)
         return loss
     per_anchor = infonce_ops.per_anchor_loss(z1, z2, zn, params, backend, deterministic)
     if reduction == "mean":
@@ -226,8 +247,16 @@ def random_negative_draws(
     anchor_logits, pool_logits = v.plain_tensors(anchor_logits, pool_logits)
     labels, _ = pseudo_labels(anchor_logits)
     idx, counts = eligible_negatives(pool_logits, confidence_threshold, anchor_logits.shape[1])
-    params = InfoNCEParams(labels.cpu(), idx.cpu(), counts.cpu(), temperature=1.0,
-                           num_negatives=num_negatives, random=True, seed=seed, offset=offset)
+    params = InfoNCEParams(
+        labels.cpu(),
+        idx.cpu(),
+        counts.cpu(),
+        temperature=1.0,
+        num_negatives=num_negatives,
+        random=True,
+        seed=seed,
+        offset=offset,
+    )
     return kernels("cpu").random_draws(params).to(anchor_logits.device)
 
 
@@ -309,15 +338,16 @@ def rectified_pseudo_supervision(
     v.check_loss_options(reduction, student_logits.dtype, temperature=temperature)
     backend = _resolve_on(backend, student_logits)
     if backend == "reference":
-        loss = rectified_pseudo_supervision_reference(
-            student_logits, teacher_logits, temperature, reduction
-        )
+        loss = rectified_pseudo_supervision_reference(student_logits, teacher_logits, temperature, reduction)
     else:
-        loss = _spatial(head_ops.rectified_pseudo_supervision_op(
-            _flat(student_logits), _flat(teacher_logits), float(temperature), reduction, backend),
-            student_logits, reduction)
-    v.check_result_finite(loss, (("student_logits", student_logits, False),
-                                ("teacher_logits", teacher_logits, True)))
+        loss = _spatial(
+            head_ops.rectified_pseudo_supervision_op(
+                _flat(student_logits), _flat(teacher_logits), float(temperature), reduction, backend
+            ),
+            student_logits,
+            reduction,
+        )
+    v.check_result_finite(loss, (("student_logits", student_logits, False), ("teacher_logits", teacher_logits, True)))
     return loss
 
 
@@ -362,8 +392,11 @@ def logit_cosine_consistency(
     if backend == "reference":
         loss = logit_cosine_consistency_reference(logits_a, logits_b, eps, reduction)
     else:
-        loss = _spatial(head_ops.logit_cosine_consistency_op(
-            _flat(logits_a), _flat(logits_b), float(eps), reduction, backend), logits_a, reduction)
+        loss = _spatial(
+            head_ops.logit_cosine_consistency_op(_flat(logits_a), _flat(logits_b), float(eps), reduction, backend),
+            logits_a,
+            reduction,
+        )
     v.check_result_finite(loss, (("logits_a", logits_a, False), ("logits_b", logits_b, False)))
     return loss
 
@@ -411,15 +444,16 @@ def pseudo_supervision_losses(
     v.check_loss_options(reduction, view_a.dtype, temperature=temperature, eps=eps)
     backend = _resolve_on(backend, view_a)
     if backend == "reference":
-        urp = (rectified_pseudo_supervision_reference(view_a, teacher_logits, temperature, reduction)
-               + rectified_pseudo_supervision_reference(view_b, teacher_logits, temperature,
-                                                        reduction))
+        urp = rectified_pseudo_supervision_reference(
+            view_a, teacher_logits, temperature, reduction
+        ) + rectified_pseudo_supervision_reference(view_b, teacher_logits, temperature, reduction)
         cr = logit_cosine_consistency_reference(view_a, view_b, eps, reduction)
     else:
         urp, cr = head_ops.pseudo_supervision_losses_op(
-            _flat(view_a), _flat(view_b), _flat(teacher_logits), float(temperature), float(eps),
-            reduction, backend)
+            _flat(view_a), _flat(view_b), _flat(teacher_logits), float(temperature), float(eps), reduction, backend
+        )
         urp, cr = _spatial(urp, view_a, reduction), _spatial(cr, view_a, reduction)
-    v.check_result_finite(urp + cr, (("view_a", view_a, False), ("view_b", view_b, False),
-                                     ("teacher_logits", teacher_logits, True)))
+    v.check_result_finite(
+        urp + cr, (("view_a", view_a, False), ("view_b", view_b, False), ("teacher_logits", teacher_logits, True))
+    )
     return urp, cr

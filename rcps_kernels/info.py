@@ -1,4 +1,5 @@
 """``python -m rcps_kernels.info [--json]``: versions and, per backend, whether it is usable here."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,12 @@ def collect() -> dict:
     cpu = cpu_extension()
     # variant: the one this process loaded ("jit" for a build from source at import, None if none);
     # built: the variants installed; supported: the portable variants this CPU runs.
-    info["cpu_kernels"] = {"variant": cpu.variant, "built": list(cpu.built), "supported": list(cpu.supported),
-                           "built_for_torch": cpu.built_for_torch}
+    info["cpu_kernels"] = {
+        "variant": cpu.variant,
+        "built": list(cpu.built),
+        "supported": list(cpu.supported),
+        "built_for_torch": cpu.built_for_torch,
+    }
     try:
         import triton
 
@@ -47,8 +52,10 @@ def main(argv: list[str] | None = None) -> None:
         if key not in ("backends", "cpu_kernels"):
             print(f"{key:>13}: {value}")
     cpu = info["cpu_kernels"]
-    print(f"{'cpu variant':>13}: {cpu['variant']} (built: {', '.join(cpu['built']) or 'none'}; "
-          f"this CPU runs: {', '.join(cpu['supported']) or 'none of the portable ones'})")
+    print(
+        f"{'cpu variant':>13}: {cpu['variant']} (built: {', '.join(cpu['built']) or 'none'}; "
+        f"this CPU runs: {', '.join(cpu['supported']) or 'none of the portable ones'})"
+    )
     for name, status in info["backends"].items():
         flags = f"built={status['built']} usable={status['usable']}"
         print(f"{name:>13}: {flags}" + (f"  ({status['reason']})" if "reason" in status else ""))

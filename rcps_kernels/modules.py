@@ -1,13 +1,13 @@
 """nn.Module forms of the public functions (MONAI-style losses): each stores its keywords and
 calls the function in :mod:`rcps_kernels.functional`."""
+
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
 from . import _validation as v
-from .functional import (bidirectional_voxel_infonce, logit_cosine_consistency,
-                         rectified_pseudo_supervision)
+from .functional import bidirectional_voxel_infonce, logit_cosine_consistency, rectified_pseudo_supervision
 
 
 class BidirectionalVoxelContrastiveLoss(nn.Module):
@@ -46,21 +46,32 @@ class BidirectionalVoxelContrastiveLoss(nn.Module):
         self.deterministic = deterministic
 
     @v.renamed_keywords(negative="pool", negative_logits="pool_logits")
-    def forward(self, anchor: Tensor, positive: Tensor, pool: Tensor,
-                anchor_logits: Tensor, pool_logits: Tensor) -> Tensor:
+    def forward(
+        self, anchor: Tensor, positive: Tensor, pool: Tensor, anchor_logits: Tensor, pool_logits: Tensor
+    ) -> Tensor:
         """The loss; ``pool``/``pool_logits`` were called ``negative``/``negative_logits``
         (deprecated keywords, still accepted for one release)."""
         return bidirectional_voxel_infonce(
-            anchor, positive, pool, anchor_logits, pool_logits,
-            num_negatives=self.num_negatives, temperature=self.temperature,
-            sampling=self.sampling, confidence_threshold=self.confidence_threshold,
-            generator=self.generator, reduction=self.reduction, backend=self.backend,
+            anchor,
+            positive,
+            pool,
+            anchor_logits,
+            pool_logits,
+            num_negatives=self.num_negatives,
+            temperature=self.temperature,
+            sampling=self.sampling,
+            confidence_threshold=self.confidence_threshold,
+            generator=self.generator,
+            reduction=self.reduction,
+            backend=self.backend,
             deterministic=self.deterministic,
         )
 
     def extra_repr(self) -> str:
-        return (f"num_negatives={self.num_negatives}, temperature={self.temperature}, "
-                f"sampling={self.sampling!r}, reduction={self.reduction!r}, backend={self.backend!r}")
+        return (
+            f"num_negatives={self.num_negatives}, temperature={self.temperature}, "
+            f"sampling={self.sampling!r}, reduction={self.reduction!r}, backend={self.backend!r}"
+        )
 
 
 class RectifiedPseudoSupervisionLoss(nn.Module):
@@ -85,8 +96,11 @@ class RectifiedPseudoSupervisionLoss(nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return rectified_pseudo_supervision(
-            student_logits, teacher_logits, temperature=self.temperature,
-            reduction=self.reduction, backend=self.backend,
+            student_logits,
+            teacher_logits,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            backend=self.backend,
         )
 
 

@@ -4,6 +4,7 @@ Runs forward + backward of every op on tiny inputs with the chosen backend and c
 gradients with the plain PyTorch reference evaluated in float64. Takes well under a second
 natively (after the kernels are loaded), so it also serves as a smoke test under CPU emulators.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,12 @@ import json
 
 import torch
 
-from .functional import (bidirectional_voxel_infonce, logit_cosine_consistency,
-                         pseudo_supervision_losses, rectified_pseudo_supervision)
+from .functional import (
+    bidirectional_voxel_infonce,
+    logit_cosine_consistency,
+    pseudo_supervision_losses,
+    rectified_pseudo_supervision,
+)
 
 
 def _infonce_inputs(generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -33,8 +38,15 @@ def _cases(generator: torch.Generator) -> dict:
     def infonce(sampling):
         def call(*leaves, backend):
             extra = {"generator": torch.Generator().manual_seed(7)} if sampling == "random" else {}
-            return bidirectional_voxel_infonce(*leaves, *(t.to(leaves[0].dtype) for t in logits),
-                                                 num_negatives=5, sampling=sampling, backend=backend, **extra)
+            return bidirectional_voxel_infonce(
+                *leaves,
+                *(t.to(leaves[0].dtype) for t in logits),
+                num_negatives=5,
+                sampling=sampling,
+                backend=backend,
+                **extra,
+            )
+
         return call
 
     return {
@@ -42,12 +54,16 @@ def _cases(generator: torch.Generator) -> dict:
         "bidirectional_voxel_infonce[random]": (infonce("random"), features),
         "rectified_pseudo_supervision": (
             lambda a, *, backend: rectified_pseudo_supervision(a, urp_logits[1].to(a.dtype), backend=backend),
-            urp_logits[:1]),
+            urp_logits[:1],
+        ),
         "logit_cosine_consistency": (
-            lambda a, b, *, backend: logit_cosine_consistency(a, b, backend=backend), cr_logits),
+            lambda a, b, *, backend: logit_cosine_consistency(a, b, backend=backend),
+            cr_logits,
+        ),
         "pseudo_supervision_losses": (
             lambda a, b, *, backend: pseudo_supervision_losses(a, b, head_logits[2].to(a.dtype), backend=backend),
-            head_logits[:2]),
+            head_logits[:2],
+        ),
     }
 
 
@@ -75,8 +91,9 @@ def check_backend(backend: str = "cpu", seed: int = 0) -> list[str]:
         expected = _run(fn, inputs, "reference", torch.float64)
         for index, (g, e) in enumerate(zip(got, expected)):
             what = f"output {index}" if index < len(got) - len(inputs) else f"gradient {index - len(got) + len(inputs)}"
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5,
-                                       msg=lambda m, n=name, w=what: f"{n} on backend={backend}, {w}: {m}")
+            torch.testing.assert_close(
+                g, e, rtol=1e-4, atol=1e-5, msg=lambda m, n=name, w=what: f"{n} on backend={backend}, {w}: {m}"
+            )
         checked.append(name)
     return checked
 

@@ -26,6 +26,7 @@ Build time (setup.py, and the JIT build of the CPU kernels):
   the portable three.
 - ``RCPS_CUDA_ARCHS="8.0;9.0"``: the CUDA architectures compiled for.
 """
+
 from __future__ import annotations
 
 import os

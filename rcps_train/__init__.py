@@ -6,4 +6,5 @@ RCPS terms from ``rcps_kernels``), ``engine`` (set-up, epochs, steps), ``checkpo
 streams and CSV logs, for resuming), ``evaluate`` and ``metrics`` (sliding window, Dice/HD95/ASD),
 ``distributed`` (torchrun/DDP), ``synthetic`` (a generated dataset), ``plots`` and ``cli`` (``rcps-train``).
 """
+
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """``python -m rcps_train ...`` is the same as the ``rcps-train`` console script."""
+
 from __future__ import annotations
 
 import sys
@@ -16,8 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise
-        print(f"rcps-train: the trainer needs the optional dependencies of the 'train' extra "
-              f"(module {err.name!r} is missing): pip install \"rcps-kernels[train]\"", file=sys.stderr)
+        print(
+            f"rcps-train: the trainer needs the optional dependencies of the 'train' extra "
+            f'(module {err.name!r} is missing): pip install "rcps-kernels[train]"',
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -4,6 +4,7 @@ per-step intensity views (torch, run on the training device).
 The RCPS views differ in intensity only, so the two views of an image stay voxel-aligned (the contrastive
 positives are the same voxel in both views).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ def _distorted_axis(size: int, num_cells: int, limit: float, rng: np.random.Gene
     return np.interp(np.arange(size), knots_out, knots_src)
 
 
-def random_grid_distortion(image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator,
-                           num_cells: int = 5, limit: float = 0.1) -> tuple[np.ndarray, np.ndarray | None]:
+def random_grid_distortion(
+    image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, num_cells: int = 5, limit: float = 0.1
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Apply one random separable grid distortion to an image (linear) and its label (nearest).
 
     Args:
@@ -64,8 +66,9 @@ def random_crop(image: np.ndarray, label: np.ndarray | None, patch_size, rng: np
     return image[window], None if label is None else label[window]
 
 
-def intensity_view(x: torch.Tensor, generator: torch.Generator | None = None, noise_prob: float = 0.5,
-                   noise_std_max: float = 0.1) -> torch.Tensor:
+def intensity_view(
+    x: torch.Tensor, generator: torch.Generator | None = None, noise_prob: float = 0.5, noise_std_max: float = 0.1
+) -> torch.Tensor:
     """One RCPS intensity view: ``a*x + b*mean(a*x)``, a ~ U(0.5, 1.5), b ~ U(-0.5, 0.5), then with
     probability ``noise_prob`` Gaussian noise of std ~ U(0, noise_std_max).
 

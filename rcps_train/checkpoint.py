@@ -1,6 +1,7 @@
 """The files of a run folder that let a run stop and continue: checkpoints (written atomically, read with
 checks, holding every RNG stream) and the CSV logs (appended row by row, cut back to a checkpoint on resume).
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,11 +14,31 @@ import torch
 
 from .config import ConfigError, resume_changes
 
-RESUME_ENTRIES = ("model", "optimizer", "scaler", "epoch", "step_in_epoch", "global_step", "rng", "val_history",
-                  "config")
+RESUME_ENTRIES = (
+    "model",
+    "optimizer",
+    "scaler",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "rng",
+    "val_history",
+    "config",
+)
 # Files a run writes into its folder; a fresh run (no checkpoint.pt) removes any left by an earlier attempt.
-RUN_FILES = ("config.toml", "train_log.csv", "val_log.csv", "best.pt", "best.pt.tmp", "checkpoint.pt.tmp",
-             "metrics.csv", "metrics_best.csv", "metrics.json", "loss_terms.png", "val_dice.png")
+RUN_FILES = (
+    "config.toml",
+    "train_log.csv",
+    "val_log.csv",
+    "best.pt",
+    "best.pt.tmp",
+    "checkpoint.pt.tmp",
+    "metrics.csv",
+    "metrics_best.csv",
+    "metrics.json",
+    "loss_terms.png",
+    "val_dice.png",
+)
 
 
 def save_atomic(state: dict, path: Path) -> None:
@@ -50,8 +71,9 @@ def load_checkpoint(path: str | Path, map_location, entries: tuple[str, ...]) ->
         raise ConfigError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
     if not isinstance(state, dict) or not all(entry in state for entry in entries):
         found = f"entries {sorted(map(str, state))}" if isinstance(state, dict) else f"a {type(state).__name__}"
-        raise ConfigError(f"{path} is not an rcps-train checkpoint: expected a dict with entries "
-                          f"{', '.join(entries)}, found {found}")
+        raise ConfigError(
+            f"{path} is not an rcps-train checkpoint: expected a dict with entries {', '.join(entries)}, found {found}"
+        )
     return state
 
 
@@ -63,18 +85,24 @@ def check_weights_fit(model: torch.nn.Module, weights: dict, config: dict, path:
     shapes = {name: tuple(getattr(value, "shape", ())) for name, value in weights.items()}
     head = f"heads.{len(model.heads) - 1}.weight"
     if head in shapes and shapes[head][:1] != expected[head].shape[:1]:
-        raise ConfigError(f"checkpoint {path} holds weights for {shapes[head][0]} classes ({head} of shape "
-                          f"{shapes[head]}) but its config has data.num_classes = {config['data']['num_classes']}")
-    wrong = sorted(set(expected) ^ set(shapes)) + [name for name in expected
-                                                   if name in shapes and shapes[name] != tuple(expected[name].shape)]
+        raise ConfigError(
+            f"checkpoint {path} holds weights for {shapes[head][0]} classes ({head} of shape "
+            f"{shapes[head]}) but its config has data.num_classes = {config['data']['num_classes']}"
+        )
+    wrong = sorted(set(expected) ^ set(shapes)) + [
+        name for name in expected if name in shapes and shapes[name] != tuple(expected[name].shape)
+    ]
     if wrong:
-        raise ConfigError(f"checkpoint {path}: its weights do not fit the model of its config (model.widths = "
-                          f"{config['model']['widths']}, model.project_dim = {config['model']['project_dim']}); "
-                          f"first differing entries: {wrong[:3]}")
+        raise ConfigError(
+            f"checkpoint {path}: its weights do not fit the model of its config (model.widths = "
+            f"{config['model']['widths']}, model.project_dim = {config['model']['project_dim']}); "
+            f"first differing entries: {wrong[:3]}"
+        )
 
 
-def checkpoint_to_resume(config: dict, checkpoint_path: Path, resume: bool, main: bool,
-                         device: torch.device) -> dict | None:
+def checkpoint_to_resume(
+    config: dict, checkpoint_path: Path, resume: bool, main: bool, device: torch.device
+) -> dict | None:
     """The checkpoint a ``--resume`` continues, after checking that its config matches ``config``; None for a
     new run, whose folder must not hold a checkpoint yet."""
     if main and checkpoint_path.exists() and not resume:
@@ -86,8 +114,10 @@ def checkpoint_to_resume(config: dict, checkpoint_path: Path, resume: bool, main
     state = load_checkpoint(checkpoint_path, device, RESUME_ENTRIES)
     allowed_changes = resume_changes(state["config"], config, str(checkpoint_path))
     if main and allowed_changes:
-        print(f"--resume with changed keys that leave the run as it was: {'; '.join(allowed_changes)} "
-              f"(written to {checkpoint_path.parent / 'config.toml'})")
+        print(
+            f"--resume with changed keys that leave the run as it was: {'; '.join(allowed_changes)} "
+            f"(written to {checkpoint_path.parent / 'config.toml'})"
+        )
     return state
 
 
@@ -98,14 +128,20 @@ def start_clean(run_dir: Path) -> None:
     for path in stale:
         path.unlink()
     if stale:
-        print(f"rcps-train: {run_dir} had no checkpoint; removed the files of an earlier attempt: "
-              + ", ".join(p.name for p in stale))
+        print(
+            f"rcps-train: {run_dir} had no checkpoint; removed the files of an earlier attempt: "
+            + ", ".join(p.name for p in stale)
+        )
 
 
 def rng_states(generators: dict[str, torch.Generator]) -> dict:
     """Every random stream of this process (global torch/numpy/python/CUDA and ``generators``), to checkpoint."""
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-              **{name: g.get_state() for name, g in generators.items()}}
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        **{name: g.get_state() for name, g in generators.items()},
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states

@@ -9,6 +9,7 @@
 ``--config`` also takes a shipped config by name: demo, la, pancreas, synthetic.
 Distributed: ``torchrun --nproc_per_node N -m rcps_train train --config ...``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ from .synthetic import LAYOUTS
 
 def _train(args) -> None:
     from .engine import train
+
     train(load_config(args.config, args.set), resume=args.resume)
 
 
@@ -34,8 +36,11 @@ def _eval(args) -> None:
 
     path = Path(args.checkpoint)
     state = load_checkpoint(path, "cpu", ("model", "config"))
-    overrides = [f'eval.{key}="{value}"' for key, value in
-                 (("protocol", args.protocol), ("largest_component", args.largest_component)) if value]
+    overrides = [
+        f'eval.{key}="{value}"'
+        for key, value in (("protocol", args.protocol), ("largest_component", args.largest_component))
+        if value
+    ]
     # Keys the stored config lacks (a checkpoint saved before they existed) keep their defaults.
     config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path} (its stored config)")
     if args.data:
@@ -57,12 +62,14 @@ def _eval(args) -> None:
 
 def _compare(args) -> None:
     from .compare import run_comparison
+
     out = run_comparison(args.config, args.methods, args.seeds, args.set, args.out)
     print(f"comparison written to {out}")
 
 
 def _make_synthetic(args) -> None:
     from .synthetic import make_synthetic_dataset
+
     root = make_synthetic_dataset(args.out, args.train, args.val, tuple(args.shape), args.seed, args.layout)
     print(f"synthetic dataset written to {root} ({args.layout} layout, {args.train} train, {args.val} test cases)")
 
@@ -81,16 +88,19 @@ def _demo(args) -> None:
     # Paths are set directly rather than through --set strings, so no quoting rules apply to them.
     config["data"]["root"], config["run"]["out_dir"] = str(data_root), str(out)
     config["run"]["name"] = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"[2/3] training RCPS ({config['train']['epochs']} epochs, backend={config['loss']['backend']}) "
-          f"-> {Path(config['run']['out_dir']) / config['run']['name']}")
+    print(
+        f"[2/3] training RCPS ({config['train']['epochs']} epochs, backend={config['loss']['backend']}) "
+        f"-> {Path(config['run']['out_dir']) / config['run']['name']}"
+    )
     print("[3/3] then evaluating on the test cases (sliding window, Dice/HD95/ASD):")
     train(config)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rcps-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="rcps-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="train a model from a TOML config")
     p.add_argument("--config", required=True, help=f"a TOML file or a shipped config ({', '.join(shipped_configs())})")
@@ -99,10 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
     p = commands.add_parser("eval", help="re-score a checkpoint under an evaluation protocol (Dice/Jaccard/HD95/ASD)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--protocol", choices=EVAL_PROTOCOLS,
-                   help="evaluation preset (default: the checkpoint's eval.protocol)")
-    p.add_argument("--largest-component", choices=LARGEST_COMPONENT_CHOICES,
-                   help="keep only the largest connected component per class (default: the checkpoint's setting)")
+    p.add_argument(
+        "--protocol", choices=EVAL_PROTOCOLS, help="evaluation preset (default: the checkpoint's eval.protocol)"
+    )
+    p.add_argument(
+        "--largest-component",
+        choices=LARGEST_COMPONENT_CHOICES,
+        help="keep only the largest connected component per class (default: the checkpoint's setting)",
+    )
     p.add_argument("--data", help="dataset root (default: the one in the checkpoint's config)")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--out", help="folder for metrics.csv/json (default: eval-<protocol> next to the checkpoint)")
@@ -116,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
     p = commands.add_parser("make-synthetic", help="write a synthetic dataset (official NIfTI, nnU-Net raw or h5)")
     p.add_argument("--out", required=True)
-    p.add_argument("--layout", default="nifti", choices=LAYOUTS,
-                   help="data.format the dataset is written for (default: nifti)")
+    p.add_argument(
+        "--layout", default="nifti", choices=LAYOUTS, help="data.format the dataset is written for (default: nifti)"
+    )
     p.add_argument("--train", type=int, default=40)
     p.add_argument("--val", type=int, default=10)
     p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], metavar=("D", "H", "W"))

@@ -6,6 +6,7 @@ for ``best.pt``) and ``val_dice.png`` (validation Dice over epochs per method). 
 finished metrics from the same resolved config is reused and an interrupted one is resumed, so the command can be
 re-run after a kill; a folder trained from another config is an error.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,10 @@ def _run_one(config: dict, run_dir: Path) -> float:
     from .engine import train
 
     if (run_dir / "config.toml").exists() and (run_dir / "config.toml").read_text() != to_toml(config):
-        raise ConfigError(f"{run_dir} holds a run of another config (its config.toml differs); "
-                          f"choose another --out or remove the folder")
+        raise ConfigError(
+            f"{run_dir} holds a run of another config (its config.toml differs); "
+            f"choose another --out or remove the folder"
+        )
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists() and "checkpoint" in json.loads(metrics_path.read_text()):  # a finished run
         return 0.0
@@ -46,9 +49,16 @@ def _result_rows(method: str, seed: int, metrics: dict) -> list[dict]:
         part = metrics if key is None else metrics.get(key)
         if part is None:
             continue
-        rows.append({"method": method, "seed": seed, "checkpoint": part["checkpoint"], "epoch": part["epoch"],
-                     **{name: part[name] for name in METRICS if name in part},
-                     "num_undefined_distances": part.get("num_undefined_distances", 0)})
+        rows.append(
+            {
+                "method": method,
+                "seed": seed,
+                "checkpoint": part["checkpoint"],
+                "epoch": part["epoch"],
+                **{name: part[name] for name in METRICS if name in part},
+                "num_undefined_distances": part.get("num_undefined_distances", 0),
+            }
+        )
     return rows
 
 
@@ -101,27 +111,52 @@ def write_tables(rows: list[dict], summary: list[dict], out: Path, header: list[
         writer.writerows(rows)
         for entry in summary:
             for stat in ("mean", "std"):
-                writer.writerow({"method": entry["method"], "seed": stat, "checkpoint": entry["checkpoint"],
-                                 **{name: entry[f"{name}_{stat}"] for name in metrics}})
+                writer.writerow(
+                    {
+                        "method": entry["method"],
+                        "seed": stat,
+                        "checkpoint": entry["checkpoint"],
+                        **{name: entry[f"{name}_{stat}"] for name in metrics},
+                    }
+                )
     digits = {"dice": 4, "jaccard": 4}
-    lines = [*header, "", "Mean +- sample std over seeds (test split):", "",
-             "| method | checkpoint | seeds | " + " | ".join(metrics) + " |",
-             "|---|---|---|" + "---|" * len(metrics)]
+    lines = [
+        *header,
+        "",
+        "Mean +- sample std over seeds (test split):",
+        "",
+        "| method | checkpoint | seeds | " + " | ".join(metrics) + " |",
+        "|---|---|---|" + "---|" * len(metrics),
+    ]
     for e in summary:
-        cells = [f"{_fmt(e[f'{m}_mean'], digits.get(m, 2))} +- {_fmt(e[f'{m}_std'], digits.get(m, 2))}"
-                 for m in metrics]
+        cells = [
+            f"{_fmt(e[f'{m}_mean'], digits.get(m, 2))} +- {_fmt(e[f'{m}_std'], digits.get(m, 2))}" for m in metrics
+        ]
         lines.append(f"| {e['method']} | {e['checkpoint']} | {e['seeds']} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed:", "", "| method | seed | checkpoint | epoch | " + " | ".join(metrics)
-              + " | undefined distances | minutes |", "|---|---|---|---|" + "---|" * (len(metrics) + 2)]
+    lines += [
+        "",
+        "Per seed:",
+        "",
+        "| method | seed | checkpoint | epoch | " + " | ".join(metrics) + " | undefined distances | minutes |",
+        "|---|---|---|---|" + "---|" * (len(metrics) + 2),
+    ]
     for r in rows:
         cells = [_fmt(r[m], digits.get(m, 2)) for m in metrics]
-        lines.append(f"| {r['method']} | {r['seed']} | {r['checkpoint']} | {r['epoch']} | " + " | ".join(cells)
-                     + f" | {r['num_undefined_distances']} | {_fmt(r['minutes'], 1)} |")
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {r['checkpoint']} | {r['epoch']} | "
+            + " | ".join(cells)
+            + f" | {r['num_undefined_distances']} | {_fmt(r['minutes'], 1)} |"
+        )
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 
 
-def run_comparison(config_path: str, methods: list[str], seeds: list[int], overrides: list[str] = (),
-                   out_dir: str | Path = "runs/compare") -> Path:
+def run_comparison(
+    config_path: str,
+    methods: list[str],
+    seeds: list[int],
+    overrides: list[str] = (),
+    out_dir: str | Path = "runs/compare",
+) -> Path:
     """Train every method and seed, then write the table and the plot.
 
     Args:
@@ -153,13 +188,17 @@ def run_comparison(config_path: str, methods: list[str], seeds: list[int], overr
             rows += [{**row, "minutes": minutes} for row in _result_rows(method, seed, metrics)]
             curves.setdefault(method, []).append(_read_val_curve(out / name))
     import torch
-    header = [f"# {' vs '.join(methods)}: `rcps-train compare --config {config_path}`", "",
-              f"date: {datetime.datetime.now().isoformat(timespec='seconds')}, machine: {platform.node()} "
-              f"({'CUDA' if torch.cuda.is_available() else 'CPU'}), torch {torch.__version__}, seeds {list(seeds)}"
-              + (f", overrides {list(overrides)}" if overrides else ""),
-              f"Per run: {config['train']['epochs']} epochs, data.labeled = {config['data']['labeled']}, "
-              f"data.val_cases = {config['data']['val_cases']}; `last` = checkpoint.pt after the last epoch, "
-              f"`best` = best.pt (highest validation Dice); each is scored once on the test split."]
+
+    header = [
+        f"# {' vs '.join(methods)}: `rcps-train compare --config {config_path}`",
+        "",
+        f"date: {datetime.datetime.now().isoformat(timespec='seconds')}, machine: {platform.node()} "
+        f"({'CUDA' if torch.cuda.is_available() else 'CPU'}), torch {torch.__version__}, seeds {list(seeds)}"
+        + (f", overrides {list(overrides)}" if overrides else ""),
+        f"Per run: {config['train']['epochs']} epochs, data.labeled = {config['data']['labeled']}, "
+        f"data.val_cases = {config['data']['val_cases']}; `last` = checkpoint.pt after the last epoch, "
+        f"`best` = best.pt (highest validation Dice); each is scored once on the test split.",
+    ]
     write_tables(rows, summarise(rows), out, header)
     plot_validation_curves(curves, out / "val_dice.png")
     return out

@@ -3,6 +3,7 @@
 Every knob of a run lives in :data:`DEFAULTS`; a TOML file overrides any subset of it. Unknown keys and values
 of the wrong type are errors that name the key, so a typo never silently falls back to a default.
 """
+
 from __future__ import annotations
 
 import copy
@@ -92,6 +93,7 @@ INT_LIMIT = 2**31 - 1  # counts go to numpy/torch/C++ as 32-bit ints; nothing he
 
 class Rule(NamedTuple):
     """The check of one key's (already type-checked) value and what it expects, as in "must be <expected>"."""
+
     holds: Callable[[Any], bool]
     expected: str
 
@@ -110,9 +112,10 @@ def integer(low: int, high: int = INT_LIMIT) -> Rule:
 
 def number(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Rule:
     """A finite number in an interval; ``inf`` bounds leave that side open."""
+
     def holds(v):
-        return (_finite_number(v) and (v > low if low_open else v >= low)
-                and (v < high if high_open else v <= high))
+        return _finite_number(v) and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+
     if high == math.inf:
         return Rule(holds, f"a finite number {'>' if low_open else '>='} {low}")
     return Rule(holds, f"a finite number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
@@ -125,8 +128,10 @@ def one_of(*choices: str) -> Rule:
 
 def each(rule: Rule, length: int | None = None) -> Rule:
     """A list whose entries all satisfy ``rule`` (and of ``length`` entries, when given)."""
+
     def holds(v):
         return (length is None or len(v) == length) and len(v) > 0 and all(rule.holds(x) for x in v)
+
     count = f"{length}" if length is not None else "1 or more"
     return Rule(holds, f"a list of {count} entries, each {rule.expected}")
 
@@ -149,10 +154,14 @@ RULES: dict[str, Rule] = {
     "run.device": one_of("auto", "cpu", "cuda"),
     "data.format": one_of("nifti", "h5", "nnunet"),
     "data.root": ANY_TEXT,  # checked by the data layer, which names the missing folder
-    "data.labeled": Rule(lambda v: v.strip() != "" if isinstance(v, str) else 1 <= v <= INT_LIMIT,
-                         "a count >= 1 or the path of a file of IDs"),
-    "data.val_cases": Rule(lambda v: v.strip() != "" if isinstance(v, str) else 0 <= v <= INT_LIMIT,
-                           "a count >= 0 or the path of a file of IDs"),
+    "data.labeled": Rule(
+        lambda v: v.strip() != "" if isinstance(v, str) else 1 <= v <= INT_LIMIT,
+        "a count >= 1 or the path of a file of IDs",
+    ),
+    "data.val_cases": Rule(
+        lambda v: v.strip() != "" if isinstance(v, str) else 0 <= v <= INT_LIMIT,
+        "a count >= 0 or the path of a file of IDs",
+    ),
     "data.num_classes": integer(2, 1024),
     # Any size runs (every decoder stage is resized to its skip); 1024 bounds a typo's memory.
     "data.patch_size": each(integer(1, 1024), length=3),
@@ -207,8 +216,18 @@ RULES: dict[str, Rule] = {
 # written and when to stop (checkpoints only read the random states), and how many windows one evaluation
 # forward takes. Everything else (run.device included: it changes the numerics and what amp = "auto" means)
 # would make the resumed run a different run.
-RESUME_SAFE_KEYS = frozenset({"run.name", "run.out_dir", "data.num_workers", "data.cache", "train.progress",
-                              "train.checkpoint_every", "train.stop_after_steps", "eval.sw_batch_size"})
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "run.name",
+        "run.out_dir",
+        "data.num_workers",
+        "data.cache",
+        "train.progress",
+        "train.checkpoint_every",
+        "train.stop_after_steps",
+        "eval.sw_batch_size",
+    }
+)
 
 
 class ConfigError(ValueError):
@@ -286,8 +305,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
-                base_source: str = "base config") -> dict:
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    base: dict | None = None,
+    base_source: str = "base config",
+) -> dict:
     """Build a run configuration.
 
     Args:
@@ -330,8 +353,9 @@ def read_config_text(path: str | Path) -> tuple[str, str]:
 
 
 def shipped_configs() -> list[str]:
-    return sorted(p.name[:-5] for p in (importlib.resources.files("rcps_train") / "configs").iterdir()
-                  if p.name.endswith(".toml"))
+    return sorted(
+        p.name[:-5] for p in (importlib.resources.files("rcps_train") / "configs").iterdir() if p.name.endswith(".toml")
+    )
 
 
 def validate(config: dict) -> None:
@@ -351,16 +375,19 @@ def validate(config: dict) -> None:
             raise ConfigError(problem)
     data, train, loss = config["data"], config["train"], config["loss"]
     if len(loss["class_weights"]) != data["num_classes"]:
-        raise ConfigError(f"loss.class_weights has {len(loss['class_weights'])} entries, "
-                          f"data.num_classes is {data['num_classes']}")
+        raise ConfigError(
+            f"loss.class_weights has {len(loss['class_weights'])} entries, data.num_classes is {data['num_classes']}"
+        )
     # BatchNorm in training needs more than one value per channel at the deepest level (1/16 of the patch);
     # an RCPS step stacks 6 volumes per patch, a supervised step only the labeled one.
     volumes = train["batch_size"] * (6 if train["method"] == "rcps" else 1)
     if volumes * math.prod(-(-n // 16) for n in data["patch_size"]) < 2:
-        raise ConfigError(f"data.patch_size = {data['patch_size']} leaves one voxel per channel at the deepest level "
-                          f"with train.method = {train['method']!r} and train.batch_size = {train['batch_size']} "
-                          f"({volumes} volumes a step), too few for BatchNorm; use a patch larger than 16 on some "
-                          f"axis or a larger batch")
+        raise ConfigError(
+            f"data.patch_size = {data['patch_size']} leaves one voxel per channel at the deepest level "
+            f"with train.method = {train['method']!r} and train.batch_size = {train['batch_size']} "
+            f"({volumes} volumes a step), too few for BatchNorm; use a patch larger than 16 on some "
+            f"axis or a larger batch"
+        )
 
 
 def resume_changes(stored: dict, requested: dict, source: str) -> list[str]:
@@ -378,17 +405,25 @@ def resume_changes(stored: dict, requested: dict, source: str) -> list[str]:
         ConfigError: listing every other changed key.
     """
     stored = load_config(None, base=stored, base_source=f"{source} (its stored config)")
-    changes = {f"{s}.{k}": f"{s}.{k}: {stored[s][k]!r} -> {requested[s][k]!r}"
-               for s in requested for k in requested[s] if stored[s][k] != requested[s][k]}
+    changes = {
+        f"{s}.{k}": f"{s}.{k}: {stored[s][k]!r} -> {requested[s][k]!r}"
+        for s in requested
+        for k in requested[s]
+        if stored[s][k] != requested[s][k]
+    }
     unsafe = [text for key, text in changes.items() if key not in RESUME_SAFE_KEYS]
     if unsafe:
-        raise ConfigError(f"--resume: the config differs from the one {source} was written with ("
-                          + "; ".join(unsafe) + "). Resume with the run folder's config.toml, or start a new run.name")
+        raise ConfigError(
+            f"--resume: the config differs from the one {source} was written with ("
+            + "; ".join(unsafe)
+            + "). Resume with the run folder's config.toml, or start a new run.name"
+        )
     return list(changes.values())
 
 
 def to_toml(config: dict) -> str:
     """Serialise a resolved config (flat tables of scalars and lists) as TOML."""
+
     def value(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -397,6 +432,7 @@ def to_toml(config: dict) -> str:
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v)
+
     lines = []
     for section, values in config.items():
         lines.append(f"[{section}]")

@@ -13,6 +13,7 @@ Layouts (arrays are used in file order as ``(D, H, W)``; the README shows a tree
   ``labelsTs`` a fixed split of the training cases (:data:`NNUNET_HOLDOUT_FRACTION`, seed
   :data:`NNUNET_HOLDOUT_SEED`, the same for every run) is the test split.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,7 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Case:
     """One image/label pair on disk (``label`` is the same h5 file as ``image`` in the h5 layout)."""
+
     name: str
     image: Path
     label: Path
@@ -47,14 +49,16 @@ class Case:
 def _nifti_name(path: Path, suffixes=NIFTI_SUFFIXES) -> str | None:
     """The file name without its NIfTI suffix, or None when it does not end in exactly one of them
     (``case.nii.gz.bak`` is not a case)."""
-    return next((path.name[:-len(sfx)] for sfx in suffixes if path.name.endswith(sfx)), None)
+    return next((path.name[: -len(sfx)] for sfx in suffixes if path.name.endswith(sfx)), None)
 
 
 def _nifti_cases(root: Path, split: str) -> list[Case]:
     image_dir, label_dir = root / f"{split}_images", root / f"{split}_labels"
     if not image_dir.is_dir():
-        raise DataError(f"image folder {image_dir} does not exist (data.format = 'nifti' expects "
-                        f"<root>/{split}_images and <root>/{split}_labels)")
+        raise DataError(
+            f"image folder {image_dir} does not exist (data.format = 'nifti' expects "
+            f"<root>/{split}_images and <root>/{split}_labels)"
+        )
     cases = []
     for image in sorted(image_dir.iterdir()):
         name = _nifti_name(image)
@@ -76,8 +80,10 @@ def _h5_cases(root: Path, split: str) -> list[Case]:
         candidates = [root / pattern.format(id=case_id) for pattern in H5_PATTERNS]
         found = next((path for path in candidates if path.exists()), None)
         if found is None:
-            raise DataError(f"h5 file for ID {case_id!r} (listed in {list_file}) not found; looked at "
-                            + ", ".join(str(c) for c in candidates))
+            raise DataError(
+                f"h5 file for ID {case_id!r} (listed in {list_file}) not found; looked at "
+                + ", ".join(str(c) for c in candidates)
+            )
         cases.append(Case(case_id, found, found))
     return cases
 
@@ -92,25 +98,34 @@ def read_nnunet_dataset_json(root: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {path} (data.format = 'nnunet' needs an nnU-Net v2 dataset.json): "
-                        f"{type(err).__name__}: {err}") from None
+        raise DataError(
+            f"cannot read {path} (data.format = 'nnunet' needs an nnU-Net v2 dataset.json): {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(meta, dict):
         raise DataError(f"{path} holds a JSON {type(meta).__name__}; expected an object (nnU-Net v2 dataset.json)")
     missing = [key for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in meta]
     if missing:
-        raise DataError(f"{path} lacks {missing} (an nnU-Net v2 dataset.json has channel_names, labels, "
-                        f"numTraining and file_ending)")
+        raise DataError(
+            f"{path} lacks {missing} (an nnU-Net v2 dataset.json has channel_names, labels, "
+            f"numTraining and file_ending)"
+        )
     if len(meta["channel_names"]) != 1:
-        raise DataError(f"{path} lists {len(meta['channel_names'])} channels {meta['channel_names']}; "
-                        f"the trainer reads single-channel images only")
+        raise DataError(
+            f"{path} lists {len(meta['channel_names'])} channels {meta['channel_names']}; "
+            f"the trainer reads single-channel images only"
+        )
     if meta["file_ending"] not in NIFTI_SUFFIXES:
-        raise DataError(f"{path}: file_ending {meta['file_ending']!r} is not supported; expected one of "
-                        f"{NIFTI_SUFFIXES}")
+        raise DataError(
+            f"{path}: file_ending {meta['file_ending']!r} is not supported; expected one of {NIFTI_SUFFIXES}"
+        )
     values = list(meta["labels"].values()) if isinstance(meta["labels"], dict) else [None]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or sorted(values) != list(
-            range(len(values))):
-        raise DataError(f"{path}: labels {meta['labels']} must map names to the integers 0..n-1 "
-                        f"(region-based and ignore labels are not supported)")
+        range(len(values))
+    ):
+        raise DataError(
+            f"{path}: labels {meta['labels']} must map names to the integers 0..n-1 "
+            f"(region-based and ignore labels are not supported)"
+        )
     return {**meta, "num_classes": len(meta["labels"])}
 
 
@@ -134,12 +149,14 @@ def _nnunet_cases(root: Path, split: str) -> list[Case]:
         raise DataError(f"image folder {root / 'imagesTr'} does not exist (data.format = 'nnunet')")
     training = _nnunet_folder(root, "imagesTr", "labelsTr", ending)
     if len(training) != meta["numTraining"]:
-        raise DataError(f"{root / 'dataset.json'} says numTraining = {meta['numTraining']} but "
-                        f"{root / 'imagesTr'} holds {len(training)} cases named <case>_0000{ending}")
+        raise DataError(
+            f"{root / 'dataset.json'} says numTraining = {meta['numTraining']} but "
+            f"{root / 'imagesTr'} holds {len(training)} cases named <case>_0000{ending}"
+        )
     if (root / "imagesTs").is_dir() and (root / "labelsTs").is_dir():
         return training if split == "train" else _nnunet_folder(root, "imagesTs", "labelsTs", ending)
     order = np.random.default_rng(NNUNET_HOLDOUT_SEED).permutation(len(training))
-    held_out = set(order[:max(round(NNUNET_HOLDOUT_FRACTION * len(training)), 1)].tolist())
+    held_out = set(order[: max(round(NNUNET_HOLDOUT_FRACTION * len(training)), 1)].tolist())
     return [c for i, c in enumerate(training) if (i in held_out) == (split != "train")]
 
 
@@ -187,8 +204,10 @@ def split_labeled(cases: list[Case], labeled: int | str) -> tuple[list[Case], li
         chosen = cases[:labeled]
     rest = [c for c in cases if c not in chosen]
     if not chosen or not rest:
-        raise DataError(f"data.labeled = {labeled!r} leaves {len(chosen)} labeled and {len(rest)} unlabeled "
-                        f"of {len(cases)} training cases; both must be at least 1")
+        raise DataError(
+            f"data.labeled = {labeled!r} leaves {len(chosen)} labeled and {len(rest)} unlabeled "
+            f"of {len(cases)} training cases; both must be at least 1"
+        )
     return chosen, rest
 
 
@@ -210,15 +229,19 @@ def split_validation(unlabeled: list[Case], labeled: list[Case], val_cases: int 
         ids = _ids_from_file(val_cases, "data.val_cases", unlabeled + labeled)
         clash = sorted(ids & {c.name for c in labeled})
         if clash:
-            raise DataError(f"data.val_cases: {val_cases} names labeled training cases {clash[:5]} "
-                            f"(see data.labeled); validation cases must not be trained on")
+            raise DataError(
+                f"data.val_cases: {val_cases} names labeled training cases {clash[:5]} "
+                f"(see data.labeled); validation cases must not be trained on"
+            )
         chosen = [c for c in unlabeled if c.name in ids]
     else:
-        chosen = unlabeled[len(unlabeled) - val_cases:] if val_cases else []
+        chosen = unlabeled[len(unlabeled) - val_cases :] if val_cases else []
     rest = [c for c in unlabeled if c not in chosen]
     if not rest:
-        raise DataError(f"data.val_cases = {val_cases!r} takes all {len(unlabeled)} unlabeled training cases; "
-                        f"at least 1 must stay for training")
+        raise DataError(
+            f"data.val_cases = {val_cases!r} takes all {len(unlabeled)} unlabeled training cases; "
+            f"at least 1 must stay for training"
+        )
     return rest, chosen
 
 
@@ -226,6 +249,7 @@ def split_validation(unlabeled: list[Case], labeled: list[Case], val_cases: int 
 class Splits:
     """The cases of a run: labeled and unlabeled training data, the validation split (may be empty) and the
     test split (scored once, after training)."""
+
     labeled: list[Case]
     unlabeled: list[Case]
     validation: list[Case]
@@ -244,8 +268,10 @@ def dataset_splits(data_cfg: dict) -> Splits:
     if data_format == "nnunet":
         classes = read_nnunet_dataset_json(Path(root))["num_classes"]
         if classes != data_cfg["num_classes"]:
-            raise DataError(f"{Path(root) / 'dataset.json'} defines {classes} labels but data.num_classes is "
-                            f"{data_cfg['num_classes']}; set data.num_classes = {classes} (and loss.class_weights)")
+            raise DataError(
+                f"{Path(root) / 'dataset.json'} defines {classes} labels but data.num_classes is "
+                f"{data_cfg['num_classes']}; set data.num_classes = {classes} (and loss.class_weights)"
+            )
     labeled, unlabeled = split_labeled(train_cases, data_cfg["labeled"])
     unlabeled, validation = split_validation(unlabeled, labeled, data_cfg["val_cases"])
     return Splits(labeled, unlabeled, validation, test_cases)
@@ -283,12 +309,14 @@ def load_case(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
 def _read(case: Case) -> tuple[np.ndarray, np.ndarray]:
     if case.image.suffix == ".h5":
         import h5py
+
         try:
             with h5py.File(case.image, "r") as f:
                 return np.asarray(f["image"], np.float32), np.asarray(f["label"], np.float32)
         except (OSError, KeyError) as err:
             raise DataError(f"cannot read h5 file {case.image} (needs datasets 'image' and 'label'): {err}") from None
     import nibabel as nib
+
     arrays = []
     for path in (case.image, case.label):
         try:
@@ -310,6 +338,7 @@ def case_spacing(case: Case) -> tuple[float, float, float] | None:
     """
     if case.image.suffix == ".h5":
         import h5py
+
         with h5py.File(case.image, "r") as f:
             spacing = f.attrs.get("spacing")
         if spacing is None:
@@ -319,6 +348,7 @@ def case_spacing(case: Case) -> tuple[float, float, float] | None:
             raise DataError(f"h5 file {case.image}: attribute 'spacing' must be 3 positive numbers, got {spacing!r}")
         return tuple(float(v) for v in values)
     import nibabel as nib
+
     try:
         header = nib.load(case.image).header
     except Exception as err:  # nibabel raises many types for truncated or foreign files
@@ -358,8 +388,15 @@ class PairedPatchDataset(Dataset):
     worker builds it, and a resumed run sees the same patches as an uninterrupted one.
     """
 
-    def __init__(self, labeled: VolumeStore, unlabeled: VolumeStore, patch_size, distortion_prob: float = 0.1,
-                 distortion_limit: float = 0.1, distortion_cells: int = 5):
+    def __init__(
+        self,
+        labeled: VolumeStore,
+        unlabeled: VolumeStore,
+        patch_size,
+        distortion_prob: float = 0.1,
+        distortion_limit: float = 0.1,
+        distortion_cells: int = 5,
+    ):
         self.labeled, self.unlabeled, self.patch_size = labeled, unlabeled, tuple(patch_size)
         self.distortion = (distortion_prob, distortion_limit, distortion_cells)
 
@@ -382,8 +419,16 @@ class PairedPatchDataset(Dataset):
         return len(self.unlabeled)
 
 
-def epoch_plan(num_labeled: int, num_unlabeled: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1,
-               max_steps: int = 0, batch_size: int = 1) -> list[tuple[int, int, int, int]]:
+def epoch_plan(
+    num_labeled: int,
+    num_unlabeled: int,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_steps: int = 0,
+    batch_size: int = 1,
+) -> list[tuple[int, int, int, int]]:
     """The items of one epoch on one rank: a shuffled pass over this rank's share of the unlabeled cases,
     each paired with the next labeled case of a cycle of shuffled passes (fresh crops every time).
 
@@ -410,7 +455,7 @@ def epoch_plan(num_labeled: int, num_unlabeled: int, epoch: int, seed: int, rank
     rank_rng = np.random.default_rng([seed, epoch, rank])
     labeled = np.concatenate([rank_rng.permutation(num_labeled) for _ in range(-(-count // num_labeled))])[:count]
     seeds = rank_rng.integers(0, 2**62, size=(count, 2))
-    return [(int(l), int(s1), int(u), int(s2)) for l, u, (s1, s2) in zip(labeled, mine, seeds)]
+    return [(int(lab), int(s1), int(unl), int(s2)) for lab, unl, (s1, s2) in zip(labeled, mine, seeds)]
 
 
 def seed_worker(worker_id: int) -> None:

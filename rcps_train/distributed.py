@@ -1,4 +1,5 @@
 """torchrun / DDP plumbing: process-group set-up from the environment and an all-gather that keeps gradients."""
+
 from __future__ import annotations
 
 import os
@@ -68,7 +69,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size]
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ step), ``val_log.csv`` (validation-split Dice per scored epoch), ``checkpoint.pt
 to check its files, and predicted only after the last step, for both checkpoints: it never chooses anything.
 Checkpoints, RNG streams and the CSV logs are written and read back through :mod:`rcps_train.checkpoint`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,15 @@ from rcps_kernels._backend import BACKENDS, resolve_backend
 
 from . import distributed as ddp
 from .augment import intensity_view
-from .checkpoint import (append_row, checkpoint_to_resume, restore_rng, rng_states, save_atomic, start_clean,
-                         truncate_log)
+from .checkpoint import (
+    append_row,
+    checkpoint_to_resume,
+    restore_rng,
+    rng_states,
+    save_atomic,
+    start_clean,
+    truncate_log,
+)
 from .config import ConfigError, to_toml, validate
 from .data import PairedPatchDataset, Splits, VolumeStore, check_cases, dataset_splits, epoch_plan, seed_worker
 from .evaluate import evaluate_cases, format_table, metrics_record, write_metrics_csv
@@ -37,8 +45,17 @@ from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmenta
 from .model import ProjectorUNet
 from .plots import plot_run
 
-VAL_FIELDS = ["epoch", "dice", "jaccard", "hd95", "asd", "num_undefined_distances", "distance_unit", "protocol",
-              "largest_component"]
+VAL_FIELDS = [
+    "epoch",
+    "dice",
+    "jaccard",
+    "hd95",
+    "asd",
+    "num_undefined_distances",
+    "distance_unit",
+    "protocol",
+    "largest_component",
+]
 LOG_FIELDS = ["epoch", "step", "global_step", "lr", "ramp", "loss", *TERMS, "step_time_s", "peak_mem_mb"]
 
 
@@ -72,8 +89,13 @@ def check_loss_backend(config: dict, device: torch.device) -> None:
 
 
 def build_model(config: dict) -> ProjectorUNet:
-    return ProjectorUNet(1, config["data"]["num_classes"], config["model"]["widths"],
-                         config["model"]["project_dim"], config["model"]["checkpointing"])
+    return ProjectorUNet(
+        1,
+        config["data"]["num_classes"],
+        config["model"]["widths"],
+        config["model"]["project_dim"],
+        config["model"]["checkpointing"],
+    )
 
 
 def memory_format(config: dict) -> torch.memory_format:
@@ -89,9 +111,36 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_step(model, batch: dict, optimizer, scaler, config: dict, ramp: float, device: torch.device,
-               amp_dtype, augment_generator: torch.Generator, negative_generator: torch.Generator | None = None,
-               gather_negatives=None) -> dict[str, float]:
+def _forward(model, batch: dict, config: dict, device: torch.device, amp_dtype, augment_generator):
+    """One forward over the labeled patch (with, for RCPS, its two views and the unlabeled patch with
+    its two), under autocast. Returns the float32 outputs, the labeled image and its label."""
+    x_l, y_l = batch["image_l"].to(device, non_blocking=True), batch["label_l"].to(device, non_blocking=True)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with autocast:
+        if config["train"]["method"] == "rcps":
+            x_u = batch["image_u"].to(device, non_blocking=True)
+            views = [intensity_view(x, augment_generator) for x in (x_l, x_l, x_u, x_u)]
+            inputs = torch.cat([x_l, views[0], views[1], x_u, views[2], views[3]])
+        else:
+            inputs = x_l
+        outputs = model(inputs.contiguous(memory_format=memory_format(config)))
+    # The losses run in float32 whatever the forward precision (the kernels accumulate in fp32 anyway).
+    return {name: value.float() for name, value in outputs.items()}, x_l, y_l
+
+
+def train_step(
+    model,
+    batch: dict,
+    optimizer,
+    scaler,
+    config: dict,
+    ramp: float,
+    device: torch.device,
+    amp_dtype,
+    augment_generator: torch.Generator,
+    negative_generator: torch.Generator | None = None,
+    gather_negatives=None,
+) -> dict[str, float]:
     """One optimisation step (docs/design.md section 1.1): views, one forward over 6 volumes, all losses, update.
 
     Args:
@@ -109,29 +158,22 @@ def train_step(model, batch: dict, optimizer, scaler, config: dict, ramp: float,
         Floats: ``loss`` and every term (nan for terms the method does not use).
     """
     loss_cfg = config["loss"]
-    x_l, y_l = batch["image_l"].to(device, non_blocking=True), batch["label_l"].to(device, non_blocking=True)
+    outputs, x_l, y_l = _forward(model, batch, config, device, amp_dtype, augment_generator)
     class_weights = torch.tensor(loss_cfg["class_weights"], device=device)
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
-    with autocast:
-        if config["train"]["method"] == "rcps":
-            x_u = batch["image_u"].to(device, non_blocking=True)
-            views = [intensity_view(x, augment_generator) for x in (x_l, x_l, x_u, x_u)]
-            inputs = torch.cat([x_l, views[0], views[1], x_u, views[2], views[3]])
-        else:
-            inputs = x_l
-        outputs = model(inputs.contiguous(memory_format=memory_format(config)))
-    # The losses run in float32 whatever the forward precision (the kernels accumulate in fp32 anyway).
-    outputs = {name: value.float() for name, value in outputs.items()}
     if config["train"]["method"] == "rcps":
-        terms = rcps_loss_terms(outputs, y_l, x_l.shape[0], loss_cfg, class_weights, gather_negatives,
-                                negative_generator)
+        terms = rcps_loss_terms(
+            outputs, y_l, x_l.shape[0], loss_cfg, class_weights, gather_negatives, negative_generator
+        )
     else:
         terms = {"seg": segmentation_loss(outputs, y_l, class_weights, loss_cfg["ce_lambda"])}
     loss = total_loss(terms, ramp, loss_cfg)
     loss_value = loss.detach()
     if not torch.isfinite(loss_value):
-        raise FloatingPointError(f"non-finite loss {loss_value.item()} (terms: "
-                                 + ", ".join(f"{k}={v.detach().item():.4g}" for k, v in terms.items()) + ")")
+        raise FloatingPointError(
+            f"non-finite loss {loss_value.item()} (terms: "
+            + ", ".join(f"{k}={v.detach().item():.4g}" for k, v in terms.items())
+            + ")"
+        )
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -150,6 +192,7 @@ class TrainingRun:
 
     ``epoch``/``step_in_epoch`` always name the next step to take (the position a checkpoint resumes from).
     """
+
     config: dict
     device: torch.device
     rank: int
@@ -221,11 +264,25 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
     splits, dataset = _read_data(config, main)
     model, raw_model = _build_parallel_model(config, device, world_size)
     train_cfg = config["train"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"],
-                                weight_decay=train_cfg["weight_decay"])
-    run = TrainingRun(config, device, rank, world_size, amp_dtype, run_dir, splits, dataset, model, raw_model,
-                      optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler), generators,
-                      ddp.gather_negative_pool if config["loss"]["cross_rank_negatives"] and world_size > 1 else None)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"]
+    )
+    run = TrainingRun(
+        config,
+        device,
+        rank,
+        world_size,
+        amp_dtype,
+        run_dir,
+        splits,
+        dataset,
+        model,
+        raw_model,
+        optimizer,
+        torch.amp.GradScaler(device.type, enabled=use_scaler),
+        generators,
+        ddp.gather_negative_pool if config["loss"]["cross_rank_negatives"] and world_size > 1 else None,
+    )
     if resume:
         _restore(run, state)
     if main:
@@ -242,27 +299,34 @@ def _seed(seed: int, rank: int) -> dict[str, torch.Generator]:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed)  # the same initial weights on every rank
-    return {"augment": torch.Generator().manual_seed(seed * 1009 + rank),
-            "negatives": torch.Generator().manual_seed(seed * 2003 + rank)}
+    return {
+        "augment": torch.Generator().manual_seed(seed * 1009 + rank),
+        "negatives": torch.Generator().manual_seed(seed * 2003 + rank),
+    }
 
 
 def _read_data(config: dict, main: bool) -> tuple[Splits, PairedPatchDataset]:
     """The splits and the training dataset; the validation and test files are checked now, before step 1."""
     data_cfg = config["data"]
     splits = dataset_splits(data_cfg)
-    dataset = PairedPatchDataset(VolumeStore(splits.labeled, data_cfg["num_classes"], data_cfg["cache"]),
-                                 VolumeStore(splits.unlabeled, data_cfg["num_classes"], data_cfg["cache"]),
-                                 data_cfg["patch_size"], data_cfg["grid_distortion_prob"],
-                                 data_cfg["grid_distortion_limit"], data_cfg["grid_distortion_cells"])
+    dataset = PairedPatchDataset(
+        VolumeStore(splits.labeled, data_cfg["num_classes"], data_cfg["cache"]),
+        VolumeStore(splits.unlabeled, data_cfg["num_classes"], data_cfg["cache"]),
+        data_cfg["patch_size"],
+        data_cfg["grid_distortion_prob"],
+        data_cfg["grid_distortion_limit"],
+        data_cfg["grid_distortion_cells"],
+    )
     check_cases(splits.validation + splits.test, data_cfg["num_classes"])  # before step 1, not after the last
     if main and config["eval"]["every_epochs"] and not splits.validation:
-        print("rcps-train: no validation split (data.val_cases = 0): no validation during training and no best.pt; "
-              "the test split is scored once, after the last epoch")
+        print(
+            "rcps-train: no validation split (data.val_cases = 0): no validation during training and no best.pt; "
+            "the test split is scored once, after the last epoch"
+        )
     return splits, dataset
 
 
-def _build_parallel_model(config: dict, device: torch.device,
-                          world_size: int) -> tuple[torch.nn.Module, ProjectorUNet]:
+def _build_parallel_model(config: dict, device: torch.device, world_size: int) -> tuple[torch.nn.Module, ProjectorUNet]:
     """``(model the steps call, raw model)``: the DDP wrapper and the network inside it in a distributed run
     (with SyncBatchNorm on CUDA), the network twice otherwise."""
     model = build_model(config).to(device, memory_format=memory_format(config))
@@ -270,8 +334,11 @@ def _build_parallel_model(config: dict, device: torch.device,
         return model, model
     if device.type == "cuda":  # SyncBatchNorm has no CPU implementation
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    wrapper = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=config["train"]["method"] == "supervised")
+    wrapper = DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=config["train"]["method"] == "supervised",
+    )
     return wrapper, model
 
 
@@ -293,19 +360,39 @@ def run_epoch(run: TrainingRun) -> bool:
     """
     train_cfg = run.config["train"]
     epochs, batch_size = train_cfg["epochs"], train_cfg["batch_size"]
-    lr = learning_rate(run.epoch, epochs, train_cfg["lr"], train_cfg["warmup_epochs"], train_cfg["warmup_lr"],
-                       train_cfg["poly_power"])
+    lr = learning_rate(
+        run.epoch, epochs, train_cfg["lr"], train_cfg["warmup_epochs"], train_cfg["warmup_lr"], train_cfg["poly_power"]
+    )
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     ramp = ramp_weight(run.epoch, train_cfg["rampup_epochs"] or epochs)
-    plan = epoch_plan(len(run.splits.labeled), len(run.splits.unlabeled), run.epoch, run.config["run"]["seed"],
-                      run.rank, run.world_size, train_cfg["max_steps_per_epoch"], batch_size)
+    plan = epoch_plan(
+        len(run.splits.labeled),
+        len(run.splits.unlabeled),
+        run.epoch,
+        run.config["run"]["seed"],
+        run.rank,
+        run.world_size,
+        train_cfg["max_steps_per_epoch"],
+        batch_size,
+    )
     steps = len(plan) // batch_size
-    loader = DataLoader(run.dataset, batch_size=batch_size, sampler=plan[run.step_in_epoch * batch_size:],
-                        num_workers=run.config["data"]["num_workers"], worker_init_fn=seed_worker,
-                        pin_memory=run.device.type == "cuda")
-    bar = tqdm(loader, total=steps, initial=run.step_in_epoch, desc=f"epoch {run.epoch + 1}/{epochs}",
-               disable=not (run.main and train_cfg["progress"]), leave=False)
+    loader = DataLoader(
+        run.dataset,
+        batch_size=batch_size,
+        sampler=plan[run.step_in_epoch * batch_size :],
+        num_workers=run.config["data"]["num_workers"],
+        worker_init_fn=seed_worker,
+        pin_memory=run.device.type == "cuda",
+    )
+    bar = tqdm(
+        loader,
+        total=steps,
+        initial=run.step_in_epoch,
+        desc=f"epoch {run.epoch + 1}/{epochs}",
+        disable=not (run.main and train_cfg["progress"]),
+        leave=False,
+    )
     with contextlib.closing(bar):
         for batch in bar:
             values = _logged_step(run, batch, lr, ramp)
@@ -321,12 +408,31 @@ def _logged_step(run: TrainingRun, batch: dict, lr: float, ramp: float) -> dict[
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     start = time.perf_counter()
-    values = train_step(run.model, batch, run.optimizer, run.scaler, run.config, ramp, run.device, run.amp_dtype,
-                        run.generators["augment"], run.generators["negatives"], run.gather)
+    values = train_step(
+        run.model,
+        batch,
+        run.optimizer,
+        run.scaler,
+        run.config,
+        ramp,
+        run.device,
+        run.amp_dtype,
+        run.generators["augment"],
+        run.generators["negatives"],
+        run.gather,
+    )
     run.step_in_epoch += 1
     run.global_step += 1
-    row = {"epoch": run.epoch, "step": run.step_in_epoch, "global_step": run.global_step, "lr": lr, "ramp": ramp,
-           **values, "step_time_s": time.perf_counter() - start, "peak_mem_mb": peak_memory_mb(run.device)}
+    row = {
+        "epoch": run.epoch,
+        "step": run.step_in_epoch,
+        "global_step": run.global_step,
+        "lr": lr,
+        "ramp": ramp,
+        **values,
+        "step_time_s": time.perf_counter() - start,
+        "peak_mem_mb": peak_memory_mb(run.device),
+    }
     if run.main:
         append_row(run.run_dir / "train_log.csv", LOG_FIELDS, row)
     return values
@@ -340,8 +446,9 @@ def _after_step(run: TrainingRun, steps: int) -> bool:
         run.epoch, run.step_in_epoch = run.epoch + 1, 0
     if stop or run.step_in_epoch == 0 or run.global_step % train_cfg["checkpoint_every"] == 0:
         if run.step_in_epoch == 0:
-            _validate_during_training(run.raw_model, run.splits.validation, run.config, run.device, run.epoch,
-                                      run.val_history, run.run_dir)
+            _validate_during_training(
+                run.raw_model, run.splits.validation, run.config, run.device, run.epoch, run.val_history, run.run_dir
+            )
         save_checkpoint(run)
     return stop
 
@@ -355,14 +462,25 @@ def save_checkpoint(run: TrainingRun) -> None:
         torch.distributed.all_gather_object(gathered, rng)
         rng = gathered
     if run.main:
-        save_atomic({"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                     "scaler": run.scaler.state_dict(), "epoch": run.epoch, "step_in_epoch": run.step_in_epoch,
-                     "global_step": run.global_step, "rng": rng, "val_history": run.val_history,
-                     "config": run.config}, run.run_dir / "checkpoint.pt")
+        save_atomic(
+            {
+                "model": run.raw_model.state_dict(),
+                "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(),
+                "epoch": run.epoch,
+                "step_in_epoch": run.step_in_epoch,
+                "global_step": run.global_step,
+                "rng": rng,
+                "val_history": run.val_history,
+                "config": run.config,
+            },
+            run.run_dir / "checkpoint.pt",
+        )
 
 
-def _validate_during_training(model, val_cases, config, device, epochs_done: int, val_history: list,
-                              run_dir: Path) -> None:
+def _validate_during_training(
+    model, val_cases, config, device, epochs_done: int, val_history: list, run_dir: Path
+) -> None:
     """Score the validation split after an epoch when ``eval.every_epochs`` says so, and after the last one;
     keep the weights of the best mean Dice so far as ``best.pt`` (main process only)."""
     every = config["eval"]["every_epochs"]
@@ -370,13 +488,21 @@ def _validate_during_training(model, val_cases, config, device, epochs_done: int
         return
     if epochs_done % every and epochs_done != config["train"]["epochs"]:
         return
-    cases = val_cases[:config["eval"]["max_cases"] or None]
+    cases = val_cases[: config["eval"]["max_cases"] or None]
     _, summary = evaluate_cases(model, cases, config, device, progress=False)
     best_so_far = max((entry["dice"] for entry in val_history), default=-1.0)
     val_history.append({"epoch": epochs_done, **summary})
     if summary["dice"] > best_so_far:
-        save_atomic({"model": model.state_dict(), "config": config, "epoch": epochs_done,
-                      "val_dice": summary["dice"], "val_cases": [c.name for c in cases]}, run_dir / "best.pt")
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "config": config,
+                "epoch": epochs_done,
+                "val_dice": summary["dice"],
+                "val_cases": [c.name for c in cases],
+            },
+            run_dir / "best.pt",
+        )
     append_row(run_dir / "val_log.csv", VAL_FIELDS, {"epoch": epochs_done, **summary})
     plot_run(run_dir)
 
@@ -399,8 +525,13 @@ def _score_test_split(model, splits, config: dict, device, run_dir: Path) -> dic
         best_model.load_state_dict(state["model"])
         rows, summary = evaluate_cases(best_model, splits.test, config, device, progress)
         write_metrics_csv(rows, run_dir / "metrics_best.csv")
-        best = {"checkpoint": "best.pt", "epoch": state["epoch"], "val_dice": state["val_dice"],
-                "val_cases": len(state["val_cases"]), **metrics_record(rows, summary)}
+        best = {
+            "checkpoint": "best.pt",
+            "epoch": state["epoch"],
+            "val_dice": state["val_dice"],
+            "val_cases": len(state["val_cases"]),
+            **metrics_record(rows, summary),
+        }
         print(f"test split, best.pt (epoch {state['epoch']}, validation Dice {state['val_dice']:.4f}):")
         print(format_table(rows, summary))
     rows, summary = evaluate_cases(model, splits.test, config, device, progress)

@@ -1,4 +1,5 @@
 """Sliding-window inference under a named protocol, post-processing, and the scoring of a model on a set of cases."""
+
 from __future__ import annotations
 
 import csv
@@ -29,6 +30,7 @@ class Protocol:
             probabilities).
         largest_component: keep only the largest connected component of each foreground class by default.
     """
+
     window: tuple[int, int, int] | None
     stride: tuple[int, int, int] | None
     blending: str
@@ -78,8 +80,15 @@ def gaussian_importance(roi, sigma_scale: float, device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sliding_window_inference(predict, image: torch.Tensor, roi, stride, blending: str = "gaussian",
-                             sw_batch_size: int = 4, sigma_scale: float = 0.125) -> torch.Tensor:
+def sliding_window_inference(
+    predict,
+    image: torch.Tensor,
+    roi,
+    stride,
+    blending: str = "gaussian",
+    sw_batch_size: int = 4,
+    sigma_scale: float = 0.125,
+) -> torch.Tensor:
     """Blend the predictions of overlapping ``roi`` windows over a whole volume.
 
     Axes shorter than the window are zero-padded (split evenly, the extra voxel after) and cropped back, as
@@ -104,11 +113,14 @@ def sliding_window_inference(predict, image: torch.Tensor, roi, stride, blending
         image = F.pad(image, pad_arg)
     padded = image.shape[2:]
     corners = list(itertools.product(*[window_starts(s, r, t) for s, r, t in zip(padded, roi, stride)]))
-    weight = (gaussian_importance(roi, sigma_scale, image.device) if blending == "gaussian"
-              else torch.ones(tuple(roi), device=image.device))
+    weight = (
+        gaussian_importance(roi, sigma_scale, image.device)
+        if blending == "gaussian"
+        else torch.ones(tuple(roi), device=image.device)
+    )
     total, norm = None, torch.zeros(padded, device=image.device)
     for first in range(0, len(corners), sw_batch_size):
-        batch = corners[first:first + sw_batch_size]
+        batch = corners[first : first + sw_batch_size]
         windows = [tuple(slice(c, c + r) for c, r in zip(corner, roi)) for corner in batch]
         scores = predict(torch.cat([image[(0, slice(None)) + w][None] for w in windows])).float()
         if blending == "mean":
@@ -144,13 +156,15 @@ def distance_unit(cases: list[Case], spacings: list) -> str:
     """``"mm"`` when every case has a voxel spacing, ``"voxel"`` when none has; a mixture is an error."""
     missing = [case.name for case, spacing in zip(cases, spacings) if spacing is None]
     if missing and len(missing) < len(cases):
-        raise DataError(f"cases {missing[:5]} have no voxel spacing while others have one: distances would mix "
-                        f"voxels and mm")
+        raise DataError(
+            f"cases {missing[:5]} have no voxel spacing while others have one: distances would mix voxels and mm"
+        )
     return "voxel" if missing else "mm"
 
 
-def evaluate_cases(model: torch.nn.Module, cases: list[Case], config: dict, device: torch.device,
-                   progress: bool = True) -> tuple[list[dict], dict]:
+def evaluate_cases(
+    model: torch.nn.Module, cases: list[Case], config: dict, device: torch.device, progress: bool = True
+) -> tuple[list[dict], dict]:
     """Predict every case under ``eval.protocol`` and compute per-case, per-class metrics.
 
     Returns:
@@ -169,21 +183,35 @@ def evaluate_cases(model: torch.nn.Module, cases: list[Case], config: dict, devi
     for case, spacing in tqdm(list(zip(cases, spacings)), desc="eval", disable=not progress, leave=False):
         image, label = load_case(case, num_classes)
         volume = torch.from_numpy(image)[None, None].to(device)
-        scores = sliding_window_inference(lambda x: model.segment(x.contiguous(memory_format=layout)), volume,
-                                          window, stride, blending, eval_cfg["sw_batch_size"], eval_cfg["sigma_scale"])
+        scores = sliding_window_inference(
+            lambda x: model.segment(x.contiguous(memory_format=layout)),
+            volume,
+            window,
+            stride,
+            blending,
+            eval_cfg["sw_batch_size"],
+            eval_cfg["sigma_scale"],
+        )
         pred = scores.argmax(1)[0].cpu().numpy()
         if keep_largest:
             pred = keep_largest_component(pred, num_classes)
         rows += [{"case": case.name, **row} for row in case_metrics(pred, label, num_classes, spacing)]
     model.train(was_training)
-    summary = {**summarize(rows), "distance_unit": unit, "protocol": eval_cfg["protocol"],
-               "largest_component": keep_largest}
+    summary = {
+        **summarize(rows),
+        "distance_unit": unit,
+        "protocol": eval_cfg["protocol"],
+        "largest_component": keep_largest,
+    }
     return rows, summary
 
 
 def metrics_record(rows: list[dict], summary: dict) -> dict:
     """The summary and the per-case rows as ``metrics.json`` holds them (NaN as null: JSON has no NaN)."""
-    clean = lambda v: None if isinstance(v, float) and math.isnan(v) else v
+
+    def clean(value):
+        return None if isinstance(value, float) and math.isnan(value) else value
+
     record = {key: clean(value) for key, value in summary.items()}
     record["per_case"] = [{k: clean(v) for k, v in row.items()} for row in rows]
     return record
@@ -208,9 +236,17 @@ def format_table(rows: list[dict], summary: dict) -> str:
     """A plain-text table of per-case metrics and their means (distances in ``summary["distance_unit"]``)."""
     unit = summary["distance_unit"]
     lines = [f"{'case':<16}{'class':>6}{'Dice':>9}{'Jaccard':>9}{'HD95':>9}{'ASD':>9}  note (distances in {unit})"]
-    cells = lambda r: f"{r['dice']:>9.4f}{r['jaccard']:>9.4f}{r['hd95']:>9.2f}{r['asd']:>9.2f}"
+
+    def cells(r):
+        return f"{r['dice']:>9.4f}{r['jaccard']:>9.4f}{r['hd95']:>9.2f}{r['asd']:>9.2f}"
+
     lines += [f"{row['case']:<16}{row['class']:>6}{cells(row)}  {row['empty']}" for row in rows]
-    lines.append(f"{'mean':<16}{'':>6}{cells(summary)}"
-                 + (f"  ({summary['num_undefined_distances']} undefined distances skipped)"
-                    if summary["num_undefined_distances"] else ""))
+    lines.append(
+        f"{'mean':<16}{'':>6}{cells(summary)}"
+        + (
+            f"  ({summary['num_undefined_distances']} undefined distances skipped)"
+            if summary["num_undefined_distances"]
+            else ""
+        )
+    )
     return "\n".join(lines)

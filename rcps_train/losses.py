@@ -5,6 +5,7 @@
 L_seg is plain PyTorch (Dice + class-weighted CE, 4 heads, un-augmented labeled view); L_urp, L_cr and L_bc
 come from ``rcps_kernels`` with the configured backend (fused by default, ``reference`` for checking).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,16 +26,18 @@ def ramp_weight(epoch: int, rampup_epochs: int) -> float:
     return math.exp(-5.0 * (1.0 - progress) ** 2)
 
 
-def learning_rate(epoch: int, epochs: int, base_lr: float = 0.01, warmup_epochs: int = 5,
-                  warmup_lr: float = 1e-4, power: float = 0.9) -> float:
+def learning_rate(
+    epoch: int, epochs: int, base_lr: float = 0.01, warmup_epochs: int = 5, warmup_lr: float = 1e-4, power: float = 0.9
+) -> float:
     """Per-epoch schedule: linear warm-up from ``warmup_lr`` over ``warmup_epochs``, then poly decay."""
     if epoch <= warmup_epochs:
         return warmup_lr + (base_lr - warmup_lr) * epoch / max(warmup_epochs, 1)
     return base_lr * (1.0 - (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)) ** power
 
 
-def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor,
-                 ce_lambda: float, smooth: float = 1e-5) -> torch.Tensor:
+def dice_ce_loss(
+    logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor, ce_lambda: float, smooth: float = 1e-5
+) -> torch.Tensor:
     """Soft Dice (every class, per sample, averaged) + ``ce_lambda`` x class-weighted cross-entropy.
 
     Args:
@@ -58,8 +61,9 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torc
     return dice.mean() + ce_lambda * ce
 
 
-def segmentation_loss(outputs: dict[str, torch.Tensor], target: torch.Tensor, class_weights: torch.Tensor,
-                      ce_lambda: float) -> torch.Tensor:
+def segmentation_loss(
+    outputs: dict[str, torch.Tensor], target: torch.Tensor, class_weights: torch.Tensor, ce_lambda: float
+) -> torch.Tensor:
     """L_seg: :func:`dice_ce_loss` summed over the four deep-supervision heads."""
     return sum(dice_ce_loss(outputs[name], target, class_weights, ce_lambda) for name in HEAD_NAMES)
 
@@ -73,16 +77,26 @@ def _pseudo_supervision(views: tuple[dict, dict], teacher: torch.Tensor, loss_cf
     cr = 0.0
     for name in HEAD_NAMES:
         head_urp, head_cr = rk.pseudo_supervision_losses(
-            views[0][name], views[1][name], teacher, temperature=loss_cfg["sharpen_temperature"],
-            backend=loss_cfg["backend"])
+            views[0][name],
+            views[1][name],
+            teacher,
+            temperature=loss_cfg["sharpen_temperature"],
+            backend=loss_cfg["backend"],
+        )
         urp = urp + head_urp
         cr = cr + head_cr
     return urp, cr
 
 
-def rcps_loss_terms(outputs: dict[str, torch.Tensor], label: torch.Tensor, batch: int, loss_cfg: dict,
-                    class_weights: torch.Tensor, gather_negatives=None,
-                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def rcps_loss_terms(
+    outputs: dict[str, torch.Tensor],
+    label: torch.Tensor,
+    batch: int,
+    loss_cfg: dict,
+    class_weights: torch.Tensor,
+    gather_negatives=None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """Every loss term of one RCPS step.
 
     Args:
@@ -110,17 +124,24 @@ def rcps_loss_terms(outputs: dict[str, torch.Tensor], label: torch.Tensor, batch
     terms["urp_l"], terms["cr_l"] = _pseudo_supervision((view_l1, view_l2), orig_l["out"].detach(), loss_cfg)
     terms["urp_u"], terms["cr_u"] = _pseudo_supervision((view_u1, view_u2), orig_u["out"].detach(), loss_cfg)
 
-    infonce = dict(num_negatives=loss_cfg["num_negatives"], temperature=loss_cfg["tau"],
-                   sampling=loss_cfg["sampling"], confidence_threshold=loss_cfg["confidence_threshold"],
-                   generator=generator, backend=loss_cfg["backend"])
+    infonce = dict(
+        num_negatives=loss_cfg["num_negatives"],
+        temperature=loss_cfg["tau"],
+        sampling=loss_cfg["sampling"],
+        confidence_threshold=loss_cfg["confidence_threshold"],
+        generator=generator,
+        backend=loss_cfg["backend"],
+    )
     pool = gather_negatives or (lambda features, logits: (features, logits))
     # Negatives keep their gradient: the other image's un-augmented projections are trained too.
     neg_u, neg_logits_u = pool(orig_u["project"], orig_u["project_map"].detach())
     neg_l, neg_logits_l = pool(orig_l["project"], orig_l["project_map"].detach())
-    terms["bc_l"] = rk.bidirectional_voxel_infonce(view_l1["project"], view_l2["project"], neg_u,
-                                                   orig_l["project_map"].detach(), neg_logits_u, **infonce)
-    terms["bc_u"] = rk.bidirectional_voxel_infonce(view_u1["project"], view_u2["project"], neg_l,
-                                                   orig_u["project_map"].detach(), neg_logits_l, **infonce)
+    terms["bc_l"] = rk.bidirectional_voxel_infonce(
+        view_l1["project"], view_l2["project"], neg_u, orig_l["project_map"].detach(), neg_logits_u, **infonce
+    )
+    terms["bc_u"] = rk.bidirectional_voxel_infonce(
+        view_u1["project"], view_u2["project"], neg_l, orig_u["project_map"].detach(), neg_logits_l, **infonce
+    )
     return terms
 
 

@@ -7,6 +7,7 @@ empty cases are decided here and flagged:
 Means skip nan values and the number of undefined distances is reported next to them.
 Distances are in mm when the case's voxel spacing is known (medpy's ``voxelspacing``), in voxels otherwise.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,15 +35,25 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | 
     if not pred.any() and not gt.any():
         return {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0, "empty": "both"}
     if not pred.any() or not gt.any():
-        return {"dice": 0.0, "jaccard": 0.0, "hd95": math.nan, "asd": math.nan,
-                "empty": "pred_empty" if gt.any() else "gt_empty"}
-    return {"dice": float(metric.binary.dc(pred, gt)), "jaccard": float(metric.binary.jc(pred, gt)),
-            "hd95": float(metric.binary.hd95(pred, gt, voxelspacing=spacing)),
-            "asd": float(metric.binary.asd(pred, gt, voxelspacing=spacing)), "empty": ""}
+        return {
+            "dice": 0.0,
+            "jaccard": 0.0,
+            "hd95": math.nan,
+            "asd": math.nan,
+            "empty": "pred_empty" if gt.any() else "gt_empty",
+        }
+    return {
+        "dice": float(metric.binary.dc(pred, gt)),
+        "jaccard": float(metric.binary.jc(pred, gt)),
+        "hd95": float(metric.binary.hd95(pred, gt, voxelspacing=spacing)),
+        "asd": float(metric.binary.asd(pred, gt, voxelspacing=spacing)),
+        "empty": "",
+    }
 
 
-def case_metrics(pred: np.ndarray, gt: np.ndarray, num_classes: int,
-                 spacing: Sequence[float] | None = None) -> list[dict]:
+def case_metrics(
+    pred: np.ndarray, gt: np.ndarray, num_classes: int, spacing: Sequence[float] | None = None
+) -> list[dict]:
     """:func:`binary_metrics` for every foreground class ``1..num_classes-1`` of integer label maps."""
     return [{"class": c, **binary_metrics(pred == c, gt == c, spacing)} for c in range(1, num_classes)]
 

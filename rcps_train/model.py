@@ -3,6 +3,7 @@
 Tensors are MONAI-style ``(B, C, D, H, W)``. With widths (16, 32, 64, 128, 256) the network has about
 6.0 M parameters, like the authors' model.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,8 @@ class ResBlock(nn.Module):
         self.shortcut = nn.Identity()
         if in_channels != out_channels or stride != 1:
             self.shortcut = nn.Sequential(
-                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm3d(out_channels))
+                nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm3d(out_channels)
+            )
         self.act2 = nn.PReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +47,9 @@ class ResBlock(nn.Module):
 
         def conv_on_concat(conv: nn.Conv3d) -> torch.Tensor:
             options = dict(stride=conv.stride, padding=conv.padding)
-            return (F.conv3d(first, conv.weight[:, :split], **options)
-                    + F.conv3d(second, conv.weight[:, split:], **options))
+            return F.conv3d(first, conv.weight[:, :split], **options) + F.conv3d(
+                second, conv.weight[:, split:], **options
+            )
 
         y = self.act1(self.norm1(conv_on_concat(self.conv1)))
         y = self.norm2(self.conv2(y))
@@ -87,28 +90,46 @@ class ProjectorUNet(nn.Module):
             (trades roughly one extra forward for most of the activation memory).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, widths=(16, 32, 64, 128, 256),
-                 project_dim: int = 64, checkpointing: bool = False):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        widths=(16, 32, 64, 128, 256),
+        project_dim: int = 64,
+        checkpointing: bool = False,
+    ):
         super().__init__()
         if len(widths) != 5:
             raise ValueError(f"model.widths must have 5 entries, got {list(widths)}")
         w0, w1, w2, w3, w4 = widths
         self.checkpointing = checkpointing
-        self.encoder = nn.ModuleList([
-            ResBlock(in_channels, w0, 1), ResBlock(w0, w1, 2), ResBlock(w1, w2, 2),
-            ResBlock(w2, w3, 2), ResBlock(w3, w4, 2)])
+        self.encoder = nn.ModuleList(
+            [
+                ResBlock(in_channels, w0, 1),
+                ResBlock(w0, w1, 2),
+                ResBlock(w1, w2, 2),
+                ResBlock(w2, w3, 2),
+                ResBlock(w3, w4, 2),
+            ]
+        )
         # Decoder stages from deep to shallow: (skip width + deeper width) -> skip width.
-        self.decoder = nn.ModuleList([
-            ResBlock(w3 + w4, w3), ResBlock(w2 + w3, w2), ResBlock(w1 + w2, w1), ResBlock(w0 + w1, w0)])
+        self.decoder = nn.ModuleList(
+            [ResBlock(w3 + w4, w3), ResBlock(w2 + w3, w2), ResBlock(w1 + w2, w1), ResBlock(w0 + w1, w0)]
+        )
         self.heads = nn.ModuleList([nn.Conv3d(w, num_classes, 1) for w in (w3, w2, w1, w0)])
         self.projector = nn.Sequential(
-            nn.Conv3d(w2, project_dim, 1), nn.PReLU(), nn.Conv3d(project_dim, project_dim, 1))
+            nn.Conv3d(w2, project_dim, 1), nn.PReLU(), nn.Conv3d(project_dim, project_dim, 1)
+        )
 
     def _run(self, block: nn.Module, function, *inputs: torch.Tensor) -> torch.Tensor:
         """``function(*inputs)``, recomputed in backward when checkpointing (only ``inputs`` are stored)."""
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(function, *inputs, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), _frozen_batchnorm_stats(block)))
+            return checkpoint(
+                function,
+                *inputs,
+                use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _frozen_batchnorm_stats(block)),
+            )
         return function(*inputs)
 
     def _decode(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -144,8 +165,9 @@ class ProjectorUNet(nn.Module):
             result[name] = logits
         quarter = stages[1]
         result["project"] = self.projector(quarter)
-        result["project_map"] = F.interpolate(result["out"], size=quarter.shape[2:], mode="trilinear",
-                                              align_corners=False)
+        result["project_map"] = F.interpolate(
+            result["out"], size=quarter.shape[2:], mode="trilinear", align_corners=False
+        )
         return result
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:

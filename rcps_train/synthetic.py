@@ -6,6 +6,7 @@ blobs of similar brightness, on a textured background, under a multiplicative bi
 The foreground differs from the distractors by a weak texture and shape cue and from the background by a
 contrast of about one noise std, so a few labeled cases do not solve it outright.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,12 +77,19 @@ def _write_case(root: Path, layout: str, split: str, name: str, image: np.ndarra
         _write_nifti(label, root / f"labels{tag}" / f"{name}.nii.gz")
     else:
         import h5py
+
         with h5py.File(root / f"{name}.h5", "w") as f:
             f["image"], f["label"] = image, label
 
 
-def make_synthetic_dataset(out_dir: str | Path, num_train: int = 40, num_val: int = 10, shape=(64, 64, 48),
-                           seed: int = 0, layout: str = "nifti") -> Path:
+def make_synthetic_dataset(
+    out_dir: str | Path,
+    num_train: int = 40,
+    num_val: int = 10,
+    shape=(64, 64, 48),
+    seed: int = 0,
+    layout: str = "nifti",
+) -> Path:
     """Write a synthetic dataset of ``case_XXX`` volumes (the same volumes whatever the layout; h5 test cases are
     ``test_XXX``).
 
@@ -114,7 +122,12 @@ def make_synthetic_dataset(out_dir: str | Path, num_train: int = 40, num_val: in
         (root / "train.list").write_text("".join(f"{n}\n" for n in names["train"]))
         (root / "test.list").write_text("".join(f"{n}\n" for n in names["val"]))
     if layout == "nnunet":
-        meta = {"name": "synthetic", "channel_names": {"0": "synthetic"}, "labels": {"background": 0, "foreground": 1},
-                "numTraining": num_train, "file_ending": ".nii.gz"}
+        meta = {
+            "name": "synthetic",
+            "channel_names": {"0": "synthetic"},
+            "labels": {"background": 0, "foreground": 1},
+            "numTraining": num_train,
+            "file_ending": ".nii.gz",
+        }
         (root / "dataset.json").write_text(json.dumps(meta, indent=2))
     return root

@@ -12,6 +12,7 @@ above host means the device was the slower side. Pieces that sync (the finite ch
 wait in both. "public call + backward" minus "finite-input check" is the call without its one
 host sync. Prints one table; nothing is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,12 +76,10 @@ def main() -> None:
     other_class = pool_labels.unsqueeze(0) != torch.arange(2, device=dev).unsqueeze(1)
     sort_key = torch.where(other_class, confidence, -1.0)
     voxel = torch.arange(confidence.numel(), device=dev)
-    unique_key = torch.where(other_class, (confidence.view(torch.int32).long() << 32)
-                             | (0xFFFFFFFF - voxel), -1)
+    unique_key = torch.where(other_class, (confidence.view(torch.int32).long() << 32) | (0xFFFFFFFF - voxel), -1)
 
     def public(*inputs):
-        return rk.bidirectional_voxel_infonce(*inputs, al, nl, num_negatives=k, temperature=0.1,
-                                              backend="triton")
+        return rk.bidirectional_voxel_infonce(*inputs, al, nl, num_negatives=k, temperature=0.1, backend="triton")
 
     def step():
         x = [t.detach().clone().requires_grad_() for t in (a, p, n)]
@@ -91,8 +90,7 @@ def main() -> None:
             public(a, p, n)
 
     def mean_function():
-        mean_loss_with_grads(*[t.reshape(t.shape[0], t.shape[1], -1) for t in leaves], params,
-                             "triton")
+        mean_loss_with_grads(*[t.reshape(t.shape[0], t.shape[1], -1) for t in leaves], params, "triton")
 
     pieces = {
         "empty Triton launch": lambda: _empty_kernel[(1,)](scratch),
@@ -100,30 +98,31 @@ def main() -> None:
         "clone 3 leaves": lambda: [t.detach().clone().requires_grad_() for t in (a, p, n)],
         "validate arguments": lambda: (
             _validation.check_infonce_inputs(a, p, n, al, nl),
-            _validation.check_infonce_options(k, 0.1, "topk", 0.0, None, "mean", None)),
+            _validation.check_infonce_options(k, 0.1, "topk", 0.0, None, "mean", None),
+        ),
         "negative_tables, C++ op": lambda: negative_tables(al, nl, k, False, 0.0),
-        "negative_tables, Python": lambda: negative_tables(al, nl, k, False, 0.0,
-                                                           use_extension=False),
-        "stable sort of the selection keys": lambda: sort_key.sort(dim=1, descending=True,
-                                                                    stable=True),
+        "negative_tables, Python": lambda: negative_tables(al, nl, k, False, 0.0, use_extension=False),
+        "stable sort of the selection keys": lambda: sort_key.sort(dim=1, descending=True, stable=True),
         "top-K of unique int64 keys": lambda: unique_key.topk(k, dim=1),
         "class order, one-program kernel": lambda: infonce_triton.class_order(labels, 2),
         "class order, sort op": lambda: anchor_class_order(labels, 2),
         "normalise both views": lambda: normalize_rows(z1, order, N, z2=z2),
         "Triton kernels, loss only": lambda: infonce_triton.voxel_infonce(z1, z2, zn, params),
         "Triton kernels, loss + grads": lambda: infonce_triton.voxel_infonce(
-            z1, z2, zn, params, grad_scale=1.0 / N, pool_grad=True),
+            z1, z2, zn, params, grad_scale=1.0 / N, pool_grad=True
+        ),
         "mean Function (autograd node)": mean_function,
-        "finite-input check (norms, one .item())": lambda: _validation.all_finite(
-            logits_total, (a, p, n)),
+        "finite-input check (norms, one .item())": lambda: _validation.all_finite(logits_total, (a, p, n)),
         "_foreach_mul_ of 3 grads": lambda: torch._foreach_mul_(grads, scale),
         "3 x mul_": lambda: [g.mul_(scale) for g in grads],
         "public call, no grad": no_grad_call,
         "public call + backward": step,
     }
     name = torch.cuda.get_device_name() if dev == "cuda" else dev
-    print(f"{args.shape} shape, K={k}, {name}, torch {torch.__version__}, "
-          f"triton {triton.__version__}; {args.calls} calls each")
+    print(
+        f"{args.shape} shape, K={k}, {name}, torch {torch.__version__}, "
+        f"triton {triton.__version__}; {args.calls} calls each"
+    )
     print("| piece | host us/call | wall us/call |\n|---|---|---|")
     for name, fn in pieces.items():
         host, wall = time_calls(fn, args.calls, sync)

@@ -6,6 +6,7 @@ Prints the wall time of forward+backward (mean reduction) and the profiler's tab
 (CPU) and device (CUDA) time per op, so that launch and dispatch overhead can be told apart
 from kernel time at small shapes.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@
 the shipped sources at import, after exactly one warning), or "built" (any compiled variant, no
 JIT). Exits non-zero with the reason on the first failure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,15 +52,19 @@ def check_ops(expect_variant: str) -> None:
         sys.exit(f"expected exactly one warning before the JIT build, got {messages}")
     started = time.perf_counter()
     ops = selfcheck.check_backend("cpu")
-    print(f"torch {torch.__version__}, CPU variant {variant}: {len(ops)} ops match the reference "
-          f"({time.perf_counter() - started:.1f} s){': ' + messages[0] if messages else ''}")
+    print(
+        f"torch {torch.__version__}, CPU variant {variant}: {len(ops)} ops match the reference "
+        f"({time.perf_counter() - started:.1f} s){': ' + messages[0] if messages else ''}"
+    )
 
 
 def run(*command: str, expect_rc: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     if proc.returncode != expect_rc:
-        sys.exit(f"{' '.join(command)} exited {proc.returncode} (expected {expect_rc}):\n"
-                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        sys.exit(
+            f"{' '.join(command)} exited {proc.returncode} (expected {expect_rc}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -77,8 +82,22 @@ def check_cli(expect_variant: str) -> None:
         data, runs = os.path.join(tmp, "data"), os.path.join(tmp, "runs")
         run(trainer, "make-synthetic", "--out", data, "--train", "5", "--val", "1", "--shape", "32", "32", "32")
         started = time.perf_counter()
-        run(trainer, "train", "--config", "demo", "--set", f"data.root={data}", "--set", f"run.out_dir={runs}",
-            "--set", "train.stop_after_steps=1", "--set", "train.progress=false", "--set", "loss.backend=cpu")
+        run(
+            trainer,
+            "train",
+            "--config",
+            "demo",
+            "--set",
+            f"data.root={data}",
+            "--set",
+            f"run.out_dir={runs}",
+            "--set",
+            "train.stop_after_steps=1",
+            "--set",
+            "train.progress=false",
+            "--set",
+            "loss.backend=cpu",
+        )
         written = sorted(p.name for p in Path(runs).glob("*/*"))
         if "checkpoint.pt" not in written:
             sys.exit(f"rcps-train train --config demo wrote no checkpoint: {written}")

@@ -4,6 +4,7 @@ A kernel passes when its error against the float64 reference is at most `factor`
 error of the reference run in the kernel's own dtype, plus `atol` (the CCE / flash-attention
 rule). Reports the worst element on failure.
 """
+
 from __future__ import annotations
 
 import torch

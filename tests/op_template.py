@@ -7,6 +7,7 @@ tiny CPU tensors (TRITON_INTERPRET=1, set by conftest.py), and, marked ``gpu``, 
 named output against the float64 reference, with the reference run in the same dtype as the
 yardstick. The case builders and ``*_run`` functions below give each op's evaluation.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,10 +53,15 @@ CUDA = Target("cuda", "cuda")
 
 _MARKS = {
     CPU: [needs_cpu],
-    TRITON: [needs_triton, pytest.mark.skipif(not INTERPRETER, reason="Triton runs on CPU "
-                                              "tensors only under TRITON_INTERPRET=1")],
-    TRITON_GPU: [pytest.mark.gpu, needs_triton,
-                 pytest.mark.skipif(INTERPRETER, reason="TRITON_INTERPRET=1 interprets Triton")],
+    TRITON: [
+        needs_triton,
+        pytest.mark.skipif(not INTERPRETER, reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1"),
+    ],
+    TRITON_GPU: [
+        pytest.mark.gpu,
+        needs_triton,
+        pytest.mark.skipif(INTERPRETER, reason="TRITON_INTERPRET=1 interprets Triton"),
+    ],
     CUDA: [pytest.mark.gpu],
 }
 
@@ -78,24 +84,37 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def grid(supported: dict[Target, tuple[torch.dtype, ...]]) -> list:
     """pytest params ("target,dtype") of the dtypes each target supports."""
-    return [pytest.param(t, d, marks=_MARKS[t], id=f"{t.name}-{dtype_name(d)}")
-            for t, dtypes in supported.items() for d in dtypes]
+    return [
+        pytest.param(t, d, marks=_MARKS[t], id=f"{t.name}-{dtype_name(d)}")
+        for t, dtypes in supported.items()
+        for d in dtypes
+    ]
 
 
 HALF = (torch.float16, torch.bfloat16)
 # The Triton interpreter computes bf16 wrongly (bf16 runs on the GPU tier). The InfoNCE computes
 # float64 in double on the CPU only; the GPU kernels take it in float32, which the rule refuses.
-INFONCE_GRID = grid({CPU: (torch.float32, *HALF, torch.float64),
-                     TRITON: (torch.float32, torch.float16),
-                     TRITON_GPU: (torch.float32, *HALF), CUDA: (torch.float32, *HALF)})
-HEAD_GRID = grid({CPU: (torch.float32, torch.float64, *HALF),
-                  TRITON: (torch.float32, torch.float64, torch.float16),
-                  TRITON_GPU: (torch.float32, torch.float64, *HALF),
-                  CUDA: (torch.float32, torch.float64, *HALF)})
+INFONCE_GRID = grid(
+    {
+        CPU: (torch.float32, *HALF, torch.float64),
+        TRITON: (torch.float32, torch.float16),
+        TRITON_GPU: (torch.float32, *HALF),
+        CUDA: (torch.float32, *HALF),
+    }
+)
+HEAD_GRID = grid(
+    {
+        CPU: (torch.float32, torch.float64, *HALF),
+        TRITON: (torch.float32, torch.float64, torch.float16),
+        TRITON_GPU: (torch.float32, torch.float64, *HALF),
+        CUDA: (torch.float32, torch.float64, *HALF),
+    }
+)
 
 
-def check_against_reference(evaluate: Callable, target: Target, inputs, dtype: torch.dtype, *,
-                            factor: float = 2.0, label: str = "") -> tuple[dict, dict]:
+def check_against_reference(
+    evaluate: Callable, target: Target, inputs, dtype: torch.dtype, *, factor: float = 2.0, label: str = ""
+) -> tuple[dict, dict]:
     """Runs ``evaluate(backend, inputs)`` (a dict of named outputs; gradients named "grad*")
     on `target` and checks every output against the float64 reference.
 
@@ -115,8 +134,14 @@ def check_against_reference(evaluate: Callable, target: Target, inputs, dtype: t
         assert value.device.type == target.device, name
         assert value.dtype == (dtype if name.startswith("grad") else result_dtype), name
         assert torch.isfinite(value).all(), f"{name} has non-finite values"
-        assert_close_to_reference(value, same[name], exact[name], dtype=dtype, factor=factor,
-                                  name=f"{target.name}/{dtype_name(dtype)}{label}/{name}")
+        assert_close_to_reference(
+            value,
+            same[name],
+            exact[name],
+            dtype=dtype,
+            factor=factor,
+            name=f"{target.name}/{dtype_name(dtype)}{label}/{name}",
+        )
     return actual, exact
 
 
@@ -131,15 +156,15 @@ INFONCE_SIZES = {
 }
 
 
-def infonce_case(spatial, channels=8, classes=2, pool_spatial=None, batch=1, pool_batch=1,
-                 dtype=torch.float32, seed=0):
+def infonce_case(spatial, channels=8, classes=2, pool_spatial=None, batch=1, pool_batch=1, dtype=torch.float32, seed=0):
     """[anchor, positive, pool] features in `dtype` and [anchor_logits, pool_logits] in float32."""
     g = torch.Generator().manual_seed(seed)
     pool_spatial = pool_spatial or spatial
-    feats = [torch.randn(b, channels, *sp, generator=g, dtype=torch.float64)
-             for b, sp in ((batch, spatial), (batch, spatial), (pool_batch, pool_spatial))]
-    logits = [torch.randn(b, classes, *sp, generator=g) * 2
-              for b, sp in ((batch, spatial), (pool_batch, pool_spatial))]
+    feats = [
+        torch.randn(b, channels, *sp, generator=g, dtype=torch.float64)
+        for b, sp in ((batch, spatial), (batch, spatial), (pool_batch, pool_spatial))
+    ]
+    logits = [torch.randn(b, classes, *sp, generator=g) * 2 for b, sp in ((batch, spatial), (pool_batch, pool_spatial))]
     return [f.to(dtype) for f in feats], logits
 
 
@@ -165,25 +190,30 @@ def infonce_run(backend, feats, logits, *, grad_out=None, seed=1234, **kw) -> di
     loss = rk.bidirectional_voxel_infonce(*leaves, *logits, backend=backend, **kw)
     grad_out = torch.ones_like(loss) if grad_out is None else grad_out.to(loss)
     loss.backward(grad_out)
-    return {"loss": loss.detach(), "grad_anchor": leaves[0].grad,
-            "grad_positive": leaves[1].grad, "grad_pool": leaves[2].grad}
+    return {
+        "loss": loss.detach(),
+        "grad_anchor": leaves[0].grad,
+        "grad_positive": leaves[1].grad,
+        "grad_pool": leaves[2].grad,
+    }
 
 
-def check_infonce(target: Target, feats, logits, *, dtype=torch.float32, grad_out=None,
-                  factor=2.0, **kw) -> tuple[dict, dict]:
+def check_infonce(
+    target: Target, feats, logits, *, dtype=torch.float32, grad_out=None, factor=2.0, **kw
+) -> tuple[dict, dict]:
     """The InfoNCE's loss and gradients on `target` against the float64 reference."""
 
     def evaluate(backend, rounded):
         return infonce_run(backend, rounded, logits, grad_out=grad_out, **kw)
 
-    return check_against_reference(evaluate, target, feats, dtype, factor=factor,
-                                   label=f"/{kw.get('sampling', 'topk')}")
+    return check_against_reference(
+        evaluate, target, feats, dtype, factor=factor, label=f"/{kw.get('sampling', 'topk')}"
+    )
 
 
 def random_grad_out(loss_shape, seed=5) -> torch.Tensor:
     """A non-uniform grad_output in [0.5, 1.5) for a loss of this shape."""
-    return torch.rand(loss_shape, generator=torch.Generator().manual_seed(seed),
-                      dtype=torch.float64) + 0.5
+    return torch.rand(loss_shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,8 +267,7 @@ def layout_leaves(tensors, layout: str) -> list[torch.Tensor]:
 
 
 def _grad_outputs(*losses):
-    return [logits(loss.shape, 1.0, seed=11 + i, dtype=loss.dtype).to(loss.device)
-            for i, loss in enumerate(losses)]
+    return [logits(loss.shape, 1.0, seed=11 + i, dtype=loss.dtype).to(loss.device) for i, loss in enumerate(losses)]
 
 
 def urp_cr_run(backend, inputs, reduction, layout="contiguous") -> dict:
@@ -247,14 +276,20 @@ def urp_cr_run(backend, inputs, reduction, layout="contiguous") -> dict:
     layout = "contiguous" if backend == "reference" else layout
     leaves = layout_leaves(inputs, layout)
     student, teacher, other = (as_layout(leaf, layout) for leaf in leaves)
-    urp = rk.rectified_pseudo_supervision(student, teacher, temperature=URP_TEMPERATURE,
-                                          reduction=reduction, backend=backend)
+    urp = rk.rectified_pseudo_supervision(
+        student, teacher, temperature=URP_TEMPERATURE, reduction=reduction, backend=backend
+    )
     cr = rk.logit_cosine_consistency(student, other, reduction=reduction, backend=backend)
     g_urp, g_cr = _grad_outputs(urp, cr)
     (grad_urp,) = torch.autograd.grad(urp, leaves[0], g_urp)
     grad_cr_a, grad_cr_b = torch.autograd.grad(cr, (leaves[0], leaves[2]), g_cr)
-    return {"urp": urp, "cr": cr, "grad_urp": as_layout(grad_urp, layout),
-            "grad_cr_a": as_layout(grad_cr_a, layout), "grad_cr_b": as_layout(grad_cr_b, layout)}
+    return {
+        "urp": urp,
+        "cr": cr,
+        "grad_urp": as_layout(grad_urp, layout),
+        "grad_cr_a": as_layout(grad_cr_a, layout),
+        "grad_cr_b": as_layout(grad_cr_b, layout),
+    }
 
 
 def head_losses_run(backend, inputs, reduction, layout="contiguous") -> dict:
@@ -266,8 +301,7 @@ def head_losses_run(backend, inputs, reduction, layout="contiguous") -> dict:
     a, b = (as_layout(leaf, layout) for leaf in leaves)
     urp, cr = rk.pseudo_supervision_losses(a, b, teacher, reduction=reduction, backend=backend)
     grad_a, grad_b = torch.autograd.grad((urp, cr), leaves, _grad_outputs(urp, cr))
-    return {"urp": urp, "cr": cr, "grad_a": as_layout(grad_a, layout),
-            "grad_b": as_layout(grad_b, layout)}
+    return {"urp": urp, "cr": cr, "grad_a": as_layout(grad_a, layout), "grad_b": as_layout(grad_b, layout)}
 
 
 def check_head(run: Callable, target: Target, inputs, dtype, reduction, layout="contiguous"):
@@ -276,6 +310,5 @@ def check_head(run: Callable, target: Target, inputs, dtype, reduction, layout="
     def evaluate(backend, rounded):
         return run(backend, rounded, reduction, layout)
 
-    actual, _ = check_against_reference(evaluate, target, inputs, dtype,
-                                        label=f"/{reduction}/{layout}")
+    actual, _ = check_against_reference(evaluate, target, inputs, dtype, label=f"/{reduction}/{layout}")
     return actual

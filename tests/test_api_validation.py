@@ -4,6 +4,7 @@ Numerics live in test_infonce.py / test_pseudo_supervision.py; here: what a wron
 (a TypeError or ValueError naming it, before any work), what shape-only meta tensors get, and
 which path (deterministic or not) the kernels are told to take, and when.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,18 +32,22 @@ def infonce(*inputs, **kwargs):
 
 # --- argument types and values -------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"num_negatives": True}, TypeError, "num_negatives must be an int, got bool"),
-    ({"num_negatives": 2.5}, TypeError, "num_negatives must be an int, got float"),
-    ({"num_negatives": 0}, ValueError, "num_negatives must be >= 1"),
-    ({"temperature": True}, TypeError, "temperature must be a real number, got bool"),
-    ({"temperature": "0.1"}, TypeError, "temperature must be a real number, got str"),
-    ({"temperature": None}, TypeError, "temperature must be a real number, got NoneType"),
-    ({"temperature": float("inf")}, ValueError, "temperature must be > 0 and finite"),
-    ({"temperature": float("nan")}, ValueError, "temperature must be > 0 and finite"),
-    ({"generator": 0}, TypeError, "generator must be a torch.Generator or None, got int"),
-    ({"deterministic": 1}, TypeError, "deterministic must be True, False or None, got int"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"num_negatives": True}, TypeError, "num_negatives must be an int, got bool"),
+        ({"num_negatives": 2.5}, TypeError, "num_negatives must be an int, got float"),
+        ({"num_negatives": 0}, ValueError, "num_negatives must be >= 1"),
+        ({"temperature": True}, TypeError, "temperature must be a real number, got bool"),
+        ({"temperature": "0.1"}, TypeError, "temperature must be a real number, got str"),
+        ({"temperature": None}, TypeError, "temperature must be a real number, got NoneType"),
+        ({"temperature": float("inf")}, ValueError, "temperature must be > 0 and finite"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be > 0 and finite"),
+        ({"generator": 0}, TypeError, "generator must be a torch.Generator or None, got int"),
+        ({"deterministic": 1}, TypeError, "deterministic must be True, False or None, got int"),
+    ],
+)
 def test_infonce_arguments_of_the_wrong_type_or_value(kwargs, error, match):
     with pytest.raises(error, match=match):
         infonce(sampling="random", **kwargs)
@@ -54,23 +59,33 @@ def test_module_forwards_the_checks():
         loss_fn(*infonce_inputs())
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda x: rk.select_confident_negatives(x, 2.5), TypeError, "num_negatives must be an int"),
-    (lambda x: rk.select_confident_negatives(x, True), TypeError, "num_negatives must be an int"),
-    (lambda x: rk.select_confident_negatives(x, 0), ValueError, "num_negatives must be >= 1"),
-    (lambda x: rk.select_confident_negatives(x, 3, num_classes=True), TypeError, "num_classes"),
-    (lambda x: rk.select_confident_negatives(x.reshape(1, 2, 1, 1, 3, 4, 1), 3), ValueError,
-     r"pool_logits must be \(B, C, \*spatial\).*\(1, 2, 1, 1, 3, 4, 1\)"),
-    (lambda x: rk.select_confident_negatives(torch.full_like(x, float("nan")), 3), ValueError,
-     r"pool_logits contains NaN or Inf \(shape \(1, 2, 3, 4\)\)"),
-    (lambda x: rk.select_confident_negatives(x.long(), 3), ValueError, "floating"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda x: rk.select_confident_negatives(x, 2.5), TypeError, "num_negatives must be an int"),
+        (lambda x: rk.select_confident_negatives(x, True), TypeError, "num_negatives must be an int"),
+        (lambda x: rk.select_confident_negatives(x, 0), ValueError, "num_negatives must be >= 1"),
+        (lambda x: rk.select_confident_negatives(x, 3, num_classes=True), TypeError, "num_classes"),
+        (
+            lambda x: rk.select_confident_negatives(x.reshape(1, 2, 1, 1, 3, 4, 1), 3),
+            ValueError,
+            r"pool_logits must be \(B, C, \*spatial\).*\(1, 2, 1, 1, 3, 4, 1\)",
+        ),
+        (
+            lambda x: rk.select_confident_negatives(torch.full_like(x, float("nan")), 3),
+            ValueError,
+            r"pool_logits contains NaN or Inf \(shape \(1, 2, 3, 4\)\)",
+        ),
+        (lambda x: rk.select_confident_negatives(x.long(), 3), ValueError, "floating"),
+    ],
+)
 def test_select_confident_negatives_refuses_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call(infonce_inputs()[4])
 
 
 # --- meta tensors: shapes only ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -84,9 +99,11 @@ def test_infonce_on_meta_tensors_gives_the_shape(backend, reduction):
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_pseudo_supervision_on_meta_tensors_gives_the_shape(backend):
     a, b, t = (torch.empty(2, 3, 4, 5, device="meta") for _ in range(3))
-    results = (rk.rectified_pseudo_supervision(a, t, reduction="none", backend=backend),
-               rk.logit_cosine_consistency(a, b, backend=backend),
-               *rk.pseudo_supervision_losses(a, b, t, reduction="none", backend=backend))
+    results = (
+        rk.rectified_pseudo_supervision(a, t, reduction="none", backend=backend),
+        rk.logit_cosine_consistency(a, b, backend=backend),
+        *rk.pseudo_supervision_losses(a, b, t, reduction="none", backend=backend),
+    )
     for loss, shape in zip(results, ((2, 4, 5), (), (2, 4, 5), (2, 4, 5))):
         assert loss.device.type == "meta" and loss.shape == shape and loss.dtype == torch.float32
 
@@ -98,18 +115,22 @@ def test_select_confident_negatives_on_meta_tensors():
 
 # --- losses are float32 for half inputs, on every backend ------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_losses_of_half_inputs_are_float32(dtype, backend):
     assert infonce(*infonce_inputs(dtype), backend=backend).dtype == torch.float32
     a, b, t = (torch.randn(1, 3, 4).to(dtype) for _ in range(3))
-    for loss in (rk.rectified_pseudo_supervision(a, t, backend=backend),
-                 rk.logit_cosine_consistency(a, b, backend=backend),
-                 *rk.pseudo_supervision_losses(a, b, t, backend=backend)):
+    for loss in (
+        rk.rectified_pseudo_supervision(a, t, backend=backend),
+        rk.logit_cosine_consistency(a, b, backend=backend),
+        *rk.pseudo_supervision_losses(a, b, t, backend=backend),
+    ):
         assert loss.dtype == torch.float32
 
 
 # --- determinism: torch's switch at call time, or the keyword --------------------------------
+
 
 @pytest.fixture
 def torch_deterministic():
@@ -152,16 +173,20 @@ def kernel_choices(monkeypatch):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("torch_switch,keyword,expected", [
-    (False, None, False), (True, None, True), (True, False, False), (False, True, True),
-])
-def test_the_kernels_see_the_choice_in_forward_and_backward(kernel_choices, reduction,
-                                                            torch_switch, keyword, expected):
+@pytest.mark.parametrize(
+    "torch_switch,keyword,expected",
+    [
+        (False, None, False),
+        (True, None, True),
+        (True, False, False),
+        (False, True, True),
+    ],
+)
+def test_the_kernels_see_the_choice_in_forward_and_backward(kernel_choices, reduction, torch_switch, keyword, expected):
     inputs = [x.requires_grad_(i < 3) for i, x in enumerate(infonce_inputs())]
     torch.use_deterministic_algorithms(torch_switch)
     try:
-        loss = infonce(*inputs, sampling="random", reduction=reduction, backend="cpu",
-                       deterministic=keyword)
+        loss = infonce(*inputs, sampling="random", reduction=reduction, backend="cpu", deterministic=keyword)
         loss.sum().backward()
     finally:
         torch.use_deterministic_algorithms(False)
@@ -181,8 +206,7 @@ def test_the_switch_is_read_when_backward_runs_not_at_forward(kernel_choices):
 
 
 def test_the_module_passes_its_keyword(kernel_choices):
-    loss_fn = rk.BidirectionalVoxelContrastiveLoss(sampling="random", deterministic=True,
-                                                   backend="cpu")
+    loss_fn = rk.BidirectionalVoxelContrastiveLoss(sampling="random", deterministic=True, backend="cpu")
     loss_fn(*infonce_inputs())
     assert kernel_choices == [True]
     assert loss_fn.deterministic is True
@@ -213,8 +237,14 @@ def test_deterministic_keyword_makes_random_mode_bitwise_reproducible_on_a_gpu(b
     def run():
         leaves = [f.clone().requires_grad_() for f in feats]
         loss = rk.bidirectional_voxel_infonce(
-            *leaves, *logits, num_negatives=200, sampling="random", backend=backend,
-            generator=torch.Generator().manual_seed(5), deterministic=True)
+            *leaves,
+            *logits,
+            num_negatives=200,
+            sampling="random",
+            backend=backend,
+            generator=torch.Generator().manual_seed(5),
+            deterministic=True,
+        )
         loss.backward()
         return [loss.detach(), *(t.grad for t in leaves)]
 
@@ -226,19 +256,20 @@ def test_deterministic_keyword_makes_random_mode_bitwise_reproducible_on_a_gpu(b
 
 # --- renamed keywords and settings ----------------------------------------------------------
 
+
 def test_old_pool_keywords_warn_and_give_the_same_loss():
     anchor, positive, pool, anchor_logits, pool_logits = infonce_inputs()
-    expected = rk.bidirectional_voxel_infonce(anchor, positive, pool=pool,
-                                              anchor_logits=anchor_logits, pool_logits=pool_logits)
+    expected = rk.bidirectional_voxel_infonce(
+        anchor, positive, pool=pool, anchor_logits=anchor_logits, pool_logits=pool_logits
+    )
     with pytest.warns(DeprecationWarning, match="negative= is deprecated, use pool="):
-        old = rk.bidirectional_voxel_infonce(anchor, positive, negative=pool,
-                                             anchor_logits=anchor_logits,
-                                             negative_logits=pool_logits)
+        old = rk.bidirectional_voxel_infonce(
+            anchor, positive, negative=pool, anchor_logits=anchor_logits, negative_logits=pool_logits
+        )
     assert torch.equal(old, expected)
     module = rk.BidirectionalVoxelContrastiveLoss()
     with pytest.warns(DeprecationWarning, match="negative_logits= is deprecated"):
-        assert torch.equal(module(anchor, positive, pool, anchor_logits,
-                                  negative_logits=pool_logits), expected)
+        assert torch.equal(module(anchor, positive, pool, anchor_logits, negative_logits=pool_logits), expected)
     with pytest.warns(DeprecationWarning, match="negative_logits= is deprecated"):
         idx, _ = rk.select_confident_negatives(negative_logits=pool_logits, num_negatives=3)
     assert torch.equal(idx, rk.select_confident_negatives(pool_logits, 3)[0])
@@ -247,8 +278,9 @@ def test_old_pool_keywords_warn_and_give_the_same_loss():
 def test_old_and_new_keyword_together_is_a_type_error():
     anchor, positive, pool, anchor_logits, pool_logits = infonce_inputs()
     with pytest.raises(TypeError, match="both negative= and its new name pool="):
-        rk.bidirectional_voxel_infonce(anchor, positive, anchor_logits=anchor_logits,
-                                       pool_logits=pool_logits, pool=pool, negative=pool)
+        rk.bidirectional_voxel_infonce(
+            anchor, positive, anchor_logits=anchor_logits, pool_logits=pool_logits, pool=pool, negative=pool
+        )
 
 
 def test_settings_are_read_at_call_time_and_checked(monkeypatch):

@@ -1,5 +1,6 @@
 """CPU instruction-set variants: which one is chosen, refusals, and each built variant this CPU
 runs against the reference (in a subprocess each: a process loads exactly one variant)."""
+
 from __future__ import annotations
 
 import json
@@ -69,18 +70,36 @@ def _built_and_runnable() -> list[str]:
     return [v for v in info.CPU_VARIANTS if v not in PORTABLE or v in supported]
 
 
-@pytest.mark.parametrize("variant", _built_and_runnable() or [pytest.param(None, marks=pytest.mark.skip(
-    reason="no compiled CPU kernels in this checkout (build them: pip install --no-build-isolation -e .)"))])
+@pytest.mark.parametrize(
+    "variant",
+    _built_and_runnable()
+    or [
+        pytest.param(
+            None,
+            marks=pytest.mark.skip(
+                reason="no compiled CPU kernels in this checkout (build them: pip install --no-build-isolation -e .)"
+            ),
+        )
+    ],
+)
 def test_each_runnable_variant_matches_the_reference(variant):
     env = {**os.environ, "RCPS_CPU_VARIANT": variant, "RCPS_NO_JIT": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c",
-         "import json, sys\n"
-         "from rcps_kernels import _extension, selfcheck\n"
-         "ops = selfcheck.check_backend('cpu')\n"
-         "loaded = sorted(m for m in sys.modules if m.startswith('rcps_kernels._C_'))\n"
-         "print(json.dumps({'variant': _extension.cpu_extension().variant, 'loaded': loaded, 'ops': ops}))"],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+        [
+            sys.executable,
+            "-c",
+            "import json, sys\n"
+            "from rcps_kernels import _extension, selfcheck\n"
+            "ops = selfcheck.check_backend('cpu')\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith('rcps_kernels._C_'))\n"
+            "print(json.dumps({'variant': _extension.cpu_extension().variant, 'loaded': loaded, 'ops': ops}))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["variant"] == variant and result["loaded"] == [f"rcps_kernels._C_{variant}"]

@@ -4,14 +4,23 @@ float64 reference by the rule of docs/design.md section 5, and against the two s
 The op template (tests/op_template.py) runs every target: "cpu", "triton" under
 TRITON_INTERPRET=1 on CPU tensors, and "triton"/"cuda" on CUDA tensors, marked ``gpu``.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import rcps_kernels as rk
-from tests.op_template import (HEAD_GRID, HEAD_SHAPES, check_head, cpu_backends,
-                               head_losses_run, logits, needs_cpu, targets)
+from tests.op_template import (
+    HEAD_GRID,
+    HEAD_SHAPES,
+    check_head,
+    cpu_backends,
+    head_losses_run,
+    logits,
+    needs_cpu,
+    targets,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter's masked lanes
 NAMES = ("urp", "cr", "grad_a", "grad_b")
@@ -27,8 +36,7 @@ def head_inputs(shape, dtype=torch.float64):
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_matches_reference(target, dtype, reduction, layout):
-    check_head(head_losses_run, target, head_inputs(HEAD_SHAPES[target.size]), dtype, reduction,
-               layout)
+    check_head(head_losses_run, target, head_inputs(HEAD_SHAPES[target.size]), dtype, reduction, layout)
 
 
 @pytest.mark.parametrize("target,dtype", HEAD_GRID)
@@ -44,8 +52,9 @@ def test_equals_the_two_separate_functions(reduction):
     one_op = head_losses_run("cpu", (view_a, view_b, teacher), reduction)
 
     a, b = view_a.clone().requires_grad_(), view_b.clone().requires_grad_()
-    urp = (rk.rectified_pseudo_supervision(a, teacher, reduction=reduction, backend="cpu")
-           + rk.rectified_pseudo_supervision(b, teacher, reduction=reduction, backend="cpu"))
+    urp = rk.rectified_pseudo_supervision(
+        a, teacher, reduction=reduction, backend="cpu"
+    ) + rk.rectified_pseudo_supervision(b, teacher, reduction=reduction, backend="cpu")
     cr = rk.logit_cosine_consistency(a, b, reduction=reduction, backend="cpu")
     g_urp = logits(urp.shape, 1.0, seed=11, dtype=urp.dtype)
     g_cr = logits(cr.shape, 1.0, seed=12, dtype=cr.dtype)
@@ -91,16 +100,15 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_opcheck(target, reduction):
     # The ops take the (B, num_classes, P) views the public function makes.
-    view_a, view_b, teacher = (logits((2, 3, 20), seed=s).float().to(target.device)
-                               for s in (50, 51, 52))
+    view_a, view_b, teacher = (logits((2, 3, 20), seed=s).float().to(target.device) for s in (50, 51, 52))
     a, b = view_a.clone().requires_grad_(), view_b.clone().requires_grad_()
     grad = (torch.ones(()) if reduction != "none" else torch.randn(2, 20)).to(target.device)
     ops = torch.ops.rcps
-    torch.library.opcheck(ops.pseudo_supervision_losses.default,
-                          (a, b, teacher, 0.5, 1e-8, reduction, target.backend))
-    torch.library.opcheck(ops.pseudo_supervision_losses_backward.default,
-                          (grad, 2 * grad, view_a, view_b, teacher, 0.5, 1e-8, reduction,
-                           target.backend))
+    torch.library.opcheck(ops.pseudo_supervision_losses.default, (a, b, teacher, 0.5, 1e-8, reduction, target.backend))
+    torch.library.opcheck(
+        ops.pseudo_supervision_losses_backward.default,
+        (grad, 2 * grad, view_a, view_b, teacher, 0.5, 1e-8, reduction, target.backend),
+    )
 
 
 @needs_cpu
@@ -119,18 +127,19 @@ def test_double_precision_gradcheck(reduction):
     assert torch.autograd.gradcheck(both, (view_a, view_b))
 
 
-@pytest.mark.parametrize("mutate,kwargs,match", [
-    (lambda a, b, t: (a, b[:, :, :-1], t), {}, "view_a and view_b must have the same shape"),
-    (lambda a, b, t: (a, b, t[:, :2]), {}, "view_a and teacher_logits must have the same shape"),
-    (lambda a, b, t: (a[:, :1], b[:, :1], t[:, :1]), {}, "view_a needs at least 2 classes"),
-    (lambda a, b, t: (a, b, t), {"temperature": 0.0}, "temperature must be > 0"),
-    (lambda a, b, t: (a, b, t), {"eps": -1.0}, "eps must be > 0"),
-    (lambda a, b, t: (a, b.index_fill(1, torch.tensor([0]), float("nan")), t), {},
-     "view_b contains NaN"),
-])
+@pytest.mark.parametrize(
+    "mutate,kwargs,match",
+    [
+        (lambda a, b, t: (a, b[:, :, :-1], t), {}, "view_a and view_b must have the same shape"),
+        (lambda a, b, t: (a, b, t[:, :2]), {}, "view_a and teacher_logits must have the same shape"),
+        (lambda a, b, t: (a[:, :1], b[:, :1], t[:, :1]), {}, "view_a needs at least 2 classes"),
+        (lambda a, b, t: (a, b, t), {"temperature": 0.0}, "temperature must be > 0"),
+        (lambda a, b, t: (a, b, t), {"eps": -1.0}, "eps must be > 0"),
+        (lambda a, b, t: (a, b.index_fill(1, torch.tensor([0]), float("nan")), t), {}, "view_b contains NaN"),
+    ],
+)
 def test_bad_inputs_raise_value_errors_naming_the_argument(mutate, kwargs, match):
     shape = (1, 3, 4, 4)
     inputs = mutate(*(logits(shape, seed=s).float() for s in (53, 54, 55)))
     with pytest.raises(ValueError, match=match):
-        rk.pseudo_supervision_losses(*inputs, backend="reference" if "NaN" in match else "auto",
-                                     **kwargs)
+        rk.pseudo_supervision_losses(*inputs, backend="reference" if "NaN" in match else "auto", **kwargs)

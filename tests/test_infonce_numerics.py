@@ -1,6 +1,7 @@
 """The fused voxel InfoNCE at the numeric edges: small temperatures and huge and tiny feature
 norms on every backend; float64 computed in double (gradcheck) and the temperatures refused on
 the CPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,9 +14,11 @@ from tests.op_template import CPU, check_infonce, infonce_case, infonce_run, tar
 
 # The interpreter evaluates masked-out lanes too ((-inf) - (-inf), and exp of logits ~1/tau);
 # numpy warns, and the lanes are discarded.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
-                                        "ignore:divide by zero encountered:RuntimeWarning",
-                                        "ignore:overflow encountered:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning",
+    "ignore:divide by zero encountered:RuntimeWarning",
+    "ignore:overflow encountered:RuntimeWarning",
+)
 
 
 @pytest.mark.parametrize("target", targets())
@@ -25,10 +28,10 @@ def test_small_temperatures_keep_loss_and_gradients_exact(target, sampling, temp
     # Logits ~1/tau: an exponent formed as one FMA (S * inv_tau - max) or a softmax weight formed
     # as exp(logit - lse) is off by exp(+-ulp(1/tau)): 37 % at 1e-8, NaN below 1e-10. K = 16
     # draws from a small pool repeat negatives (exact ties) in random mode.
-    feats, logits = infonce_case((4, 3, 2), channels=8, classes=2, pool_spatial=(3, 2, 2),
-                                 seed=4)
-    actual, exact = check_infonce(target, feats, logits, num_negatives=16, sampling=sampling,
-                                  temperature=temperature, reduction="none", seed=2)
+    feats, logits = infonce_case((4, 3, 2), channels=8, classes=2, pool_spatial=(3, 2, 2), seed=4)
+    actual, exact = check_infonce(
+        target, feats, logits, num_negatives=16, sampling=sampling, temperature=temperature, reduction="none", seed=2
+    )
     assert (exact["loss"] * temperature > 0.1).any()  # some anchors are dominated by a negative
     assert_relative_error_below(actual["loss"], exact["loss"], rtol=1e-5, name="loss")
 
@@ -42,8 +45,7 @@ def test_small_temperature_with_a_bank_past_the_per_thread_copy_budget():
 
 @pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("sampling", ["topk", "random"])
-@pytest.mark.parametrize("temperature,scale", [(0.1, 1e-30), (0.1, 1e19), (0.1, 1e30),
-                                               (1e-6, 1e30)])
+@pytest.mark.parametrize("temperature,scale", [(0.1, 1e-30), (0.1, 1e19), (0.1, 1e30), (1e-6, 1e30)])
 def test_huge_and_tiny_feature_norms(target, sampling, temperature, scale):
     # The squared norm of z * 1e19 overflows float32: such features were normalised as zero.
     feats, logits = infonce_case((4, 3, 2), channels=6, classes=2, pool_spatial=(3, 3, 2), seed=5)
@@ -52,55 +54,61 @@ def test_huge_and_tiny_feature_norms(target, sampling, temperature, scale):
     if scale > 1:
         # u does not depend on the scale, so the loss does not, and the gradients scale by
         # 1/scale: compared at scale 1 (the rule's tolerance is vacuous for gradients ~1/scale).
-        unscaled = infonce_run(target.backend, [f.float().to(target.device) for f in feats],
-                               logits, **kw)
+        unscaled = infonce_run(target.backend, [f.float().to(target.device) for f in feats], logits, **kw)
         torch.testing.assert_close(actual["loss"], unscaled["loss"], rtol=1e-5, atol=0)
         for name in ("grad_anchor", "grad_positive", "grad_pool"):
             want = unscaled[name].double()
-            torch.testing.assert_close(actual[name].double() * scale, want, rtol=1e-4,
-                                       atol=1e-6 * want.abs().max().item(), msg=name)
+            torch.testing.assert_close(
+                actual[name].double() * scale, want, rtol=1e-4, atol=1e-6 * want.abs().max().item(), msg=name
+            )
 
 
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_float64_is_computed_in_double(sampling, reduction):
-    feats, logits = infonce_case((3, 2, 2), channels=5, classes=3, pool_spatial=(2, 3, 2),
-                                 dtype=torch.float64)
+    feats, logits = infonce_case((3, 2, 2), channels=5, classes=3, pool_spatial=(2, 3, 2), dtype=torch.float64)
     kw = dict(num_negatives=4, sampling=sampling, reduction=reduction, temperature=0.07, seed=6)
     got = infonce_run("cpu", feats, logits, **kw)
     want = infonce_run("reference", feats, logits, **kw)
     for name, x in got.items():
         y = want[name]
         assert x.dtype == torch.float64, name
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12 * y.abs().max().item(),
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            x, y, rtol=1e-12, atol=1e-12 * y.abs().max().item(), msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_gradcheck_on_the_cpu_backend(sampling, reduction):
-    feats, logits = infonce_case((2, 2, 2), channels=4, classes=3, pool_spatial=(2, 2, 2),
-                                 dtype=torch.float64)
+    feats, logits = infonce_case((2, 2, 2), channels=4, classes=3, pool_spatial=(2, 2, 2), dtype=torch.float64)
     leaves = [f.clone().requires_grad_() for f in feats]
 
     def loss_fn(anchor, positive, pool):
         gen = torch.Generator().manual_seed(8) if sampling == "random" else None
-        return rk.bidirectional_voxel_infonce(anchor, positive, pool, *logits,
-                                              num_negatives=3, sampling=sampling,
-                                              temperature=0.2, reduction=reduction,
-                                              generator=gen, backend="cpu")
+        return rk.bidirectional_voxel_infonce(
+            anchor,
+            positive,
+            pool,
+            *logits,
+            num_negatives=3,
+            sampling=sampling,
+            temperature=0.2,
+            reduction=reduction,
+            generator=gen,
+            backend="cpu",
+        )
 
     assert torch.autograd.gradcheck(loss_fn, leaves)
 
 
 def test_mean_reduction_refuses_gradcheck_with_a_pointer_to_sum():
-    feats, logits = infonce_case((2, 2, 2), channels=4, classes=3, pool_spatial=(2, 2, 2),
-                                 dtype=torch.float64)
+    feats, logits = infonce_case((2, 2, 2), channels=4, classes=3, pool_spatial=(2, 2, 2), dtype=torch.float64)
     leaves = [f.clone().requires_grad_() for f in feats]
     with pytest.raises(RuntimeError, match="reduction='sum' or 'none'"):
         torch.autograd.gradcheck(
-            lambda a, p, n: rk.bidirectional_voxel_infonce(a, p, n, *logits, num_negatives=3,
-                                                           backend="cpu"), leaves)
+            lambda a, p, n: rk.bidirectional_voxel_infonce(a, p, n, *logits, num_negatives=3, backend="cpu"), leaves
+        )
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -108,9 +116,14 @@ def test_temperatures_whose_loss_overflows_float32_are_refused(backend):
     feats, logits = infonce_case((3, 2, 2), channels=5, classes=3, pool_spatial=(2, 3, 2))
     with pytest.raises(ValueError, match=r"temperature must be >= 2\.351e-38 \(2\*\*-125\)"):
         rk.bidirectional_voxel_infonce(*feats, *logits, temperature=1e-40, backend=backend)
-    loss = rk.bidirectional_voxel_infonce(*[f.float() for f in feats], *logits,
-                                          temperature=MIN_TEMPERATURE, num_negatives=4,
-                                          reduction="none", backend=backend)
+    loss = rk.bidirectional_voxel_infonce(
+        *[f.float() for f in feats],
+        *logits,
+        temperature=MIN_TEMPERATURE,
+        num_negatives=4,
+        reduction="none",
+        backend=backend,
+    )
     assert torch.isfinite(loss).all() and loss.max() > 1e37
 
 
@@ -123,6 +136,7 @@ def test_a_summed_loss_that_overflows_float32_is_refused_not_returned_as_inf(bac
     per_anchor = rk.bidirectional_voxel_infonce(*feats, *logits, reduction="none", **kw)
     assert torch.isfinite(per_anchor).all() and per_anchor.max() > 2.0**120
     for reduction in ("sum", "mean"):
-        with pytest.raises(ValueError, match="overflowed torch.float32 although every input is "
-                                             "finite.*raise the temperature"):
+        with pytest.raises(
+            ValueError, match="overflowed torch.float32 although every input is finite.*raise the temperature"
+        ):
             rk.bidirectional_voxel_infonce(*feats, *logits, reduction=reduction, **kw)

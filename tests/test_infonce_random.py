@@ -1,6 +1,7 @@
 """Random sampling of the voxel InfoNCE: the Philox draws of every backend against the
 independent numpy Philox (known answers), eligibility and uniformity of the draws, and the
 Triton kernels' anchor class order."""
+
 from __future__ import annotations
 
 import math
@@ -32,15 +33,24 @@ def random_setup(threshold=0.0, seed=0, spatial=(6, 5, 4), pool_spatial=(5, 5, 4
 
 def draws(target, labels, idx, counts, k, seed, offset):
     """The (N, K) draws of the target's kernel table, on the CPU."""
-    params = InfoNCEParams(labels.to(target.device), idx.to(target.device),
-                           counts.to(target.device), temperature=1.0, num_negatives=k,
-                           random=True, seed=seed, offset=offset)
+    params = InfoNCEParams(
+        labels.to(target.device),
+        idx.to(target.device),
+        counts.to(target.device),
+        temperature=1.0,
+        num_negatives=k,
+        random=True,
+        seed=seed,
+        offset=offset,
+    )
     return kernels(target.backend).random_draws(params).cpu()
 
 
 @pytest.mark.parametrize("target", targets())
-@pytest.mark.parametrize("seed,offset", [(0, 0), (1, 12345), (123456789, 5), (2**40 + 3, 12345),
-                                         (2**62 - 1, 2**32 - 7), (2**62 + 17, 2**33 + 3)])
+@pytest.mark.parametrize(
+    "seed,offset",
+    [(0, 0), (1, 12345), (123456789, 5), (2**40 + 3, 12345), (2**62 - 1, 2**32 - 7), (2**62 + 17, 2**33 + 3)],
+)
 def test_draws_equal_the_independent_numpy_philox(target, seed, offset):
     # Every backend draws the same negatives (the reference regenerates them in numpy).
     size = {"tiny": (5, 4, 2), "cpu": (6, 5, 4), "gpu": (12, 10, 6)}[target.size]
@@ -54,10 +64,10 @@ def test_draws_equal_the_independent_numpy_philox(target, seed, offset):
 
 def test_the_public_helper_returns_the_kernels_draws():
     logits, labels, idx, counts = random_setup(0.3, seed=4)
-    public = rk.random_negative_draws(*logits, num_negatives=37, seed=2**62 + 17,
-                                      confidence_threshold=0.3, offset=2**33 + 3)
-    assert torch.equal(public, random_negative_draws_reference(labels, idx, counts, 37,
-                                                               2**62 + 17, 2**33 + 3))
+    public = rk.random_negative_draws(
+        *logits, num_negatives=37, seed=2**62 + 17, confidence_threshold=0.3, offset=2**33 + 3
+    )
+    assert torch.equal(public, random_negative_draws_reference(labels, idx, counts, 37, 2**62 + 17, 2**33 + 3))
 
 
 @pytest.mark.parametrize("target", targets(CPU, TRITON, TRITON_GPU, CUDA))
@@ -94,8 +104,7 @@ def test_random_loss_depends_on_the_generator_only():
     kw = dict(num_negatives=8, sampling="random", backend="cpu")
 
     def loss(seed):
-        return rk.bidirectional_voxel_infonce(*feats, *logits, **kw,
-                                              generator=torch.Generator().manual_seed(seed))
+        return rk.bidirectional_voxel_infonce(*feats, *logits, **kw, generator=torch.Generator().manual_seed(seed))
 
     assert loss(4).item() == loss(4).item() and loss(4).item() != loss(9).item()
 
@@ -103,8 +112,7 @@ def test_random_loss_depends_on_the_generator_only():
 @pytest.mark.parametrize("threshold", [0.0, 0.6])
 def test_every_draw_is_eligible(threshold):
     logits, labels, _, counts = random_setup(threshold)
-    drawn = rk.random_negative_draws(*logits, num_negatives=50, seed=3,
-                                     confidence_threshold=threshold)
+    drawn = rk.random_negative_draws(*logits, num_negatives=50, seed=3, confidence_threshold=threshold)
     n_labels, conf = pseudo_labels(logits[1])
     used = drawn >= 0
     assert used.any()
@@ -123,9 +131,7 @@ def test_draws_are_uniform_over_the_eligible_pool():
         n = int(counts[c])
         if rows.numel() == 0 or n < 2:
             continue
-        observed = torch.bincount(
-            torch.searchsorted(idx[c, :n], rows.flatten()), minlength=n
-        ).double()
+        observed = torch.bincount(torch.searchsorted(idx[c, :n], rows.flatten()), minlength=n).double()
         assert observed.sum() == rows.numel() and observed.numel() == n
         expected = rows.numel() / n
         chi2 = float(((observed - expected) ** 2 / expected).sum())
@@ -136,6 +142,7 @@ def test_draws_are_uniform_over_the_eligible_pool():
 
 
 # --- the Triton kernels' anchor class order ---------------------------------------------------
+
 
 def _class_order_matches_the_sort(device, classes, num_anchors):
     from rcps_kernels.ops.infonce_triton import class_order

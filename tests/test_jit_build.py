@@ -7,6 +7,7 @@ register them once) that hides the build record ``rcps_kernels._build_info`` or 
 one naming another torch, and builds into a temporary directory shared by the cases (the second
 reuses the first's build). The first compiles the C++ sources, so it takes a minute or two.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,7 +75,13 @@ def extensions_dir(tmp_path_factory):
 def test_cpu_kernels_build_with_ninja_when_the_compiled_ones_are_unusable(scenario, extensions_dir):
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir), "RCPS_NO_JIT": "0"}
     env.pop("RCPS_CPU_VARIANT", None)
-    proc = subprocess.run([sys.executable, "-c", CHILD, scenario], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parent.parent, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, scenario],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "jit ok" in proc.stdout

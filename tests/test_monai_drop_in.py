@@ -1,5 +1,6 @@
 """MONAI MetaTensor inputs: the losses take them eagerly and under torch.compile(fullgraph=True), return plain
 tensors equal to those of plain inputs, and the MONAI example runs."""
+
 import importlib.util
 from pathlib import Path
 
@@ -16,19 +17,29 @@ def _meta(shape, seed, spacing, requires_grad=False):
     values = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     affine = torch.diag(torch.tensor([*spacing, 1.0]))
     return monai_data.MetaTensor(values, affine=affine, meta={"filename_or_obj": f"case_{seed}"}).requires_grad_(
-        requires_grad)
+        requires_grad
+    )
 
 
 def _calls(backend):
     """(name, function, input shapes) of every public loss; the first input receives gradient."""
     logits, features = (2, 2, 4, 4, 3), (2, 8, 4, 4, 3)
     return [
-        ("infonce", lambda a, p, n, la, ln: rk.bidirectional_voxel_infonce(
-            a, p, n, la, ln, num_negatives=8, backend=backend), [features] * 3 + [logits] * 2),
-        ("pseudo_supervision_losses", lambda a, b, t: rk.pseudo_supervision_losses(a, b, t, backend=backend),
-         [logits] * 3),
-        ("rectified_pseudo_supervision", lambda s, t: rk.rectified_pseudo_supervision(
-            s, t, reduction="none", backend=backend), [logits] * 2),
+        (
+            "infonce",
+            lambda a, p, n, la, ln: rk.bidirectional_voxel_infonce(a, p, n, la, ln, num_negatives=8, backend=backend),
+            [features] * 3 + [logits] * 2,
+        ),
+        (
+            "pseudo_supervision_losses",
+            lambda a, b, t: rk.pseudo_supervision_losses(a, b, t, backend=backend),
+            [logits] * 3,
+        ),
+        (
+            "rectified_pseudo_supervision",
+            lambda s, t: rk.rectified_pseudo_supervision(s, t, reduction="none", backend=backend),
+            [logits] * 2,
+        ),
         ("logit_cosine_consistency", lambda a, b: rk.logit_cosine_consistency(a, b, backend=backend), [logits] * 2),
     ]
 

@@ -5,6 +5,7 @@ The op template (tests/op_template.py) runs every target: "cpu", "triton" under
 TRITON_INTERPRET=1 on tiny CPU tensors (fp32/fp64/fp16 only: the interpreter gets bf16 wrong),
 and "triton"/"cuda" on CUDA tensors, marked ``gpu``.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -23,9 +24,21 @@ from rcps_kernels.reference.pseudo_supervision import (
     rectified_pseudo_supervision_reference,
 )
 from tests.numerics import assert_close_to_reference
-from tests.op_template import (CPU, HEAD_GRID, HEAD_SHAPES, TRITON,
-                               URP_TEMPERATURE as TEMPERATURE, check_head, cpu_backends, logits,
-                               needs_cpu, targets, urp_cr_run)
+from tests.op_template import (
+    CPU,
+    HEAD_GRID,
+    HEAD_SHAPES,
+    TRITON,
+    check_head,
+    cpu_backends,
+    logits,
+    needs_cpu,
+    targets,
+    urp_cr_run,
+)
+from tests.op_template import (
+    URP_TEMPERATURE as TEMPERATURE,
+)
 
 # The interpreter computes -inf - -inf in masked-out lanes; numpy warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -55,9 +68,12 @@ def test_reference_matches_official_formulation():
     torch.testing.assert_close(ours_urp, official_urp, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours_cr, official_cr, rtol=1e-12, atol=1e-12)
     for ours, official in ((ours_urp, official_urp), (ours_cr, official_cr)):
-        torch.testing.assert_close(torch.autograd.grad(ours, student, retain_graph=True)[0],
-                                   torch.autograd.grad(official, student, retain_graph=True)[0],
-                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            torch.autograd.grad(ours, student, retain_graph=True)[0],
+            torch.autograd.grad(official, student, retain_graph=True)[0],
+            rtol=1e-10,
+            atol=1e-12,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,11 +116,10 @@ def test_cpu_kernel_covers_many_blocks_and_threads():
 def test_confident_and_masked_teacher(target):
     shape = (2, 4, 3, 5)
     teacher = logits(shape, scale=60.0, seed=13)  # one-hot to fp32 precision
-    teacher[:, 1, 0] = float("-inf")              # classes ruled out entirely
-    teacher[0, :3, 1, 1] = float("-inf")          # a voxel with a single possible class
+    teacher[:, 1, 0] = float("-inf")  # classes ruled out entirely
+    teacher[0, :3, 1, 1] = float("-inf")  # a voxel with a single possible class
     student = logits(shape, scale=40.0, seed=14)  # confident student, often against the teacher
-    out = check_head(urp_cr_run, target, (student, teacher, logits(shape, seed=15)),
-                     torch.float32, "none")
+    out = check_head(urp_cr_run, target, (student, teacher, logits(shape, seed=15)), torch.float32, "none")
     assert out["urp"].max() > 10  # the confident-disagreement regime was reached
 
 
@@ -127,11 +142,11 @@ def test_double_precision_gradcheck_of_fused_ops(reduction):
     teacher = logits((1, 3, 2, 3), seed=20)
     other = logits((1, 3, 2, 3), seed=21).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda s: rk.rectified_pseudo_supervision(s, teacher, reduction=reduction, backend="cpu"),
-        (student,))
+        lambda s: rk.rectified_pseudo_supervision(s, teacher, reduction=reduction, backend="cpu"), (student,)
+    )
     assert torch.autograd.gradcheck(
-        lambda s, o: rk.logit_cosine_consistency(s, o, reduction=reduction, backend="cpu"),
-        (student, other))
+        lambda s, o: rk.logit_cosine_consistency(s, o, reduction=reduction, backend="cpu"), (student, other)
+    )
 
 
 @pytest.mark.parametrize("target", targets())
@@ -140,12 +155,14 @@ def test_float64_inputs_are_computed_in_float64(target):
     student, teacher, other = (logits((2, 4, 3, 5), seed=s) for s in (62, 63, 64))
     dev = target.device
     for fused, exact in (
-        (rk.rectified_pseudo_supervision(student.to(dev), teacher.to(dev), reduction="none",
-                                         backend=target.backend),
-         rectified_pseudo_supervision_reference(student, teacher, TEMPERATURE, "none")),
-        (rk.logit_cosine_consistency(student.to(dev), other.to(dev), reduction="none",
-                                     backend=target.backend),
-         logit_cosine_consistency_reference(student, other, 1e-8, "none")),
+        (
+            rk.rectified_pseudo_supervision(student.to(dev), teacher.to(dev), reduction="none", backend=target.backend),
+            rectified_pseudo_supervision_reference(student, teacher, TEMPERATURE, "none"),
+        ),
+        (
+            rk.logit_cosine_consistency(student.to(dev), other.to(dev), reduction="none", backend=target.backend),
+            logit_cosine_consistency_reference(student, other, 1e-8, "none"),
+        ),
     ):
         assert fused.dtype == torch.float64
         torch.testing.assert_close(fused.cpu(), exact, rtol=1e-13, atol=1e-13)
@@ -188,13 +205,12 @@ def test_urp_logits_near_the_largest_float(backend, reduction):
     exact = rectified_pseudo_supervision_reference(student, teacher, TEMPERATURE, reduction)
     assert torch.isfinite(exact).all() and exact.max() > 1e38
     s = student.float().requires_grad_()
-    loss = rk.rectified_pseudo_supervision(s, teacher.float(), reduction=reduction,
-                                           backend=backend)
+    loss = rk.rectified_pseudo_supervision(s, teacher.float(), reduction=reduction, backend=backend)
     torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(loss.sum(), s)
     (exact_grad,) = torch.autograd.grad(
-        rectified_pseudo_supervision_reference(student.requires_grad_(), teacher, TEMPERATURE,
-                                               reduction).sum(), student)
+        rectified_pseudo_supervision_reference(student.requires_grad_(), teacher, TEMPERATURE, reduction).sum(), student
+    )
     assert torch.isfinite(grad).all()
     torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-5, atol=1e-6)
 
@@ -270,10 +286,16 @@ BAD_TYPES = [
     ("temperature str", lambda: _urp(X, X, temperature="0.5"), "temperature must be a real number"),
     ("temperature None", lambda: _urp(X, X, temperature=None), "temperature must be a real number"),
     ("eps None", lambda: _cr(X, X, eps=None), "eps must be a real number"),
-    ("module temperature str", lambda: rk.RectifiedPseudoSupervisionLoss(temperature="hot"),
-     "temperature must be a real number"),
-    ("head temperature bool",
-     lambda: rk.pseudo_supervision_losses(X, X, X, temperature=True), "temperature must be a real"),
+    (
+        "module temperature str",
+        lambda: rk.RectifiedPseudoSupervisionLoss(temperature="hot"),
+        "temperature must be a real number",
+    ),
+    (
+        "head temperature bool",
+        lambda: rk.pseudo_supervision_losses(X, X, X, temperature=True),
+        "temperature must be a real",
+    ),
 ]
 
 
@@ -300,10 +322,18 @@ def _with(value, index):
 
 NON_FINITE = [
     ("student nan", lambda b: _urp(_with(float("nan"), (0, 1, 2)), torch.randn(2, 3, 4), backend=b), "student_logits"),
-    ("student -inf", lambda b: _urp(_with(float("-inf"), (0, 1, 2)), torch.randn(2, 3, 4), backend=b), "student_logits"),
+    (
+        "student -inf",
+        lambda b: _urp(_with(float("-inf"), (0, 1, 2)), torch.randn(2, 3, 4), backend=b),
+        "student_logits",
+    ),
     ("teacher +inf", lambda b: _urp(torch.randn(2, 3, 4), _with(float("inf"), (1, 0, 0)), backend=b), "teacher_logits"),
     ("teacher nan", lambda b: _urp(torch.randn(2, 3, 4), _with(float("nan"), (1, 0, 0)), backend=b), "teacher_logits"),
-    ("teacher all -inf", lambda b: _urp(torch.randn(2, 3, 4), _with(float("-inf"), (1, slice(None), 3)), backend=b), "all -inf"),
+    (
+        "teacher all -inf",
+        lambda b: _urp(torch.randn(2, 3, 4), _with(float("-inf"), (1, slice(None), 3)), backend=b),
+        "all -inf",
+    ),
     ("cosine b inf", lambda b: _cr(torch.randn(2, 3, 4), _with(float("inf"), (0, 0, 0)), backend=b), "logits_b"),
     ("cosine a nan", lambda b: _cr(_with(float("nan"), (0, 2, 1)), torch.randn(2, 3, 4), backend=b), "logits_a"),
 ]
@@ -331,15 +361,23 @@ def test_torch_compile_fullgraph(backend):
 
     compiled = torch.compile(step, fullgraph=True)
     results = {}
-    for name, fn, dtype in (("exact", step, torch.float64), ("same", step, torch.float32),
-                            ("compiled", compiled, torch.float32)):
+    for name, fn, dtype in (
+        ("exact", step, torch.float64),
+        ("same", step, torch.float32),
+        ("compiled", compiled, torch.float32),
+    ):
         s = student64.to(dtype).requires_grad_()
         o = other64.to(dtype).requires_grad_()
         loss = fn(s, teacher64.to(dtype), o)
         results[name] = (loss, *torch.autograd.grad(loss, (s, o)))
     for i, label in enumerate(("loss", "grad_student", "grad_other")):
-        assert_close_to_reference(results["compiled"][i], results["same"][i], results["exact"][i],
-                                  dtype=torch.float32, name=f"compiled {backend} {label}")
+        assert_close_to_reference(
+            results["compiled"][i],
+            results["same"][i],
+            results["exact"][i],
+            dtype=torch.float32,
+            name=f"compiled {backend} {label}",
+        )
 
 
 @pytest.mark.parametrize("target", targets())
@@ -357,10 +395,11 @@ def test_opcheck(target, reduction):
     cases = [
         (ops.rectified_pseudo_supervision.default, (student, teacher, 0.5, reduction, backend)),
         (ops.logit_cosine_consistency.default, (student, other, 1e-8, reduction, backend)),
-        (ops.rectified_pseudo_supervision_backward.default,
-         (grad, student.detach(), teacher, 0.5, reduction, backend)),
-        (ops.logit_cosine_consistency_backward.default,
-         (grad, student.detach(), other.detach(), 1e-8, reduction, backend, True, False)),
+        (ops.rectified_pseudo_supervision_backward.default, (grad, student.detach(), teacher, 0.5, reduction, backend)),
+        (
+            ops.logit_cosine_consistency_backward.default,
+            (grad, student.detach(), other.detach(), 1e-8, reduction, backend, True, False),
+        ),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -372,10 +411,10 @@ def test_modules_match_reference():
     s, t, o = logits(shape, seed=31), logits(shape, seed=32), logits(shape, seed=33)
     urp = rk.RectifiedPseudoSupervisionLoss(temperature=0.7, reduction="sum", backend="cpu")
     cr = rk.LogitCosineConsistencyLoss(eps=1e-6, reduction="none", backend="cpu")
-    torch.testing.assert_close(urp(s, t), rectified_pseudo_supervision_reference(s, t, 0.7, "sum"),
-                               rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(cr(s, o), logit_cosine_consistency_reference(s, o, 1e-6, "none"),
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        urp(s, t), rectified_pseudo_supervision_reference(s, t, 0.7, "sum"), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(cr(s, o), logit_cosine_consistency_reference(s, o, 1e-6, "none"), rtol=1e-12, atol=1e-12)
 
 
 @needs_cpu
@@ -394,8 +433,7 @@ def test_auto_backend_uses_fused_cpu_kernel():
 # logit scales 1e-30..1e30 (student, teacher and L_cr's second view each their own); L_cr's eps
 # follows the smallest scale, so that its clamp stays as rare as at ordinary scales.
 @needs_cpu
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batch=st.integers(1, 2),
     classes=st.integers(2, 9),
@@ -405,16 +443,14 @@ def test_auto_backend_uses_fused_cpu_kernel():
     reduction=st.sampled_from(["mean", "sum", "none"]),
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_cpu_against_reference(batch, classes, spatial, log_scales, log_temperature,
-                                    reduction, seed):
+def test_fuzz_cpu_against_reference(batch, classes, spatial, log_scales, log_temperature, reduction, seed):
     shape = (batch, classes, *spatial)
-    temperature = 10.0 ** log_temperature
+    temperature = 10.0**log_temperature
     eps = 1e-8 * 10.0 ** min(log_scales)
-    s, t, o = (logits(shape, 10.0 ** e, seed + i).float() for i, e in enumerate(log_scales))
+    s, t, o = (logits(shape, 10.0**e, seed + i).float() for i, e in enumerate(log_scales))
     s.requires_grad_()
     o.requires_grad_()
-    urp = rk.rectified_pseudo_supervision(s, t, temperature=temperature, reduction=reduction,
-                                          backend="cpu")
+    urp = rk.rectified_pseudo_supervision(s, t, temperature=temperature, reduction=reduction, backend="cpu")
     cr = rk.logit_cosine_consistency(s, o, eps=eps, reduction=reduction, backend="cpu")
     # .sum() is the identity on a reduced loss and gives grad_output = 1 per voxel for "none".
     actual = (urp, cr, *torch.autograd.grad(urp.sum(), s), *torch.autograd.grad(cr.sum(), (s, o)))
@@ -439,9 +475,13 @@ def test_gpu_torch_compile_cuda_backend():
     s = torch.randn(2, 3, 8, 8, 8, device="cuda", requires_grad=True)
     t = torch.randn(2, 3, 8, 8, 8, device="cuda")
     compiled = torch.compile(
-        lambda s, t: rk.rectified_pseudo_supervision(s, t, backend="cuda")
-        + rk.logit_cosine_consistency(s, t, backend="cuda"), fullgraph=True)
+        lambda s, t: (
+            rk.rectified_pseudo_supervision(s, t, backend="cuda") + rk.logit_cosine_consistency(s, t, backend="cuda")
+        ),
+        fullgraph=True,
+    )
     loss = compiled(s, t)
-    expected = (rectified_pseudo_supervision_reference(s.double(), t.double())
-                + logit_cosine_consistency_reference(s.double(), t.double()))
+    expected = rectified_pseudo_supervision_reference(s.double(), t.double()) + logit_cosine_consistency_reference(
+        s.double(), t.double()
+    )
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ brute force over Python lists.
 Python functions from C++; their results must be identical, element for element, on CPU tensors
 here and on CUDA tensors in the gpu tier.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -42,8 +43,7 @@ def assert_identical(got, expected):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_negative_tables_op_equals_the_python_sequence(device, dtype):
-    for classes, random, k, threshold in itertools.product([2, 3, 5], [False, True], [1, 7, 500],
-                                                           [0.0, 0.45, 1.0]):
+    for classes, random, k, threshold in itertools.product([2, 3, 5], [False, True], [1, 7, 500], [0.0, 0.45, 1.0]):
         if not random and threshold:
             continue
         anchor, pool = make_logits(classes, dtype, device, seed=classes + k)

@@ -1,14 +1,15 @@
 """--resume with a changed config, and ``rcps-train eval`` on files that are not checkpoints of the trainer or whose
 weights do not fit their config: each stops with ``rcps-train: error`` naming the file and what was expected."""
+
 import shutil
 
 import pytest
 import torch
+from test_train_data import tiny_dataset, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import load_config
-from test_train_data import tiny_dataset, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +31,7 @@ def run_copy(stopped_run, tmp_path):
 
 def _resume(run_dir, *overrides):
     # The resolved config.toml of the run folder sets run.out_dir to the original parent: point it at the copy.
-    args = ["train", "--config", str(run_dir / "config.toml"), "--resume",
-            "--set", f'run.out_dir="{run_dir.parent}"']
+    args = ["train", "--config", str(run_dir / "config.toml"), "--resume", "--set", f'run.out_dir="{run_dir.parent}"']
     for item in overrides:
         args += ["--set", item]
     return main(args)
@@ -82,16 +82,32 @@ def _with_config(state, section, **values):
     return state
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda s: _with_config(s, "data", num_classes=3) and _with_config(s, "loss", class_weights=[1.0, 1.0, 1.0]),
-     "holds weights for 2 classes (heads.3.weight of shape (2, 4, 1, 1, 1)) but its config has data.num_classes = 3"),
-    (lambda s: _with_config(s, "model", widths=[4, 8, 8, 16, 32]),
-     "its weights do not fit the model of its config (model.widths = [4, 8, 8, 16, 32]"),
-    (lambda s: {"model": s["model"]}, "is not an rcps-train checkpoint: expected a dict with entries model, config"),
-    (lambda s: s["model"]["heads.3.weight"], "found a Tensor"),
-    (lambda s: _with_config(s, "loss", temperature=0.1), "unknown key 'loss.temperature'"),
-    (lambda s: _with_config(s, "train", lr=float("nan")), "'train.lr' = nan is not a finite number"),
-], ids=["class-count", "widths", "no-config", "tensor", "unknown-key", "bad-value"])
+def _with_three_classes(state):
+    return _with_config(state, "data", num_classes=3) and _with_config(state, "loss", class_weights=[1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (
+            _with_three_classes,
+            "holds weights for 2 classes (heads.3.weight of shape (2, 4, 1, 1, 1)) "
+            "but its config has data.num_classes = 3",
+        ),
+        (
+            lambda s: _with_config(s, "model", widths=[4, 8, 8, 16, 32]),
+            "its weights do not fit the model of its config (model.widths = [4, 8, 8, 16, 32]",
+        ),
+        (
+            lambda s: {"model": s["model"]},
+            "is not an rcps-train checkpoint: expected a dict with entries model, config",
+        ),
+        (lambda s: s["model"]["heads.3.weight"], "found a Tensor"),
+        (lambda s: _with_config(s, "loss", temperature=0.1), "unknown key 'loss.temperature'"),
+        (lambda s: _with_config(s, "train", lr=float("nan")), "'train.lr' = nan is not a finite number"),
+    ],
+    ids=["class-count", "widths", "no-config", "tensor", "unknown-key", "bad-value"],
+)
 def test_eval_names_a_checkpoint_that_does_not_fit(run_copy, tmp_path, capsys, edit, expected):
     data, run_dir = run_copy
     path = _edited_checkpoint(run_dir, tmp_path / "edited.pt", edit)

@@ -1,12 +1,13 @@
 """Config loading: shipped configs, overrides, and clear errors for bad keys and values."""
+
 import tomllib
 
 import pytest
+from test_train_data import tiny_dataset, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import DEFAULTS, RULES, ConfigError, load_config, parse_override, shipped_configs, to_toml
-from test_train_data import tiny_dataset, tiny_overrides
 
 
 def test_shipped_configs_hold_the_paper_settings():
@@ -23,8 +24,17 @@ def test_shipped_configs_hold_the_paper_settings():
 
 
 def test_overrides_are_typed():
-    config = load_config("demo", ["train.epochs=3", "data.patch_size=[16, 16, 8]", "loss.backend=reference",
-                                  "model.checkpointing=true", "loss.tau=1", "data.labeled=ids.txt"])
+    config = load_config(
+        "demo",
+        [
+            "train.epochs=3",
+            "data.patch_size=[16, 16, 8]",
+            "loss.backend=reference",
+            "model.checkpointing=true",
+            "loss.tau=1",
+            "data.labeled=ids.txt",
+        ],
+    )
     assert config["train"]["epochs"] == 3 and config["data"]["patch_size"] == [16, 16, 8]
     assert config["loss"]["backend"] == "reference" and config["model"]["checkpointing"] is True
     assert config["loss"]["tau"] == 1.0 and isinstance(config["loss"]["tau"], float)
@@ -39,15 +49,18 @@ def test_resolved_config_round_trips_through_toml():
     assert tomllib.loads(to_toml(config)) == config
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epoch=3", "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
-    ("loss.backend=fast", "'loss.backend' = 'fast' is not one of"),
-    ("train.epochs=1.5", "'train.epochs' = 1.5 has the wrong type"),
-    ("model.checkpointing=1", "'model.checkpointing' = 1 has the wrong type"),
-    ("loss.class_weights=[1.0]", "loss.class_weights has 1 entries"),
-    ("data.patch_size=[96, 96]", "'data.patch_size' = [96, 96] is not a list of 3 entries"),
-    ("epochs", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+        ("loss.backend=fast", "'loss.backend' = 'fast' is not one of"),
+        ("train.epochs=1.5", "'train.epochs' = 1.5 has the wrong type"),
+        ("model.checkpointing=1", "'model.checkpointing' = 1 has the wrong type"),
+        ("loss.class_weights=[1.0]", "loss.class_weights has 1 entries"),
+        ("data.patch_size=[96, 96]", "'data.patch_size' = [96, 96] is not a list of 3 entries"),
+        ("epochs", "expected key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
@@ -94,28 +107,32 @@ def data_root(tmp_path_factory):
 
 
 # Each passed the old checks and then crashed with a traceback during or after training, or was accepted.
-@pytest.mark.parametrize("overrides, key", [
-    (["train.checkpoint_every=0"], "train.checkpoint_every"),
-    (["train.checkpoint_every=-1"], "train.checkpoint_every"),
-    (["eval.sw_batch_size=0"], "eval.sw_batch_size"),
-    (["eval.every_epochs=-1"], "eval.every_epochs"),
-    (["train.max_steps_per_epoch=-1"], "train.max_steps_per_epoch"),
-    (["data.num_workers=-1"], "data.num_workers"),
-    (["model.widths=[4, 8]"], "model.widths"),
-    (["model.project_dim=0"], "model.project_dim"),
-    (['run.device="cpu"', 'loss.backend="cuda"'], "loss.backend"),
-    (["loss.confidence_threshold=2.0"], "loss.confidence_threshold"),
-    (["loss.tau=nan"], "loss.tau"),
-    (["loss.tau=inf"], "loss.tau"),
-    (["loss.sharpen_temperature=nan"], "loss.sharpen_temperature"),
-    (["loss.alpha=nan"], "loss.alpha"),
-    (["train.lr=-1.0"], "train.lr"),
-    (["train.lr=nan"], "train.lr"),
-    (["loss.class_weights=[0.0, 1.0]"], "loss.class_weights"),
-    (['train.method="supervised"', "data.patch_size=[16, 16, 16]"], "train.method"),
-])
-def test_values_that_would_crash_later_stop_before_the_first_step(overrides, key, data_root, tmp_path, capsys,
-                                                                   monkeypatch):
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.checkpoint_every=0"], "train.checkpoint_every"),
+        (["train.checkpoint_every=-1"], "train.checkpoint_every"),
+        (["eval.sw_batch_size=0"], "eval.sw_batch_size"),
+        (["eval.every_epochs=-1"], "eval.every_epochs"),
+        (["train.max_steps_per_epoch=-1"], "train.max_steps_per_epoch"),
+        (["data.num_workers=-1"], "data.num_workers"),
+        (["model.widths=[4, 8]"], "model.widths"),
+        (["model.project_dim=0"], "model.project_dim"),
+        (['run.device="cpu"', 'loss.backend="cuda"'], "loss.backend"),
+        (["loss.confidence_threshold=2.0"], "loss.confidence_threshold"),
+        (["loss.tau=nan"], "loss.tau"),
+        (["loss.tau=inf"], "loss.tau"),
+        (["loss.sharpen_temperature=nan"], "loss.sharpen_temperature"),
+        (["loss.alpha=nan"], "loss.alpha"),
+        (["train.lr=-1.0"], "train.lr"),
+        (["train.lr=nan"], "train.lr"),
+        (["loss.class_weights=[0.0, 1.0]"], "loss.class_weights"),
+        (['train.method="supervised"', "data.patch_size=[16, 16, 16]"], "train.method"),
+    ],
+)
+def test_values_that_would_crash_later_stop_before_the_first_step(
+    overrides, key, data_root, tmp_path, capsys, monkeypatch
+):
     def no_step(*args, **kwargs):
         raise AssertionError("a training step ran")
 

@@ -1,6 +1,7 @@
 """Fuzzing the config through the CLI: every run either stops before its first training step with
 ``rcps-train: error`` naming a key it set, or it validates and then really starts: the data loads, the model is
 built, the first batch arrives, the first step gives finite losses, and the evaluation windows run."""
+
 import contextlib
 import io
 import json
@@ -21,11 +22,51 @@ from rcps_train.synthetic import make_synthetic_dataset
 
 KEYS = sorted(f"{section}.{key}" for section in DEFAULTS for key in DEFAULTS[section])
 # Valid and invalid values around every kind of bound: signs, zero, 32/64-bit limits, beyond float64.
-SPECIAL_INTS = [-2**63, -1, 0, 1, 2, 3, 2**31 - 1, 2**31, 2**63, 10**400]
-SPECIAL_FLOATS = [math.nan, math.inf, -math.inf, -1.0, -0.0, 0.0, 5e-324, 1e-300, 1e-7, 1e-6, 0.1, 0.5, 0.999,
-                  1.0, 1.5, 2.0, 10.0, 1e3, 1e4, 1e300]
-WORDS = ["auto", "cpu", "cuda", "triton", "reference", "nifti", "h5", "rcps", "supervised", "off", "fp16", "bf16",
-         "topk", "random", "nnunet", "ssl-la", "ssl-pancreas", "on", ".", ""]
+SPECIAL_INTS = [-(2**63), -1, 0, 1, 2, 3, 2**31 - 1, 2**31, 2**63, 10**400]
+SPECIAL_FLOATS = [
+    math.nan,
+    math.inf,
+    -math.inf,
+    -1.0,
+    -0.0,
+    0.0,
+    5e-324,
+    1e-300,
+    1e-7,
+    1e-6,
+    0.1,
+    0.5,
+    0.999,
+    1.0,
+    1.5,
+    2.0,
+    10.0,
+    1e3,
+    1e4,
+    1e300,
+]
+WORDS = [
+    "auto",
+    "cpu",
+    "cuda",
+    "triton",
+    "reference",
+    "nifti",
+    "h5",
+    "rcps",
+    "supervised",
+    "off",
+    "fp16",
+    "bf16",
+    "topk",
+    "random",
+    "nnunet",
+    "ssl-la",
+    "ssl-pancreas",
+    "on",
+    ".",
+    "",
+]
 # No path separators: fuzzed run and data folders stay inside the temporary working folder.
 TEXT = st.text(alphabet="abxyz_-.09 ", max_size=6) | st.sampled_from(WORDS)
 
@@ -54,7 +95,8 @@ def _values(default):
 
 def _changes():
     pair = st.sampled_from(KEYS).flatmap(
-        lambda dotted: st.tuples(st.just(dotted), _values(DEFAULTS[dotted.split(".")[0]][dotted.split(".")[1]])))
+        lambda dotted: st.tuples(st.just(dotted), _values(DEFAULTS[dotted.split(".")[0]][dotted.split(".")[1]]))
+    )
     return st.lists(pair, min_size=1, max_size=3, unique_by=lambda item: item[0])
 
 
@@ -100,8 +142,15 @@ def _first_step_checked(real_step):
         window, stride, blending, _ = eval_settings(config)
         model.eval()
         # One voxel more than the window on each axis: at most 8 windows whatever the overlap.
-        logits = sliding_window_inference(model.segment, torch.randn(1, 1, *(n + 1 for n in window)), window,
-                                          stride, blending, eval_cfg["sw_batch_size"], eval_cfg["sigma_scale"])
+        logits = sliding_window_inference(
+            model.segment,
+            torch.randn(1, 1, *(n + 1 for n in window)),
+            window,
+            stride,
+            blending,
+            eval_cfg["sw_batch_size"],
+            eval_cfg["sigma_scale"],
+        )
         assert torch.isfinite(logits).all()
         model.train()
         return values
@@ -139,8 +188,10 @@ def _run(data_root: Path, changes) -> str:
     for dotted, value in changes:
         section, _, key = dotted.partition(".")
         config[section][key] = value
-    text = "\n".join(f"[{section}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in values.items())
-                     for section, values in config.items())
+    text = "\n".join(
+        f"[{section}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in values.items())
+        for section, values in config.items()
+    )
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
         work = Path(tmp) / "a" / "b"  # fuzzed relative folders ("..") stay inside tmp
         work.mkdir(parents=True)
@@ -167,13 +218,38 @@ def _sweep(default) -> list:
     if isinstance(default, int):
         return [-1, 0, 1, 2, 7, 2**31 - 1, 2**31, 10**400, 1.5, True, "1", [1]]
     if isinstance(default, float):
-        return [math.nan, math.inf, -math.inf, -1.0, 0.0, 5e-324, 1e-7, 1e-6, 0.5, 1, 1.0, 2.0, 1e3, 1e4, 1e300,
-                True, "0.1", [0.1]]
+        return [
+            math.nan,
+            math.inf,
+            -math.inf,
+            -1.0,
+            0.0,
+            5e-324,
+            1e-7,
+            1e-6,
+            0.5,
+            1,
+            1.0,
+            2.0,
+            1e3,
+            1e4,
+            1e300,
+            True,
+            "0.1",
+            [0.1],
+        ]
     if isinstance(default, str):
         return [*WORDS, "x y", 1, True, ["cpu"]]
     entries = [v for v in _sweep(default[0]) if not isinstance(v, list)]
-    return [[], default[:-1], default + default[-1:], "x", 1,
-            *([v] + default[1:] for v in entries), *([v] * len(default) for v in entries[:6])]
+    return [
+        [],
+        default[:-1],
+        default + default[-1:],
+        "x",
+        1,
+        *([v] + default[1:] for v in entries),
+        *([v] * len(default) for v in entries[:6]),
+    ]
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")

@@ -1,5 +1,6 @@
 """Data loading: NIfTI, h5 and nnU-Net layouts, the labeled and validation subsets, start-up errors, crops and the
 epoch plan."""
+
 import gzip
 import json
 
@@ -10,8 +11,18 @@ import pytest
 
 from rcps_train.augment import random_crop, random_grid_distortion
 from rcps_train.config import load_config
-from rcps_train.data import (DataError, PairedPatchDataset, VolumeStore, dataset_splits, epoch_plan, list_cases,
-                             load_case, read_nnunet_dataset_json, split_labeled, split_validation)
+from rcps_train.data import (
+    DataError,
+    PairedPatchDataset,
+    VolumeStore,
+    dataset_splits,
+    epoch_plan,
+    list_cases,
+    load_case,
+    read_nnunet_dataset_json,
+    split_labeled,
+    split_validation,
+)
 from rcps_train.synthetic import make_synthetic_dataset
 
 SHAPE = (32, 32, 24)
@@ -24,11 +35,24 @@ def tiny_dataset(root, num_train=4, num_val=2):
 
 def tiny_overrides(data_root, out_dir, **extra):
     """Config overrides for a run that takes seconds: width 4, 16x16x16 patches, 2 steps per epoch."""
-    values = {"data.root": f'"{data_root}"', "run.out_dir": f'"{out_dir}"', "data.labeled": 1, "data.val_cases": 1,
-              "data.patch_size": "[16, 16, 16]", "data.num_workers": 0, "model.widths": "[4, 8, 8, 16, 16]",
-              "model.project_dim": 16, "train.epochs": 2, "train.max_steps_per_epoch": 2,
-              "train.warmup_epochs": 1, "train.progress": "false", "loss.num_negatives": 16,
-              "eval.every_epochs": 1, "eval.overlap": 0.5, "data.grid_distortion_prob": 0.5}
+    values = {
+        "data.root": f'"{data_root}"',
+        "run.out_dir": f'"{out_dir}"',
+        "data.labeled": 1,
+        "data.val_cases": 1,
+        "data.patch_size": "[16, 16, 16]",
+        "data.num_workers": 0,
+        "model.widths": "[4, 8, 8, 16, 16]",
+        "model.project_dim": 16,
+        "train.epochs": 2,
+        "train.max_steps_per_epoch": 2,
+        "train.warmup_epochs": 1,
+        "train.progress": "false",
+        "loss.num_negatives": 16,
+        "eval.every_epochs": 1,
+        "eval.overlap": 0.5,
+        "data.grid_distortion_prob": 0.5,
+    }
     values.update(extra)
     return [f"{key}={value}" for key, value in values.items()]
 
@@ -163,8 +187,9 @@ def test_epoch_plan_is_deterministic_and_shards_ranks():
 def test_paired_dataset_items_are_reproducible(tmp_path):
     root = tiny_dataset(tmp_path / "data")
     labeled, unlabeled = split_labeled(list_cases(root, "train", "nifti"), 1)
-    dataset = PairedPatchDataset(VolumeStore(labeled, 2), VolumeStore(unlabeled, 2, cache=False), (16, 16, 16),
-                                 distortion_prob=1.0)
+    dataset = PairedPatchDataset(
+        VolumeStore(labeled, 2), VolumeStore(unlabeled, 2, cache=False), (16, 16, 16), distortion_prob=1.0
+    )
     a, b = dataset[(0, 11, 1, 12)], dataset[(0, 11, 1, 12)]
     other = dataset[(0, 13, 1, 12)]
     assert a["image_l"].shape == (1, 16, 16, 16) and a["label_l"].dtype.is_floating_point is False
@@ -193,15 +218,18 @@ def test_nnunet_layout_reads_dataset_json_and_test_folders(tmp_path):
     assert held_out == [c.name for c in list_cases(root, "val", "nnunet")]
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m.update(channel_names={"0": "T1", "1": "T2"}), "single-channel"),
-    (lambda m: m.update(labels={"background": 0, "a": 1, "b": 3}), "integers 0..n-1"),
-    (lambda m: m.update(labels={"background": 0, "both": [1, 2]}), "region-based"),
-    (lambda m: m.update(file_ending=".mha"), "file_ending '.mha'"),
-    (lambda m: m.update(numTraining=7), "numTraining = 7"),
-    (lambda m: m.pop("labels"), "lacks \\['labels'\\]"),
-    (lambda m: m.update(labels=["background", "foreground"]), "integers 0..n-1"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m.update(channel_names={"0": "T1", "1": "T2"}), "single-channel"),
+        (lambda m: m.update(labels={"background": 0, "a": 1, "b": 3}), "integers 0..n-1"),
+        (lambda m: m.update(labels={"background": 0, "both": [1, 2]}), "region-based"),
+        (lambda m: m.update(file_ending=".mha"), "file_ending '.mha'"),
+        (lambda m: m.update(numTraining=7), "numTraining = 7"),
+        (lambda m: m.pop("labels"), "lacks \\['labels'\\]"),
+        (lambda m: m.update(labels=["background", "foreground"]), "integers 0..n-1"),
+    ],
+)
 def test_nnunet_dataset_json_errors_name_the_file(tmp_path, edit, message):
     root = make_synthetic_dataset(tmp_path / "nn", 3, 1, SHAPE, seed=0, layout="nnunet")
     meta = json.loads((root / "dataset.json").read_text())
@@ -213,8 +241,16 @@ def test_nnunet_dataset_json_errors_name_the_file(tmp_path, edit, message):
 
 def test_nnunet_label_count_must_match_num_classes(tmp_path):
     root = make_synthetic_dataset(tmp_path / "nn", 4, 1, SHAPE, seed=0, layout="nnunet")
-    config = load_config(None, [f'data.root="{root}"', 'data.format="nnunet"', "data.labeled=1",
-                                "data.num_classes=3", "loss.class_weights=[1.0, 1.0, 1.0]"])
+    config = load_config(
+        None,
+        [
+            f'data.root="{root}"',
+            'data.format="nnunet"',
+            "data.labeled=1",
+            "data.num_classes=3",
+            "loss.class_weights=[1.0, 1.0, 1.0]",
+        ],
+    )
     with pytest.raises(DataError, match=r"dataset\.json defines 2 labels but data\.num_classes is 3"):
         dataset_splits(config["data"])
 

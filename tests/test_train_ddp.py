@@ -1,4 +1,5 @@
 """Distributed training on CPU: the gradient-keeping all-gather, and a 2-process gloo run through torchrun."""
+
 import os
 import socket
 import subprocess
@@ -7,11 +8,11 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_train_data import tiny_dataset, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.config import load_config
 from rcps_train.distributed import all_gather_with_grad
-from test_train_data import tiny_dataset, tiny_overrides
 
 
 def _free_port():
@@ -40,10 +41,25 @@ def test_all_gather_keeps_gradients_across_ranks(tmp_path):
 
 def test_torchrun_two_process_gloo_smoke(tmp_path):
     data = tiny_dataset(tmp_path / "data", num_train=6)  # 1 labeled, 1 validation, 4 unlabeled
-    overrides = tiny_overrides(data, tmp_path, **{"run.name": '"ddp"', "loss.cross_rank_negatives": "true",
-                                                   "train.epochs": 1, "eval.every_epochs": 0})
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "rcps_train", "train", "--config", "demo"]
+    overrides = tiny_overrides(
+        data,
+        tmp_path,
+        **{"run.name": '"ddp"', "loss.cross_rank_negatives": "true", "train.epochs": 1, "eval.every_epochs": 0},
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "rcps_train",
+        "train",
+        "--config",
+        "demo",
+    ]
     for item in overrides:
         command += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -63,8 +79,9 @@ def _failing_step(*args, **kwargs):
 
 def _process_group_worker(rank, world_size, ports, overrides, out_dir):
     torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "MASTER_ADDR": "127.0.0.1"})
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1"}
+    )
     seen = {}
     # A group the caller set up: train() joins it and leaves it to the caller.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=world_size)
@@ -92,8 +109,12 @@ def test_train_ends_only_the_process_group_it_started(tmp_path):
     mp.spawn(_process_group_worker, args=(2, [_free_port() for _ in range(3)], overrides, str(tmp_path)), nprocs=2)
     for rank in range(2):
         seen = torch.load(tmp_path / f"rank{rank}.pt")
-        assert seen == {"caller_group_kept": True, "own_group_ended": True, "error": "step failed on purpose",
-                        "own_group_ended_after_error": True}
+        assert seen == {
+            "caller_group_kept": True,
+            "own_group_ended": True,
+            "error": "step failed on purpose",
+            "own_group_ended_after_error": True,
+        }
 
 
 def test_train_resolves_the_device_once(tmp_path, monkeypatch):

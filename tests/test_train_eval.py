@@ -1,4 +1,5 @@
 """Sliding-window inference and the metrics (against medpy, empty masks included)."""
+
 import math
 
 import numpy as np
@@ -30,9 +31,12 @@ def test_window_covering_the_volume_equals_a_direct_forward(model):
 
 def test_overlapping_windows_blend_to_the_same_constant_prediction():
     # A predictor that returns the same logits everywhere must come back unchanged whatever the blending.
-    constant = lambda x: torch.ones(x.shape[0], 3, *x.shape[2:]) * torch.tensor([1.0, -2.0, 0.5])[:, None, None, None]
-    out = sliding_window_inference(constant, torch.randn(1, 1, 40, 33, 20), roi=(16, 16, 16), stride=(2, 2, 2),
-                                   sw_batch_size=3)
+    def constant(x):
+        return torch.ones(x.shape[0], 3, *x.shape[2:]) * torch.tensor([1.0, -2.0, 0.5])[:, None, None, None]
+
+    out = sliding_window_inference(
+        constant, torch.randn(1, 1, 40, 33, 20), roi=(16, 16, 16), stride=(2, 2, 2), sw_batch_size=3
+    )
     assert out.shape == (1, 3, 40, 33, 20)
     torch.testing.assert_close(out[0, :, 7, 9, 3], torch.tensor([1.0, -2.0, 0.5]))
     torch.testing.assert_close(out.std(dim=(2, 3, 4)), torch.zeros(1, 3), atol=1e-5, rtol=0)

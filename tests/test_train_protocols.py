@@ -1,5 +1,6 @@
 """Evaluation protocols: the field's sliding-window arithmetic, the largest-component filter, the voxel spacing
 of each layout, and ``rcps-train eval --protocol`` re-scoring a checkpoint."""
+
 import json
 import math
 
@@ -8,15 +9,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_train_data import tiny_dataset, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import EVAL_PROTOCOLS, ConfigError, load_config
 from rcps_train.data import Case, DataError, case_spacing, list_cases, load_case
-from rcps_train.evaluate import (PROTOCOLS, distance_unit, eval_settings, keep_largest_component,
-                                 sliding_window_inference, window_starts)
+from rcps_train.evaluate import (
+    PROTOCOLS,
+    distance_unit,
+    eval_settings,
+    keep_largest_component,
+    sliding_window_inference,
+    window_starts,
+)
 from rcps_train.metrics import binary_metrics
-from test_train_data import tiny_dataset, tiny_overrides
 
 
 def test_window_starts_follow_the_ceil_formula():
@@ -37,6 +44,7 @@ def _position_model(window):
 
     def predict(x):
         return torch.cat([torch.zeros_like(x), x + local], dim=1)
+
     return predict, local.numpy()
 
 
@@ -55,14 +63,14 @@ def test_plain_averaging_matches_a_direct_computation():
                 prob_sum[region] += 1 / (1 + np.exp(-(padded[region] + local)))  # softmax of (0, l), class 1
                 count[region] += 1
     expected = (prob_sum / count)[:, :, :2]
-    out = sliding_window_inference(predict, torch.from_numpy(image)[None, None], window, stride, blending="mean",
-                                   sw_batch_size=4)
+    out = sliding_window_inference(
+        predict, torch.from_numpy(image)[None, None], window, stride, blending="mean", sw_batch_size=4
+    )
     assert out.shape == (1, 2, 10, 9, 2)
     np.testing.assert_allclose(out[0, 1].numpy(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out[0].sum(0).numpy(), 1.0, rtol=1e-5)
     # Averaging probabilities is not averaging logits: the two blendings give different maps here.
-    logits = sliding_window_inference(predict, torch.from_numpy(image)[None, None], window, stride,
-                                      blending="gaussian")
+    logits = sliding_window_inference(predict, torch.from_numpy(image)[None, None], window, stride, blending="gaussian")
     assert not np.allclose(torch.sigmoid(logits[0, 1]).numpy(), expected, atol=1e-3)
 
 
@@ -126,9 +134,21 @@ def test_case_spacing_nifti_and_h5(tmp_path):
 
 def test_eval_command_rescores_a_checkpoint_under_ssl_la(tmp_path, capsys):
     data = tiny_dataset(tmp_path / "data")
-    config = load_config(None, tiny_overrides(data, tmp_path, **{
-        "run.name": '"run"', "train.epochs": 1, "train.max_steps_per_epoch": 1, "train.method": '"supervised"',
-        "eval.every_epochs": 0, "data.patch_size": "[32, 32, 16]"}))
+    config = load_config(
+        None,
+        tiny_overrides(
+            data,
+            tmp_path,
+            **{
+                "run.name": '"run"',
+                "train.epochs": 1,
+                "train.max_steps_per_epoch": 1,
+                "train.method": '"supervised"',
+                "eval.every_epochs": 0,
+                "data.patch_size": "[32, 32, 16]",
+            },
+        ),
+    )
     summary = engine.train(config)
     assert summary["protocol"] == "rcps" and summary["largest_component"] is False
     run_metrics = (tmp_path / "run" / "metrics.json").read_text()
@@ -149,19 +169,27 @@ def test_eval_command_rescores_a_checkpoint_under_ssl_la(tmp_path, capsys):
     # The re-score is the ssl-la pipeline: window 112x112x80 (the 32x32x24 volumes padded), averaged softmax, LCC.
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     # A checkpoint saved before the eval keys existed re-scores the same, with their defaults filled in.
-    old = {**state, "config": {**state["config"], "eval": {k: v for k, v in state["config"]["eval"].items()
-                                                           if k not in ("protocol", "largest_component")}}}
+    old = {
+        **state,
+        "config": {
+            **state["config"],
+            "eval": {k: v for k, v in state["config"]["eval"].items() if k not in ("protocol", "largest_component")},
+        },
+    }
     torch.save(old, tmp_path / "old.pt")
-    assert main(["eval", "--checkpoint", str(tmp_path / "old.pt"), "--protocol", "ssl-la", "--out",
-                 str(tmp_path / "old")]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "old.pt"), "--protocol", "ssl-la", "--out", str(tmp_path / "old")])
+        == 0
+    )
     assert json.loads((tmp_path / "old" / "metrics.json").read_text()) == metrics
     model = engine.build_model(config)
     model.load_state_dict(state["model"])
     model.eval()
     case = list_cases(data, "val", "nifti")[0]
     image, label = load_case(case, 2)
-    scores = sliding_window_inference(model.segment, torch.from_numpy(image)[None, None], (112, 112, 80),
-                                      (18, 18, 4), blending="mean")
+    scores = sliding_window_inference(
+        model.segment, torch.from_numpy(image)[None, None], (112, 112, 80), (18, 18, 4), blending="mean"
+    )
     pred = keep_largest_component(scores.argmax(1)[0].numpy(), 2)
     direct = binary_metrics(pred == 1, label == 1, case_spacing(case))
     for key in ("dice", "jaccard", "hd95", "asd"):

@@ -1,15 +1,16 @@
 """Whole runs on tiny data: run folder contents, resume after an interrupted run, run-folder bookkeeping, and the
 eval command."""
+
 import csv
 import json
 
 import pytest
 import torch
+from test_train_data import tiny_dataset, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import ConfigError, load_config
-from test_train_data import tiny_dataset, tiny_overrides
 
 
 def _config(data_root, out_dir, name, **extra):
@@ -40,8 +41,18 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, mo
     summary = engine.train(_config(data, tmp_path, "full", **{"train.checkpoint_every": 2}))
     full_dir = tmp_path / "full"
     assert set(summary) >= {"dice", "hd95", "asd"}
-    for name in ("config.toml", "train_log.csv", "val_log.csv", "checkpoint.pt", "best.pt", "metrics.csv",
-                 "metrics_best.csv", "metrics.json", "loss_terms.png", "val_dice.png"):
+    for name in (
+        "config.toml",
+        "train_log.csv",
+        "val_log.csv",
+        "checkpoint.pt",
+        "best.pt",
+        "metrics.csv",
+        "metrics_best.csv",
+        "metrics.json",
+        "loss_terms.png",
+        "val_dice.png",
+    ):
         assert (full_dir / name).exists(), name
     rows = _log(full_dir)
     assert [int(r["global_step"]) for r in rows] == [1, 2, 3, 4]
@@ -101,14 +112,25 @@ def test_fresh_run_after_a_kill_before_the_first_checkpoint_starts_clean(tmp_pat
 
 def test_eval_command_writes_metrics(tmp_path, capsys):
     data = tiny_dataset(tmp_path / "data")
-    config = _config(data, tmp_path, "run", **{"train.epochs": 1, "train.max_steps_per_epoch": 1,
-                                                "train.method": '"supervised"', "eval.every_epochs": 0,
-                                                # batch 1 alone: the deepest level needs > 1 voxel for BatchNorm
-                                                "data.patch_size": "[32, 32, 16]"})
+    config = _config(
+        data,
+        tmp_path,
+        "run",
+        **{
+            "train.epochs": 1,
+            "train.max_steps_per_epoch": 1,
+            "train.method": '"supervised"',
+            "eval.every_epochs": 0,
+            # batch 1 alone: the deepest level needs > 1 voxel for BatchNorm
+            "data.patch_size": "[32, 32, 16]",
+        },
+    )
     engine.train(config)
     out = tmp_path / "eval_out"
-    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(data),
-                 "--out", str(out)]) == 0
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data", str(data), "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "mean" in printed and "case_001" in printed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -119,8 +141,22 @@ def test_eval_command_writes_metrics(tmp_path, capsys):
 
 def test_demo_command_end_to_end(tmp_path, capsys):
     # The README's main-job command, shortened to one step: data, training, evaluation and the table.
-    assert main(["demo", "--out", str(tmp_path), "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=1",
-                 "--set", "train.progress=false"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(tmp_path),
+                "--set",
+                "train.epochs=1",
+                "--set",
+                "train.max_steps_per_epoch=1",
+                "--set",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "Dice" in printed and "HD95" in printed and "ASD" in printed and "mean" in printed
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
@@ -132,10 +168,21 @@ def test_demo_command_end_to_end(tmp_path, capsys):
 def test_rampup_epochs_sets_the_ramp_length(tmp_path, rampup_epochs):
     # 0 (the default) ramps over the whole run, as the paper does; a shorter ramp reaches 1 earlier.
     from rcps_train.losses import ramp_weight
+
     data = tiny_dataset(tmp_path / "data")
-    engine.train(_config(data, tmp_path, "ramp", **{"train.epochs": 3, "train.max_steps_per_epoch": 1,
-                                                   "eval.every_epochs": 0,
-                                                   "train.rampup_epochs": rampup_epochs}))
+    engine.train(
+        _config(
+            data,
+            tmp_path,
+            "ramp",
+            **{
+                "train.epochs": 3,
+                "train.max_steps_per_epoch": 1,
+                "eval.every_epochs": 0,
+                "train.rampup_epochs": rampup_epochs,
+            },
+        )
+    )
     ramps = [float(r["ramp"]) for r in _log(tmp_path / "ramp")]
     assert ramps == pytest.approx([ramp_weight(epoch, rampup_epochs or 3) for epoch in range(3)])
     assert (ramps[1] == pytest.approx(1.0)) == (rampup_epochs == 1)

@@ -1,5 +1,6 @@
 """Whole runs: every split checked before step 1, honest model selection (validation split, best.pt, the test
 split scored once at the end), and an nnU-Net raw dataset from make-synthetic trained and evaluated."""
+
 import builtins
 import csv
 import gzip
@@ -10,13 +11,13 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+from test_train_data import SHAPE, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import load_config
 from rcps_train.data import DataError, dataset_splits
 from rcps_train.synthetic import make_synthetic_dataset
-from test_train_data import SHAPE, tiny_overrides
 
 
 def _write_label(case, label):
@@ -43,15 +44,27 @@ def _truncate_image(case):
     case.image.write_bytes(gzip.compress(gzip.decompress(case.image.read_bytes())[:400]))
 
 
-DEFECTS = {"label 5": _label_of_five, "shape": lambda case: _write_label(case, np.zeros((8, 8, 8), np.uint8)),
-           "h5 without label": _drop_h5_label, "corrupt": _truncate_image}
+DEFECTS = {
+    "label 5": _label_of_five,
+    "shape": lambda case: _write_label(case, np.zeros((8, 8, 8), np.uint8)),
+    "h5 without label": _drop_h5_label,
+    "corrupt": _truncate_image,
+}
 
 
-@pytest.mark.parametrize("data_format, split, defect", [
-    ("nifti", "test", "label 5"), ("nifti", "validation", "shape"), ("nifti", "validation", "corrupt"),
-    ("h5", "test", "h5 without label"), ("h5", "validation", "label 5"),
-    ("nnunet", "test", "corrupt"), ("nnunet", "validation", "label 5"), ("nnunet", "test", "shape"),
-])
+@pytest.mark.parametrize(
+    "data_format, split, defect",
+    [
+        ("nifti", "test", "label 5"),
+        ("nifti", "validation", "shape"),
+        ("nifti", "validation", "corrupt"),
+        ("h5", "test", "h5 without label"),
+        ("h5", "validation", "label 5"),
+        ("nnunet", "test", "corrupt"),
+        ("nnunet", "validation", "label 5"),
+        ("nnunet", "test", "shape"),
+    ],
+)
 def test_bad_validation_or_test_file_stops_the_run_before_step_one(tmp_path, monkeypatch, data_format, split, defect):
     root = make_synthetic_dataset(tmp_path / "data", 4, 2, SHAPE, seed=0, layout=data_format)
     config = load_config(None, tiny_overrides(root, tmp_path, **{"data.format": f'"{data_format}"'}))
@@ -93,11 +106,19 @@ def test_validation_split_picks_best_and_the_test_split_is_read_only_at_start_an
     assert total == 6
     # The test files: read before step 1 (the start-up check), then only after the last step.
     assert {at for _, at in opened} == {0, total}
-    assert {name for name, at in opened if at == 0} == {name for name, at in opened if at == total} == {
-        "case_000.nii.gz", "case_001.nii.gz"}
+    assert (
+        {name for name, at in opened if at == 0}
+        == {name for name, at in opened if at == total}
+        == {"case_000.nii.gz", "case_001.nii.gz"}
+    )
     # Scoring: the validation split after every epoch, the test split only after training, once per checkpoint.
     assert [(folders[0], at) for folders, at in scored] == [
-        ("train_images", 2), ("train_images", 4), ("train_images", 6), ("val_images", 6), ("val_images", 6)]
+        ("train_images", 2),
+        ("train_images", 4),
+        ("train_images", 6),
+        ("val_images", 6),
+        ("val_images", 6),
+    ]
     run_dir = tmp_path / "honest"
     with open(run_dir / "val_log.csv", newline="") as f:
         val = [(int(r["epoch"]), float(r["dice"])) for r in csv.DictReader(f)]
@@ -115,11 +136,36 @@ def test_validation_split_picks_best_and_the_test_split_is_read_only_at_start_an
 
 def test_nnunet_dataset_from_make_synthetic_trains_and_evaluates(tmp_path, capsys):
     root = tmp_path / "Dataset001_Synthetic"
-    assert main(["make-synthetic", "--out", str(root), "--layout", "nnunet", "--train", "4", "--val", "2",
-                 "--shape", *map(str, SHAPE)]) == 0
-    sets = [item for pair in (("--set", o) for o in tiny_overrides(root, tmp_path, **{
-        "data.format": '"nnunet"', "run.name": '"nn"', "train.epochs": 1, "data.patch_size": "[32, 32, 16]"}))
-        for item in pair]
+    assert (
+        main(
+            [
+                "make-synthetic",
+                "--out",
+                str(root),
+                "--layout",
+                "nnunet",
+                "--train",
+                "4",
+                "--val",
+                "2",
+                "--shape",
+                *map(str, SHAPE),
+            ]
+        )
+        == 0
+    )
+    sets = [
+        item
+        for pair in (
+            ("--set", o)
+            for o in tiny_overrides(
+                root,
+                tmp_path,
+                **{"data.format": '"nnunet"', "run.name": '"nn"', "train.epochs": 1, "data.patch_size": "[32, 32, 16]"},
+            )
+        )
+        for item in pair
+    ]
     assert main(["train", "--config", "demo", *sets]) == 0
     metrics = json.loads((tmp_path / "nn" / "metrics.json").read_text())
     assert [row["case"] for row in metrics["per_case"]] == ["case_000", "case_001"]

@@ -1,5 +1,6 @@
 """One training step per backend, its loss terms against the reference backend, schedule and ramp values,
 block checkpointing, and the model's shapes."""
+
 import math
 
 import pytest
@@ -14,8 +15,13 @@ PATCH = (32, 32, 24)
 
 
 def tiny_config(**overrides):
-    values = {"model.widths": "[4, 8, 8, 16, 16]", "model.project_dim": 16, "loss.num_negatives": 32,
-              "data.patch_size": f"{list(PATCH)}", **overrides}
+    values = {
+        "model.widths": "[4, 8, 8, 16, 16]",
+        "model.project_dim": 16,
+        "loss.num_negatives": 32,
+        "data.patch_size": f"{list(PATCH)}",
+        **overrides,
+    }
     return load_config(None, [f"{k}={v}" for k, v in values.items()])
 
 
@@ -40,14 +46,24 @@ def test_one_step_per_backend(backend):
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    values = train_step(model, tiny_batch(), optimizer, scaler, config, ramp=0.5, device=torch.device("cpu"),
-                        amp_dtype=None, augment_generator=torch.Generator().manual_seed(1))
+    values = train_step(
+        model,
+        tiny_batch(),
+        optimizer,
+        scaler,
+        config,
+        ramp=0.5,
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        augment_generator=torch.Generator().manual_seed(1),
+    )
     assert set(TERMS) <= set(values) and all(math.isfinite(values[k]) for k in ("loss", *TERMS))
     assert all(values[k] > 0 for k in TERMS)
     # Random projections: L_bc starts near 2 ln(K + 1), i.e. every term is really computed.
     assert 0.5 * 2 * math.log(33) < values["bc_l"] < 2 * 2 * math.log(33)
-    expected = values["seg"] + 0.5 * (0.1 * (values["bc_l"] + values["bc_u"])
-                                      + 0.1 * sum(values[k] for k in ("urp_l", "urp_u", "cr_l", "cr_u")))
+    expected = values["seg"] + 0.5 * (
+        0.1 * (values["bc_l"] + values["bc_u"]) + 0.1 * sum(values[k] for k in ("urp_l", "urp_u", "cr_l", "cr_u"))
+    )
     assert values["loss"] == pytest.approx(expected, rel=1e-5)
     changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
     assert all(changed), "every parameter, the projector included, must receive a gradient"
@@ -58,8 +74,17 @@ def test_supervised_step_trains_seg_only():
     model = make_model(config)
     projector_before = [p.detach().clone() for p in model.projector.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    values = train_step(model, tiny_batch(), optimizer, torch.amp.GradScaler("cpu", enabled=False), config, 1.0,
-                        torch.device("cpu"), None, torch.Generator())
+    values = train_step(
+        model,
+        tiny_batch(),
+        optimizer,
+        torch.amp.GradScaler("cpu", enabled=False),
+        config,
+        1.0,
+        torch.device("cpu"),
+        None,
+        torch.Generator(),
+    )
     assert math.isfinite(values["seg"]) and values["loss"] == values["seg"]
     assert all(math.isnan(values[k]) for k in TERMS if k != "seg")
     assert all(torch.equal(b, p) for b, p in zip(projector_before, model.projector.parameters()))
@@ -78,8 +103,16 @@ def test_step_terms_match_reference_backend(sampling):
     config = tiny_config(**{"loss.sampling": f'"{sampling}"'})
     model = make_model(config)
     batch = tiny_batch()
-    x = torch.cat([batch["image_l"], 1.2 * batch["image_l"], 0.8 * batch["image_l"] + 0.1,
-                   batch["image_u"], 1.3 * batch["image_u"], 0.7 * batch["image_u"]])
+    x = torch.cat(
+        [
+            batch["image_l"],
+            1.2 * batch["image_l"],
+            0.8 * batch["image_l"] + 0.1,
+            batch["image_u"],
+            1.3 * batch["image_u"],
+            0.7 * batch["image_u"],
+        ]
+    )
     outputs = {k: v.detach() for k, v in model(x).items()}
     results = {}
     for backend in ("auto", "reference"):
@@ -141,8 +174,13 @@ def test_model_shapes_and_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 6_004_603  # the authors' count
     out = ProjectorUNet(1, 3, (4, 8, 8, 16, 16), 16)(torch.randn(2, 1, 32, 32, 24))
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "level3": (2, 3, 32, 32, 24), "level2": (2, 3, 32, 32, 24), "level1": (2, 3, 32, 32, 24),
-        "out": (2, 3, 32, 32, 24), "project": (2, 16, 8, 8, 6), "project_map": (2, 3, 8, 8, 6)}
+        "level3": (2, 3, 32, 32, 24),
+        "level2": (2, 3, 32, 32, 24),
+        "level1": (2, 3, 32, 32, 24),
+        "out": (2, 3, 32, 32, 24),
+        "project": (2, 16, 8, 8, 6),
+        "project_map": (2, 3, 8, 8, 6),
+    }
 
 
 def test_channels_last_layout_gives_the_same_step():
@@ -153,8 +191,17 @@ def test_channels_last_layout_gives_the_same_step():
         if channels_last == "true":
             model = model.to(memory_format=torch.channels_last_3d)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        values = train_step(model, tiny_batch(), optimizer, torch.amp.GradScaler("cpu", enabled=False), config, 0.5,
-                            torch.device("cpu"), None, torch.Generator().manual_seed(3))
+        values = train_step(
+            model,
+            tiny_batch(),
+            optimizer,
+            torch.amp.GradScaler("cpu", enabled=False),
+            config,
+            0.5,
+            torch.device("cpu"),
+            None,
+            torch.Generator().manual_seed(3),
+        )
         results.append((values, [p.detach().clone() for p in model.parameters()]))
     (values_a, params_a), (values_b, params_b) = results
     for name in ("loss", *TERMS):
@@ -165,6 +212,7 @@ def test_channels_last_layout_gives_the_same_step():
 
 def test_decoder_block_without_concatenation_matches_concatenation():
     from rcps_train.model import ResBlock
+
     torch.manual_seed(0)
     block = ResBlock(6 + 10, 6)
     skip, up = torch.randn(2, 6, 8, 8, 6), torch.randn(2, 10, 8, 8, 6)

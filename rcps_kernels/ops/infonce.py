@@ -19,6 +19,7 @@ bodies run as plain ``autograd.Function``s (:func:`per_anchor_loss`,
 :func:`mean_loss_with_grads`): a custom op call binds its arguments to the schema and dispatches
 twice in Python, about 0.1 ms per call, a sizeable part of the whole loss at small GPU shapes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,16 @@ class InfoNCEParams:
 
     def op_args(self) -> tuple:
         """The fields in the order of the ops' schemas (and the compiled kernels')."""
-        return (self.anchor_labels, self.neg_index, self.neg_count, float(self.temperature),
-                int(self.num_negatives), bool(self.random), int(self.seed), int(self.offset))
+        return (
+            self.anchor_labels,
+            self.neg_index,
+            self.neg_count,
+            float(self.temperature),
+            int(self.num_negatives),
+            bool(self.random),
+            int(self.seed),
+            int(self.offset),
+        )
 
     def tables(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.anchor_labels, self.neg_index, self.neg_count
@@ -70,39 +79,54 @@ class InfoNCEParams:
 # --------------------------------------------------------------------------------------------
 # Bodies shared by the custom ops and the eager Functions
 # --------------------------------------------------------------------------------------------
-def _loss(anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams, backend: str,
-          deterministic: bool | None) -> Tensor:
+def _loss(
+    anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams, backend: str, deterministic: bool | None
+) -> Tensor:
     with deterministic_override(deterministic):
         loss, _, _, _ = kernels(backend).voxel_infonce(anchor, positive, pool, params)
     return loss.to(accumulation_dtype(anchor.dtype))
 
 
-def _loss_backward(grad_loss: Tensor, anchor: Tensor, positive: Tensor, pool: Tensor,
-                   params: InfoNCEParams, backend: str, deterministic: bool | None,
-                   pool_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _loss_backward(
+    grad_loss: Tensor,
+    anchor: Tensor,
+    positive: Tensor,
+    pool: Tensor,
+    params: InfoNCEParams,
+    backend: str,
+    deterministic: bool | None,
+    pool_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     # d(sum_i g_i l_i)/dz: the kernel's weighted gradient with grad_weight = grad_loss.
     weights = grad_loss.to(accumulation_dtype(anchor.dtype)).contiguous()
     with deterministic_override(deterministic):
         _, grad_anchor, grad_positive, grad_pool = kernels(backend).voxel_infonce(
-            anchor, positive, pool, params, grad_weight=weights, grad_scale=1.0,
-            pool_grad=pool_grad)
+            anchor, positive, pool, params, grad_weight=weights, grad_scale=1.0, pool_grad=pool_grad
+        )
     return grad_anchor, grad_positive, grad_pool
 
 
-def _mean_with_grads(anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams,
-                     backend: str, deterministic: bool | None,
-                     pool_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _mean_with_grads(
+    anchor: Tensor,
+    positive: Tensor,
+    pool: Tensor,
+    params: InfoNCEParams,
+    backend: str,
+    deterministic: bool | None,
+    pool_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     # d(mean_i l_i)/dz = (1/N) sum_i dl_i/dz: the kernel's gradient with grad_scale = 1/N.
     num_anchors = params.anchor_labels.numel()
     with deterministic_override(deterministic):
         loss, grad_anchor, grad_positive, grad_pool = kernels(backend).voxel_infonce(
-            anchor, positive, pool, params, grad_scale=1.0 / max(num_anchors, 1),
-            pool_grad=pool_grad)
+            anchor, positive, pool, params, grad_scale=1.0 / max(num_anchors, 1), pool_grad=pool_grad
+        )
     return loss.to(accumulation_dtype(anchor.dtype)).mean(), grad_anchor, grad_positive, grad_pool
 
 
-def _save_inputs(ctx, anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams,
-                 backend: str, deterministic: bool | None) -> None:
+def _save_inputs(
+    ctx, anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams, backend: str, deterministic: bool | None
+) -> None:
     ctx.save_for_backward(anchor, positive, pool, *params.tables())
     ctx.scalars = params.scalars()
     ctx.backend, ctx.deterministic, ctx.pool_grad = backend, deterministic, pool.requires_grad
@@ -112,7 +136,8 @@ def _backward_from_saved(ctx, grad_loss: Tensor, backward=_loss_backward) -> tup
     anchor, positive, pool, *tables = ctx.saved_tensors
     params = InfoNCEParams(*tables, *ctx.scalars)
     grad_anchor, grad_positive, grad_pool = backward(
-        grad_loss, anchor, positive, pool, params, ctx.backend, ctx.deterministic, ctx.pool_grad)
+        grad_loss, anchor, positive, pool, params, ctx.backend, ctx.deterministic, ctx.pool_grad
+    )
     return grad_anchor, grad_positive, grad_pool if ctx.pool_grad else None
 
 
@@ -130,7 +155,8 @@ def _scale_saved_grads(ctx, grad_loss: Tensor) -> tuple:
     ctx.used = True
     grads = ctx.saved_tensors
     tracing = torch.compiler.is_compiling() or any(
-        type(t) is not torch.Tensor for t in (grad_loss, *grads)  # fake/functional tensors
+        type(t) is not torch.Tensor
+        for t in (grad_loss, *grads)  # fake/functional tensors
     )
     if tracing:
         scaled = [grad_loss * g for g in grads]
@@ -151,12 +177,21 @@ def _save_mean_grads(ctx, output: tuple, pool_grad: bool) -> None:
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("rcps::voxel_infonce_loss", mutates_args=())
 def voxel_infonce_loss(
-    anchor: Tensor, positive: Tensor, pool: Tensor, anchor_labels: Tensor, neg_index: Tensor,
-    neg_count: Tensor, temperature: float, num_negatives: int, random: bool, seed: int,
-    offset: int, backend: str, deterministic: bool | None,
+    anchor: Tensor,
+    positive: Tensor,
+    pool: Tensor,
+    anchor_labels: Tensor,
+    neg_index: Tensor,
+    neg_count: Tensor,
+    temperature: float,
+    num_negatives: int,
+    random: bool,
+    seed: int,
+    offset: int,
+    backend: str,
+    deterministic: bool | None,
 ) -> Tensor:
-    params = InfoNCEParams(anchor_labels, neg_index, neg_count, temperature, num_negatives,
-                           random, seed, offset)
+    params = InfoNCEParams(anchor_labels, neg_index, neg_count, temperature, num_negatives, random, seed, offset)
     return _loss(anchor, positive, pool, params, backend, deterministic)
 
 
@@ -167,21 +202,34 @@ def _(anchor, positive, pool, anchor_labels, *_scalars) -> Tensor:
 
 @torch.library.custom_op("rcps::voxel_infonce_backward", mutates_args=())
 def voxel_infonce_backward(
-    grad_loss: Tensor, anchor: Tensor, positive: Tensor, pool: Tensor, anchor_labels: Tensor,
-    neg_index: Tensor, neg_count: Tensor, temperature: float, num_negatives: int, random: bool,
-    seed: int, offset: int, backend: str, deterministic: bool | None, pool_grad: bool,
+    grad_loss: Tensor,
+    anchor: Tensor,
+    positive: Tensor,
+    pool: Tensor,
+    anchor_labels: Tensor,
+    neg_index: Tensor,
+    neg_count: Tensor,
+    temperature: float,
+    num_negatives: int,
+    random: bool,
+    seed: int,
+    offset: int,
+    backend: str,
+    deterministic: bool | None,
+    pool_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    params = InfoNCEParams(anchor_labels, neg_index, neg_count, temperature, num_negatives,
-                           random, seed, offset)
-    return _loss_backward(grad_loss, anchor, positive, pool, params, backend, deterministic,
-                          pool_grad)
+    params = InfoNCEParams(anchor_labels, neg_index, neg_count, temperature, num_negatives, random, seed, offset)
+    return _loss_backward(grad_loss, anchor, positive, pool, params, backend, deterministic, pool_grad)
 
 
 @voxel_infonce_backward.register_fake
 def _(grad_loss, anchor, positive, pool, *args):
     pool_grad = args[-1]
-    return (anchor.new_empty(anchor.shape), positive.new_empty(positive.shape),
-            pool.new_empty(pool.shape if pool_grad else (0,)))
+    return (
+        anchor.new_empty(anchor.shape),
+        positive.new_empty(positive.shape),
+        pool.new_empty(pool.shape if pool_grad else (0,)),
+    )
 
 
 def _op_params(inputs: tuple) -> InfoNCEParams:
@@ -198,11 +246,11 @@ def _loss_op_backward(ctx, grad_loss):
     return (*_backward_from_saved(ctx, grad_loss, _op_form_of_backward), *[None] * 10)
 
 
-def _op_form_of_backward(grad_loss, anchor, positive, pool, params, backend, deterministic,
-                         pool_grad):
+def _op_form_of_backward(grad_loss, anchor, positive, pool, params, backend, deterministic, pool_grad):
     # Under torch.compile the backward must be the op too, so that it is traced through its fake.
-    return voxel_infonce_backward(grad_loss, anchor, positive, pool, *params.op_args(), backend,
-                                  deterministic, pool_grad)
+    return voxel_infonce_backward(
+        grad_loss, anchor, positive, pool, *params.op_args(), backend, deterministic, pool_grad
+    )
 
 
 voxel_infonce_loss.register_autograd(_loss_op_backward, setup_context=_setup_loss_op)
@@ -210,21 +258,34 @@ voxel_infonce_loss.register_autograd(_loss_op_backward, setup_context=_setup_los
 
 @torch.library.custom_op("rcps::voxel_infonce_mean", mutates_args=())
 def voxel_infonce_mean(
-    anchor: Tensor, positive: Tensor, pool: Tensor, anchor_labels: Tensor, neg_index: Tensor,
-    neg_count: Tensor, temperature: float, num_negatives: int, random: bool, seed: int,
-    offset: int, backend: str, deterministic: bool | None, pool_grad: bool,
+    anchor: Tensor,
+    positive: Tensor,
+    pool: Tensor,
+    anchor_labels: Tensor,
+    neg_index: Tensor,
+    neg_count: Tensor,
+    temperature: float,
+    num_negatives: int,
+    random: bool,
+    seed: int,
+    offset: int,
+    backend: str,
+    deterministic: bool | None,
+    pool_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    params = InfoNCEParams(anchor_labels, neg_index, neg_count, temperature, num_negatives,
-                           random, seed, offset)
+    params = InfoNCEParams(anchor_labels, neg_index, neg_count, temperature, num_negatives, random, seed, offset)
     return _mean_with_grads(anchor, positive, pool, params, backend, deterministic, pool_grad)
 
 
 @voxel_infonce_mean.register_fake
 def _(anchor, positive, pool, anchor_labels, *args):
     pool_grad = args[-1]
-    return (anchor_labels.new_empty((), dtype=accumulation_dtype(anchor.dtype)),
-            anchor.new_empty(anchor.shape), positive.new_empty(positive.shape),
-            pool.new_empty(pool.shape if pool_grad else (0,)))
+    return (
+        anchor_labels.new_empty((), dtype=accumulation_dtype(anchor.dtype)),
+        anchor.new_empty(anchor.shape),
+        positive.new_empty(positive.shape),
+        pool.new_empty(pool.shape if pool_grad else (0,)),
+    )
 
 
 def _setup_mean_op(ctx, inputs, output) -> None:
@@ -255,8 +316,7 @@ class _EagerLoss(torch.autograd.Function):
 class _EagerMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, positive, pool, params, backend, deterministic, pool_grad):
-        output = _mean_with_grads(anchor, positive, pool, params, backend, deterministic,
-                                  pool_grad)
+        output = _mean_with_grads(anchor, positive, pool, params, backend, deterministic, pool_grad)
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)  # no zero-filled grads for the three gradient outputs
         _save_mean_grads(ctx, output, pool_grad)
@@ -273,8 +333,14 @@ def _use_op(anchor: Tensor) -> bool:
     return torch.compiler.is_compiling() or anchor.device.type == "meta"
 
 
-def per_anchor_loss(anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams,
-                    backend: str, deterministic: bool | None = None) -> Tensor:
+def per_anchor_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    pool: Tensor,
+    params: InfoNCEParams,
+    backend: str,
+    deterministic: bool | None = None,
+) -> Tensor:
     """l1 + l2 per anchor (N,), differentiable in the three feature tensors.
 
     Args:
@@ -284,22 +350,31 @@ def per_anchor_loss(anchor: Tensor, positive: Tensor, pool: Tensor, params: Info
         deterministic: see :func:`rcps_kernels.bidirectional_voxel_infonce`.
     """
     if _use_op(anchor):
-        return voxel_infonce_loss(anchor, positive, pool, *params.op_args(), backend,
-                                  deterministic)
+        return voxel_infonce_loss(anchor, positive, pool, *params.op_args(), backend, deterministic)
     return _EagerLoss.apply(anchor, positive, pool, params, backend, deterministic)
 
 
-def mean_loss_with_grads(anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams,
-                         backend: str, deterministic: bool | None = None
-                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def mean_loss_with_grads(
+    anchor: Tensor,
+    positive: Tensor,
+    pool: Tensor,
+    params: InfoNCEParams,
+    backend: str,
+    deterministic: bool | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(mean_i (l1_i + l2_i), and the gradients of that mean): the loss is differentiable, its
     backward only scales the gradients computed here. Arguments as :func:`per_anchor_loss`."""
     pool_grad = pool.requires_grad
     if _use_op(anchor):
-        return voxel_infonce_mean(anchor, positive, pool, *params.op_args(), backend,
-                                  deterministic, pool_grad)
+        return voxel_infonce_mean(anchor, positive, pool, *params.op_args(), backend, deterministic, pool_grad)
     return _EagerMean.apply(anchor, positive, pool, params, backend, deterministic, pool_grad)
 
 
-__all__ = ["InfoNCEParams", "voxel_infonce_loss", "voxel_infonce_backward", "voxel_infonce_mean",
-           "per_anchor_loss", "mean_loss_with_grads"]
+__all__ = [
+    "InfoNCEParams",
+    "voxel_infonce_loss",
+    "voxel_infonce_backward",
+    "voxel_infonce_mean",
+    "per_anchor_loss",
+    "mean_loss_with_grads",
+]

@@ -23,13 +23,14 @@ topk mode (one bank N_c per class):
      into the pool gradient (rows of one bank are distinct; one launch per class in class order,
      or one for both classes of a binary task, whose banks are disjoint), so the result is
      bitwise deterministic.
-  5. ``pool_input_grad`` (infonce_triton_common.py): chains the (M, C) pool gradient through the pool's normalisation into
-     the (Bn, C, Pn) output (writes every element).
+  5. ``pool_input_grad`` (infonce_triton_common.py): chains the (M, C) pool gradient through the
+     pool's normalisation into the (Bn, C, Pn) output (writes every element).
 
 random mode: infonce_triton_random.py. Deterministic mode (int64 fixed-point atomics for the
 pool gradient) follows ``_backend.deterministic_algorithms()``, asked when the kernel runs: the call's
 ``deterministic=`` keyword, else ``torch.are_deterministic_algorithms_enabled()``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,12 +42,17 @@ import triton.language as tl
 
 from .._backend import deterministic_algorithms
 from ..settings import triton_dot_precision, triton_interpreting
-from .infonce_triton_common import (block_c, chain_store, normalize_rows, pool_input_grad,
-                                    positive_nll, softmax_weight, store_normaliser)
+from .infonce_triton_common import (
+    block_c,
+    chain_store,
+    normalize_rows,
+    pool_input_grad,
+    positive_nll,
+    softmax_weight,
+    store_normaliser,
+)
 from .infonce_triton_random import random_draws, random_mode
 from .selection import anchor_class_order
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,8 +82,9 @@ def _tile_rows(class_start_ptr, num_classes, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C,
-               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _load_tile(
+    u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr
+):
     cls, row0, end = _tile_rows(class_start_ptr, num_classes, BLOCK_M)
     kc = tl.load(neg_count_ptr + cls).to(tl.int64)
     kc = tl.where(row0 < end, kc, 0)  # padding tiles do no work
@@ -93,8 +100,7 @@ def _load_tile(u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C,
 
 
 @triton.jit
-def _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Bank rows [n0, n0 + BLOCK_N) of a class and the tile's logits against them, both directions.
 
     The logits are dot products of the anchors scaled by 1/tau, not dot products times 1/tau:
@@ -103,8 +109,7 @@ def _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N: tl.c
     (exp(+-4) at tau = 1e-8). A dot's output is no FMA operand."""
     ns = n0 + tl.arange(0, BLOCK_N)
     nmask = ns < kc
-    bank = tl.load(bank_base + ns[:, None] * C + cc[None, :],
-                   mask=nmask[:, None] & cmask[None, :], other=0.0)
+    bank = tl.load(bank_base + ns[:, None] * C + cc[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0)
     bank_t = tl.trans(bank)
     a1 = tl.dot(u1 * inv_tau, bank_t, input_precision=PRECISION)
     a2 = tl.dot(u2 * inv_tau, bank_t, input_precision=PRECISION)
@@ -112,13 +117,28 @@ def _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N: tl.c
 
 
 @triton.jit
-def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, class_start_ptr, num_classes,
-                     neg_count_ptr, order_ptr, lse1_ptr, lse2_ptr, loss_ptr, C, L, inv_tau,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                     PRECISION: tl.constexpr):
+def _topk_lse_kernel(
+    u1_ptr,
+    u2_ptr,
+    bank_ptr,
+    class_start_ptr,
+    num_classes,
+    neg_count_ptr,
+    order_ptr,
+    lse1_ptr,
+    lse2_ptr,
+    loss_ptr,
+    C,
+    L,
+    inv_tau,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     cls, kc, rows, rmask, cc, cmask, u1, u2 = _load_tile(
-        u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C,
-        BLOCK_M, BLOCK_C)
+        u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C, BLOCK_M, BLOCK_C
+    )
     x = tl.sum(u1 * u2, 1) * inv_tau
     # The negatives' online state, anchored at the finite x (so no -inf - -inf): sum starts at 0.
     m1 = x
@@ -127,8 +147,7 @@ def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, class_start_ptr, num_classes,
     s2 = tl.zeros([BLOCK_M], tl.float32)
     bank_base = bank_ptr + cls * L * C
     for n0 in range(0, kc, BLOCK_N):
-        bank, nmask, a1, a2 = _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau,
-                                           BLOCK_N, PRECISION)
+        bank, nmask, a1, a2 = _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N, PRECISION)
         a1 = tl.where(nmask[None, :], a1, float("-inf"))
         a2 = tl.where(nmask[None, :], a2, float("-inf"))
         new1 = tl.maximum(m1, tl.max(a1, 1))
@@ -146,14 +165,35 @@ def _topk_lse_kernel(u1_ptr, u2_ptr, bank_ptr, class_start_ptr, num_classes,
 
 
 @triton.jit
-def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, norm1_ptr, norm2_ptr, bank_ptr, class_start_ptr,
-                             num_classes, neg_count_ptr, order_ptr, lse1_ptr,
-                             lse2_ptr, w_ptr, grad_scale, g1_ptr, g2_ptr, C, P, L, inv_tau,
-                             HAS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+def _topk_anchor_grad_kernel(
+    u1_ptr,
+    u2_ptr,
+    norm1_ptr,
+    norm2_ptr,
+    bank_ptr,
+    class_start_ptr,
+    num_classes,
+    neg_count_ptr,
+    order_ptr,
+    lse1_ptr,
+    lse2_ptr,
+    w_ptr,
+    grad_scale,
+    g1_ptr,
+    g2_ptr,
+    C,
+    P,
+    L,
+    inv_tau,
+    HAS_W: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     cls, kc, rows, rmask, cc, cmask, u1, u2 = _load_tile(
-        u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C,
-        BLOCK_M, BLOCK_C)
+        u1_ptr, u2_ptr, class_start_ptr, num_classes, neg_count_ptr, C, BLOCK_M, BLOCK_C
+    )
     anchor = tl.load(order_ptr + rows, mask=rmask, other=0)
     w = tl.zeros([BLOCK_M], tl.float32) + grad_scale
     if HAS_W:
@@ -166,8 +206,7 @@ def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, norm1_ptr, norm2_ptr, bank_ptr, cla
     mass = tl.zeros([BLOCK_M], tl.float32)
     bank_base = bank_ptr + cls * L * C
     for n0 in range(0, kc, BLOCK_N):
-        bank, nmask, a1, a2 = _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau,
-                                           BLOCK_N, PRECISION)
+        bank, nmask, a1, a2 = _bank_logits(u1, u2, bank_base, n0, kc, cc, cmask, C, inv_tau, BLOCK_N, PRECISION)
         p1 = tl.where(nmask[None, :], softmax_weight(a1, lse1_ptr, rows, rmask) * wt[:, None], 0.0)
         p2 = tl.where(nmask[None, :], softmax_weight(a2, lse2_ptr, rows, rmask) * wt[:, None], 0.0)
         mass += tl.sum(p1, 1) + tl.sum(p2, 1)
@@ -182,11 +221,29 @@ def _topk_anchor_grad_kernel(u1_ptr, u2_ptr, norm1_ptr, norm2_ptr, bank_ptr, cla
 
 
 @triton.jit
-def _topk_bank_grad_kernel(u1_ptr, u2_ptr, bank_ptr, class_start_ptr, neg_count_ptr, order_ptr,
-                           lse1_ptr, lse2_ptr, w_ptr, grad_scale, part_ptr, C, L, num_classes,
-                           inv_tau, HAS_W: tl.constexpr, SPLIT: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                           PRECISION: tl.constexpr):
+def _topk_bank_grad_kernel(
+    u1_ptr,
+    u2_ptr,
+    bank_ptr,
+    class_start_ptr,
+    neg_count_ptr,
+    order_ptr,
+    lse1_ptr,
+    lse2_ptr,
+    w_ptr,
+    grad_scale,
+    part_ptr,
+    C,
+    L,
+    num_classes,
+    inv_tau,
+    HAS_W: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """partial[split, c, n] = sum over this split's anchors i of class c of (P1 U1 + P2 U2)[i, n]."""
     cls = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
@@ -202,8 +259,9 @@ def _topk_bank_grad_kernel(u1_ptr, u2_ptr, bank_ptr, class_start_ptr, neg_count_
     nmask = ns < kc
     cc = tl.arange(0, BLOCK_C)
     cmask = cc < C
-    bank = tl.load(bank_ptr + cls * L * C + ns[:, None] * C + cc[None, :],
-                   mask=nmask[:, None] & cmask[None, :], other=0.0)
+    bank = tl.load(
+        bank_ptr + cls * L * C + ns[:, None] * C + cc[None, :], mask=nmask[:, None] & cmask[None, :], other=0.0
+    )
     bank_t = tl.trans(bank)
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for r0 in range(lo, hi, BLOCK_M):
@@ -228,9 +286,19 @@ def _topk_bank_grad_kernel(u1_ptr, u2_ptr, bank_ptr, class_start_ptr, neg_count_
 
 
 @triton.jit
-def _bank_scatter_kernel(part_ptr, neg_index_ptr, neg_count_ptr, pool_grad_ptr, first_cls, C,
-                         L, num_classes, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
+def _bank_scatter_kernel(
+    part_ptr,
+    neg_index_ptr,
+    neg_count_ptr,
+    pool_grad_ptr,
+    first_cls,
+    C,
+    L,
+    num_classes,
+    SPLIT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """pool_grad[neg_index[cls, k]] += sum_split partial[split, cls, k], cls = first_cls +
     program_id(1). Rows of one bank are distinct voxels; banks launched together must be too."""
     cls = first_cls + tl.program_id(1)
@@ -243,15 +311,15 @@ def _bank_scatter_kernel(part_ptr, neg_index_ptr, neg_count_ptr, pool_grad_ptr, 
     j = tl.load(neg_index_ptr + cls * L + k, mask=kmask, other=0).to(tl.int64)
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for sp in tl.static_range(SPLIT):
-        acc += tl.load(part_ptr + ((sp * num_classes + cls) * L + k[:, None]) * C + cc[None, :],
-                       mask=m2, other=0.0)
+        acc += tl.load(part_ptr + ((sp * num_classes + cls) * L + k[:, None]) * C + cc[None, :], mask=m2, other=0.0)
     dst = pool_grad_ptr + j[:, None] * C + cc[None, :]
     tl.store(dst, tl.load(dst, mask=m2, other=0.0) + acc, mask=m2)
 
 
 @triton.jit
-def _class_order_kernel(labels_ptr, order_ptr, class_start_ptr, N, num_classes,
-                        BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr):
+def _class_order_kernel(
+    labels_ptr, order_ptr, class_start_ptr, N, num_classes, BLOCK: tl.constexpr, BLOCK_CLS: tl.constexpr
+):
     """Stable partition of the anchors by class, in one program: order (N,) and class_start
     (classes + 1,), as the op anchor_class_order. Pass 1 counts each class; pass 2 places each
     anchor at its class's start plus the number of earlier anchors of its class."""
@@ -311,15 +379,20 @@ def class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, t
         return anchor_class_order(labels, num_classes)
     order = torch.empty((N,), device=labels.device, dtype=torch.int64)
     class_start = torch.empty((num_classes + 1,), device=labels.device, dtype=torch.int64)
-    _class_order_kernel[(1,)](labels, order, class_start, N, num_classes,
-                              BLOCK=16 if triton_interpreting() else 1024,
-                              BLOCK_CLS=triton.next_power_of_2(num_classes + 1),
-                              num_warps=1 if triton_interpreting() else 8)
+    _class_order_kernel[(1,)](
+        labels,
+        order,
+        class_start,
+        N,
+        num_classes,
+        BLOCK=16 if triton_interpreting() else 1024,
+        BLOCK_CLS=triton.next_power_of_2(num_classes + 1),
+        num_warps=1 if triton_interpreting() else 8,
+    )
     return order, class_start
 
 
-def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want_grad,
-          neg_grad):
+def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want_grad, neg_grad):
     B, C, P = z1.shape
     N = B * P
     num_classes, L = neg_index.shape
@@ -334,16 +407,56 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     loss = torch.empty((N,), device=dev, dtype=torch.float32)
     lse1, lse2 = torch.empty((2, N, 2), device=dev, dtype=torch.float32)  # (anchor, rel) per row
     _topk_lse_kernel[(num_tiles,)](
-        u1, u2, bank, class_start, num_classes, neg_count, order, lse1, lse2, loss, C, L,
-        inv_tau, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=precision, num_warps=warps)
+        u1,
+        u2,
+        bank,
+        class_start,
+        num_classes,
+        neg_count,
+        order,
+        lse1,
+        lse2,
+        loss,
+        C,
+        L,
+        inv_tau,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_C=bc,
+        PRECISION=precision,
+        num_warps=warps,
+    )
     if not want_grad:
         return loss, None, None, None
     g1 = torch.empty((B, C, P), device=dev, dtype=z1.dtype)
     g2 = torch.empty((B, C, P), device=dev, dtype=z2.dtype)
     _topk_anchor_grad_kernel[(num_tiles,)](
-        u1, u2, norm1, norm2, bank, class_start, num_classes, neg_count, order, lse1, lse2, w,
-        grad_scale, g1, g2, C, P, L, inv_tau, HAS_W=w is not None, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_C=bc, PRECISION=precision, num_warps=warps)
+        u1,
+        u2,
+        norm1,
+        norm2,
+        bank,
+        class_start,
+        num_classes,
+        neg_count,
+        order,
+        lse1,
+        lse2,
+        w,
+        grad_scale,
+        g1,
+        g2,
+        C,
+        P,
+        L,
+        inv_tau,
+        HAS_W=w is not None,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_C=bc,
+        PRECISION=precision,
+        num_warps=warps,
+    )
     if not neg_grad:
         return loss, g1, g2, None
     M = zn.shape[0] * zn.shape[2]
@@ -352,41 +465,63 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     if triton_interpreting():
         split = 2
     else:
-        split = max(1, min(32, (2 * _num_sms(dev)) // max(1, num_classes * nblocks),
-                           triton.cdiv(N, 4 * bm * num_classes)))
+        split = max(
+            1, min(32, (2 * _num_sms(dev)) // max(1, num_classes * nblocks), triton.cdiv(N, 4 * bm * num_classes))
+        )
     partial = torch.empty((split, num_classes, L, C), device=dev, dtype=torch.float32)
     _topk_bank_grad_kernel[(num_classes, nblocks, split)](
-        u1, u2, bank, class_start, neg_count, order, lse1, lse2, w, grad_scale, partial, C, L,
-        num_classes, inv_tau, HAS_W=w is not None, SPLIT=split, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_C=bc, PRECISION=precision, num_warps=warps)
+        u1,
+        u2,
+        bank,
+        class_start,
+        neg_count,
+        order,
+        lse1,
+        lse2,
+        w,
+        grad_scale,
+        partial,
+        C,
+        L,
+        num_classes,
+        inv_tau,
+        HAS_W=w is not None,
+        SPLIT=split,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_C=bc,
+        PRECISION=precision,
+        num_warps=warps,
+    )
     block_r = 16 if triton_interpreting() else 32
     # With two classes the banks are disjoint (the other class's voxels each): one launch.
     # Otherwise banks can share voxels: one launch per class, in class order (deterministic).
     together = num_classes if num_classes == 2 else 1
     for c in range(0, num_classes, together):
         _bank_scatter_kernel[(triton.cdiv(L, block_r), together)](
-            partial, neg_index, neg_count, pool_grad, c, C, L, num_classes, SPLIT=split,
-            BLOCK_R=block_r, BLOCK_C=bc)
+            partial, neg_index, neg_count, pool_grad, c, C, L, num_classes, SPLIT=split, BLOCK_R=block_r, BLOCK_C=bc
+        )
     return loss, g1, g2, pool_input_grad(zn, pool_grad, None)
 
 
-def voxel_infonce(anchor, positive, pool, params, *, grad_weight=None, grad_scale=0.0,
-                  pool_grad=False):
+def voxel_infonce(anchor, positive, pool, params, *, grad_weight=None, grad_scale=0.0, pool_grad=False):
     """The voxel_infonce kernel of ops/kernels.py, on CUDA tensors (or CPU ones under
     TRITON_INTERPRET=1)."""
     if anchor.dim() != 3 or positive.shape != anchor.shape:
-        raise ValueError(f"voxel_infonce (triton): anchor and positive must be equal (B, C, P), "
-                         f"got {tuple(anchor.shape)} and {tuple(positive.shape)}")
+        raise ValueError(
+            f"voxel_infonce (triton): anchor and positive must be equal (B, C, P), "
+            f"got {tuple(anchor.shape)} and {tuple(positive.shape)}"
+        )
     if pool.dim() != 3 or pool.shape[1] != anchor.shape[1]:
-        raise ValueError(f"voxel_infonce (triton): pool must be (Bn, C, Pn) with C = "
-                         f"{anchor.shape[1]}, got {tuple(pool.shape)}")
+        raise ValueError(
+            f"voxel_infonce (triton): pool must be (Bn, C, Pn) with C = {anchor.shape[1]}, got {tuple(pool.shape)}"
+        )
     B, C, P = anchor.shape
     N = B * P
     dev = anchor.device
     want_grad = grad_scale != 0.0
     pool_grad = want_grad and pool_grad
-    labels, neg_index, neg_count = (t.to(device=dev, dtype=torch.int64).contiguous()
-                                    for t in params.tables())
+    labels, neg_index, neg_count = (t.to(device=dev, dtype=torch.int64).contiguous() for t in params.tables())
     w = None
     if want_grad and grad_weight is not None:
         w = grad_weight.to(device=dev, dtype=torch.float32).contiguous()
@@ -399,18 +534,43 @@ def voxel_infonce(anchor, positive, pool, params, *, grad_weight=None, grad_scal
         return _with_empty_grads(loss, g1, g2, gn, anchor, pool)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         if params.random:
-            loss, g1, g2, gn = random_mode(anchor, positive, pool, labels, neg_index, neg_count,
-                                           inv_tau, int(params.num_negatives), int(params.seed),
-                                           int(params.offset), w, float(grad_scale), want_grad,
-                                           pool_grad, deterministic_algorithms())
+            loss, g1, g2, gn = random_mode(
+                anchor,
+                positive,
+                pool,
+                labels,
+                neg_index,
+                neg_count,
+                inv_tau,
+                int(params.num_negatives),
+                int(params.seed),
+                int(params.offset),
+                w,
+                float(grad_scale),
+                want_grad,
+                pool_grad,
+                deterministic_algorithms(),
+            )
         else:
-            loss, g1, g2, gn = _topk(anchor, positive, pool, labels, neg_index, neg_count,
-                                     inv_tau, w, float(grad_scale), want_grad, pool_grad)
+            loss, g1, g2, gn = _topk(
+                anchor,
+                positive,
+                pool,
+                labels,
+                neg_index,
+                neg_count,
+                inv_tau,
+                w,
+                float(grad_scale),
+                want_grad,
+                pool_grad,
+            )
     return _with_empty_grads(loss, g1, g2, gn, anchor, pool)
 
 
 def _with_empty_grads(loss, g1, g2, gn, anchor, pool):
     """The kernel's outputs, with empty tensors for the gradients it did not compute."""
+
     def given(grad, like):
         return grad if grad is not None else like.new_empty((0,))
 

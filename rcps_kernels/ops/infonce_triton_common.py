@@ -5,6 +5,7 @@ copies (u = z / max(||z||, eps), as F.normalize and csrc/common/rcps_math.h); an
 takes gradients of those copies back through the normalisation into the input-dtype (B, C, P)
 gradient.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,11 @@ def positive_nll(neg_max, neg_sum, x):
     one_plus = 1.0 + y
     tail = tl.where(one_plus == 1.0, y, tl.log(one_plus) * (y / (one_plus - 1.0)))
     negatives_dominate = t > 0.0
-    return (tl.where(negatives_dominate, t, 0.0) + tail, tl.where(negatives_dominate, neg_max, x),
-            tl.where(negatives_dominate, log_sum, 0.0) + tail)
+    return (
+        tl.where(negatives_dominate, t, 0.0) + tail,
+        tl.where(negatives_dominate, neg_max, x),
+        tl.where(negatives_dominate, log_sum, 0.0) + tail,
+    )
 
 
 @triton.jit
@@ -69,9 +73,25 @@ def softmax_weight(logit, ptr, rows, rmask):
 
 
 @triton.jit
-def _normalize_kernel(z_ptr, z2_ptr, rows_ptr, u_ptr, norm_ptr, R, C, P, s_b, s_c, s_p, s2_b, s2_c,
-                      s2_p, HAS_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
+def _normalize_kernel(
+    z_ptr,
+    z2_ptr,
+    rows_ptr,
+    u_ptr,
+    norm_ptr,
+    R,
+    C,
+    P,
+    s_b,
+    s_c,
+    s_p,
+    s2_b,
+    s2_c,
+    s2_p,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """u[r] = z[voxel(r)] / max(||z||, eps) as fp32 rows (R, C); voxel(r) = rows[r] or r; -1 -> 0.
 
     Grid axis 1 picks the input: z, or z2 into rows R.. 2R of u and norm (both views in one
@@ -106,8 +126,21 @@ def _normalize_kernel(z_ptr, z2_ptr, rows_ptr, u_ptr, norm_ptr, R, C, P, s_b, s_
 
 
 @triton.jit
-def _pool_chain_kernel(z_ptr, pg_ptr, descale_ptr, g_ptr, M, C, P, s_b, s_c, s_p,
-                       FIXED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pool_chain_kernel(
+    z_ptr,
+    pg_ptr,
+    descale_ptr,
+    g_ptr,
+    M,
+    C,
+    P,
+    s_b,
+    s_c,
+    s_p,
+    FIXED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """grad_negative (Bn, C, Pn) from the (M, C) gradient of the normalised pool."""
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < M
@@ -116,8 +149,9 @@ def _pool_chain_kernel(z_ptr, pg_ptr, descale_ptr, g_ptr, M, C, P, s_b, s_c, s_p
     m2 = rmask[:, None] & cmask[None, :]
     b = r // P
     p = r - b * P
-    z = tl.load(z_ptr + b[:, None] * s_b + p[:, None] * s_p + cc[None, :].to(tl.int64) * s_c,
-                mask=m2, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + b[:, None] * s_b + p[:, None] * s_p + cc[None, :].to(tl.int64) * s_c, mask=m2, other=0.0).to(
+        tl.float32
+    )
     norm = row_norms(z)
     u = z / tl.maximum(norm, 1e-12)[:, None]
     g = tl.load(pg_ptr + r[:, None] * C + cc[None, :], mask=m2, other=0)
@@ -132,8 +166,7 @@ def block_c(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
 
-def normalize_rows(z: Tensor, rows: Tensor | None, R: int, want_norm: bool = True,
-                   z2: Tensor | None = None):
+def normalize_rows(z: Tensor, rows: Tensor | None, R: int, want_norm: bool = True, z2: Tensor | None = None):
     """Rows of z (R, C) normalised in fp32, and their norms; with z2 (z's shape), both in one
     launch as (2, R, C) and (2, R)."""
     C = z.shape[1]
@@ -144,9 +177,24 @@ def normalize_rows(z: Tensor, rows: Tensor | None, R: int, want_norm: bool = Tru
         block_r = 16 if triton_interpreting() else 32
         other = z if z2 is None else z2
         _normalize_kernel[(triton.cdiv(R, block_r), views)](
-            z, other, rows, u, norm, R, C, z.shape[2], z.stride(0), z.stride(1), z.stride(2),
-            other.stride(0), other.stride(1), other.stride(2),
-            HAS_ROWS=rows is not None, BLOCK_R=block_r, BLOCK_C=block_c(C))
+            z,
+            other,
+            rows,
+            u,
+            norm,
+            R,
+            C,
+            z.shape[2],
+            z.stride(0),
+            z.stride(1),
+            z.stride(2),
+            other.stride(0),
+            other.stride(1),
+            other.stride(2),
+            HAS_ROWS=rows is not None,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c(C),
+        )
     return (u[0], norm[0] if want_norm else None) if z2 is None else (u, norm)
 
 
@@ -157,6 +205,18 @@ def pool_input_grad(zn: Tensor, pool_grad: Tensor, descale: Tensor | None) -> Te
     if M > 0:
         block_r = 16 if triton_interpreting() else 32
         _pool_chain_kernel[(triton.cdiv(M, block_r),)](
-            zn, pool_grad, descale, out, M, C, Pn, zn.stride(0), zn.stride(1), zn.stride(2),
-            FIXED=descale is not None, BLOCK_R=block_r, BLOCK_C=block_c(C))
+            zn,
+            pool_grad,
+            descale,
+            out,
+            M,
+            C,
+            Pn,
+            zn.stride(0),
+            zn.stride(1),
+            zn.stride(2),
+            FIXED=descale is not None,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c(C),
+        )
     return out

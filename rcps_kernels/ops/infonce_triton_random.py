@@ -14,6 +14,7 @@ one anchor sum to at most 1 per direction, so the whole pool gradient is bounded
 unit = 2 * sum_i |w_i| / tau. Contributions are stored as round-toward-zero(x * 2^61 / unit)
 in int64: no overflow is possible, and the resolution is unit * 2^-61.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..settings import triton_interpreting
-from .infonce_triton_common import (block_c, chain_store, normalize_rows, pool_input_grad,
-                                    positive_nll, row_norms)
+from .infonce_triton_common import block_c, chain_store, normalize_rows, pool_input_grad, positive_nll, row_norms
 
 _FIXED_POINT_BITS = 61
 
@@ -37,8 +37,7 @@ def _random_draw_positions(seed, anchor, ks, K, offset, n):
 
 
 @triton.jit
-def _random_draws_kernel(labels_ptr, neg_index_ptr, neg_count_ptr, out_ptr, L, K, seed, offset,
-                         BLOCK_K: tl.constexpr):
+def _random_draws_kernel(labels_ptr, neg_index_ptr, neg_count_ptr, out_ptr, L, K, seed, offset, BLOCK_K: tl.constexpr):
     """(N, K) flat pool voxels of every draw, exactly as _random_kernel picks them (tests)."""
     i = tl.program_id(0).to(tl.int64)
     cls = tl.load(labels_ptr + i).to(tl.int64)
@@ -53,11 +52,40 @@ def _random_draws_kernel(labels_ptr, neg_index_ptr, neg_count_ptr, out_ptr, L, K
 
 
 @triton.jit
-def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_ptr,
-                   neg_index_ptr, neg_count_ptr, loss_ptr, w_ptr, grad_scale, g1_ptr, g2_ptr,
-                   pool_grad_ptr, qscale_ptr, C, P, L, K, seed, offset, inv_tau,
-                   HAS_W: tl.constexpr, WANT_GRAD: tl.constexpr, NEG_GRAD: tl.constexpr,
-                   FIXED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _random_kernel(
+    z1_ptr,
+    z2_ptr,
+    s1b,
+    s1c,
+    s1p,
+    s2b,
+    s2c,
+    s2p,
+    un_ptr,
+    labels_ptr,
+    neg_index_ptr,
+    neg_count_ptr,
+    loss_ptr,
+    w_ptr,
+    grad_scale,
+    g1_ptr,
+    g2_ptr,
+    pool_grad_ptr,
+    qscale_ptr,
+    C,
+    P,
+    L,
+    K,
+    seed,
+    offset,
+    inv_tau,
+    HAS_W: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    NEG_GRAD: tl.constexpr,
+    FIXED: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     i = tl.program_id(0).to(tl.int64)
     cls = tl.load(labels_ptr + i).to(tl.int64)
     n = tl.load(neg_count_ptr + cls).to(tl.int64)
@@ -66,10 +94,8 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
     p = i - b * P
     cc = tl.arange(0, BLOCK_C)
     cmask = cc < C
-    z1 = tl.load(z1_ptr + b * s1b + p * s1p + cc.to(tl.int64) * s1c, mask=cmask,
-                 other=0.0).to(tl.float32)
-    z2 = tl.load(z2_ptr + b * s2b + p * s2p + cc.to(tl.int64) * s2c, mask=cmask,
-                 other=0.0).to(tl.float32)
+    z1 = tl.load(z1_ptr + b * s1b + p * s1p + cc.to(tl.int64) * s1c, mask=cmask, other=0.0).to(tl.float32)
+    z2 = tl.load(z2_ptr + b * s2b + p * s2p + cc.to(tl.int64) * s2c, mask=cmask, other=0.0).to(tl.float32)
     norm1 = row_norms(z1[None, :])  # (1,): the chain rule's row layout
     norm2 = row_norms(z2[None, :])
     u1 = z1 / tl.maximum(tl.sum(norm1, 0), 1e-12)
@@ -90,8 +116,7 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
         kmask = ks < draws
         pos = _random_draw_positions(seed, i, ks, K, offset, n)
         j = tl.load(eligible + pos, mask=kmask, other=0).to(tl.int64)
-        un = tl.load(un_ptr + j[:, None] * C + cc[None, :], mask=kmask[:, None] & cmask[None, :],
-                     other=0.0)
+        un = tl.load(un_ptr + j[:, None] * C + cc[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         d1 = tl.where(kmask, tl.sum(un * u1s[None, :], 1), float("-inf"))
         d2 = tl.where(kmask, tl.sum(un * u2s[None, :], 1), float("-inf"))
         new1 = tl.maximum(m1, d1)
@@ -146,8 +171,23 @@ def _random_kernel(z1_ptr, z2_ptr, s1b, s1c, s1p, s2b, s2c, s2p, un_ptr, labels_
         chain_store(du2[None, :], u2[None, :], norm2, g2_ptr, one, rm, cc, cmask, C, P)
 
 
-def random_mode(z1, z2, zn, labels, neg_index, neg_count, inv_tau, K, seed, offset, w,
-                grad_scale, want_grad, neg_grad, deterministic):
+def random_mode(
+    z1,
+    z2,
+    zn,
+    labels,
+    neg_index,
+    neg_count,
+    inv_tau,
+    K,
+    seed,
+    offset,
+    w,
+    grad_scale,
+    want_grad,
+    neg_grad,
+    deterministic,
+):
     B, C, P = z1.shape
     N = B * P
     L = neg_index.shape[1]
@@ -164,20 +204,50 @@ def random_mode(z1, z2, zn, labels, neg_index, neg_count, inv_tau, K, seed, offs
         fixed = deterministic
         if fixed:
             pool_grad = torch.zeros((M, C), device=dev, dtype=torch.int64)
-            wsum = (w.double().abs().sum() if w is not None
-                    else torch.full((), float(N), device=dev, dtype=torch.float64))
+            wsum = (
+                w.double().abs().sum() if w is not None else torch.full((), float(N), device=dev, dtype=torch.float64)
+            )
             unit = (2.0 * abs(grad_scale) * inv_tau * wsum).clamp_min(1e-30)
-            qscale = (float(2 ** _FIXED_POINT_BITS) / unit).clamp(max=1e38).float().reshape(1)
+            qscale = (float(2**_FIXED_POINT_BITS) / unit).clamp(max=1e38).float().reshape(1)
             descale = (1.0 / qscale.double()).reshape(1)
         else:
             pool_grad = torch.zeros((M, C), device=dev, dtype=torch.float32)
     block_k = 16 if triton_interpreting() else 64
     _random_kernel[(N,)](
-        z1, z2, z1.stride(0), z1.stride(1), z1.stride(2), z2.stride(0), z2.stride(1),
-        z2.stride(2), un, labels, neg_index, neg_count, loss, w, grad_scale, g1, g2, pool_grad,
-        qscale, C, P, L, K, seed, offset, inv_tau, HAS_W=w is not None, WANT_GRAD=want_grad,
-        NEG_GRAD=neg_grad, FIXED=fixed, BLOCK_K=block_k, BLOCK_C=block_c(C),
-        num_warps=1 if triton_interpreting() else 2)
+        z1,
+        z2,
+        z1.stride(0),
+        z1.stride(1),
+        z1.stride(2),
+        z2.stride(0),
+        z2.stride(1),
+        z2.stride(2),
+        un,
+        labels,
+        neg_index,
+        neg_count,
+        loss,
+        w,
+        grad_scale,
+        g1,
+        g2,
+        pool_grad,
+        qscale,
+        C,
+        P,
+        L,
+        K,
+        seed,
+        offset,
+        inv_tau,
+        HAS_W=w is not None,
+        WANT_GRAD=want_grad,
+        NEG_GRAD=neg_grad,
+        FIXED=fixed,
+        BLOCK_K=block_k,
+        BLOCK_C=block_c(C),
+        num_warps=1 if triton_interpreting() else 2,
+    )
     gn = pool_input_grad(zn, pool_grad, descale) if neg_grad else None
     return loss, g1, g2, gn
 
@@ -189,7 +259,14 @@ def random_draws(params) -> Tensor:
     out = torch.empty((N, K), device=labels.device, dtype=torch.int64)
     if N and K:
         _random_draws_kernel[(N,)](
-            labels.contiguous(), neg_index.contiguous(), neg_count.contiguous(), out,
-            neg_index.shape[1], K, params.seed, params.offset,
-            BLOCK_K=16 if triton_interpreting() else 128)
+            labels.contiguous(),
+            neg_index.contiguous(),
+            neg_count.contiguous(),
+            out,
+            neg_index.shape[1],
+            K,
+            params.seed,
+            params.offset,
+            BLOCK_K=16 if triton_interpreting() else 128,
+        )
     return out

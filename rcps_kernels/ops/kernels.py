@@ -24,6 +24,7 @@ Every op file (``infonce.py``, ``pseudo_supervision.py``) calls its kernels thro
   temperature, eps, reduction_code) -> (grad_a, grad_b)``: one head's three losses in one
   pass, or None where the backend composes it from the two backwards above.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,9 +80,12 @@ def kernels(backend: str) -> Kernels:
         except ImportError as exc:
             raise RuntimeError(f"the rcps_kernels Triton kernels are not usable: {exc}") from exc
         return Kernels(
-            voxel_infonce=infonce.voxel_infonce, random_draws=infonce.random_draws,
-            urp_forward=heads.urp_forward, urp_backward=heads.urp_backward,
-            cosine_forward=heads.cosine_forward, cosine_backward=heads.cosine_backward,
+            voxel_infonce=infonce.voxel_infonce,
+            random_draws=infonce.random_draws,
+            urp_forward=heads.urp_forward,
+            urp_backward=heads.urp_backward,
+            cosine_forward=heads.cosine_forward,
+            cosine_backward=heads.cosine_backward,
         )
     raise ValueError(f"backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
 
@@ -91,19 +95,22 @@ def _compiled_table(ops, cuda: bool) -> Kernels:
     that only the CUDA InfoNCE takes a deterministic flag (the CPU kernels always are) and only
     the CPU extension has the fused backward of one head's losses."""
 
-    def voxel_infonce(anchor, positive, pool, params, *, grad_weight=None, grad_scale=0.0,
-                      pool_grad=False):
+    def voxel_infonce(anchor, positive, pool, params, *, grad_weight=None, grad_scale=0.0, pool_grad=False):
         flags = (deterministic_algorithms(),) if cuda else ()
-        return ops.voxel_infonce(anchor, positive, pool, *params.op_args(), grad_weight,
-                                 float(grad_scale), bool(pool_grad), *flags)
+        return ops.voxel_infonce(
+            anchor, positive, pool, *params.op_args(), grad_weight, float(grad_scale), bool(pool_grad), *flags
+        )
 
     def random_draws(params):
-        return ops.random_draws(params.anchor_labels, params.neg_index, params.neg_count,
-                                params.num_negatives, params.seed, params.offset)
+        return ops.random_draws(
+            params.anchor_labels, params.neg_index, params.neg_count, params.num_negatives, params.seed, params.offset
+        )
 
     return Kernels(
-        voxel_infonce=voxel_infonce, random_draws=random_draws,
-        urp_forward=ops.urp_forward, urp_backward=ops.urp_backward,
+        voxel_infonce=voxel_infonce,
+        random_draws=random_draws,
+        urp_forward=ops.urp_forward,
+        urp_backward=ops.urp_backward,
         cosine_forward=ops.cosine_consistency_forward,
         cosine_backward=ops.cosine_consistency_backward,
         pseudo_supervision_losses_backward=None if cuda else ops.pseudo_supervision_losses_backward,

@@ -22,6 +22,7 @@ while autograd adds up the two that reach z_a1; this op's backward writes each v
 once (the CPU kernel sums the three terms per block of voxels; the GPU backends run the per-loss
 kernels and add in place).
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,8 +54,9 @@ def _as_input_layout(grad: Tensor, logits: Tensor) -> Tensor:
 # rcps::rectified_pseudo_supervision and its backward
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("rcps::rectified_pseudo_supervision", mutates_args=())
-def rectified_pseudo_supervision_op(student: Tensor, teacher: Tensor, temperature: float,
-                                    reduction: str, backend: str) -> Tensor:
+def rectified_pseudo_supervision_op(
+    student: Tensor, teacher: Tensor, temperature: float, reduction: str, backend: str
+) -> Tensor:
     return kernels(backend).urp_forward(student, teacher, temperature, REDUCTION_CODES[reduction])
 
 
@@ -64,11 +66,10 @@ def _(student, teacher, temperature, reduction, backend):
 
 
 @torch.library.custom_op("rcps::rectified_pseudo_supervision_backward", mutates_args=())
-def rectified_pseudo_supervision_backward(grad_output: Tensor, student: Tensor, teacher: Tensor,
-                                          temperature: float, reduction: str,
-                                          backend: str) -> Tensor:
-    grad = kernels(backend).urp_backward(grad_output, student, teacher, temperature,
-                                         REDUCTION_CODES[reduction])
+def rectified_pseudo_supervision_backward(
+    grad_output: Tensor, student: Tensor, teacher: Tensor, temperature: float, reduction: str, backend: str
+) -> Tensor:
+    grad = kernels(backend).urp_backward(grad_output, student, teacher, temperature, REDUCTION_CODES[reduction])
     return _as_input_layout(grad, student)
 
 
@@ -86,8 +87,7 @@ def _urp_setup_context(ctx, inputs, output) -> None:
 def _urp_backward(ctx, grad_output):
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
-    grad_student = rectified_pseudo_supervision_backward(grad_output, *ctx.saved_tensors,
-                                                         *ctx.options)
+    grad_student = rectified_pseudo_supervision_backward(grad_output, *ctx.saved_tensors, *ctx.options)
     return grad_student, None, None, None, None  # the teacher never receives gradient
 
 
@@ -98,8 +98,7 @@ rectified_pseudo_supervision_op.register_autograd(_urp_backward, setup_context=_
 # rcps::logit_cosine_consistency and its backward
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("rcps::logit_cosine_consistency", mutates_args=())
-def logit_cosine_consistency_op(logits_a: Tensor, logits_b: Tensor, eps: float, reduction: str,
-                                backend: str) -> Tensor:
+def logit_cosine_consistency_op(logits_a: Tensor, logits_b: Tensor, eps: float, reduction: str, backend: str) -> Tensor:
     return kernels(backend).cosine_forward(logits_a, logits_b, eps, REDUCTION_CODES[reduction])
 
 
@@ -110,19 +109,30 @@ def _(logits_a, logits_b, eps, reduction, backend):
 
 @torch.library.custom_op("rcps::logit_cosine_consistency_backward", mutates_args=())
 def logit_cosine_consistency_backward(
-    grad_output: Tensor, logits_a: Tensor, logits_b: Tensor, eps: float, reduction: str,
-    backend: str, need_grad_a: bool, need_grad_b: bool,
+    grad_output: Tensor,
+    logits_a: Tensor,
+    logits_b: Tensor,
+    eps: float,
+    reduction: str,
+    backend: str,
+    need_grad_a: bool,
+    need_grad_b: bool,
 ) -> tuple[Tensor, Tensor]:
     grad_a, grad_b = kernels(backend).cosine_backward(
-        grad_output, logits_a, logits_b, eps, REDUCTION_CODES[reduction], need_grad_a, need_grad_b)
-    return (_as_input_layout(grad_a, logits_a) if need_grad_a else grad_a,
-            _as_input_layout(grad_b, logits_b) if need_grad_b else grad_b)
+        grad_output, logits_a, logits_b, eps, REDUCTION_CODES[reduction], need_grad_a, need_grad_b
+    )
+    return (
+        _as_input_layout(grad_a, logits_a) if need_grad_a else grad_a,
+        _as_input_layout(grad_b, logits_b) if need_grad_b else grad_b,
+    )
 
 
 @logit_cosine_consistency_backward.register_fake
 def _(grad_output, logits_a, logits_b, eps, reduction, backend, need_grad_a, need_grad_b):
-    return (torch.empty_like(logits_a) if need_grad_a else logits_a.new_empty((0,)),
-            torch.empty_like(logits_b) if need_grad_b else logits_b.new_empty((0,)))
+    return (
+        torch.empty_like(logits_a) if need_grad_a else logits_a.new_empty((0,)),
+        torch.empty_like(logits_b) if need_grad_b else logits_b.new_empty((0,)),
+    )
 
 
 def _cosine_setup_context(ctx, inputs, output) -> None:
@@ -135,25 +145,22 @@ def _cosine_backward(ctx, grad_output):
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_a or need_b):
         return None, None, None, None, None
-    grad_a, grad_b = logit_cosine_consistency_backward(grad_output, *ctx.saved_tensors,
-                                                       *ctx.options, need_a, need_b)
+    grad_a, grad_b = logit_cosine_consistency_backward(grad_output, *ctx.saved_tensors, *ctx.options, need_a, need_b)
     return grad_a if need_a else None, grad_b if need_b else None, None, None, None
 
 
-logit_cosine_consistency_op.register_autograd(_cosine_backward,
-                                              setup_context=_cosine_setup_context)
+logit_cosine_consistency_op.register_autograd(_cosine_backward, setup_context=_cosine_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
 # rcps::pseudo_supervision_losses (one head) and its backward
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("rcps::pseudo_supervision_losses", mutates_args=())
-def pseudo_supervision_losses_op(view_a: Tensor, view_b: Tensor, teacher: Tensor,
-                                 temperature: float, eps: float, reduction: str,
-                                 backend: str) -> tuple[Tensor, Tensor]:
+def pseudo_supervision_losses_op(
+    view_a: Tensor, view_b: Tensor, teacher: Tensor, temperature: float, eps: float, reduction: str, backend: str
+) -> tuple[Tensor, Tensor]:
     table, code = kernels(backend), REDUCTION_CODES[reduction]
-    urp = (table.urp_forward(view_a, teacher, temperature, code)
-           + table.urp_forward(view_b, teacher, temperature, code))
+    urp = table.urp_forward(view_a, teacher, temperature, code) + table.urp_forward(view_b, teacher, temperature, code)
     return urp, table.cosine_forward(view_a, view_b, eps, code)
 
 
@@ -164,13 +171,21 @@ def _(view_a, view_b, teacher, temperature, eps, reduction, backend):
 
 @torch.library.custom_op("rcps::pseudo_supervision_losses_backward", mutates_args=())
 def pseudo_supervision_losses_backward(
-    grad_urp: Tensor, grad_cr: Tensor, view_a: Tensor, view_b: Tensor, teacher: Tensor,
-    temperature: float, eps: float, reduction: str, backend: str,
+    grad_urp: Tensor,
+    grad_cr: Tensor,
+    view_a: Tensor,
+    view_b: Tensor,
+    teacher: Tensor,
+    temperature: float,
+    eps: float,
+    reduction: str,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     table, code = kernels(backend), REDUCTION_CODES[reduction]
     if table.pseudo_supervision_losses_backward is not None:
         grad_a, grad_b = table.pseudo_supervision_losses_backward(
-            grad_urp, grad_cr, view_a, view_b, teacher, temperature, eps, code)
+            grad_urp, grad_cr, view_a, view_b, teacher, temperature, eps, code
+        )
     else:
         grad_a = table.urp_backward(grad_urp, view_a, teacher, temperature, code)
         grad_b = table.urp_backward(grad_urp, view_b, teacher, temperature, code)
@@ -195,14 +210,18 @@ def _losses_backward(ctx, grad_urp, grad_cr):
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_a or need_b):
         return None, None, None, None, None, None, None
-    grad_a, grad_b = pseudo_supervision_losses_backward(grad_urp, grad_cr, *ctx.saved_tensors,
-                                                        *ctx.options)
-    return (grad_a if need_a else None, grad_b if need_b else None,
-            None, None, None, None, None)  # the teacher never receives gradient
+    grad_a, grad_b = pseudo_supervision_losses_backward(grad_urp, grad_cr, *ctx.saved_tensors, *ctx.options)
+    return (
+        grad_a if need_a else None,
+        grad_b if need_b else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )  # the teacher never receives gradient
 
 
-pseudo_supervision_losses_op.register_autograd(_losses_backward,
-                                               setup_context=_losses_setup_context)
+pseudo_supervision_losses_op.register_autograd(_losses_backward, setup_context=_losses_setup_context)
 
-__all__ = ["rectified_pseudo_supervision_op", "logit_cosine_consistency_op",
-           "pseudo_supervision_losses_op"]
+__all__ = ["rectified_pseudo_supervision_op", "logit_cosine_consistency_op", "pseudo_supervision_losses_op"]

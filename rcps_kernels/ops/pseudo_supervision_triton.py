@@ -11,19 +11,31 @@ Loads are cast to the accumulation type right away (bf16 arithmetic is broken in
 interpreter, and fp16/bf16 inputs accumulate in fp32 anyway). Under TRITON_INTERPRET=1 these run
 on CPU tensors. The per-voxel formulas and their derivations are in csrc/common/pseudo_supervision_math.h.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from ..settings import triton_interpreting
 from .._validation import accumulation_dtype
+from ..settings import triton_interpreting
 
 
 @triton.jit
-def _load_tile(ptr, stride_b, stride_c, stride_p, item, position, classes, voxel_mask,
-               padding, IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr):
+def _load_tile(
+    ptr,
+    stride_b,
+    stride_c,
+    stride_p,
+    item,
+    position,
+    classes,
+    voxel_mask,
+    padding,
+    IS_FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """(BLOCK_C, BLOCK_V) logits in the accumulation type; `padding` outside the classes."""
     cls = tl.arange(0, BLOCK_C)
     class_mask = cls < classes
@@ -50,8 +62,7 @@ def _urp_tile(student, teacher, inv_temperature):
     exp_teacher = tl.exp(shifted_teacher)
     exp_sharpened = tl.exp(shifted_teacher * inv_temperature)
     # 0 * log 0 := 0 for classes the teacher rules out (and for the padding).
-    sharpened_dot_half = tl.sum(tl.where(exp_sharpened > 0, exp_sharpened * half_student, 0.0),
-                                axis=0)
+    sharpened_dot_half = tl.sum(tl.where(exp_sharpened > 0, exp_sharpened * half_student, 0.0), axis=0)
     teacher_gap_half = tl.sum(
         tl.where(exp_teacher > 0, exp_teacher * (0.5 * shifted_teacher - half_student), 0.0),
         axis=0,
@@ -64,8 +75,14 @@ def _urp_tile(student, teacher, inv_temperature):
     kl = 2.0 * (teacher_gap_half * inv_sum_teacher) + tl.log(inv_sum_teacher) + log_sum_student
     weight = tl.exp(-kl)
     loss = weight * cross_entropy + kl
-    return (loss, exp_student * inv_sum_student[None, :], exp_teacher * inv_sum_teacher[None, :],
-            exp_sharpened * inv_sum_sharpened[None, :], weight, 1.0 - weight * cross_entropy)
+    return (
+        loss,
+        exp_student * inv_sum_student[None, :],
+        exp_teacher * inv_sum_teacher[None, :],
+        exp_sharpened * inv_sum_sharpened[None, :],
+        weight,
+        1.0 - weight * cross_entropy,
+    )
 
 
 @triton.jit
@@ -124,8 +141,7 @@ def _grad_scale(grad_output_ptr, voxels, voxel_mask, PER_VOXEL: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(ptr, value, stride_b, stride_c, stride_p, item, position, classes, voxel_mask,
-                BLOCK_C: tl.constexpr):
+def _store_tile(ptr, value, stride_b, stride_c, stride_p, item, position, classes, voxel_mask, BLOCK_C: tl.constexpr):
     cls = tl.arange(0, BLOCK_C)
     offsets = item[None, :] * stride_b + cls[:, None] * stride_c + position[None, :] * stride_p
     mask = (cls < classes)[:, None] & voxel_mask[None, :]
@@ -133,49 +149,92 @@ def _store_tile(ptr, value, stride_b, stride_c, stride_p, item, position, classe
 
 
 @triton.jit
-def _urp_kernel(student_ptr, teacher_ptr, loss_ptr, grad_output_ptr, grad_ptr,
-                num_voxels, voxels_per_item, classes,
-                s_sb, s_sc, s_sp, t_sb, t_sc, t_sp, g_sb, g_sc, g_sp,
-                inv_temperature,
-                BACKWARD: tl.constexpr, REDUCE: tl.constexpr, PER_VOXEL_GRAD: tl.constexpr,
-                IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+def _urp_kernel(
+    student_ptr,
+    teacher_ptr,
+    loss_ptr,
+    grad_output_ptr,
+    grad_ptr,
+    num_voxels,
+    voxels_per_item,
+    classes,
+    s_sb,
+    s_sc,
+    s_sp,
+    t_sb,
+    t_sc,
+    t_sp,
+    g_sb,
+    g_sc,
+    g_sp,
+    inv_temperature,
+    BACKWARD: tl.constexpr,
+    REDUCE: tl.constexpr,
+    PER_VOXEL_GRAD: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     voxels = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     voxel_mask = voxels < num_voxels
     item = voxels // voxels_per_item
     position = voxels % voxels_per_item
-    student = _load_tile(student_ptr, s_sb, s_sc, s_sp, item, position, classes, voxel_mask,
-                         float("-inf"), IS_FP64, BLOCK_C)
-    teacher = _load_tile(teacher_ptr, t_sb, t_sc, t_sp, item, position, classes, voxel_mask,
-                         float("-inf"), IS_FP64, BLOCK_C)
+    student = _load_tile(
+        student_ptr, s_sb, s_sc, s_sp, item, position, classes, voxel_mask, float("-inf"), IS_FP64, BLOCK_C
+    )
+    teacher = _load_tile(
+        teacher_ptr, t_sb, t_sc, t_sp, item, position, classes, voxel_mask, float("-inf"), IS_FP64, BLOCK_C
+    )
     loss, p, q, q_sharpened, weight, kl_coefficient = _urp_tile(student, teacher, inv_temperature)
     if BACKWARD:
         # d/dz [w CE + D] = w (p - q~) + (1 - w CE)(p - q), since dw/dz = -w (p - q).
         scale = _grad_scale(grad_output_ptr, voxels, voxel_mask, PER_VOXEL_GRAD)
-        grad = scale[None, :] * (weight[None, :] * (p - q_sharpened)
-                                 + kl_coefficient[None, :] * (p - q))
+        grad = scale[None, :] * (weight[None, :] * (p - q_sharpened) + kl_coefficient[None, :] * (p - q))
         _store_tile(grad_ptr, grad, g_sb, g_sc, g_sp, item, position, classes, voxel_mask, BLOCK_C)
     else:
         _store_loss(loss_ptr, loss, voxels, voxel_mask, REDUCE)
 
 
 @triton.jit
-def _cosine_kernel(a_ptr, b_ptr, loss_ptr, grad_output_ptr, grad_a_ptr, grad_b_ptr,
-                   num_voxels, voxels_per_item, classes,
-                   a_sb, a_sc, a_sp, b_sb, b_sc, b_sp, ga_sb, ga_sc, ga_sp, gb_sb, gb_sc, gb_sp,
-                   eps,
-                   BACKWARD: tl.constexpr, REDUCE: tl.constexpr, PER_VOXEL_GRAD: tl.constexpr,
-                   NEED_GRAD_A: tl.constexpr, NEED_GRAD_B: tl.constexpr,
-                   IS_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr):
+def _cosine_kernel(
+    a_ptr,
+    b_ptr,
+    loss_ptr,
+    grad_output_ptr,
+    grad_a_ptr,
+    grad_b_ptr,
+    num_voxels,
+    voxels_per_item,
+    classes,
+    a_sb,
+    a_sc,
+    a_sp,
+    b_sb,
+    b_sc,
+    b_sp,
+    ga_sb,
+    ga_sc,
+    ga_sp,
+    gb_sb,
+    gb_sc,
+    gb_sp,
+    eps,
+    BACKWARD: tl.constexpr,
+    REDUCE: tl.constexpr,
+    PER_VOXEL_GRAD: tl.constexpr,
+    NEED_GRAD_A: tl.constexpr,
+    NEED_GRAD_B: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     voxels = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     voxel_mask = voxels < num_voxels
     item = voxels // voxels_per_item
     position = voxels % voxels_per_item
-    a = _load_tile(a_ptr, a_sb, a_sc, a_sp, item, position, classes, voxel_mask, 0.0, IS_FP64,
-                   BLOCK_C)
-    b = _load_tile(b_ptr, b_sb, b_sc, b_sp, item, position, classes, voxel_mask, 0.0, IS_FP64,
-                   BLOCK_C)
-    loss, cosine, a_hat, b_hat, inv_norm_a, inv_norm_b, clamped_a, clamped_b = _cosine_tile(
-        a, b, eps, IS_FP64)
+    a = _load_tile(a_ptr, a_sb, a_sc, a_sp, item, position, classes, voxel_mask, 0.0, IS_FP64, BLOCK_C)
+    b = _load_tile(b_ptr, b_sb, b_sc, b_sp, item, position, classes, voxel_mask, 0.0, IS_FP64, BLOCK_C)
+    loss, cosine, a_hat, b_hat, inv_norm_a, inv_norm_b, clamped_a, clamped_b = _cosine_tile(a, b, eps, IS_FP64)
     if BACKWARD:
         # d(1 - cos)/da = -(b^ - cos a^) / |a| with unit vectors a^, b^; a clamped norm is a
         # constant (no radial term).
@@ -183,13 +242,11 @@ def _cosine_kernel(a_ptr, b_ptr, loss_ptr, grad_output_ptr, grad_a_ptr, grad_b_p
         if NEED_GRAD_A:
             radial_a = tl.where(clamped_a[None, :], 0.0, cosine[None, :] * a_hat)
             grad_a = -(scale * inv_norm_a)[None, :] * (b_hat - radial_a)
-            _store_tile(grad_a_ptr, grad_a, ga_sb, ga_sc, ga_sp, item, position, classes,
-                        voxel_mask, BLOCK_C)
+            _store_tile(grad_a_ptr, grad_a, ga_sb, ga_sc, ga_sp, item, position, classes, voxel_mask, BLOCK_C)
         if NEED_GRAD_B:
             radial_b = tl.where(clamped_b[None, :], 0.0, cosine[None, :] * b_hat)
             grad_b = -(scale * inv_norm_b)[None, :] * (a_hat - radial_b)
-            _store_tile(grad_b_ptr, grad_b, gb_sb, gb_sc, gb_sp, item, position, classes,
-                        voxel_mask, BLOCK_C)
+            _store_tile(grad_b_ptr, grad_b, gb_sb, gb_sc, gb_sp, item, position, classes, voxel_mask, BLOCK_C)
     else:
         _store_loss(loss_ptr, loss, voxels, voxel_mask, REDUCE)
 
@@ -238,50 +295,106 @@ def _grad_output_arguments(grad_output: torch.Tensor, x: torch.Tensor, reduction
     return (scale / num_voxels if reduction == 1 else scale), False
 
 
-def urp_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-                reduction: int) -> torch.Tensor:
+def urp_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: int) -> torch.Tensor:
     num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(student)
     loss = _forward_output(student, reduction, programs)
     _urp_kernel[(programs,)](
-        student, teacher, loss, loss, loss, num_voxels, voxels_per_item, student.shape[1],
-        *student.stride(), *teacher.stride(), 0, 0, 0, 1.0 / temperature,
-        BACKWARD=False, REDUCE=reduction != 0, PER_VOXEL_GRAD=False,
-        IS_FP64=student.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
+        student,
+        teacher,
+        loss,
+        loss,
+        loss,
+        num_voxels,
+        voxels_per_item,
+        student.shape[1],
+        *student.stride(),
+        *teacher.stride(),
+        0,
+        0,
+        0,
+        1.0 / temperature,
+        BACKWARD=False,
+        REDUCE=reduction != 0,
+        PER_VOXEL_GRAD=False,
+        IS_FP64=student.dtype == torch.float64,
+        BLOCK_C=block_c,
+        BLOCK_V=block_v,
     )
     return _reduce(loss, reduction, num_voxels, student.dtype)
 
 
-def urp_backward(grad_output: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
-                 temperature: float, reduction: int) -> torch.Tensor:
+def urp_backward(
+    grad_output: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: int
+) -> torch.Tensor:
     num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(student)
     scale, per_voxel = _grad_output_arguments(grad_output, student, reduction)
     grad = torch.empty_like(student)
     _urp_kernel[(programs,)](
-        student, teacher, scale, scale, grad, num_voxels, voxels_per_item, student.shape[1],
-        *student.stride(), *teacher.stride(), *grad.stride(), 1.0 / temperature,
-        BACKWARD=True, REDUCE=False, PER_VOXEL_GRAD=per_voxel,
-        IS_FP64=student.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
+        student,
+        teacher,
+        scale,
+        scale,
+        grad,
+        num_voxels,
+        voxels_per_item,
+        student.shape[1],
+        *student.stride(),
+        *teacher.stride(),
+        *grad.stride(),
+        1.0 / temperature,
+        BACKWARD=True,
+        REDUCE=False,
+        PER_VOXEL_GRAD=per_voxel,
+        IS_FP64=student.dtype == torch.float64,
+        BLOCK_C=block_c,
+        BLOCK_V=block_v,
     )
     return grad
 
 
-def cosine_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, eps: float,
-                   reduction: int) -> torch.Tensor:
+def cosine_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, eps: float, reduction: int) -> torch.Tensor:
     num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(logits_a)
     loss = _forward_output(logits_a, reduction, programs)
     _cosine_kernel[(programs,)](
-        logits_a, logits_b, loss, loss, loss, loss, num_voxels, voxels_per_item,
-        logits_a.shape[1], *logits_a.stride(), *logits_b.stride(), 0, 0, 0, 0, 0, 0, eps,
-        BACKWARD=False, REDUCE=reduction != 0, PER_VOXEL_GRAD=False, NEED_GRAD_A=False,
-        NEED_GRAD_B=False, IS_FP64=logits_a.dtype == torch.float64, BLOCK_C=block_c,
+        logits_a,
+        logits_b,
+        loss,
+        loss,
+        loss,
+        loss,
+        num_voxels,
+        voxels_per_item,
+        logits_a.shape[1],
+        *logits_a.stride(),
+        *logits_b.stride(),
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        eps,
+        BACKWARD=False,
+        REDUCE=reduction != 0,
+        PER_VOXEL_GRAD=False,
+        NEED_GRAD_A=False,
+        NEED_GRAD_B=False,
+        IS_FP64=logits_a.dtype == torch.float64,
+        BLOCK_C=block_c,
         BLOCK_V=block_v,
     )
     return _reduce(loss, reduction, num_voxels, logits_a.dtype)
 
 
-def cosine_backward(grad_output: torch.Tensor, logits_a: torch.Tensor, logits_b: torch.Tensor,
-                    eps: float, reduction: int, need_grad_a: bool,
-                    need_grad_b: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def cosine_backward(
+    grad_output: torch.Tensor,
+    logits_a: torch.Tensor,
+    logits_b: torch.Tensor,
+    eps: float,
+    reduction: int,
+    need_grad_a: bool,
+    need_grad_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(logits_a)
     scale, per_voxel = _grad_output_arguments(grad_output, logits_a, reduction)
     grad_a = torch.empty_like(logits_a) if need_grad_a else logits_a.new_empty((0,))
@@ -290,11 +403,27 @@ def cosine_backward(grad_output: torch.Tensor, logits_a: torch.Tensor, logits_b:
         grad_a_strides = grad_a.stride() if need_grad_a else (0, 0, 0)
         grad_b_strides = grad_b.stride() if need_grad_b else (0, 0, 0)
         _cosine_kernel[(programs,)](
-            logits_a, logits_b, scale, scale, grad_a if need_grad_a else scale,
-            grad_b if need_grad_b else scale, num_voxels, voxels_per_item, logits_a.shape[1],
-            *logits_a.stride(), *logits_b.stride(), *grad_a_strides, *grad_b_strides, eps,
-            BACKWARD=True, REDUCE=False, PER_VOXEL_GRAD=per_voxel,
-            NEED_GRAD_A=need_grad_a, NEED_GRAD_B=need_grad_b,
-            IS_FP64=logits_a.dtype == torch.float64, BLOCK_C=block_c, BLOCK_V=block_v,
+            logits_a,
+            logits_b,
+            scale,
+            scale,
+            grad_a if need_grad_a else scale,
+            grad_b if need_grad_b else scale,
+            num_voxels,
+            voxels_per_item,
+            logits_a.shape[1],
+            *logits_a.stride(),
+            *logits_b.stride(),
+            *grad_a_strides,
+            *grad_b_strides,
+            eps,
+            BACKWARD=True,
+            REDUCE=False,
+            PER_VOXEL_GRAD=per_voxel,
+            NEED_GRAD_A=need_grad_a,
+            NEED_GRAD_B=need_grad_b,
+            IS_FP64=logits_a.dtype == torch.float64,
+            BLOCK_C=block_c,
+            BLOCK_V=block_v,
         )
     return grad_a, grad_b

@@ -7,6 +7,7 @@ kernels consume its (num_classes, L) index tables. The functions here are the re
 into the CPU extension, running on CPU and CUDA tensors alike), because at small shapes on a GPU
 each torch call made from Python costs more host time than its kernel.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,8 +52,9 @@ def _eligible_tables(labels, confidence, threshold: float, num_classes: int):
     return order.masked_fill_(sorted_flag == 0, -1), eligible.sum(dim=1)
 
 
-def topk_negatives(pool_logits: torch.Tensor, num_negatives: int,
-                   num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_negatives(
+    pool_logits: torch.Tensor, num_negatives: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class c, the K most confident pool voxels of another class ("topk" mode; the public
     :func:`rcps_kernels.select_confident_negatives`, without its checks)."""
     labels, confidence = pseudo_labels(pool_logits)
@@ -79,8 +81,12 @@ def _use_extension(requested: bool) -> bool:
 
 
 def negative_tables(
-    anchor_logits: torch.Tensor, pool_logits: torch.Tensor, num_negatives: int,
-    random: bool, confidence_threshold: float, use_extension: bool = True,
+    anchor_logits: torch.Tensor,
+    pool_logits: torch.Tensor,
+    num_negatives: int,
+    random: bool,
+    confidence_threshold: float,
+    use_extension: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """All the fused kernels need from the logits, as one op (``negative_tables`` of the CPU extension).
 
@@ -98,8 +104,9 @@ def negative_tables(
         of all logits, 0-d, which is finite exactly when the logits are (barring overflow).
     """
     if _use_extension(use_extension):
-        return torch.ops.rcps_cpu.negative_tables(anchor_logits, pool_logits, num_negatives,
-                                                random, confidence_threshold)
+        return torch.ops.rcps_cpu.negative_tables(
+            anchor_logits, pool_logits, num_negatives, random, confidence_threshold
+        )
     num_classes = anchor_logits.shape[1]
     anchor_labels, _ = pseudo_labels(anchor_logits)
     labels, confidence = pseudo_labels(pool_logits)
@@ -112,8 +119,7 @@ def negative_tables(
 
 def logits_sum(anchor_logits: torch.Tensor, pool_logits: torch.Tensor) -> torch.Tensor:
     """0-d float32 sum of both logits: finite exactly when they are (barring overflow)."""
-    return (anchor_logits.detach().sum(dtype=torch.float32)
-            + pool_logits.detach().sum(dtype=torch.float32))
+    return anchor_logits.detach().sum(dtype=torch.float32) + pool_logits.detach().sum(dtype=torch.float32)
 
 
 def anchor_class_order(

@@ -4,6 +4,7 @@ It gathers an (anchors, K, C) tensor of negatives and lets autograd differentiat
 simple to read and exact in float64, but needs O(anchors * K * C) memory: use it as the oracle
 and on small inputs, not at training sizes.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -131,8 +132,13 @@ def bidirectional_voxel_infonce_reference(
     """
     u1, u2, un = normalize(_rows(anchor)), normalize(_rows(positive)), normalize(_rows(pool))
     neg = negatives_per_anchor(
-        anchor_logits, pool_logits, num_negatives=num_negatives, sampling=sampling,
-        confidence_threshold=confidence_threshold, seed=seed, offset=offset,
+        anchor_logits,
+        pool_logits,
+        num_negatives=num_negatives,
+        sampling=sampling,
+        confidence_threshold=confidence_threshold,
+        seed=seed,
+        offset=offset,
     )
     valid = neg >= 0  # (N, K)
     gathered = un[neg.clamp(min=0)]  # (N, K, C): the materialised negatives

@@ -4,6 +4,7 @@ Readable and materialising: every intermediate (softmaxes, log-softmaxes, KL ter
 logits-sized tensor. They are the float64 oracle of the tests and the ``backend="reference"``
 path; the fused kernels compute the same values in one pass (docs/design.md sections 3 and 4.4).
 """
+
 from __future__ import annotations
 
 import math
