@@ -399,7 +399,8 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     dev = z1.device
     bm, bn, warps = _topk_blocks(C)
     bc = block_c(C)
-    precision = triton_dot_precision()
+    # Tile sizes and tl.dot precision of the three tl.dot kernels.
+    tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=triton_dot_precision(), num_warps=warps)
     order, class_start = class_order(labels, num_classes)
     num_tiles = triton.cdiv(N, bm) + num_classes  # >= sum_c ceil(n_c / bm); spares do nothing
     (u1, u2), (norm1, norm2) = normalize_rows(z1, order, N, z2=z2)
@@ -420,11 +421,7 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
         C,
         L,
         inv_tau,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_C=bc,
-        PRECISION=precision,
-        num_warps=warps,
+        **tiles,
     )
     if not want_grad:
         return loss, None, None, None
@@ -451,11 +448,7 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
         L,
         inv_tau,
         HAS_W=w is not None,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_C=bc,
-        PRECISION=precision,
-        num_warps=warps,
+        **tiles,
     )
     if not neg_grad:
         return loss, g1, g2, None
@@ -487,11 +480,7 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
         inv_tau,
         HAS_W=w is not None,
         SPLIT=split,
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_C=bc,
-        PRECISION=precision,
-        num_warps=warps,
+        **tiles,
     )
     block_r = 16 if triton_interpreting() else 32
     # With two classes the banks are disjoint (the other class's voxels each): one launch.
