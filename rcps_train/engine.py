@@ -75,6 +75,15 @@ def amp_settings(config: dict, device: torch.device) -> tuple[torch.dtype | None
         amp = "fp16" if device.type == "cuda" else "off"
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("train.amp = 'fp16' needs CUDA; use 'bf16' or 'off' on CPU")
+    if amp == "bf16" and device.type == "cpu" and config["data"]["patch_size"][-1] <= 8:
+        # The encoder's fifth level halves a last axis of 1 voxel here, and torch's oneDNN bf16 backward of a
+        # stride-2 Conv3d on an input whose last axis is 1 returns non-finite weight gradients in about one call in
+        # three (torch 2.14, reproduced outside this package): the run would stop with a NaN loss a step later.
+        raise ConfigError(
+            f"train.amp = 'bf16' on CPU needs data.patch_size[-1] > 8 (got {config['data']['patch_size']}): "
+            "torch's oneDNN bf16 convolution backward gives non-finite gradients when a stride-2 level halves "
+            "a last axis of 1 voxel; use a larger patch or train.amp = 'off'"
+        )
     dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
     return dtype, amp == "fp16"
 

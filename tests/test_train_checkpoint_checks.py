@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
-from test_train_data import tiny_dataset, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import load_config
+from tests.test_train_data import tiny_dataset, tiny_overrides
 
 
 @pytest.fixture(scope="module")

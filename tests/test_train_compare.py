@@ -3,9 +3,8 @@
 import csv
 import statistics
 
-from test_train_data import tiny_dataset, tiny_overrides
-
 from rcps_train.cli import main
+from tests.test_train_data import tiny_dataset, tiny_overrides
 
 
 def test_compare_writes_table_and_plot_and_reuses_finished_runs(tmp_path, capsys):

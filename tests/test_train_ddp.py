@@ -8,11 +8,11 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_train_data import tiny_dataset, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.config import load_config
 from rcps_train.distributed import all_gather_with_grad
+from tests.test_train_data import tiny_dataset, tiny_overrides
 
 
 def _free_port():

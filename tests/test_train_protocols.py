@@ -9,7 +9,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_train_data import tiny_dataset, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.cli import main
@@ -24,6 +23,7 @@ from rcps_train.evaluate import (
     window_starts,
 )
 from rcps_train.metrics import binary_metrics
+from tests.test_train_data import tiny_dataset, tiny_overrides
 
 
 def test_window_starts_follow_the_ceil_formula():

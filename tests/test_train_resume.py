@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from test_train_data import tiny_dataset, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import ConfigError, load_config
+from tests.test_train_data import tiny_dataset, tiny_overrides
 
 
 def _config(data_root, out_dir, name, **extra):

@@ -11,13 +11,13 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from test_train_data import SHAPE, tiny_overrides
 
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import load_config
 from rcps_train.data import DataError, dataset_splits
 from rcps_train.synthetic import make_synthetic_dataset
+from tests.test_train_data import SHAPE, tiny_overrides
 
 
 def _write_label(case, label):

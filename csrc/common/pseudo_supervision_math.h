@@ -7,7 +7,7 @@
 // supplies the exponential (`ExpFn`): a vectorisable polynomial on the CPU, __expf on the GPU.
 // An `ExpFn` must return exactly 0 for -inf (and may flush very small results to 0).
 //
-// L_urp, per voxel with student logits z, teacher logits t (K classes), temperature T:
+// L_urp, per voxel with student logits z, teacher logits t (over the classes), temperature T:
 //   shifted values  zs = z - max z,  ts = t - max t (ts = -inf where t = -inf)
 //   sums            Sz = sum e^zs,  St = sum e^ts,  Ss = sum e^(ts/T)
 //   CE = -sum q~ log p           = log Sz - sum e^(ts/T) zs / Ss      (q~ = softmax(t/T))

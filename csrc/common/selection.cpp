@@ -58,19 +58,19 @@ std::tuple<Tensor, Tensor> eligible_tables(const Tensor& labels, const Tensor& c
 // the per-class negative tables of the sampling mode, and the float32 sum of all logits (one
 // number that is finite exactly when the logits are, up to overflow, for the finite-input check).
 std::tuple<Tensor, Tensor, Tensor, Tensor> negative_tables(
-    const Tensor& anchor_logits, const Tensor& negative_logits, int64_t num_negatives,
+    const Tensor& anchor_logits, const Tensor& pool_logits, int64_t num_negatives,
     bool random, double confidence_threshold) {
-  TORCH_CHECK(anchor_logits.dim() >= 3 && negative_logits.dim() >= 3 &&
-                  anchor_logits.size(1) == negative_logits.size(1),
-              "negative_tables: anchor_logits and negative_logits must be (B, K_cls, *S) with "
-              "the same K_cls, got ", anchor_logits.sizes(), " and ", negative_logits.sizes());
+  TORCH_CHECK(anchor_logits.dim() >= 3 && pool_logits.dim() >= 3 &&
+                  anchor_logits.size(1) == pool_logits.size(1),
+              "negative_tables: anchor_logits and pool_logits must be (B, num_classes, *S) with "
+              "the same num_classes, got ", anchor_logits.sizes(), " and ", pool_logits.sizes());
   const int64_t num_classes = anchor_logits.size(1);
   const Tensor anchor_labels = std::get<0>(pseudo_labels(anchor_logits));
-  auto [labels, confidence] = pseudo_labels(negative_logits);
+  auto [labels, confidence] = pseudo_labels(pool_logits);
   auto [index, counts] = random ? eligible_tables(labels, confidence, confidence_threshold, num_classes)
                                 : topk_tables(labels, confidence, num_negatives, num_classes);
   const Tensor logits_sum = anchor_logits.detach().sum(at::kFloat) +
-                            negative_logits.detach().sum(at::kFloat);
+                            pool_logits.detach().sum(at::kFloat);
   return {anchor_labels, index, counts, logits_sum};
 }
 
@@ -89,7 +89,7 @@ std::tuple<Tensor, Tensor> anchor_class_order(const Tensor& labels, int64_t num_
 
 TORCH_LIBRARY_FRAGMENT(rcps_cpu, m) {
   m.def(
-      "negative_tables(Tensor anchor_logits, Tensor negative_logits, int num_negatives, "
+      "negative_tables(Tensor anchor_logits, Tensor pool_logits, int num_negatives, "
       "bool random, float confidence_threshold) -> (Tensor, Tensor, Tensor, Tensor)",
       &rcps::selection::negative_tables);
   m.def("anchor_class_order(Tensor labels, int num_classes) -> (Tensor, Tensor)",

@@ -1,4 +1,4 @@
-// Blocked access to (B, K, P) logits for the CPU L_urp / L_cr kernels (pseudo_supervision.cpp):
+// Blocked access to (B, num_classes, P) logits for the CPU L_urp / L_cr kernels (pseudo_supervision.cpp):
 // blocks of one batch item's voxels converted into small accumulation-type buffers, where the
 // per-loss losses and gradients go, and the vectorisable elementary functions those loops call.
 #pragma once
@@ -47,10 +47,10 @@ struct SqrtFn {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Blocked access to (B, K, P) logits.
+// Blocked access to (B, num_classes, P) logits.
 // ---------------------------------------------------------------------------------------------
 
-// (B, K, P) logits (or their gradient) in their own dtype; channels = K.
+// (B, num_classes, P) logits (or their gradient) in their own dtype; channels = num_classes.
 template <typename scalar_t>
 using LogitsView = StridedView<scalar_t>;
 
@@ -151,7 +151,7 @@ struct GradScale {
 inline void check_pair(const Tensor& x, const Tensor& y, const char* op, const char* x_name,
                        const char* y_name) {
   TORCH_CHECK(x.dim() == 3 && x.sizes() == y.sizes(), op, ": ", x_name, " and ", y_name,
-              " must both be (B, K, P), got ", x.sizes(), " and ", y.sizes());
+              " must both be (B, num_classes, P), got ", x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": ", x_name, " and ", y_name,
               " must share a dtype");
   TORCH_CHECK(x.device().is_cpu() && y.device().is_cpu(), op, ": tensors must be on the CPU");

@@ -1,7 +1,7 @@
 // Fused rectified pseudo supervision (L_urp) and logit cosine consistency (L_cr) on the CPU.
 //
-// Inputs are (B, K, P) views of (B, K, *S) logits with any strides and dtype (fp32, fp64, fp16,
-// bf16). The voxels are cut into blocks of one batch item; a block's K x V logits are converted
+// Inputs are (B, num_classes, P) views of (B, num_classes, *S) logits with any strides and dtype (fp32, fp64, fp16,
+// bf16). The voxels are cut into blocks of one batch item; a block's num_classes x V logits are converted
 // once into a small fp32 (fp64 for double) buffer that stays in L1/L2, and every per-class loop
 // then runs over V contiguous voxels, which the compiler vectorises. So each op reads the logits
 // once in forward and once in backward, and the only logits-sized tensor it allocates is the
@@ -39,14 +39,14 @@ namespace ps = rcps::pseudo_supervision;
 // Per-voxel state of one block, structure of arrays so that the voxel loops vectorise.
 template <typename acc_t>
 struct UrpBlockState {
-  std::vector<acc_t> student, teacher, sharpened;  // K x V: logits, then their exponentials
+  std::vector<acc_t> student, teacher, sharpened;  // num_classes x V: logits, then their exponentials
   std::vector<acc_t> student_max, teacher_max, sum_student, sum_teacher, sum_sharpened,
       sharpened_dot_half, teacher_gap_half, loss, inv_sum_student, inv_sum_teacher,
       inv_sum_sharpened,
       weight, kl_coefficient, grad_scale;
 
-  UrpBlockState(int64_t K, int64_t V)
-      : student(K * V), teacher(K * V), sharpened(K * V), student_max(V), teacher_max(V),
+  UrpBlockState(int64_t num_classes, int64_t V)
+      : student(num_classes * V), teacher(num_classes * V), sharpened(num_classes * V), student_max(V), teacher_max(V),
         sum_student(V), sum_teacher(V), sum_sharpened(V), sharpened_dot_half(V),
         teacher_gap_half(V),
         loss(V), inv_sum_student(V), inv_sum_teacher(V), inv_sum_sharpened(V), weight(V),
@@ -54,11 +54,11 @@ struct UrpBlockState {
 
   // Forward sums and per-voxel results of the loaded block; leaves e^zs, e^ts, e^(ts/T) in
   // student, teacher, sharpened for the gradient.
-  void evaluate(int64_t K, int64_t V, int64_t count, acc_t inv_temperature) {
+  void evaluate(int64_t num_classes, int64_t V, int64_t count, acc_t inv_temperature) {
     const ExpFn exp_fn;
     std::fill(student_max.begin(), student_max.end(), -INFINITY);
     std::fill(teacher_max.begin(), teacher_max.end(), -INFINITY);
-    for (int64_t c = 0; c < K; ++c) {
+    for (int64_t c = 0; c < num_classes; ++c) {
       const acc_t* z = student.data() + c * V;
       const acc_t* t = teacher.data() + c * V;
       #pragma omp simd  // no aliasing between the block's arrays
@@ -72,7 +72,7 @@ struct UrpBlockState {
     std::fill(sum_sharpened.begin(), sum_sharpened.end(), acc_t(0));
     std::fill(sharpened_dot_half.begin(), sharpened_dot_half.end(), acc_t(0));
     std::fill(teacher_gap_half.begin(), teacher_gap_half.end(), acc_t(0));
-    for (int64_t c = 0; c < K; ++c) {
+    for (int64_t c = 0; c < num_classes; ++c) {
       acc_t* z = student.data() + c * V;
       acc_t* t = teacher.data() + c * V;
       acc_t* s = sharpened.data() + c * V;
@@ -109,8 +109,8 @@ struct UrpBlockState {
 
   // Overwrites `student` with the gradient of sum_j grad_scale_j loss_j (after evaluate); the
   // teacher is detached.
-  void gradients(int64_t K, int64_t V, int64_t count) {
-    for (int64_t c = 0; c < K; ++c) {
+  void gradients(int64_t num_classes, int64_t V, int64_t count) {
+    for (int64_t c = 0; c < num_classes; ++c) {
       acc_t* z = student.data() + c * V;
       const acc_t* t = teacher.data() + c * V;
       const acc_t* s = sharpened.data() + c * V;
@@ -130,13 +130,13 @@ struct UrpBlockState {
 
 template <typename acc_t>
 struct CosineBlockState {
-  std::vector<acc_t> a, b;  // K x V logits, then (backward) their gradients
+  std::vector<acc_t> a, b;  // num_classes x V logits, then (backward) their gradients
   std::vector<acc_t> scale_a, scale_b, sq_norm_a, sq_norm_b, dot, loss, cosine, unit_a, unit_b,
       inv_norm_a, inv_norm_b, grad_scale;
   std::vector<uint8_t> clamped_a, clamped_b;
 
-  CosineBlockState(int64_t K, int64_t V)
-      : a(K * V), b(K * V), scale_a(V), scale_b(V), sq_norm_a(V), sq_norm_b(V), dot(V), loss(V),
+  CosineBlockState(int64_t num_classes, int64_t V)
+      : a(num_classes * V), b(num_classes * V), scale_a(V), scale_b(V), sq_norm_a(V), sq_norm_b(V), dot(V), loss(V),
         cosine(V), unit_a(V), unit_b(V), inv_norm_a(V), inv_norm_b(V), grad_scale(V),
         clamped_a(V), clamped_b(V) {}
 
@@ -144,10 +144,10 @@ struct CosineBlockState {
   acc_t* input_y() { return b.data(); }
 
   // Per voxel, the power-of-two scales that bring the largest |a_c| and |b_c| to [1, 4).
-  void find_scales(int64_t K, int64_t V, int64_t count) {
+  void find_scales(int64_t num_classes, int64_t V, int64_t count) {
     std::fill(scale_a.begin(), scale_a.end(), acc_t(0));  // the largest |logit| first
     std::fill(scale_b.begin(), scale_b.end(), acc_t(0));
-    for (int64_t c = 0; c < K; ++c) {
+    for (int64_t c = 0; c < num_classes; ++c) {
       const acc_t* x = a.data() + c * V;
       const acc_t* y = b.data() + c * V;
       #pragma omp simd  // no aliasing between the block's arrays
@@ -164,12 +164,12 @@ struct CosineBlockState {
     }
   }
 
-  void evaluate(int64_t K, int64_t V, int64_t count, acc_t eps) {
-    find_scales(K, V, count);
+  void evaluate(int64_t num_classes, int64_t V, int64_t count, acc_t eps) {
+    find_scales(num_classes, V, count);
     std::fill(sq_norm_a.begin(), sq_norm_a.end(), acc_t(0));
     std::fill(sq_norm_b.begin(), sq_norm_b.end(), acc_t(0));
     std::fill(dot.begin(), dot.end(), acc_t(0));
-    for (int64_t c = 0; c < K; ++c) {
+    for (int64_t c = 0; c < num_classes; ++c) {
       const acc_t* x = a.data() + c * V;
       const acc_t* y = b.data() + c * V;
       #pragma omp simd  // no aliasing between the block's arrays
@@ -210,8 +210,8 @@ struct CosineBlockState {
   }
 
   // Overwrites a and b with the gradients of sum_j grad_scale_j loss_j (after evaluate).
-  void gradients(int64_t K, int64_t V, int64_t count) {
-    for (int64_t c = 0; c < K; ++c) {
+  void gradients(int64_t num_classes, int64_t V, int64_t count) {
+    for (int64_t c = 0; c < num_classes; ++c) {
       acc_t* x = a.data() + c * V;
       acc_t* y = b.data() + c * V;
       #pragma omp simd  // no aliasing between the block's arrays
@@ -230,8 +230,8 @@ struct CosineBlockState {
 
 // ---------------------------------------------------------------------------------------------
 // The block loops of the two-input ops. A block state State<acc_t> loads its inputs into
-// input_x() / input_y() (K x V buffers), evaluate(K, V, count, parameter) leaves the block's
-// per-voxel losses in `loss`, and gradients(K, V, count) then overwrites the input buffers with
+// input_x() / input_y() (num_classes x V buffers), evaluate(num_classes, V, count, parameter) leaves the block's
+// per-voxel losses in `loss`, and gradients(num_classes, V, count) then overwrites the input buffers with
 // the gradients of sum_j grad_scale_j loss_j.
 // ---------------------------------------------------------------------------------------------
 
@@ -240,18 +240,18 @@ struct CosineBlockState {
 template <template <typename> class State, typename scalar_t, typename Then>
 void for_each_block(const Tensor& x, const Tensor& y, double parameter, const Then& then) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t K = x.size(1), P = x.size(2);
-  const BlockGrid grid(x.size(0), K, P);
+  const int64_t num_classes = x.size(1), P = x.size(2);
+  const BlockGrid grid(x.size(0), num_classes, P);
   const int64_t V = grid.block_voxels;
   const LogitsView<scalar_t> xv(x), yv(y);
   const acc_t state_parameter = static_cast<acc_t>(parameter);
   at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
-    State<acc_t> state(K, V);
+    State<acc_t> state(num_classes, V);
     for (int64_t b = begin; b < end; ++b) {
       const Block blk = grid.block(b, P);
       load_block(xv, blk, V, state.input_x());
       load_block(yv, blk, V, state.input_y());
-      state.evaluate(K, V, blk.count, state_parameter);
+      state.evaluate(num_classes, V, blk.count, state_parameter);
       then(state, b, blk, V);
     }
   });
@@ -283,7 +283,7 @@ void blockwise_gradients(const Tensor& grad_output, const Tensor& x, const Tenso
                          int64_t reduction, double parameter, const Tensor& grad_x,
                          const Tensor& grad_y) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = x.size(0), K = x.size(1), P = x.size(2);
+  const int64_t B = x.size(0), num_classes = x.size(1), P = x.size(2);
   // (a view of the input stands in for a gradient that is not written)
   const LogitsView<scalar_t> dx(grad_x.defined() ? grad_x : x), dy(grad_y.defined() ? grad_y : y);
   Tensor scale_holder;
@@ -292,7 +292,7 @@ void blockwise_gradients(const Tensor& grad_output, const Tensor& x, const Tenso
   for_each_block<State, scalar_t>(
       x, y, parameter, [&](State<acc_t>& state, int64_t, const Block& blk, int64_t V) {
         scale.fill(blk, P, state.grad_scale.data());
-        state.gradients(K, V, blk.count);
+        state.gradients(num_classes, V, blk.count);
         if (grad_x.defined()) store_block(state.input_x(), blk, V, dx);
         if (grad_y.defined()) store_block(state.input_y(), blk, V, dy);
       });
@@ -359,10 +359,10 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output
 // One head's L_urp(a, t) + L_urp(b, t) and L_cr(a, b): each view's gradient is written once
 // ---------------------------------------------------------------------------------------------
 
-// into += from over the first `count` voxels of each of the K class rows of a K x V block.
+// into += from over the first `count` voxels of each of the num_classes class rows of a num_classes x V block.
 template <typename acc_t>
-void add_block(acc_t* into, const acc_t* from, int64_t K, int64_t V, int64_t count) {
-  for (int64_t c = 0; c < K; ++c) {
+void add_block(acc_t* into, const acc_t* from, int64_t num_classes, int64_t V, int64_t count) {
+  for (int64_t c = 0; c < num_classes; ++c) {
     #pragma omp simd  // distinct buffers
     for (int64_t j = 0; j < count; ++j) into[c * V + j] += from[c * V + j];
   }
@@ -377,8 +377,8 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward(
   const char* op = "rcps_cpu::pseudo_supervision_losses_backward";
   check_pair(view_a, view_b, op, "view_a", "view_b");
   check_pair(view_a, teacher, op, "view_a", "teacher");
-  const int64_t B = view_a.size(0), K = view_a.size(1), P = view_a.size(2);
-  const BlockGrid grid(B, K, P);
+  const int64_t B = view_a.size(0), num_classes = view_a.size(1), P = view_a.size(2);
+  const BlockGrid grid(B, num_classes, P);
   const int64_t V = grid.block_voxels;
   Tensor grad_a = at::empty_like(view_a), grad_b = at::empty_like(view_b);
 
@@ -391,8 +391,8 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward(
     const GradScale<acc_t> cr_scale = make_grad_scale<acc_t>(grad_cr, reduction, B, P, &cr_holder);
     const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
     at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
-      UrpBlockState<acc_t> urp_a(K, V), urp_b(K, V);
-      CosineBlockState<acc_t> cosine(K, V);
+      UrpBlockState<acc_t> urp_a(num_classes, V), urp_b(num_classes, V);
+      CosineBlockState<acc_t> cosine(num_classes, V);
       for (int64_t b = begin; b < end; ++b) {
         const Block blk = grid.block(b, P);
         load_block(xa, blk, V, urp_a.student.data());
@@ -403,15 +403,15 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward(
         std::copy(urp_a.student.begin(), urp_a.student.end(), cosine.a.begin());
         std::copy(urp_b.student.begin(), urp_b.student.end(), cosine.b.begin());
         for (UrpBlockState<acc_t>* state : {&urp_a, &urp_b}) {
-          state->evaluate(K, V, blk.count, inv_temperature);
+          state->evaluate(num_classes, V, blk.count, inv_temperature);
           urp_scale.fill(blk, P, state->grad_scale.data());
-          state->gradients(K, V, blk.count);
+          state->gradients(num_classes, V, blk.count);
         }
-        cosine.evaluate(K, V, blk.count, static_cast<acc_t>(eps));
+        cosine.evaluate(num_classes, V, blk.count, static_cast<acc_t>(eps));
         cr_scale.fill(blk, P, cosine.grad_scale.data());
-        cosine.gradients(K, V, blk.count);
-        add_block(urp_a.student.data(), cosine.a.data(), K, V, blk.count);
-        add_block(urp_b.student.data(), cosine.b.data(), K, V, blk.count);
+        cosine.gradients(num_classes, V, blk.count);
+        add_block(urp_a.student.data(), cosine.a.data(), num_classes, V, blk.count);
+        add_block(urp_b.student.data(), cosine.b.data(), num_classes, V, blk.count);
         store_block(urp_a.student.data(), blk, V, da);
         store_block(urp_b.student.data(), blk, V, db);
       }

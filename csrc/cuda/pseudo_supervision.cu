@@ -1,7 +1,7 @@
 // Fused rectified pseudo supervision (L_urp) and logit cosine consistency (L_cr) on CUDA.
 //
-// One thread per voxel walks the voxel's K classes (consecutive threads read consecutive voxels,
-// so class rows of (B, K, P) logits are read coalesced); the per-class and per-voxel formulas and
+// One thread per voxel walks the voxel's classes (consecutive threads read consecutive voxels,
+// so class rows of (B, num_classes, P) logits are read coalesced); the per-class and per-voxel formulas and
 // their gradients are those of csrc/common/pseudo_supervision_math.h, which the CPU kernels (and
 // their tests) share. The class loop re-reads the voxel's logits after the max pass, from L1/L2.
 // Reductions write one partial sum per thread block (cub::BlockReduce), summed by torch in block
@@ -50,7 +50,7 @@ struct SqrtFn {
   RCPS_HD double operator()(double x) const { return sqrt(x); }
 };
 
-// Strides of a (B, K, P) view and the start of one voxel's class column.
+// Strides of a (B, num_classes, P) view and the start of one voxel's class column.
 struct Layout {
   int64_t stride_b, stride_c, stride_p;
 
@@ -97,17 +97,17 @@ __device__ void store_loss(acc_t loss, int64_t v, int64_t num_voxels, acc_t* vox
 // Softmax statistics and loss of one voxel (two passes over its classes).
 template <typename scalar_t, typename acc_t>
 __device__ ps::UrpVoxel<acc_t> urp_voxel_at(const scalar_t* z, const scalar_t* t, int64_t stride_z,
-                                            int64_t stride_t, int64_t K, acc_t inv_temperature,
+                                            int64_t stride_t, int64_t num_classes, acc_t inv_temperature,
                                             acc_t* student_max, acc_t* teacher_max) {
   acc_t z_max = -INFINITY, t_max = -INFINITY;
-  for (int64_t c = 0; c < K; ++c) {
+  for (int64_t c = 0; c < num_classes; ++c) {
     const acc_t zc = static_cast<acc_t>(z[c * stride_z]);
     const acc_t tc = static_cast<acc_t>(t[c * stride_t]);
     z_max = zc > z_max ? zc : z_max;
     t_max = tc > t_max ? tc : t_max;
   }
   acc_t sum_z = 0, sum_t = 0, sum_s = 0, sharpened_dot_half = 0, teacher_gap_half = 0;
-  for (int64_t c = 0; c < K; ++c) {
+  for (int64_t c = 0; c < num_classes; ++c) {
     const ps::UrpClassTerms<acc_t> terms = ps::urp_class_terms<acc_t>(
         static_cast<acc_t>(z[c * stride_z]), static_cast<acc_t>(t[c * stride_t]), z_max, t_max,
         inv_temperature, ExpFn());
@@ -126,7 +126,7 @@ __device__ ps::UrpVoxel<acc_t> urp_voxel_at(const scalar_t* z, const scalar_t* t
 template <typename scalar_t, typename acc_t>
 __global__ void urp_forward_kernel(const scalar_t* __restrict__ student,
                                    const scalar_t* __restrict__ teacher, Layout zl, Layout tl,
-                                   int64_t num_voxels, int64_t voxels_per_item, int64_t K,
+                                   int64_t num_voxels, int64_t voxels_per_item, int64_t num_classes,
                                    acc_t inv_temperature, acc_t* voxel_loss,
                                    double* block_partials) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -135,7 +135,7 @@ __global__ void urp_forward_kernel(const scalar_t* __restrict__ student,
     acc_t z_max, t_max;
     loss = urp_voxel_at<scalar_t, acc_t>(student + zl.voxel(v, voxels_per_item),
                                          teacher + tl.voxel(v, voxels_per_item), zl.stride_c,
-                                         tl.stride_c, K, inv_temperature, &z_max, &t_max)
+                                         tl.stride_c, num_classes, inv_temperature, &z_max, &t_max)
                .loss;
   }
   store_loss(loss, v, num_voxels, voxel_loss, block_partials);
@@ -145,7 +145,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void urp_backward_kernel(const scalar_t* __restrict__ student,
                                     const scalar_t* __restrict__ teacher, scalar_t* grad,
                                     Layout zl, Layout tl, Layout gl, int64_t num_voxels,
-                                    int64_t voxels_per_item, int64_t K, acc_t inv_temperature,
+                                    int64_t voxels_per_item, int64_t num_classes, acc_t inv_temperature,
                                     GradScale<acc_t> scale) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (v >= num_voxels) return;
@@ -154,9 +154,9 @@ __global__ void urp_backward_kernel(const scalar_t* __restrict__ student,
   scalar_t* g = grad + gl.voxel(v, voxels_per_item);
   acc_t z_max, t_max;
   const ps::UrpVoxel<acc_t> vox = urp_voxel_at<scalar_t, acc_t>(
-      z, t, zl.stride_c, tl.stride_c, K, inv_temperature, &z_max, &t_max);
+      z, t, zl.stride_c, tl.stride_c, num_classes, inv_temperature, &z_max, &t_max);
   const acc_t grad_scale = scale(v);
-  for (int64_t c = 0; c < K; ++c) {
+  for (int64_t c = 0; c < num_classes; ++c) {
     const ps::UrpClassTerms<acc_t> terms = ps::urp_class_terms<acc_t>(
         static_cast<acc_t>(z[c * zl.stride_c]), static_cast<acc_t>(t[c * tl.stride_c]), z_max,
         t_max, inv_temperature, ExpFn());
@@ -173,17 +173,17 @@ __global__ void urp_backward_kernel(const scalar_t* __restrict__ student,
 // scaled logits); the power-of-two scales are returned for the gradient.
 template <typename scalar_t, typename acc_t>
 __device__ ps::CosineVoxel<acc_t> cosine_voxel_at(const scalar_t* a, const scalar_t* b,
-                                                  int64_t stride_a, int64_t stride_b, int64_t K,
+                                                  int64_t stride_a, int64_t stride_b, int64_t num_classes,
                                                   acc_t eps, acc_t* scale_a, acc_t* scale_b) {
   acc_t max_a = 0, max_b = 0;
-  for (int64_t c = 0; c < K; ++c) {
+  for (int64_t c = 0; c < num_classes; ++c) {
     max_a = fmax(max_a, fabs(static_cast<acc_t>(a[c * stride_a])));
     max_b = fmax(max_b, fabs(static_cast<acc_t>(b[c * stride_b])));
   }
   *scale_a = ps::power_of_two_scale(max_a);
   *scale_b = ps::power_of_two_scale(max_b);
   acc_t sq_a = 0, sq_b = 0, dot = 0;
-  for (int64_t c = 0; c < K; ++c) {
+  for (int64_t c = 0; c < num_classes; ++c) {
     const acc_t x = static_cast<acc_t>(a[c * stride_a]) * *scale_a;
     const acc_t y = static_cast<acc_t>(b[c * stride_b]) * *scale_b;
     sq_a += x * x;
@@ -196,7 +196,7 @@ __device__ ps::CosineVoxel<acc_t> cosine_voxel_at(const scalar_t* a, const scala
 template <typename scalar_t, typename acc_t>
 __global__ void cosine_forward_kernel(const scalar_t* __restrict__ logits_a,
                                       const scalar_t* __restrict__ logits_b, Layout al, Layout bl,
-                                      int64_t num_voxels, int64_t voxels_per_item, int64_t K,
+                                      int64_t num_voxels, int64_t voxels_per_item, int64_t num_classes,
                                       acc_t eps, acc_t* voxel_loss, double* block_partials) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   acc_t loss = 0;
@@ -204,7 +204,7 @@ __global__ void cosine_forward_kernel(const scalar_t* __restrict__ logits_a,
     acc_t scale_a, scale_b;
     loss = cosine_voxel_at<scalar_t, acc_t>(logits_a + al.voxel(v, voxels_per_item),
                                             logits_b + bl.voxel(v, voxels_per_item), al.stride_c,
-                                            bl.stride_c, K, eps, &scale_a, &scale_b)
+                                            bl.stride_c, num_classes, eps, &scale_a, &scale_b)
                .loss;
   }
   store_loss(loss, v, num_voxels, voxel_loss, block_partials);
@@ -215,18 +215,18 @@ __global__ void cosine_backward_kernel(const scalar_t* __restrict__ logits_a,
                                        const scalar_t* __restrict__ logits_b, scalar_t* grad_a,
                                        scalar_t* grad_b, Layout al, Layout bl, Layout gal,
                                        Layout gbl, int64_t num_voxels, int64_t voxels_per_item,
-                                       int64_t K, acc_t eps, GradScale<acc_t> scale) {
+                                       int64_t num_classes, acc_t eps, GradScale<acc_t> scale) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (v >= num_voxels) return;
   const scalar_t* a = logits_a + al.voxel(v, voxels_per_item);
   const scalar_t* b = logits_b + bl.voxel(v, voxels_per_item);
   acc_t scale_a, scale_b;
   const ps::CosineVoxel<acc_t> vox = cosine_voxel_at<scalar_t, acc_t>(
-      a, b, al.stride_c, bl.stride_c, K, eps, &scale_a, &scale_b);
+      a, b, al.stride_c, bl.stride_c, num_classes, eps, &scale_a, &scale_b);
   const acc_t grad_scale = scale(v);
   scalar_t* ga = grad_a != nullptr ? grad_a + gal.voxel(v, voxels_per_item) : nullptr;
   scalar_t* gb = grad_b != nullptr ? grad_b + gbl.voxel(v, voxels_per_item) : nullptr;
-  for (int64_t c = 0; c < K; ++c) {
+  for (int64_t c = 0; c < num_classes; ++c) {
     const acc_t x = static_cast<acc_t>(a[c * al.stride_c]);
     const acc_t y = static_cast<acc_t>(b[c * bl.stride_c]);
     if (ga != nullptr)
@@ -245,7 +245,7 @@ __global__ void cosine_backward_kernel(const scalar_t* __restrict__ logits_a,
 // ---------------------------------------------------------------------------------------------
 
 void check_pair(const Tensor& x, const Tensor& y, const char* op) {
-  TORCH_CHECK(x.dim() == 3 && x.sizes() == y.sizes(), op, ": inputs must both be (B, K, P), got ",
+  TORCH_CHECK(x.dim() == 3 && x.sizes() == y.sizes(), op, ": inputs must both be (B, num_classes, P), got ",
               x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": inputs must share a dtype");
   TORCH_CHECK(x.is_cuda() && y.is_cuda() && x.device() == y.device(), op,
@@ -302,7 +302,7 @@ Tensor urp_forward(const Tensor& student, const Tensor& teacher, double temperat
                    int64_t reduction) {
   check_pair(student, teacher, "rcps_cuda::urp_forward");
   const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t B = student.size(0), K = student.size(1), P = student.size(2), N = B * P;
+  const int64_t B = student.size(0), num_classes = student.size(1), P = student.size(2), N = B * P;
   const LossBuffers buffers(student, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
                                   "rcps_cuda::urp_forward", [&] {
@@ -310,7 +310,7 @@ Tensor urp_forward(const Tensor& student, const Tensor& teacher, double temperat
     urp_forward_kernel<scalar_t, acc_t>
         <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), Layout(student),
-            Layout(teacher), N, P, K, static_cast<acc_t>(1.0 / temperature),
+            Layout(teacher), N, P, num_classes, static_cast<acc_t>(1.0 / temperature),
             buffers.voxel_ptr<acc_t>(), buffers.partial_ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -321,7 +321,7 @@ Tensor urp_backward(const Tensor& grad_output, const Tensor& student, const Tens
                     double temperature, int64_t reduction) {
   check_pair(student, teacher, "rcps_cuda::urp_backward");
   const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t B = student.size(0), K = student.size(1), P = student.size(2), N = B * P;
+  const int64_t B = student.size(0), num_classes = student.size(1), P = student.size(2), N = B * P;
   Tensor grad = at::empty_like(student);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
                                   "rcps_cuda::urp_backward", [&] {
@@ -331,7 +331,7 @@ Tensor urp_backward(const Tensor& grad_output, const Tensor& student, const Tens
     urp_backward_kernel<scalar_t, acc_t>
         <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-            Layout(student), Layout(teacher), Layout(grad), N, P, K,
+            Layout(student), Layout(teacher), Layout(grad), N, P, num_classes,
             static_cast<acc_t>(1.0 / temperature), scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -342,7 +342,7 @@ Tensor cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b
                                   int64_t reduction) {
   check_pair(logits_a, logits_b, "rcps_cuda::cosine_consistency_forward");
   const c10::cuda::CUDAGuard guard(logits_a.device());
-  const int64_t B = logits_a.size(0), K = logits_a.size(1), P = logits_a.size(2), N = B * P;
+  const int64_t B = logits_a.size(0), num_classes = logits_a.size(1), P = logits_a.size(2), N = B * P;
   const LossBuffers buffers(logits_a, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
                                   "rcps_cuda::cosine_consistency_forward", [&] {
@@ -350,7 +350,7 @@ Tensor cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b
     cosine_forward_kernel<scalar_t, acc_t>
         <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             logits_a.data_ptr<scalar_t>(), logits_b.data_ptr<scalar_t>(), Layout(logits_a),
-            Layout(logits_b), N, P, K, static_cast<acc_t>(eps), buffers.voxel_ptr<acc_t>(),
+            Layout(logits_b), N, P, num_classes, static_cast<acc_t>(eps), buffers.voxel_ptr<acc_t>(),
             buffers.partial_ptr());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -364,7 +364,7 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output
                                                        bool need_grad_b) {
   check_pair(logits_a, logits_b, "rcps_cuda::cosine_consistency_backward");
   const c10::cuda::CUDAGuard guard(logits_a.device());
-  const int64_t B = logits_a.size(0), K = logits_a.size(1), P = logits_a.size(2), N = B * P;
+  const int64_t B = logits_a.size(0), num_classes = logits_a.size(1), P = logits_a.size(2), N = B * P;
   Tensor grad_a = need_grad_a ? at::empty_like(logits_a) : at::empty({0}, logits_a.options());
   Tensor grad_b = need_grad_b ? at::empty_like(logits_b) : at::empty({0}, logits_b.options());
   if (!need_grad_a && !need_grad_b) return {grad_a, grad_b};
@@ -379,7 +379,7 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output
             need_grad_a ? grad_a.data_ptr<scalar_t>() : nullptr,
             need_grad_b ? grad_b.data_ptr<scalar_t>() : nullptr, Layout(logits_a),
             Layout(logits_b), need_grad_a ? Layout(grad_a) : Layout(),
-            need_grad_b ? Layout(grad_b) : Layout(), N, P, K, static_cast<acc_t>(eps), scale);
+            need_grad_b ? Layout(grad_b) : Layout(), N, P, num_classes, static_cast<acc_t>(eps), scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_a, grad_b};
