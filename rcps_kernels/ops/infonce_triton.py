@@ -392,7 +392,7 @@ def class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, t
     return order, class_start
 
 
-def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want_grad, neg_grad):
+def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want_grad, want_pool_grad):
     B, C, P = z1.shape
     N = B * P
     num_classes, L = neg_index.shape
@@ -450,7 +450,7 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
         HAS_W=w is not None,
         **tiles,
     )
-    if not neg_grad:
+    if not want_pool_grad:
         return loss, g1, g2, None
     M = zn.shape[0] * zn.shape[2]
     pool_grad = torch.zeros((M, C), device=dev, dtype=torch.float32)

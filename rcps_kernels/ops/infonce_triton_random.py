@@ -81,7 +81,7 @@ def _random_kernel(
     inv_tau,
     HAS_W: tl.constexpr,
     WANT_GRAD: tl.constexpr,
-    NEG_GRAD: tl.constexpr,
+    WANT_POOL_GRAD: tl.constexpr,
     FIXED: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -156,7 +156,7 @@ def _random_kernel(
             mass += tl.sum(p1, 0) + tl.sum(p2, 0)
             du1 += tl.sum(p1[:, None] * un, 0)
             du2 += tl.sum(p2[:, None] * un, 0)
-            if NEG_GRAD:
+            if WANT_POOL_GRAD:
                 contrib = p1[:, None] * u1[None, :] + p2[:, None] * u2[None, :]
                 dst = pool_grad_ptr + j[:, None] * C + cc[None, :]
                 if FIXED:
@@ -185,7 +185,7 @@ def random_mode(
     w,
     grad_scale,
     want_grad,
-    neg_grad,
+    want_pool_grad,
     deterministic,
 ):
     B, C, P = z1.shape
@@ -200,7 +200,7 @@ def random_mode(
     if want_grad:
         g1 = torch.empty((B, C, P), device=dev, dtype=z1.dtype)
         g2 = torch.empty((B, C, P), device=dev, dtype=z2.dtype)
-    if neg_grad:
+    if want_pool_grad:
         fixed = deterministic
         if fixed:
             pool_grad = torch.zeros((M, C), device=dev, dtype=torch.int64)
@@ -242,13 +242,13 @@ def random_mode(
         inv_tau,
         HAS_W=w is not None,
         WANT_GRAD=want_grad,
-        NEG_GRAD=neg_grad,
+        WANT_POOL_GRAD=want_pool_grad,
         FIXED=fixed,
         BLOCK_K=block_k,
         BLOCK_C=block_c(C),
         num_warps=1 if triton_interpreting() else 2,
     )
-    gn = pool_input_grad(zn, pool_grad, descale) if neg_grad else None
+    gn = pool_input_grad(zn, pool_grad, descale) if want_pool_grad else None
     return loss, g1, g2, gn
 
 
