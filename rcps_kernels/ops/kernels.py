@@ -19,7 +19,8 @@ Every op file (``infonce.py``, ``pseudo_supervision.py``) calls its kernels thro
   for float64 inputs.
 - ``urp_backward(grad_output, student, teacher, temperature, reduction_code) -> grad_student``;
   ``cosine_backward(grad_output, a, b, eps, reduction_code, need_grad_a, need_grad_b) ->
-  (grad_a, grad_b)`` (empty where not needed); gradients are contiguous (B, num_classes, P).
+  (grad_a, grad_b)`` (empty where not needed); gradients are (B, num_classes, P), which the ops
+  lay out like their inputs where the strides differ.
 - ``pseudo_supervision_losses_backward(grad_urp, grad_cr, view_a, view_b, teacher,
   temperature, eps, reduction_code) -> (grad_a, grad_b)``: one head's three losses in one
   pass, or None where the backend composes it from the two backwards above.

@@ -41,7 +41,7 @@ def _loss_like(logits: Tensor, reduction: str) -> Tensor:
 
 
 def _as_input_layout(grad: Tensor, logits: Tensor) -> Tensor:
-    """The kernel's contiguous gradient, strided like torch.empty_like(logits) (as the fake is)."""
+    """The kernel's gradient, strided like torch.empty_like(logits) (as the fake is)."""
     if logits.is_contiguous():
         return grad  # empty_like of a contiguous tensor is contiguous; no logits-sized template
     template = torch.empty_like(logits)
