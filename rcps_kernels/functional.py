@@ -31,15 +31,9 @@ from .reference.pseudo_supervision import (
 _BACKENDS = ("cpu", "triton", "cuda", "reference")
 
 
-@torch.compiler.assume_constant_result
-def _resolve_device_type(backend: str, device_type: str) -> str:
-    # Loading extensions and reading the environment cannot be traced: under torch.compile the
-    # choice is made once at trace time and baked into the graph as a constant.
-    return resolve_backend(backend, torch.device(device_type), _BACKENDS)
-
-
 def _resolve_on(backend: str, tensor: Tensor) -> str:
-    return _resolve_device_type(backend, tensor.device.type)
+    """The concrete backend for `tensor` (a constant under torch.compile: see resolve_backend)."""
+    return resolve_backend(backend, tensor.device, _BACKENDS)
 
 
 def _flat(logits: Tensor) -> Tensor:

@@ -232,14 +232,10 @@ def _(grad_loss, anchor, positive, pool, *args):
     )
 
 
-def _op_params(inputs: tuple) -> InfoNCEParams:
-    return InfoNCEParams(*inputs[3:11])
-
-
 def _setup_loss_op(ctx, inputs, output) -> None:
     anchor, positive, pool = inputs[:3]
     backend, deterministic = inputs[11:13]
-    _save_inputs(ctx, anchor, positive, pool, _op_params(inputs), backend, deterministic)
+    _save_inputs(ctx, anchor, positive, pool, InfoNCEParams(*inputs[3:11]), backend, deterministic)
 
 
 def _loss_op_backward(ctx, grad_loss):

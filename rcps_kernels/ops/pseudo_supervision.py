@@ -42,8 +42,10 @@ def _loss_like(logits: Tensor, reduction: str) -> Tensor:
 
 def _as_input_layout(grad: Tensor, logits: Tensor) -> Tensor:
     """The kernel's gradient, strided like torch.empty_like(logits) (as the fake is)."""
-    if logits.is_contiguous():
-        return grad  # empty_like of a contiguous tensor is contiguous; no logits-sized template
+    if logits.is_contiguous() or grad.stride() == logits.stride():
+        # empty_like keeps the strides of a dense tensor (the kernel's gradient is dense), so no
+        # logits-sized template is needed to compare with: the Triton kernels already match them.
+        return grad
     template = torch.empty_like(logits)
     if grad.stride() != template.stride():
         grad = template.copy_(grad)
