@@ -48,7 +48,7 @@ def run_case(
         ],
     )
     torch.manual_seed(0)
-    model = build_model(config).to(memory_format=memory_format(config))
+    model = build_model(config, 1).to(memory_format=memory_format(config))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     label = torch.zeros(1, 1, *patch, dtype=torch.long)

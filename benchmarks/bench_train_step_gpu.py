@@ -47,7 +47,7 @@ def run_case(spec: dict, patch: list[int], k: int, steps: int, warmup: int) -> d
         ],
     )
     torch.manual_seed(0)
-    model = build_model(config).to(device=device, memory_format=memory_format(config))
+    model = build_model(config, 1).to(device=device, memory_format=memory_format(config))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     amp_dtype, use_scaler = amp_settings(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)

@@ -24,10 +24,10 @@ def _distorted_axis(size: int, num_cells: int, limit: float, rng: np.random.Gene
 def random_grid_distortion(
     image: np.ndarray, label: np.ndarray | None, rng: np.random.Generator, num_cells: int = 5, limit: float = 0.1
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Apply one random separable grid distortion to an image (linear) and its label (nearest).
+    """Apply one random separable grid distortion to an image (linear, every channel alike) and its label (nearest).
 
     Args:
-        image: ``(D, H, W)`` float array.
+        image: ``(C, D, H, W)`` float array.
         label: ``(D, H, W)`` integer array or None.
         rng: the random source.
         num_cells: cells per axis.
@@ -36,9 +36,11 @@ def random_grid_distortion(
     Returns:
         The distorted image and label (border values beyond the edges).
     """
-    axes = [_distorted_axis(n, num_cells, limit, rng) for n in image.shape]
+    axes = [_distorted_axis(n, num_cells, limit, rng) for n in image.shape[1:]]
     coords = np.stack(np.meshgrid(*axes, indexing="ij"))
-    image = ndimage.map_coordinates(image, coords, order=1, mode="nearest").astype(np.float32, copy=False)
+    image = np.stack(
+        [ndimage.map_coordinates(channel, coords, order=1, mode="nearest").astype(np.float32) for channel in image]
+    )
     if label is not None:
         label = ndimage.map_coordinates(label, coords, order=0, mode="nearest")
     return image, label
@@ -48,22 +50,22 @@ def random_crop(image: np.ndarray, label: np.ndarray | None, patch_size, rng: np
     """Crop a random ``patch_size`` window, zero-padding (the z-scored mean) axes shorter than the patch.
 
     Args:
-        image: ``(D, H, W)`` array; label: the same shape or None.
+        image: ``(C, D, H, W)`` array; label: ``(D, H, W)`` or None.
         patch_size: three ints.
         rng: the random source.
 
     Returns:
-        ``(image_patch, label_patch)`` of shape ``patch_size``.
+        ``(image_patch, label_patch)`` of spatial shape ``patch_size``.
     """
-    pad = [(0, max(p - n, 0)) for n, p in zip(image.shape, patch_size)]
+    pad = [(0, max(p - n, 0)) for n, p in zip(image.shape[1:], patch_size)]
     if any(after for _, after in pad):
         # Pad symmetrically so that small volumes stay centred.
         pad = [((after // 2), after - after // 2) for _, after in pad]
-        image = np.pad(image, pad)
+        image = np.pad(image, [(0, 0), *pad])
         label = None if label is None else np.pad(label, pad)
-    starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(image.shape, patch_size)]
+    starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(image.shape[1:], patch_size)]
     window = tuple(slice(s, s + p) for s, p in zip(starts, patch_size))
-    return image[window], None if label is None else label[window]
+    return image[(slice(None), *window)], None if label is None else label[window]
 
 
 def intensity_view(
@@ -72,7 +74,8 @@ def intensity_view(
     """One RCPS intensity view: ``a*x + b*mean(a*x)``, a ~ U(0.5, 1.5), b ~ U(-0.5, 0.5), then with
     probability ``noise_prob`` Gaussian noise of std ~ U(0, noise_std_max).
 
-    One draw for the whole batch tensor, like the official augmentor (without its stale-noise bug).
+    One draw for the whole batch tensor, like the official augmentor (without its stale-noise bug); with several
+    channels, ``a``, ``b`` and the mean are per channel.
 
     Args:
         x: images ``(B, C, D, H, W)``.
@@ -81,10 +84,14 @@ def intensity_view(
     Returns:
         The augmented view, same shape and dtype.
     """
-    a, b, coin, std = torch.rand(4, generator=generator).tolist()
-    a, b, std = 0.5 + a, b - 0.5, std * noise_std_max
+    channels = x.shape[1]
+    # Row c holds channel c's (a, b): each modality keeps its own scale. The coin and the noise std come from row 0.
+    draws = torch.rand(channels, 4, generator=generator)
+    coin, std = draws[0, 2].item(), draws[0, 3].item() * noise_std_max
+    a = (draws[:, 0] + 0.5).view(1, channels, 1, 1, 1).to(device=x.device, dtype=x.dtype)
+    b = (draws[:, 1] - 0.5).view(1, channels, 1, 1, 1).to(device=x.device, dtype=x.dtype)
     scaled = a * x
-    view = scaled + b * scaled.mean()
+    view = scaled + b * scaled.mean(dim=(0, 2, 3, 4), keepdim=True)
     if coin < noise_prob:
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
         view = view + (std * noise).to(device=x.device, dtype=x.dtype)

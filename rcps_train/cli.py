@@ -3,7 +3,8 @@
     rcps-train train --config FILE.toml [--set key=value ...] [--resume]
     rcps-train eval --checkpoint FILE [--protocol rcps|ssl-la|ssl-pancreas] [--data ROOT] [--out DIR]
     rcps-train compare --config FILE --methods rcps supervised --seeds 0 1 2 [--set key=value ...] [--out DIR]
-    rcps-train make-synthetic --out DIR [--layout nifti|nnunet|h5] [--train N] [--val N] [--shape D H W] [--seed S]
+    rcps-train make-synthetic --out DIR [--layout nifti|nnunet|h5] [--train N] [--val N] [--unlabeled N]
+                              [--channels N] [--shape D H W] [--seed S]
     rcps-train demo [--out DIR]
 
 ``--config`` also takes a shipped config by name: demo, la, pancreas, synthetic.
@@ -18,8 +19,8 @@ import time
 from pathlib import Path
 
 from .config import EVAL_PROTOCOLS, LARGEST_COMPONENT_CHOICES, ConfigError, load_config, shipped_configs
-from .data import DataError
-from .synthetic import LAYOUTS
+from .layouts import DataError
+from .synthetic import LAYOUTS, UNLABELED_FOLDERS
 
 
 def _train(args) -> None:
@@ -30,9 +31,10 @@ def _train(args) -> None:
 
 def _eval(args) -> None:
     from .checkpoint import check_weights_fit, load_checkpoint
-    from .data import list_cases
+    from .data import dataset_channels
     from .engine import build_model, memory_format, resolve_device
     from .evaluate import evaluate_cases, format_table, write_metrics
+    from .layouts import list_cases
 
     path = Path(args.checkpoint)
     state = load_checkpoint(path, "cpu", ("model", "config"))
@@ -46,11 +48,17 @@ def _eval(args) -> None:
     if args.data:
         config["data"]["root"] = args.data
     device = resolve_device(config)
-    model = build_model(config)
+    model = build_model(config, state.get("in_channels", 1))  # checkpoints without the entry were 1-channel
     check_weights_fit(model, state["model"], config, path)
     model.load_state_dict(state["model"])
     model.to(device, memory_format=memory_format(config))
     cases = list_cases(config["data"]["root"], args.split, config["data"]["format"])
+    channels = dataset_channels(cases)
+    if channels != model.in_channels:
+        raise DataError(
+            f"checkpoint {path} was trained on {model.in_channels}-channel images but the {args.split} images under "
+            f"{config['data']['root']} have {channels} channel(s)"
+        )
     rows, summary = evaluate_cases(model, cases, config, device)
     # The run's own metrics.json stays untouched: a re-score goes to its own folder.
     out = Path(args.out) if args.out else path.parent / f"eval-{config['eval']['protocol']}"
@@ -70,8 +78,14 @@ def _compare(args) -> None:
 def _make_synthetic(args) -> None:
     from .synthetic import make_synthetic_dataset
 
-    root = make_synthetic_dataset(args.out, args.train, args.val, tuple(args.shape), args.seed, args.layout)
-    print(f"synthetic dataset written to {root} ({args.layout} layout, {args.train} train, {args.val} test cases)")
+    root = make_synthetic_dataset(
+        args.out, args.train, args.val, tuple(args.shape), args.seed, args.layout, args.channels, args.unlabeled
+    )
+    print(
+        f"synthetic dataset written to {root} ({args.layout} layout, {args.channels} channel(s), {args.train} train, "
+        f"{args.val} test cases"
+        + (f", {args.unlabeled} unlabeled images in {UNLABELED_FOLDERS[args.layout]}/)" if args.unlabeled else ")")
+    )
 
 
 def _demo(args) -> None:
@@ -136,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=40)
     p.add_argument("--val", type=int, default=10)
     p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], metavar=("D", "H", "W"))
+    p.add_argument(
+        "--unlabeled", type=int, default=0, help="images without labels, for data.unlabeled_dir (default: 0)"
+    )
+    p.add_argument("--channels", type=int, default=1, help="image channels (default: 1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_synthetic)
     p = commands.add_parser("demo", help="synthetic data + a short RCPS run + evaluation (a few minutes on CPU)")

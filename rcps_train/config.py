@@ -25,9 +25,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "format": "nifti",  # "nifti": <root>/{train,val}_{images,labels}/<name>.nii.gz; "h5": UA-MT/MC-Net layout;
         # "nnunet": nnU-Net v2 raw (dataset.json, imagesTr/labelsTr, imagesTs/labelsTs)
         "root": "",
-        "labeled": 8,  # int: the first N of the sorted training list; str: a file of IDs, one a line
-        # Validation split for eval.every_epochs and best.pt, taken from the training cases that are NOT labeled
-        # (their labels only score): int: the last N of them (0: none); str: a file of IDs, one a line
+        # int: the first N of the sorted training list (the others' labels are hidden); str: a file of IDs, one a
+        # line; "all": every training case (unlabeled images then come from unlabeled_dir alone)
+        "labeled": 8,
+        "unlabeled_dir": "",  # a folder of unlabeled images (no labels), under root or absolute; "": none
+        # Validation split for eval.every_epochs and best.pt (its labels only score): taken from the hidden-label
+        # training cases, or from the labeled ones when labeled = "all": int: the last N (0: none); str: an ID file
         "val_cases": 0,
         "num_classes": 2,
         "patch_size": [112, 112, 80],
@@ -81,6 +84,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "sw_batch_size": 4,
         "sigma_scale": 0.125,
         "max_cases": 0,  # 0: all validation cases (the validation split; the final test evaluation uses all)
+    },
+    "log": {
+        "tensorboard": False,  # also write <run>/tensorboard/ (needs the tensorboard extra)
     },
 }
 
@@ -156,8 +162,9 @@ RULES: dict[str, Rule] = {
     "data.root": ANY_TEXT,  # checked by the data layer, which names the missing folder
     "data.labeled": Rule(
         lambda v: v.strip() != "" if isinstance(v, str) else 1 <= v <= INT_LIMIT,
-        "a count >= 1 or the path of a file of IDs",
+        'a count >= 1, "all" or the path of a file of IDs',
     ),
+    "data.unlabeled_dir": ANY_TEXT,  # checked by the data layer, which names the missing or empty folder
     "data.val_cases": Rule(
         lambda v: v.strip() != "" if isinstance(v, str) else 0 <= v <= INT_LIMIT,
         "a count >= 0 or the path of a file of IDs",
@@ -208,6 +215,7 @@ RULES: dict[str, Rule] = {
     "eval.max_cases": integer(0),
     "eval.protocol": one_of(*EVAL_PROTOCOLS),
     "eval.largest_component": one_of(*LARGEST_COMPONENT_CHOICES),  # "auto": the protocol's own choice
+    "log.tensorboard": ANY_BOOL,
 }
 
 
@@ -215,7 +223,7 @@ RULES: dict[str, Rule] = {
 # (items are keyed by seeds, so workers and caching cannot change them), progress bars, when checkpoints are
 # written and when to stop (checkpoints only read the random states), and how many windows one evaluation
 # forward takes. Everything else (run.device included: it changes the numerics and what amp = "auto" means)
-# would make the resumed run a different run.
+# would make the resumed run a different run. Logging to TensorBoard or not changes nothing of the run.
 RESUME_SAFE_KEYS = frozenset(
     {
         "run.name",
@@ -226,6 +234,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.checkpoint_every",
         "train.stop_after_steps",
         "eval.sw_batch_size",
+        "log.tensorboard",
     }
 )
 

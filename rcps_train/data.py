@@ -1,22 +1,20 @@
-"""Datasets without MONAI: case discovery for the NIfTI, h5 and nnU-Net layouts, the splits (labeled,
-unlabeled, validation, test), start-up checks of every split, z-score normalisation, and deterministic
-per-step sampling (which makes ``--resume`` exact).
+"""Datasets without MONAI: the splits of a run (labeled, unlabeled, validation, test), start-up checks of every
+file, per-channel z-score normalisation, and deterministic per-step sampling (which makes ``--resume`` exact).
 
-Layouts (arrays are used in file order as ``(D, H, W)``; the README shows a tree of each):
-- ``nifti``: ``<root>/{train_images,train_labels,val_images,val_labels}/<name>.nii.gz`` (or ``.nii``), image
-  and label sharing the file name (the official RCPS layout; ``val_*`` is the test split).
-- ``h5``: UA-MT / MC-Net: ``<root>/train.list`` and ``<root>/test.list`` (one ID a line) and per ID one h5 file
-  with datasets ``image`` and ``label``, at ``<root>/2018LA_Seg_Training Set/<ID>/mri_norm2.h5`` (LA),
-  ``<root>/Pancreas_h5/<ID>_norm.h5`` (Pancreas), ``<root>/<ID>/mri_norm2.h5`` or ``<root>/<ID>.h5``.
-- ``nnunet``: an nnU-Net v2 raw dataset: ``<root>/dataset.json``, ``imagesTr/<case>_0000<ending>``,
-  ``labelsTr/<case><ending>`` and, when both exist, ``imagesTs``/``labelsTs`` as the test split; without
-  ``labelsTs`` a fixed split of the training cases (:data:`NNUNET_HOLDOUT_FRACTION`, seed
-  :data:`NNUNET_HOLDOUT_SEED`, the same for every run) is the test split.
+Where the files lie is :mod:`rcps_train.layouts`. Images are float32 ``(C, D, H, W)`` (C channels; D, H, W the
+file's array axes), labels int64 ``(D, H, W)``.
+
+Where the unlabeled pool and the validation split come from:
+- ``data.labeled`` a count or an ID file (the benchmark protocol): the other training cases are unlabeled (their
+  labels hidden); ``data.val_cases`` is taken from those hidden-label cases; the images of ``data.unlabeled_dir``,
+  when set, join the unlabeled pool.
+- ``data.labeled = "all"`` (a real semi-supervised dataset): every training case is labeled, the unlabeled pool is
+  ``data.unlabeled_dir`` alone, and ``data.val_cases`` is held out of the labeled cases (scored, never trained on,
+  not even as unlabeled data).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,154 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import random_crop, random_grid_distortion
-
-H5_PATTERNS = ("2018LA_Seg_Training Set/{id}/mri_norm2.h5", "Pancreas_h5/{id}_norm.h5", "{id}/mri_norm2.h5", "{id}.h5")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# nnU-Net datasets without labelsTs: this share of the training cases, drawn once with this seed, is the test split.
-NNUNET_HOLDOUT_FRACTION = 0.2
-NNUNET_HOLDOUT_SEED = 0
-
-
-class DataError(ValueError):
-    """A missing, unreadable or inconsistent data file; the message names it."""
-
-
-@dataclass(frozen=True)
-class Case:
-    """One image/label pair on disk (``label`` is the same h5 file as ``image`` in the h5 layout)."""
-
-    name: str
-    image: Path
-    label: Path
-
-
-def _nifti_name(path: Path, suffixes=NIFTI_SUFFIXES) -> str | None:
-    """The file name without its NIfTI suffix, or None when it does not end in exactly one of them
-    (``case.nii.gz.bak`` is not a case)."""
-    return next((path.name[: -len(sfx)] for sfx in suffixes if path.name.endswith(sfx)), None)
-
-
-def _nifti_cases(root: Path, split: str) -> list[Case]:
-    image_dir, label_dir = root / f"{split}_images", root / f"{split}_labels"
-    if not image_dir.is_dir():
-        raise DataError(
-            f"image folder {image_dir} does not exist (data.format = 'nifti' expects "
-            f"<root>/{split}_images and <root>/{split}_labels)"
-        )
-    cases = []
-    for image in sorted(image_dir.iterdir()):
-        name = _nifti_name(image)
-        if name is None:
-            continue
-        label = label_dir / image.name
-        if not label.exists():
-            raise DataError(f"label file {label} for image {image} does not exist")
-        cases.append(Case(name, image, label))
-    return cases
-
-
-def _h5_cases(root: Path, split: str) -> list[Case]:
-    list_file = root / ("train.list" if split == "train" else "test.list")
-    if not list_file.exists():
-        raise DataError(f"list file {list_file} does not exist (data.format = 'h5' expects train.list and test.list)")
-    cases = []
-    for case_id in sorted(line.strip() for line in list_file.read_text().splitlines() if line.strip()):
-        candidates = [root / pattern.format(id=case_id) for pattern in H5_PATTERNS]
-        found = next((path for path in candidates if path.exists()), None)
-        if found is None:
-            raise DataError(
-                f"h5 file for ID {case_id!r} (listed in {list_file}) not found; looked at "
-                + ", ".join(str(c) for c in candidates)
-            )
-        cases.append(Case(case_id, found, found))
-    return cases
-
-
-def read_nnunet_dataset_json(root: Path) -> dict:
-    """Read and check ``<root>/dataset.json`` of an nnU-Net v2 raw dataset.
-
-    Returns:
-        The parsed file; ``num_classes`` (from ``labels``) is added.
-    """
-    path = root / "dataset.json"
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(
-            f"cannot read {path} (data.format = 'nnunet' needs an nnU-Net v2 dataset.json): {type(err).__name__}: {err}"
-        ) from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path} holds a JSON {type(meta).__name__}; expected an object (nnU-Net v2 dataset.json)")
-    missing = [key for key in ("channel_names", "labels", "numTraining", "file_ending") if key not in meta]
-    if missing:
-        raise DataError(
-            f"{path} lacks {missing} (an nnU-Net v2 dataset.json has channel_names, labels, "
-            f"numTraining and file_ending)"
-        )
-    if len(meta["channel_names"]) != 1:
-        raise DataError(
-            f"{path} lists {len(meta['channel_names'])} channels {meta['channel_names']}; "
-            f"the trainer reads single-channel images only"
-        )
-    if meta["file_ending"] not in NIFTI_SUFFIXES:
-        raise DataError(
-            f"{path}: file_ending {meta['file_ending']!r} is not supported; expected one of {NIFTI_SUFFIXES}"
-        )
-    values = list(meta["labels"].values()) if isinstance(meta["labels"], dict) else [None]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or sorted(values) != list(
-        range(len(values))
-    ):
-        raise DataError(
-            f"{path}: labels {meta['labels']} must map names to the integers 0..n-1 "
-            f"(region-based and ignore labels are not supported)"
-        )
-    return {**meta, "num_classes": len(meta["labels"])}
-
-
-def _nnunet_folder(root: Path, images: str, labels: str, ending: str) -> list[Case]:
-    cases = []
-    for image in sorted((root / images).iterdir()):
-        name = _nifti_name(image, ("_0000" + ending,))
-        if name is None:
-            continue
-        label = root / labels / f"{name}{ending}"
-        if not label.exists():
-            raise DataError(f"label file {label} for image {image} does not exist")
-        cases.append(Case(name, image, label))
-    return cases
-
-
-def _nnunet_cases(root: Path, split: str) -> list[Case]:
-    meta = read_nnunet_dataset_json(root)
-    ending = meta["file_ending"]
-    if not (root / "imagesTr").is_dir():
-        raise DataError(f"image folder {root / 'imagesTr'} does not exist (data.format = 'nnunet')")
-    training = _nnunet_folder(root, "imagesTr", "labelsTr", ending)
-    if len(training) != meta["numTraining"]:
-        raise DataError(
-            f"{root / 'dataset.json'} says numTraining = {meta['numTraining']} but "
-            f"{root / 'imagesTr'} holds {len(training)} cases named <case>_0000{ending}"
-        )
-    if (root / "imagesTs").is_dir() and (root / "labelsTs").is_dir():
-        return training if split == "train" else _nnunet_folder(root, "imagesTs", "labelsTs", ending)
-    order = np.random.default_rng(NNUNET_HOLDOUT_SEED).permutation(len(training))
-    held_out = set(order[: max(round(NNUNET_HOLDOUT_FRACTION * len(training)), 1)].tolist())
-    return [c for i, c in enumerate(training) if (i in held_out) == (split != "train")]
-
-
-def list_cases(root: str | Path, split: str, data_format: str) -> list[Case]:
-    """Cases of ``split`` (``train``, or ``val`` for the test split), sorted by name; raises DataError when
-    there are none."""
-    if not str(root).strip():
-        raise DataError("data.root is empty; set it to the dataset folder")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data.root {str(root)!r} is not a folder")
-    read = {"nifti": _nifti_cases, "h5": _h5_cases, "nnunet": _nnunet_cases}[data_format]
-    cases = read(root, split)
-    if not cases:
-        raise DataError(f"no {split} cases found under {root} (data.format = {data_format!r})")
-    return cases
+from .layouts import Case, DataError, list_cases, list_unlabeled, read_nnunet_dataset_json, unlabeled_folder
 
 
 def _ids_from_file(path_text: str, key: str, cases: list[Case]) -> set[str]:
@@ -188,72 +39,99 @@ def _ids_from_file(path_text: str, key: str, cases: list[Case]) -> set[str]:
 
 
 def split_labeled(cases: list[Case], labeled: int | str) -> tuple[list[Case], list[Case]]:
-    """Split training cases into (labeled, unlabeled).
+    """Split training cases into (labeled, hidden-label) cases.
 
     Args:
         cases: training cases, sorted.
-        labeled: a count (the first N of the sorted list) or the path of a file of IDs, one a line.
+        labeled: a count (the first N of the sorted list), the path of a file of IDs, one a line, or ``"all"``.
 
     Returns:
-        The labeled and the unlabeled cases; both must be non-empty.
+        The labeled cases (at least 1) and the others, whose labels are hidden from training.
     """
+    if labeled == "all":
+        return list(cases), []
     if isinstance(labeled, str):
         ids = _ids_from_file(labeled, "data.labeled", cases)
         chosen = [c for c in cases if c.name in ids]
     else:
         chosen = cases[:labeled]
-    rest = [c for c in cases if c not in chosen]
-    if not chosen or not rest:
-        raise DataError(
-            f"data.labeled = {labeled!r} leaves {len(chosen)} labeled and {len(rest)} unlabeled "
-            f"of {len(cases)} training cases; both must be at least 1"
-        )
-    return chosen, rest
+    if not chosen:
+        raise DataError(f"data.labeled = {labeled!r} chooses none of the {len(cases)} training cases")
+    return chosen, [c for c in cases if c not in chosen]
 
 
-def split_validation(unlabeled: list[Case], labeled: list[Case], val_cases: int | str) -> tuple[list[Case], list[Case]]:
-    """Carve the validation split out of the training cases that are not labeled training data.
+def split_validation(
+    candidates: list[Case], trained_labeled: list[Case], val_cases: int | str, kind: str = "unlabeled"
+) -> tuple[list[Case], list[Case]]:
+    """Carve the validation split out of ``candidates``.
 
     The validation cases keep their labels for scoring, and neither their images nor their labels are trained
-    on; taking them from the unlabeled pool leaves the (scarce) labeled cases to training.
+    on. With hidden-label cases the candidates are those (the scarce labeled cases stay in training); with
+    ``data.labeled = "all"`` they are the labeled cases.
 
     Args:
-        unlabeled: the training cases that are not labeled, sorted.
-        labeled: the labeled training cases (an ID file must not name them).
-        val_cases: a count (the last N of ``unlabeled``; 0: no validation split) or a file of IDs.
+        candidates: the cases validation may take, sorted.
+        trained_labeled: labeled cases that stay in training (an ID file must not name them).
+        val_cases: a count (the last N of ``candidates``; 0: no validation split) or a file of IDs.
+        kind: what the candidates are, for messages.
 
     Returns:
-        ``(unlabeled cases left for training, validation cases)``; the first must be non-empty.
+        ``(candidates left for training, validation cases)``.
     """
     if isinstance(val_cases, str):
-        ids = _ids_from_file(val_cases, "data.val_cases", unlabeled + labeled)
-        clash = sorted(ids & {c.name for c in labeled})
+        ids = _ids_from_file(val_cases, "data.val_cases", candidates + trained_labeled)
+        clash = sorted(ids & {c.name for c in trained_labeled})
         if clash:
             raise DataError(
                 f"data.val_cases: {val_cases} names labeled training cases {clash[:5]} "
                 f"(see data.labeled); validation cases must not be trained on"
             )
-        chosen = [c for c in unlabeled if c.name in ids]
+        chosen = [c for c in candidates if c.name in ids]
     else:
-        chosen = unlabeled[len(unlabeled) - val_cases :] if val_cases else []
-    rest = [c for c in unlabeled if c not in chosen]
-    if not rest:
-        raise DataError(
-            f"data.val_cases = {val_cases!r} takes all {len(unlabeled)} unlabeled training cases; "
-            f"at least 1 must stay for training"
-        )
-    return rest, chosen
+        if val_cases > len(candidates):
+            raise DataError(
+                f"data.val_cases = {val_cases} asks for more cases than the {len(candidates)} {kind} training cases"
+            )
+        chosen = candidates[len(candidates) - val_cases :] if val_cases else []
+    return [c for c in candidates if c not in chosen], chosen
 
 
 @dataclass(frozen=True)
 class Splits:
-    """The cases of a run: labeled and unlabeled training data, the validation split (may be empty) and the
-    test split (scored once, after training)."""
+    """The cases of a run: labeled and unlabeled training data, the validation split (may be empty), the test
+    split (scored once, after training), and the image channel count they share."""
 
     labeled: list[Case]
     unlabeled: list[Case]
     validation: list[Case]
     test: list[Case]
+    channels: int
+
+
+def _training_splits(train_cases: list[Case], data_cfg: dict) -> tuple[list[Case], list[Case], list[Case]]:
+    """``(labeled, hidden-label unlabeled, validation)`` of the training cases (module docstring)."""
+    labeled, hidden = split_labeled(train_cases, data_cfg["labeled"])
+    if data_cfg["labeled"] == "all":
+        labeled, validation = split_validation(labeled, [], data_cfg["val_cases"], "labeled")
+        if not labeled:
+            raise DataError(
+                f"data.val_cases = {data_cfg['val_cases']!r} holds out all {len(train_cases)} labeled training "
+                f"cases (data.labeled = 'all'); at least 1 must stay for training"
+            )
+        return labeled, [], validation
+    hidden, validation = split_validation(hidden, labeled, data_cfg["val_cases"])
+    return labeled, hidden, validation
+
+
+def _check_new_names(known: list[Case], added: list[Case], folder: Path) -> None:
+    """An unlabeled image must not be a case of the dataset itself: it would be trained on twice or, for a test
+    case, leak the test split into training."""
+    clash = sorted({c.name for c in known} & {c.name for c in added})
+    if clash:
+        raise DataError(
+            f"data.unlabeled_dir: {folder} holds images of cases that are also training or test cases of "
+            f"data.root: {clash[:5]}; an image must be in one place only"
+        )
 
 
 def dataset_splits(data_cfg: dict) -> Splits:
@@ -272,58 +150,154 @@ def dataset_splits(data_cfg: dict) -> Splits:
                 f"{Path(root) / 'dataset.json'} defines {classes} labels but data.num_classes is "
                 f"{data_cfg['num_classes']}; set data.num_classes = {classes} (and loss.class_weights)"
             )
-    labeled, unlabeled = split_labeled(train_cases, data_cfg["labeled"])
-    unlabeled, validation = split_validation(unlabeled, labeled, data_cfg["val_cases"])
-    return Splits(labeled, unlabeled, validation, test_cases)
+    labeled, hidden, validation = _training_splits(train_cases, data_cfg)
+    added = list_unlabeled(root, data_cfg["unlabeled_dir"], data_format) if data_cfg["unlabeled_dir"] else []
+    _check_new_names(train_cases + test_cases, added, unlabeled_folder(root, data_cfg["unlabeled_dir"]))
+    if not hidden + added:
+        raise DataError(
+            f"data.labeled = {data_cfg['labeled']!r} leaves no unlabeled images: "
+            + (
+                "set data.unlabeled_dir to a folder of unlabeled images"
+                if data_cfg["labeled"] == "all"
+                else f"with data.val_cases = {data_cfg['val_cases']!r} all {len(train_cases)} training cases are "
+                "labeled or validation cases; label or validate fewer, or set data.unlabeled_dir"
+            )
+        )
+    channels = dataset_channels(labeled + hidden + added + validation + test_cases)
+    return Splits(labeled, hidden + added, validation, test_cases, channels)
 
 
-def check_cases(cases: list[Case], num_classes: int) -> None:
-    """Read and check every case (as :func:`load_case` does) without keeping it: a bad validation or test
-    file then stops the run before the first training step, not after the last."""
-    for case in cases:
-        load_case(case, num_classes)
-
-
-def load_case(case: Case, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read, check and z-score one case.
-
-    Returns:
-        ``image`` float32 ``(D, H, W)`` normalised to zero mean and unit std over the whole volume, and
-        ``label`` int64 of the same shape with values in ``[0, num_classes)``.
-    """
-    image, label = _read(case)
-    if image.ndim != 3:
-        raise DataError(f"image {case.image} has shape {image.shape}; expected a 3D volume")
-    if image.shape != label.shape:
-        raise DataError(f"image {case.image} has shape {image.shape} but label {case.label} has {label.shape}")
-    if not np.isfinite(image).all():
-        raise DataError(f"image {case.image} contains NaN or Inf values")
-    rounded = np.rint(label)
-    if not np.array_equal(rounded, label) or rounded.min() < 0 or rounded.max() >= num_classes:
-        values = np.unique(label)[:10]
-        raise DataError(f"label {case.label} has values {values.tolist()} outside the classes 0..{num_classes - 1}")
-    image = ((image - image.mean()) / max(float(image.std()), 1e-8)).astype(np.float32)
-    return image, rounded.astype(np.int64)
-
-
-def _read(case: Case) -> tuple[np.ndarray, np.ndarray]:
+def image_channels(case: Case) -> int:
+    """The channel count of a case's image, read from the file headers (cheap: no voxel data is read)."""
+    if case.more_channels:
+        return 1 + len(case.more_channels)
     if case.image.suffix == ".h5":
         import h5py
 
         try:
             with h5py.File(case.image, "r") as f:
-                return np.asarray(f["image"], np.float32), np.asarray(f["label"], np.float32)
+                shape = f["image"].shape
         except (OSError, KeyError) as err:
-            raise DataError(f"cannot read h5 file {case.image} (needs datasets 'image' and 'label'): {err}") from None
+            raise DataError(f"cannot read h5 file {case.image} (needs a dataset 'image'): {err}") from None
+        return shape[0] if len(shape) == 4 else 1
+    shape = _nifti(case.image).shape
+    return shape[3] if len(shape) == 4 else 1
+
+
+def dataset_channels(cases: list[Case]) -> int:
+    """The channel count every case's image has.
+
+    Raises:
+        DataError: naming the first case whose count differs from the first case's.
+    """
+    counts = [image_channels(case) for case in cases]
+    for case, count in zip(cases, counts):
+        if count != counts[0]:
+            raise DataError(
+                f"image {case.image} (case {case.name!r}) has {count} channel(s) but {cases[0].image} "
+                f"(case {cases[0].name!r}) has {counts[0]}; every image of a run must have the same channels"
+            )
+    return counts[0]
+
+
+def check_cases(cases: list[Case], num_classes: int, channels: int) -> None:
+    """Read and check every case (as :func:`load_case` does) without keeping it: a bad validation or test
+    file then stops the run before the first training step, not after the last."""
+    for case in cases:
+        load_case(case, num_classes, channels)
+
+
+def load_case(case: Case, num_classes: int, channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read, check and normalise one case.
+
+    Args:
+        case: the files.
+        num_classes: labels must lie in ``[0, num_classes)``.
+        channels: the channel count the image must have (None: any).
+
+    Returns:
+        ``image`` float32 ``(C, D, H, W)`` (see :func:`normalize_image`), and ``label`` int64 ``(D, H, W)``, or
+        None for an unlabeled case.
+    """
+    image = _read_image(case)
+    if channels is not None and image.shape[0] != channels:
+        raise DataError(
+            f"image {case.image} has {image.shape[0]} channel(s); expected {channels} (the channels of the run's "
+            f"data and checkpoint)"
+        )
+    if not np.isfinite(image).all():
+        raise DataError(f"image {case.image} contains NaN or Inf values")
+    label = None
+    if case.label is not None:
+        label = _read_label(case)
+        if label.shape != image.shape[1:]:
+            raise DataError(f"image {case.image} has shape {image.shape[1:]} but label {case.label} has {label.shape}")
+        rounded = np.rint(label)
+        if not np.array_equal(rounded, label) or rounded.min() < 0 or rounded.max() >= num_classes:
+            values = np.unique(label)[:10]
+            raise DataError(f"label {case.label} has values {values.tolist()} outside the classes 0..{num_classes - 1}")
+        label = rounded.astype(np.int64)
+    return normalize_image(image), label
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+    """Z-score each channel of a ``(C, D, H, W)`` image over its volume (float32)."""
+    return np.stack([((ch - ch.mean()) / max(float(ch.std()), 1e-8)).astype(np.float32) for ch in image])
+
+
+def _nifti(path: Path):
     import nibabel as nib
 
-    arrays = []
-    for path in (case.image, case.label):
-        try:
-            arrays.append(np.asarray(nib.load(path).get_fdata(dtype=np.float32)))
-        except Exception as err:  # nibabel raises many types for truncated or foreign files
-            raise DataError(f"cannot read NIfTI file {path}: {type(err).__name__}: {err}") from None
-    return arrays[0], arrays[1]
+    try:
+        return nib.load(path)
+    except Exception as err:  # nibabel raises many types for truncated or foreign files
+        raise DataError(f"cannot read NIfTI file {path}: {type(err).__name__}: {err}") from None
+
+
+def _nifti_array(path: Path) -> np.ndarray:
+    image = _nifti(path)
+    try:
+        return np.asarray(image.get_fdata(dtype=np.float32))
+    except Exception as err:  # a truncated file can fail only when its voxels are read
+        raise DataError(f"cannot read NIfTI file {path}: {type(err).__name__}: {err}") from None
+
+
+def _h5_dataset(path: Path, name: str) -> np.ndarray:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return np.asarray(f[name], np.float32)
+    except (OSError, KeyError) as err:
+        raise DataError(f"cannot read h5 file {path} (needs a dataset {name!r}): {err}") from None
+
+
+def _read_image(case: Case) -> np.ndarray:
+    """The image as float32 ``(C, D, H, W)``: an h5 ``image`` of 3 or 4 (channels first) axes, a 3D NIfTI file
+    per channel, or one 4D NIfTI file with the channels last."""
+    if case.image.suffix == ".h5":
+        image = _h5_dataset(case.image, "image")
+        layout = "(D, H, W) or (C, D, H, W)"
+    elif case.more_channels:
+        volumes = [_nifti_array(path) for path in case.image_files]
+        for path, volume in zip(case.image_files, volumes):
+            if volume.ndim != 3 or volume.shape != volumes[0].shape:
+                raise DataError(
+                    f"image {path} has shape {volume.shape}; expected a 3D volume of the shape of {case.image} "
+                    f"{volumes[0].shape} (one file per channel)"
+                )
+        return np.stack(volumes)
+    else:
+        image = _nifti_array(case.image)
+        image = np.moveaxis(image, -1, 0) if image.ndim == 4 else image
+        layout = "(D, H, W), or (D, H, W, C) for C channels"
+    if image.ndim not in (3, 4) or 0 in image.shape:
+        raise DataError(f"image {case.image} has shape {image.shape}; expected a 3D volume {layout}")
+    return image[None] if image.ndim == 3 else image
+
+
+def _read_label(case: Case) -> np.ndarray:
+    return _h5_dataset(case.label, "label") if case.label.suffix == ".h5" else _nifti_array(case.label)
 
 
 # Factors from the NIfTI header's spatial unit to mm; "unknown" is read as mm, as most tools do.
@@ -347,12 +321,7 @@ def case_spacing(case: Case) -> tuple[float, float, float] | None:
         if values.shape != (3,) or not (values > 0).all():
             raise DataError(f"h5 file {case.image}: attribute 'spacing' must be 3 positive numbers, got {spacing!r}")
         return tuple(float(v) for v in values)
-    import nibabel as nib
-
-    try:
-        header = nib.load(case.image).header
-    except Exception as err:  # nibabel raises many types for truncated or foreign files
-        raise DataError(f"cannot read NIfTI file {case.image}: {type(err).__name__}: {err}") from None
+    header = _nifti(case.image).header
     zooms = header.get_zooms()[:3]
     if len(zooms) != 3 or not all(z > 0 for z in zooms):
         raise DataError(f"NIfTI file {case.image}: header voxel sizes {zooms} are not 3 positive numbers")
@@ -368,17 +337,19 @@ class VolumeStore:
     Every case is read once at construction so that a bad file fails the run before training starts.
     """
 
-    def __init__(self, cases: list[Case], num_classes: int, cache: bool = True):
-        self.cases, self.num_classes = cases, num_classes
-        self._cache = [load_case(c, num_classes) for c in cases] if cache else None
+    def __init__(self, cases: list[Case], num_classes: int, channels: int, cache: bool = True):
+        self.cases, self.num_classes, self.channels = cases, num_classes, channels
+        self._cache = [load_case(c, num_classes, channels) for c in cases] if cache else None
         if self._cache is None:
-            check_cases(cases, num_classes)
+            check_cases(cases, num_classes, channels)
 
     def __len__(self) -> int:
         return len(self.cases)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._cache[index] if self._cache is not None else load_case(self.cases[index], self.num_classes)
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._cache is not None:
+            return self._cache[index]
+        return load_case(self.cases[index], self.num_classes, self.channels)
 
 
 class PairedPatchDataset(Dataset):
@@ -400,14 +371,15 @@ class PairedPatchDataset(Dataset):
         self.labeled, self.unlabeled, self.patch_size = labeled, unlabeled, tuple(patch_size)
         self.distortion = (distortion_prob, distortion_limit, distortion_cells)
 
-    def _patch(self, store: VolumeStore, index: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _patch(self, store: VolumeStore, index: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         rng = np.random.default_rng(seed)
         image, label = store[index]
         prob, limit, cells = self.distortion
         if rng.random() < prob:
             image, label = random_grid_distortion(image, label, rng, cells, limit)
         image, label = random_crop(image, label, self.patch_size, rng)
-        return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(np.ascontiguousarray(label))[None]
+        image = torch.from_numpy(np.ascontiguousarray(image))
+        return image, None if label is None else torch.from_numpy(np.ascontiguousarray(label))[None]
 
     def __getitem__(self, key: tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
         lab, lab_seed, unl, unl_seed = key

@@ -44,6 +44,7 @@ from .evaluate import evaluate_cases, format_table, metrics_record, write_metric
 from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmentation_loss, total_loss
 from .model import ProjectorUNet
 from .plots import plot_run
+from .tensorboard_log import TensorBoardLog, require_tensorboard
 
 VAL_FIELDS = [
     "epoch",
@@ -97,9 +98,10 @@ def check_loss_backend(config: dict, device: torch.device) -> None:
         raise ConfigError(f"loss.backend = {backend!r} cannot run on {device}: {err}") from None
 
 
-def build_model(config: dict) -> ProjectorUNet:
+def build_model(config: dict, in_channels: int) -> ProjectorUNet:
+    """The network of ``config`` for images of ``in_channels`` channels."""
     return ProjectorUNet(
-        1,
+        in_channels,
         config["data"]["num_classes"],
         config["model"]["widths"],
         config["model"]["project_dim"],
@@ -220,6 +222,7 @@ class TrainingRun:
     step_in_epoch: int = 0
     global_step: int = 0
     val_history: list[dict] = field(default_factory=list)
+    tensorboard: TensorBoardLog | None = None  # main process with log.tensorboard only
 
     @property
     def main(self) -> bool:
@@ -240,6 +243,7 @@ def train(config: dict, resume: bool = False) -> dict | None:
     validate(config)  # again: callers may have edited the dict (paths, names) since load_config
     device = resolve_device(config, ddp.local_rank())
     rank, world_size, created_group = ddp.init_distributed(device)
+    run = None
     try:
         run = set_up_run(config, resume, device, rank, world_size)
         stopped = False
@@ -251,6 +255,8 @@ def train(config: dict, resume: bool = False) -> dict | None:
         ddp.barrier()
         return result
     finally:
+        if run is not None and run.tensorboard is not None:
+            run.tensorboard.close()
         if created_group:
             ddp.cleanup()
 
@@ -264,6 +270,8 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
     """
     amp_dtype, use_scaler = amp_settings(config, device)
     check_loss_backend(config, device)
+    if config["log"]["tensorboard"]:
+        require_tensorboard()
     main = rank == 0
     run_dir = Path(config["run"]["out_dir"]) / config["run"]["name"]
     state = checkpoint_to_resume(config, run_dir / "checkpoint.pt", resume, main, device)
@@ -271,7 +279,7 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
         start_clean(run_dir)
     generators = _seed(config["run"]["seed"], rank)
     splits, dataset = _read_data(config, main)
-    model, raw_model = _build_parallel_model(config, device, world_size)
+    model, raw_model = _build_parallel_model(config, splits.channels, device, world_size)
     train_cfg = config["train"]
     optimizer = torch.optim.SGD(
         model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"]
@@ -300,6 +308,8 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
         if resume:
             truncate_log(run_dir / "train_log.csv", "global_step", run.global_step)
             truncate_log(run_dir / "val_log.csv", "epoch", run.epoch)
+        if config["log"]["tensorboard"]:
+            run.tensorboard = TensorBoardLog(run_dir, purge_step=run.global_step + 1 if resume else None)
     return run
 
 
@@ -318,15 +328,16 @@ def _read_data(config: dict, main: bool) -> tuple[Splits, PairedPatchDataset]:
     """The splits and the training dataset; the validation and test files are checked now, before step 1."""
     data_cfg = config["data"]
     splits = dataset_splits(data_cfg)
+    classes, channels = data_cfg["num_classes"], splits.channels
     dataset = PairedPatchDataset(
-        VolumeStore(splits.labeled, data_cfg["num_classes"], data_cfg["cache"]),
-        VolumeStore(splits.unlabeled, data_cfg["num_classes"], data_cfg["cache"]),
+        VolumeStore(splits.labeled, classes, channels, data_cfg["cache"]),
+        VolumeStore(splits.unlabeled, classes, channels, data_cfg["cache"]),
         data_cfg["patch_size"],
         data_cfg["grid_distortion_prob"],
         data_cfg["grid_distortion_limit"],
         data_cfg["grid_distortion_cells"],
     )
-    check_cases(splits.validation + splits.test, data_cfg["num_classes"])  # before step 1, not after the last
+    check_cases(splits.validation + splits.test, classes, channels)  # before step 1, not after the last
     if main and config["eval"]["every_epochs"] and not splits.validation:
         print(
             "rcps-train: no validation split (data.val_cases = 0): no validation during training and no best.pt; "
@@ -335,10 +346,12 @@ def _read_data(config: dict, main: bool) -> tuple[Splits, PairedPatchDataset]:
     return splits, dataset
 
 
-def _build_parallel_model(config: dict, device: torch.device, world_size: int) -> tuple[torch.nn.Module, ProjectorUNet]:
+def _build_parallel_model(
+    config: dict, channels: int, device: torch.device, world_size: int
+) -> tuple[torch.nn.Module, ProjectorUNet]:
     """``(model the steps call, raw model)``: the DDP wrapper and the network inside it in a distributed run
     (with SyncBatchNorm on CUDA), the network twice otherwise."""
-    model = build_model(config).to(device, memory_format=memory_format(config))
+    model = build_model(config, channels).to(device, memory_format=memory_format(config))
     if world_size == 1:
         return model, model
     if device.type == "cuda":  # SyncBatchNorm has no CPU implementation
@@ -353,6 +366,12 @@ def _build_parallel_model(config: dict, device: torch.device, world_size: int) -
 
 def _restore(run: TrainingRun, state: dict) -> None:
     """Continue ``run`` from a checkpoint's weights, optimizer, scaler, position, history and RNG streams."""
+    stored_channels = state.get("in_channels", 1)  # checkpoints from before multi-channel data were 1-channel
+    if stored_channels != run.splits.channels:
+        raise ConfigError(
+            f"--resume: {run.run_dir / 'checkpoint.pt'} was trained on {stored_channels}-channel images but the "
+            f"images under data.root = {run.config['data']['root']!r} have {run.splits.channels} channel(s)"
+        )
     run.raw_model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scaler.load_state_dict(state["scaler"])
@@ -444,6 +463,8 @@ def _logged_step(run: TrainingRun, batch: dict, lr: float, ramp: float) -> dict[
     }
     if run.main:
         append_row(run.run_dir / "train_log.csv", LOG_FIELDS, row)
+        if run.tensorboard is not None:
+            run.tensorboard.log_step(row, TERMS)
     return values
 
 
@@ -455,9 +476,7 @@ def _after_step(run: TrainingRun, steps: int) -> bool:
         run.epoch, run.step_in_epoch = run.epoch + 1, 0
     if stop or run.step_in_epoch == 0 or run.global_step % train_cfg["checkpoint_every"] == 0:
         if run.step_in_epoch == 0:
-            _validate_during_training(
-                run.raw_model, run.splits.validation, run.config, run.device, run.epoch, run.val_history, run.run_dir
-            )
+            _validate_during_training(run)
         save_checkpoint(run)
     return stop
 
@@ -471,9 +490,12 @@ def save_checkpoint(run: TrainingRun) -> None:
         torch.distributed.all_gather_object(gathered, rng)
         rng = gathered
     if run.main:
+        if run.tensorboard is not None:  # events up to this checkpoint survive a kill
+            run.tensorboard.flush()
         save_atomic(
             {
                 "model": run.raw_model.state_dict(),
+                "in_channels": run.splits.channels,
                 "optimizer": run.optimizer.state_dict(),
                 "scaler": run.scaler.state_dict(),
                 "epoch": run.epoch,
@@ -487,33 +509,41 @@ def save_checkpoint(run: TrainingRun) -> None:
         )
 
 
-def _validate_during_training(
-    model, val_cases, config, device, epochs_done: int, val_history: list, run_dir: Path
-) -> None:
+def _validate_during_training(run: TrainingRun) -> None:
     """Score the validation split after an epoch when ``eval.every_epochs`` says so, and after the last one;
     keep the weights of the best mean Dice so far as ``best.pt`` (main process only)."""
+    config, epochs_done = run.config, run.epoch
     every = config["eval"]["every_epochs"]
-    if not ddp.is_main_process() or not val_cases or not every:
+    if not ddp.is_main_process() or not run.splits.validation or not every:
         return
     if epochs_done % every and epochs_done != config["train"]["epochs"]:
         return
-    cases = val_cases[: config["eval"]["max_cases"] or None]
-    _, summary = evaluate_cases(model, cases, config, device, progress=False)
-    best_so_far = max((entry["dice"] for entry in val_history), default=-1.0)
-    val_history.append({"epoch": epochs_done, **summary})
+    cases = run.splits.validation[: config["eval"]["max_cases"] or None]
+    previews = []
+
+    def keep_first_preview(case, image, label, prediction):
+        if not previews:
+            previews.append((case.name, image, label, prediction))
+
+    _, summary = evaluate_cases(run.raw_model, cases, config, run.device, False, keep_first_preview)
+    best_so_far = max((entry["dice"] for entry in run.val_history), default=-1.0)
+    run.val_history.append({"epoch": epochs_done, **summary})
     if summary["dice"] > best_so_far:
         save_atomic(
             {
-                "model": model.state_dict(),
+                "model": run.raw_model.state_dict(),
+                "in_channels": run.splits.channels,
                 "config": config,
                 "epoch": epochs_done,
                 "val_dice": summary["dice"],
                 "val_cases": [c.name for c in cases],
             },
-            run_dir / "best.pt",
+            run.run_dir / "best.pt",
         )
-    append_row(run_dir / "val_log.csv", VAL_FIELDS, {"epoch": epochs_done, **summary})
-    plot_run(run_dir)
+    append_row(run.run_dir / "val_log.csv", VAL_FIELDS, {"epoch": epochs_done, **summary})
+    if run.tensorboard is not None:
+        run.tensorboard.log_validation(summary, run.global_step, previews[0], config["data"]["num_classes"])
+    plot_run(run.run_dir)
 
 
 def _score_test_split(model, splits, config: dict, device, run_dir: Path) -> dict:
@@ -530,7 +560,7 @@ def _score_test_split(model, splits, config: dict, device, run_dir: Path) -> dic
     best = None
     if splits.validation and best_path.exists():
         state = torch.load(best_path, map_location=device, weights_only=False)
-        best_model = build_model(config).to(device, memory_format=memory_format(config))
+        best_model = build_model(config, splits.channels).to(device, memory_format=memory_format(config))
         best_model.load_state_dict(state["model"])
         rows, summary = evaluate_cases(best_model, splits.test, config, device, progress)
         write_metrics_csv(rows, run_dir / "metrics_best.csv")

@@ -6,6 +6,7 @@ import csv
 import itertools
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .data import Case, DataError, case_spacing, load_case
+from .data import case_spacing, load_case
+from .layouts import Case, DataError
 from .metrics import METRICS, case_metrics, summarize
 
 
@@ -163,9 +165,23 @@ def distance_unit(cases: list[Case], spacings: list) -> str:
 
 
 def evaluate_cases(
-    model: torch.nn.Module, cases: list[Case], config: dict, device: torch.device, progress: bool = True
+    model: torch.nn.Module,
+    cases: list[Case],
+    config: dict,
+    device: torch.device,
+    progress: bool = True,
+    on_prediction: Callable | None = None,
 ) -> tuple[list[dict], dict]:
     """Predict every case under ``eval.protocol`` and compute per-case, per-class metrics.
+
+    Args:
+        model: a ProjectorUNet; each image must have its ``in_channels``.
+        cases: labeled cases.
+        config: the run config (``eval``, ``data.num_classes``, ``model.channels_last``).
+        device: where to predict.
+        progress: a progress bar over cases.
+        on_prediction: called as ``on_prediction(case, image, label, prediction)`` with the normalised image
+            ``(C, D, H, W)``, the label and the post-processed prediction ``(D, H, W)`` of every case.
 
     Returns:
         ``rows`` (one per case and foreground class) and the summary: the means, the undefined-distance count,
@@ -181,8 +197,8 @@ def evaluate_cases(
     eval_cfg, num_classes = config["eval"], config["data"]["num_classes"]
     layout = torch.channels_last_3d if config["model"]["channels_last"] else torch.contiguous_format
     for case, spacing in tqdm(list(zip(cases, spacings)), desc="eval", disable=not progress, leave=False):
-        image, label = load_case(case, num_classes)
-        volume = torch.from_numpy(image)[None, None].to(device)
+        image, label = load_case(case, num_classes, model.in_channels)
+        volume = torch.from_numpy(image)[None].to(device)
         scores = sliding_window_inference(
             lambda x: model.segment(x.contiguous(memory_format=layout)),
             volume,
@@ -195,6 +211,8 @@ def evaluate_cases(
         pred = scores.argmax(1)[0].cpu().numpy()
         if keep_largest:
             pred = keep_largest_component(pred, num_classes)
+        if on_prediction is not None:
+            on_prediction(case, image, label, pred)
         rows += [{"case": case.name, **row} for row in case_metrics(pred, label, num_classes, spacing)]
     model.train(was_training)
     summary = {

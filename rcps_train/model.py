@@ -102,7 +102,7 @@ class ProjectorUNet(nn.Module):
         if len(widths) != 5:
             raise ValueError(f"model.widths must have 5 entries, got {list(widths)}")
         w0, w1, w2, w3, w4 = widths
-        self.checkpointing = checkpointing
+        self.in_channels, self.checkpointing = in_channels, checkpointing
         self.encoder = nn.ModuleList(
             [
                 ResBlock(in_channels, w0, 1),

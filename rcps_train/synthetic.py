@@ -31,15 +31,20 @@ def _ellipsoid(shape, rng: np.random.Generator, radius_range) -> np.ndarray:
     return ((offsets / radii) ** 2).sum(0)  # < 1 inside
 
 
-def synthetic_case(shape=(64, 64, 48), rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_case(
+    shape=(64, 64, 48), rng: np.random.Generator | None = None, channels: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """One image/label pair.
 
     Args:
         shape: volume shape ``(D, H, W)``.
         rng: the random source.
+        channels: image channels; channel 0 is the same whatever the count, and each further channel is another
+            "modality" in which the distractors are dark, so the channels together separate them better.
 
     Returns:
-        ``image`` float32 and ``label`` uint8 (0 background, 1 foreground), both of ``shape``.
+        ``image`` float32 (``shape``, or ``(channels, *shape)`` for several) and ``label`` uint8 (0 background,
+        1 foreground) of ``shape``.
     """
     rng = rng or np.random.default_rng()
     # A smooth random field deforms the surfaces so that shapes are not perfect ellipsoids.
@@ -56,10 +61,19 @@ def synthetic_case(shape=(64, 64, 48), rng: np.random.Generator | None = None) -
     image = background_texture + 0.9 * distractors + label * (1.0 + foreground_texture)
     bias = np.exp(0.3 * _smooth_noise(shape, 12.0, rng))
     image = image * bias + 0.6 * rng.standard_normal(shape)
+    if channels > 1:
+        others = [
+            (0.5 * _smooth_noise(shape, 1.5, rng) - 0.8 * distractors + 0.8 * label) * bias
+            + 0.6 * rng.standard_normal(shape)
+            for _ in range(channels - 1)
+        ]
+        image = np.stack([image, *others])
     return image.astype(np.float32), label.astype(np.uint8)
 
 
 LAYOUTS = ("nifti", "nnunet", "h5")
+#: Where make_synthetic_dataset writes unlabeled images (data.unlabeled_dir), per layout.
+UNLABELED_FOLDERS = {"nifti": "unlabeled_images", "nnunet": "imagesUnlabeled", "h5": "unlabeled"}
 
 
 def _write_nifti(array: np.ndarray, path: Path) -> None:
@@ -67,19 +81,36 @@ def _write_nifti(array: np.ndarray, path: Path) -> None:
     nib.save(nib.Nifti1Image(array, np.eye(4)), path)
 
 
+def _write_image(root: Path, layout: str, folder: str, name: str, image: np.ndarray) -> None:
+    """One image as the layout stores it: a 3D or 4D (channels last) NIfTI file, one NIfTI file per channel
+    (nnU-Net), or an h5 ``image`` dataset ``(D, H, W)`` / ``(C, D, H, W)``."""
+    if layout == "nifti":
+        _write_nifti(np.moveaxis(image, 0, -1) if image.ndim == 4 else image, root / folder / f"{name}.nii.gz")
+    elif layout == "nnunet":
+        for index, channel in enumerate(image if image.ndim == 4 else image[None]):
+            _write_nifti(channel, root / folder / f"{name}_{index:04d}.nii.gz")
+    else:
+        import h5py
+
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        with h5py.File(root / folder / f"{name}.h5", "w") as f:
+            f["image"] = image
+
+
 def _write_case(root: Path, layout: str, split: str, name: str, image: np.ndarray, label: np.ndarray) -> None:
     if layout == "nifti":
-        _write_nifti(image, root / f"{split}_images" / f"{name}.nii.gz")
+        _write_image(root, layout, f"{split}_images", name, image)
         _write_nifti(label, root / f"{split}_labels" / f"{name}.nii.gz")
     elif layout == "nnunet":
         tag = "Tr" if split == "train" else "Ts"
-        _write_nifti(image, root / f"images{tag}" / f"{name}_0000.nii.gz")
+        _write_image(root, layout, f"images{tag}", name, image)
         _write_nifti(label, root / f"labels{tag}" / f"{name}.nii.gz")
     else:
         import h5py
 
-        with h5py.File(root / f"{name}.h5", "w") as f:
-            f["image"], f["label"] = image, label
+        _write_image(root, layout, ".", name, image)
+        with h5py.File(root / f"{name}.h5", "a") as f:
+            f["label"] = label
 
 
 def make_synthetic_dataset(
@@ -89,6 +120,8 @@ def make_synthetic_dataset(
     shape=(64, 64, 48),
     seed: int = 0,
     layout: str = "nifti",
+    channels: int = 1,
+    num_unlabeled: int = 0,
 ) -> Path:
     """Write a synthetic dataset of ``case_XXX`` volumes (the same volumes whatever the layout; h5 test cases are
     ``test_XXX``).
@@ -102,6 +135,9 @@ def make_synthetic_dataset(
         seed: makes the dataset reproducible.
         layout: ``"nifti"`` (``{train,val}_{images,labels}/case_XXX.nii.gz``), ``"nnunet"`` (nnU-Net v2 raw with
             ``dataset.json``) or ``"h5"`` (``case_XXX.h5`` with ``train.list`` / ``test.list``).
+        channels: image channels (see :func:`synthetic_case`).
+        num_unlabeled: images without labels, ``unl_XXX``, in the layout's :data:`UNLABELED_FOLDERS` entry (set
+            ``data.unlabeled_dir`` to it).
 
     Returns:
         The dataset root.
@@ -117,14 +153,17 @@ def make_synthetic_dataset(
         prefix = "test" if layout == "h5" and split == "val" else "case"
         names[split] = [f"{prefix}_{index:03d}" for index in range(count)]
         for name in names[split]:
-            _write_case(root, layout, split, name, *synthetic_case(shape, rng))
+            _write_case(root, layout, split, name, *synthetic_case(shape, rng, channels))
+    for index in range(num_unlabeled):
+        image, _ = synthetic_case(shape, rng, channels)
+        _write_image(root, layout, UNLABELED_FOLDERS[layout], f"unl_{index:03d}", image)
     if layout == "h5":
         (root / "train.list").write_text("".join(f"{n}\n" for n in names["train"]))
         (root / "test.list").write_text("".join(f"{n}\n" for n in names["val"]))
     if layout == "nnunet":
         meta = {
             "name": "synthetic",
-            "channel_names": {"0": "synthetic"},
+            "channel_names": {str(index): f"synthetic{index}" for index in range(channels)},
             "labels": {"background": 0, "foreground": 1},
             "numTraining": num_train,
             "file_ending": ".nii.gz",

@@ -89,7 +89,7 @@ def test_cli_reports_config_and_data_errors(tmp_path, capsys):
 
 def test_every_default_key_is_documented_in_the_defaults_table():
     # Guard against a key used in code but missing from DEFAULTS: load_config would reject it in a file.
-    assert set(DEFAULTS) == {"run", "data", "model", "train", "loss", "eval"}
+    assert set(DEFAULTS) == {"run", "data", "model", "train", "loss", "eval", "log"}
 
 
 def test_every_key_has_a_rule_and_every_default_and_shipped_config_passes_it():

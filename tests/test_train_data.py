@@ -12,17 +12,15 @@ import pytest
 from rcps_train.augment import random_crop, random_grid_distortion
 from rcps_train.config import load_config
 from rcps_train.data import (
-    DataError,
     PairedPatchDataset,
     VolumeStore,
     dataset_splits,
     epoch_plan,
-    list_cases,
     load_case,
-    read_nnunet_dataset_json,
     split_labeled,
     split_validation,
 )
+from rcps_train.layouts import DataError, list_cases, read_nnunet_dataset_json
 from rcps_train.synthetic import make_synthetic_dataset
 
 SHAPE = (32, 32, 24)
@@ -62,7 +60,7 @@ def test_nifti_layout_loads_sorted_normalised_cases(tmp_path):
     cases = list_cases(root, "train", "nifti")
     assert [c.name for c in cases] == [f"case_{i:03d}" for i in range(4)]
     image, label = load_case(cases[0], num_classes=2)
-    assert image.shape == label.shape == SHAPE
+    assert image.shape == (1, *SHAPE) and label.shape == SHAPE
     assert abs(image.mean()) < 1e-4 and abs(image.std() - 1) < 1e-3
     raw = np.asarray(nib.load(cases[0].label).dataobj)
     np.testing.assert_array_equal(label, raw)
@@ -112,8 +110,8 @@ def test_labeled_subset_by_count_and_by_id_file(tmp_path):
     ids.write_text("case_999\n")
     with pytest.raises(DataError, match="case_999"):
         split_labeled(cases, str(ids))
-    with pytest.raises(DataError, match="unlabeled"):
-        split_labeled(cases, 4)
+    assert split_labeled(cases, 4) == (cases, [])  # dataset_splits then asks for data.unlabeled_dir
+    assert split_labeled(cases, "all") == (cases, [])
 
 
 def test_errors_name_the_file(tmp_path):
@@ -123,7 +121,7 @@ def test_errors_name_the_file(tmp_path):
     bad = np.full(SHAPE, 3, np.uint8)
     nib.save(nib.Nifti1Image(bad, np.eye(4)), cases[0].label)
     with pytest.raises(DataError, match=r"case_000.*outside the classes"):
-        VolumeStore(cases, num_classes=2)
+        VolumeStore(cases, num_classes=2, channels=1)
     # Shape mismatch.
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), cases[1].label)
     with pytest.raises(DataError, match=r"case_001.*shape"):
@@ -150,21 +148,24 @@ def test_empty_dataset_and_missing_root(tmp_path):
 
 def test_random_crop_pads_small_volumes_and_keeps_alignment():
     rng = np.random.default_rng(0)
-    image = np.arange(10 * 6 * 4, dtype=np.float32).reshape(10, 6, 4) + 1
-    label = (image % 3 == 0).astype(np.int64)
+    image = np.arange(10 * 6 * 4, dtype=np.float32).reshape(1, 10, 6, 4) + 1
+    image = np.concatenate([image, -image])  # two channels, cropped alike
+    label = (image[0] % 3 == 0).astype(np.int64)
     crop_image, crop_label = random_crop(image, label, (8, 8, 8), rng)
-    assert crop_image.shape == crop_label.shape == (8, 8, 8)
-    assert (crop_image == 0).sum() == 8 * 8 * 8 - 8 * 6 * 4  # padding only where the volume is short
-    inside = crop_image > 0
-    np.testing.assert_array_equal(crop_label[inside], (crop_image[inside] % 3 == 0))
+    assert crop_image.shape == (2, 8, 8, 8) and crop_label.shape == (8, 8, 8)
+    assert (crop_image[0] == 0).sum() == 8 * 8 * 8 - 8 * 6 * 4  # padding only where the volume is short
+    np.testing.assert_array_equal(crop_image[1], -crop_image[0])
+    inside = crop_image[0] > 0
+    np.testing.assert_array_equal(crop_label[inside], (crop_image[0][inside] % 3 == 0))
 
 
 def test_grid_distortion_moves_voxels_but_keeps_labels_aligned():
     rng = np.random.default_rng(1)
-    image = np.random.default_rng(2).random((20, 20, 20)).astype(np.float32)
-    label = (image > 0.5).astype(np.int64)
-    out_image, out_label = random_grid_distortion(image, label.copy(), rng, num_cells=5, limit=0.3)
-    assert out_image.shape == image.shape and not np.allclose(out_image, image)
+    image = np.random.default_rng(2).random((1, 20, 20, 20)).astype(np.float32)
+    label = (image[0] > 0.5).astype(np.int64)
+    out_image, out_label = random_grid_distortion(np.concatenate([image, 2 * image]), label.copy(), rng, 5, 0.3)
+    assert out_image.shape == (2, 20, 20, 20) and not np.allclose(out_image[:1], image)
+    np.testing.assert_allclose(out_image[1], 2 * out_image[0], rtol=1e-6)  # every channel moves alike
     assert set(np.unique(out_label)) <= {0, 1}
     # Nearest-neighbour labels come from the same source voxels as the image: with limit 0 nothing moves.
     same_image, same_label = random_grid_distortion(image, label, rng, limit=0.0)
@@ -188,7 +189,7 @@ def test_paired_dataset_items_are_reproducible(tmp_path):
     root = tiny_dataset(tmp_path / "data")
     labeled, unlabeled = split_labeled(list_cases(root, "train", "nifti"), 1)
     dataset = PairedPatchDataset(
-        VolumeStore(labeled, 2), VolumeStore(unlabeled, 2, cache=False), (16, 16, 16), distortion_prob=1.0
+        VolumeStore(labeled, 2, 1), VolumeStore(unlabeled, 2, 1, cache=False), (16, 16, 16), distortion_prob=1.0
     )
     a, b = dataset[(0, 11, 1, 12)], dataset[(0, 11, 1, 12)]
     other = dataset[(0, 13, 1, 12)]
@@ -221,7 +222,8 @@ def test_nnunet_layout_reads_dataset_json_and_test_folders(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda m: m.update(channel_names={"0": "T1", "1": "T2"}), "single-channel"),
+        (lambda m: m.update(channel_names={"0": "T1", "2": "T2"}), "channel indices '0', '1'"),
+        (lambda m: m.update(channel_names={}), "channel indices '0', '1'"),
         (lambda m: m.update(labels={"background": 0, "a": 1, "b": 3}), "integers 0..n-1"),
         (lambda m: m.update(labels={"background": 0, "both": [1, 2]}), "region-based"),
         (lambda m: m.update(file_ending=".mha"), "file_ending '.mha'"),
@@ -275,8 +277,9 @@ def test_validation_split_comes_from_the_unlabeled_cases(tmp_path):
     ids.write_text("case_001\n")  # a labeled case: its label would be trained on
     with pytest.raises(DataError, match=r"data\.val_cases.*labeled training cases \['case_001'\]"):
         split_validation(unlabeled, labeled, str(ids))
-    with pytest.raises(DataError, match=r"data\.val_cases = 4 takes all 4 unlabeled"):
-        split_validation(unlabeled, labeled, 4)
+    assert split_validation(unlabeled, labeled, 4) == ([], unlabeled)  # dataset_splits then asks for unlabeled data
+    with pytest.raises(DataError, match=r"data\.val_cases = 5 asks for more cases than the 4 unlabeled"):
+        split_validation(unlabeled, labeled, 5)
 
 
 def test_backup_files_are_not_cases_and_empty_root_is_an_error(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import torch
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import EVAL_PROTOCOLS, ConfigError, load_config
-from rcps_train.data import Case, DataError, case_spacing, list_cases, load_case
+from rcps_train.data import case_spacing, load_case
 from rcps_train.evaluate import (
     PROTOCOLS,
     distance_unit,
@@ -22,6 +22,7 @@ from rcps_train.evaluate import (
     sliding_window_inference,
     window_starts,
 )
+from rcps_train.layouts import Case, DataError, list_cases
 from rcps_train.metrics import binary_metrics
 from tests.test_train_data import tiny_dataset, tiny_overrides
 
@@ -182,13 +183,13 @@ def test_eval_command_rescores_a_checkpoint_under_ssl_la(tmp_path, capsys):
         == 0
     )
     assert json.loads((tmp_path / "old" / "metrics.json").read_text()) == metrics
-    model = engine.build_model(config)
+    model = engine.build_model(config, 1)
     model.load_state_dict(state["model"])
     model.eval()
     case = list_cases(data, "val", "nifti")[0]
     image, label = load_case(case, 2)
     scores = sliding_window_inference(
-        model.segment, torch.from_numpy(image)[None, None], (112, 112, 80), (18, 18, 4), blending="mean"
+        model.segment, torch.from_numpy(image)[None], (112, 112, 80), (18, 18, 4), blending="mean"
     )
     pred = keep_largest_component(scores.argmax(1)[0].numpy(), 2)
     direct = binary_metrics(pred == 1, label == 1, case_spacing(case))

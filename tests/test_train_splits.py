@@ -15,7 +15,8 @@ import pytest
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import load_config
-from rcps_train.data import DataError, dataset_splits
+from rcps_train.data import dataset_splits
+from rcps_train.layouts import DataError
 from rcps_train.synthetic import make_synthetic_dataset
 from tests.test_train_data import SHAPE, tiny_overrides
 
