@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,9 @@ def start_clean(run_dir: Path) -> None:
     stale = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
     for path in stale:
         path.unlink()
+    if (run_dir / "tensorboard").is_dir():  # its events would interleave with the new run's
+        shutil.rmtree(run_dir / "tensorboard")
+        stale.append(run_dir / "tensorboard")
     if stale:
         print(
             f"rcps-train: {run_dir} had no checkpoint; removed the files of an earlier attempt: "

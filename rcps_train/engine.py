@@ -275,8 +275,6 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
     main = rank == 0
     run_dir = Path(config["run"]["out_dir"]) / config["run"]["name"]
     state = checkpoint_to_resume(config, run_dir / "checkpoint.pt", resume, main, device)
-    if main and not resume:
-        start_clean(run_dir)
     generators = _seed(config["run"]["seed"], rank)
     splits, dataset = _read_data(config, main)
     model, raw_model = _build_parallel_model(config, splits.channels, device, world_size)
@@ -303,6 +301,8 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
     if resume:
         _restore(run, state)
     if main:
+        if not resume:  # only now, after every input was checked: a bad input leaves the folder as it was
+            start_clean(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config))
         if resume:
