@@ -2,9 +2,10 @@
 
 A run folder ``<run.out_dir>/<run.name>`` holds ``config.toml`` (resolved), ``train_log.csv`` (one row per
 step), ``val_log.csv`` (validation-split Dice per scored epoch), ``checkpoint.pt`` (the last state), ``best.pt``
-(the weights of the best validation Dice, with a validation split), PNG plots and, at the end, the test split's
-``metrics.csv`` / ``metrics.json`` (and ``metrics_best.csv``). The test split is read once before the first step
-to check its files, and predicted only after the last step, for both checkpoints: it never chooses anything.
+(the weights of the best validation Dice, with a validation split), PNG plots, ``tensorboard/`` (with
+``log.tensorboard``) and, at the end, the test split's ``metrics.csv`` / ``metrics.json`` (and
+``metrics_best.csv``). The test split is read once before the first step to check its files, and predicted only
+after the last step, for both checkpoints: it never chooses anything.
 Checkpoints, RNG streams and the CSV logs are written and read back through :mod:`rcps_train.checkpoint`.
 """
 
