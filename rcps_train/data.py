@@ -23,7 +23,15 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import random_crop, random_grid_distortion
-from .layouts import Case, DataError, list_cases, list_unlabeled, read_nnunet_dataset_json, unlabeled_folder
+from .layouts import (
+    Case,
+    DataError,
+    list_cases,
+    list_unlabeled,
+    read_id_list,
+    read_nnunet_dataset_json,
+    unlabeled_folder,
+)
 
 
 def _ids_from_file(path_text: str, key: str, cases: list[Case]) -> set[str]:
@@ -31,7 +39,7 @@ def _ids_from_file(path_text: str, key: str, cases: list[Case]) -> set[str]:
     path = Path(path_text)
     if not path.is_file():
         raise DataError(f"{key}: ID file {path} does not exist")
-    ids = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    ids = set(read_id_list(path, key))
     unknown = ids - {c.name for c in cases}
     if unknown:
         raise DataError(f"{key}: IDs in {path} not in the training list: {sorted(unknown)[:5]}")
@@ -54,6 +62,8 @@ def split_labeled(cases: list[Case], labeled: int | str) -> tuple[list[Case], li
         ids = _ids_from_file(labeled, "data.labeled", cases)
         chosen = [c for c in cases if c.name in ids]
     else:
+        if labeled > len(cases):
+            raise DataError(f"data.labeled = {labeled} asks for more cases than the {len(cases)} training cases")
         chosen = cases[:labeled]
     if not chosen:
         raise DataError(f"data.labeled = {labeled!r} chooses none of the {len(cases)} training cases")
@@ -123,15 +133,28 @@ def _training_splits(train_cases: list[Case], data_cfg: dict) -> tuple[list[Case
     return labeled, hidden, validation
 
 
-def _check_new_names(known: list[Case], added: list[Case], folder: Path) -> None:
-    """An unlabeled image must not be a case of the dataset itself: it would be trained on twice or, for a test
-    case, leak the test split into training."""
-    clash = sorted({c.name for c in known} & {c.name for c in added})
+def _check_case_names(train: list[Case], test: list[Case], added: list[Case], folder: Path) -> None:
+    """Every case in one place only: a test case that is also trained on leaks the test split into training, an
+    unlabeled image that is also a case is trained on twice, and names that differ only in letter case collide
+    on case-insensitive file systems and in ID files."""
+    leaked = sorted({c.name for c in train} & {c.name for c in test})
+    if leaked:
+        raise DataError(
+            f"cases {leaked[:5]} are both training and test cases under data.root (train/test leakage); "
+            f"a case must be in one split only"
+        )
+    clash = sorted({c.name for c in train + test} & {c.name for c in added})
     if clash:
         raise DataError(
             f"data.unlabeled_dir: {folder} holds images of cases that are also training or test cases of "
             f"data.root: {clash[:5]}; an image must be in one place only"
         )
+    by_folded = {}
+    for case in train + test + added:
+        by_folded.setdefault(case.name.casefold(), []).append(case.name)
+    folded = [names for names in by_folded.values() if len(set(names)) > 1]
+    if folded:
+        raise DataError(f"case names {folded[0]} differ only in letter case; rename one of them")
 
 
 def dataset_splits(data_cfg: dict) -> Splits:
@@ -152,7 +175,7 @@ def dataset_splits(data_cfg: dict) -> Splits:
             )
     labeled, hidden, validation = _training_splits(train_cases, data_cfg)
     added = list_unlabeled(root, data_cfg["unlabeled_dir"], data_format) if data_cfg["unlabeled_dir"] else []
-    _check_new_names(train_cases + test_cases, added, unlabeled_folder(root, data_cfg["unlabeled_dir"]))
+    _check_case_names(train_cases, test_cases, added, unlabeled_folder(root, data_cfg["unlabeled_dir"]))
     if not hidden + added:
         raise DataError(
             f"data.labeled = {data_cfg['labeled']!r} leaves no unlabeled images: "
@@ -237,6 +260,7 @@ def load_case(case: Case, num_classes: int, channels: int | None = None) -> tupl
             values = np.unique(label)[:10]
             raise DataError(f"label {case.label} has values {values.tolist()} outside the classes 0..{num_classes - 1}")
         label = rounded.astype(np.int64)
+    check_grid(case)
     return normalize_image(image), label
 
 
@@ -298,6 +322,45 @@ def _read_image(case: Case) -> np.ndarray:
 
 def _read_label(case: Case) -> np.ndarray:
     return _h5_dataset(case.label, "label") if case.label.suffix == ".h5" else _nifti_array(case.label)
+
+
+# The files of a case must lie on one grid: voxel sizes equal within SPACING_RTOL (converters round them to float32
+# and a few digits) and direction cosines within DIRECTION_ATOL (about 0.06 degrees). The origin is not compared.
+SPACING_RTOL = 1e-3
+DIRECTION_ATOL = 1e-3
+
+
+def _spacing_and_directions(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel sizes and direction cosines (columns) of a NIfTI file's affine."""
+    rotation_zoom = _nifti(path).affine[:3, :3]
+    spacing = np.linalg.norm(rotation_zoom, axis=0)
+    return spacing, rotation_zoom / np.maximum(spacing, 1e-12)
+
+
+def check_grid(case: Case) -> None:
+    """Check a case's voxel spacing (:func:`case_spacing`) and that its other files (channels, label) share the
+    image's spacing and orientation; an h5 case keeps image and label in one file, so only its spacing is read.
+
+    Raises:
+        DataError: naming both files and their values.
+    """
+    case_spacing(case)
+    others = [*case.more_channels, *([case.label] if case.label is not None else [])]
+    if case.image.suffix == ".h5" or not others:
+        return
+    spacing, directions = _spacing_and_directions(case.image)
+    for path in others:
+        other_spacing, other_directions = _spacing_and_directions(path)
+        if not np.allclose(other_spacing, spacing, rtol=SPACING_RTOL, atol=0):
+            raise DataError(
+                f"{path} has voxel spacing {np.round(other_spacing, 5).tolist()} but image {case.image} has "
+                f"{np.round(spacing, 5).tolist()} (they must agree within {SPACING_RTOL:.1%})"
+            )
+        if not np.allclose(other_directions, directions, rtol=0, atol=DIRECTION_ATOL):
+            raise DataError(
+                f"{path} has orientation (direction cosines) {np.round(other_directions, 4).tolist()} but image "
+                f"{case.image} has {np.round(directions, 4).tolist()}; resample or reorient it onto the image's grid"
+            )
 
 
 # Factors from the NIfTI header's spatial unit to mm; "unknown" is read as mm, as most tools do.

@@ -40,8 +40,17 @@ from .checkpoint import (
     truncate_log,
 )
 from .config import ConfigError, to_toml, validate
-from .data import PairedPatchDataset, Splits, VolumeStore, check_cases, dataset_splits, epoch_plan, seed_worker
-from .evaluate import evaluate_cases, format_table, metrics_record, write_metrics_csv
+from .data import (
+    PairedPatchDataset,
+    Splits,
+    VolumeStore,
+    case_spacing,
+    check_cases,
+    dataset_splits,
+    epoch_plan,
+    seed_worker,
+)
+from .evaluate import distance_unit, evaluate_cases, format_table, metrics_record, write_metrics_csv
 from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmentation_loss, total_loss
 from .model import ProjectorUNet
 from .plots import plot_run
@@ -339,6 +348,8 @@ def _read_data(config: dict, main: bool) -> tuple[Splits, PairedPatchDataset]:
         data_cfg["grid_distortion_cells"],
     )
     check_cases(splits.validation + splits.test, classes, channels)  # before step 1, not after the last
+    for scored in (splits.validation, splits.test):  # mm or voxels, never both in one table
+        distance_unit(scored, [case_spacing(case) for case in scored])
     if main and config["eval"]["every_epochs"] and not splits.validation:
         print(
             "rcps-train: no validation split (data.val_cases = 0): no validation during training and no best.pt; "

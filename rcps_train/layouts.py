@@ -86,12 +86,27 @@ def _nifti_images(folder: Path) -> list[tuple[Path, str]]:
     return [(path, name) for path in sorted(folder.iterdir()) if (name := _nifti_name(path)) is not None]
 
 
+def read_id_list(path: Path, what: str) -> list[str]:
+    """The IDs of a file with one ID a line (blank lines skipped), in file order.
+
+    Raises:
+        DataError: naming ``what`` and the file when it holds no ID or an ID twice.
+    """
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"{what}: ID file {path} is empty")
+    twice = sorted({case_id for case_id in ids if ids.count(case_id) > 1})
+    if twice:
+        raise DataError(f"{what}: ID file {path} lists {twice[:5]} more than once")
+    return ids
+
+
 def _h5_cases(root: Path, split: str) -> list[Case]:
     list_file = root / ("train.list" if split == "train" else "test.list")
     if not list_file.exists():
         raise DataError(f"list file {list_file} does not exist (data.format = 'h5' expects train.list and test.list)")
     cases = []
-    for case_id in sorted(line.strip() for line in list_file.read_text().splitlines() if line.strip()):
+    for case_id in sorted(read_id_list(list_file, "data.format = 'h5'")):
         candidates = [root / pattern.format(id=case_id) for pattern in H5_PATTERNS]
         found = next((path for path in candidates if path.exists()), None)
         if found is None:

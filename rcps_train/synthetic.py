@@ -123,8 +123,8 @@ def make_synthetic_dataset(
     channels: int = 1,
     num_unlabeled: int = 0,
 ) -> Path:
-    """Write a synthetic dataset of ``case_XXX`` volumes (the same volumes whatever the layout; h5 test cases are
-    ``test_XXX``).
+    """Write a synthetic dataset of ``case_XXX`` training and ``test_XXX`` test volumes (the same volumes whatever
+    the layout).
 
     Args:
         out_dir: the dataset root (created).
@@ -149,8 +149,8 @@ def make_synthetic_dataset(
     rng = np.random.default_rng(seed)
     names = {}
     for split, count in (("train", num_train), ("val", num_val)):
-        # h5 files of both splits share one folder, so its test cases get their own prefix.
-        prefix = "test" if layout == "h5" and split == "val" else "case"
+        # Test cases get their own prefix: a name in both splits would read as train/test leakage.
+        prefix = "test" if split == "val" else "case"
         names[split] = [f"{prefix}_{index:03d}" for index in range(count)]
         for name in names[split]:
             _write_case(root, layout, split, name, *synthetic_case(shape, rng, channels))

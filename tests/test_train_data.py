@@ -200,7 +200,7 @@ def test_paired_dataset_items_are_reproducible(tmp_path):
 
 def test_nnunet_layout_reads_dataset_json_and_test_folders(tmp_path):
     root = make_synthetic_dataset(tmp_path / "nn", 5, 2, SHAPE, seed=0, layout="nnunet")
-    assert (root / "imagesTr" / "case_000_0000.nii.gz").exists() and (root / "labelsTs" / "case_001.nii.gz").exists()
+    assert (root / "imagesTr" / "case_000_0000.nii.gz").exists() and (root / "labelsTs" / "test_001.nii.gz").exists()
     assert read_nnunet_dataset_json(root)["num_classes"] == 2
     train, test = list_cases(root, "train", "nnunet"), list_cases(root, "val", "nnunet")
     assert [c.name for c in train] == [f"case_{i:03d}" for i in range(5)]
@@ -209,7 +209,7 @@ def test_nnunet_layout_reads_dataset_json_and_test_folders(tmp_path):
     nifti = make_synthetic_dataset(tmp_path / "same", 5, 0, SHAPE, seed=0)  # the same volumes in the NIfTI layout
     np.testing.assert_array_equal(label, load_case(list_cases(nifti, "train", "nifti")[0], 2)[1])
     # Without labelsTs a fixed split of the training cases is the test split, the same on every call.
-    (root / "labelsTs" / "case_000.nii.gz").rename(tmp_path / "moved.nii.gz")
+    (root / "labelsTs" / "test_000.nii.gz").rename(tmp_path / "moved.nii.gz")
     for path in (root / "labelsTs").iterdir():
         path.unlink()
     (root / "labelsTs").rmdir()

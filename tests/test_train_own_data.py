@@ -136,8 +136,8 @@ BAD_INPUTS = {
         r"also training or test cases .*\['case_001'\]",
     ),
     "test case as unlabeled": (
-        lambda root: shutil.copy(root / "val_images" / "case_000.nii.gz", root / "unlabeled_images"),
-        r"also training or test cases .*\['case_000'\]",
+        lambda root: shutil.copy(root / "val_images" / "test_000.nii.gz", root / "unlabeled_images"),
+        r"also training or test cases .*\['test_000'\]",
     ),
     "truncated file": (lambda root: _truncate(root / "unlabeled_images" / "unl_001.nii.gz"), r"cannot read .*unl_001"),
     "NaN": (lambda root: _write_nan(root / "unlabeled_images" / "unl_000.nii.gz"), r"unl_000.* NaN"),

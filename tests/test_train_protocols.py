@@ -160,7 +160,7 @@ def test_eval_command_rescores_a_checkpoint_under_ssl_la(tmp_path, capsys):
     assert (tmp_path / "run" / "metrics.json").read_text() == run_metrics  # the run's own numbers stay
     assert metrics["protocol"] == "ssl-la" and metrics["largest_component"] is True
     assert metrics["distance_unit"] == "mm"  # NIfTI header spacing (1 mm here)
-    assert [row["case"] for row in metrics["per_case"]] == ["case_000", "case_001"]
+    assert [row["case"] for row in metrics["per_case"]] == ["test_000", "test_001"]
     for row in metrics["per_case"]:
         assert {"dice", "jaccard", "hd95", "asd"} <= set(row)
         assert row["jaccard"] == pytest.approx(row["dice"] / (2 - row["dice"]))  # J = D / (2 - D) per mask

@@ -110,7 +110,7 @@ def test_validation_split_picks_best_and_the_test_split_is_read_only_at_start_an
     assert (
         {name for name, at in opened if at == 0}
         == {name for name, at in opened if at == total}
-        == {"case_000.nii.gz", "case_001.nii.gz"}
+        == {"test_000.nii.gz", "test_001.nii.gz"}
     )
     # Scoring: the validation split after every epoch, the test split only after training, once per checkpoint.
     assert [(folders[0], at) for folders, at in scored] == [
@@ -169,7 +169,7 @@ def test_nnunet_dataset_from_make_synthetic_trains_and_evaluates(tmp_path, capsy
     ]
     assert main(["train", "--config", "demo", *sets]) == 0
     metrics = json.loads((tmp_path / "nn" / "metrics.json").read_text())
-    assert [row["case"] for row in metrics["per_case"]] == ["case_000", "case_001"]
+    assert [row["case"] for row in metrics["per_case"]] == ["test_000", "test_001"]
     assert metrics["best"]["epoch"] == 1 and 0.0 <= metrics["dice"] <= 1.0
     assert main(["eval", "--checkpoint", str(tmp_path / "nn" / "best.pt"), "--out", str(tmp_path / "ev")]) == 0
     rescored = json.loads((tmp_path / "ev" / "metrics.json").read_text())
