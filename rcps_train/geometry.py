@@ -57,10 +57,18 @@ def read_scan(path: str | Path) -> list[sitk.Image]:
         raise GeometryError(
             f"image {path} has {channels[0].GetDimension()} dimensions (size {image.GetSize()}); expected a 3D volume"
         )
-    for channel in channels:
-        if not np.isfinite(sitk.GetArrayViewFromImage(channel)).all():
-            raise GeometryError(f"image {path} contains NaN or Inf values")
+    finite = all(np.isfinite(sitk.GetArrayViewFromImage(channel)).all() for channel in channels)
+    if not finite or (str(path).endswith((".nii", ".nii.gz")) and not _nifti_voxels_finite(path)):
+        raise GeometryError(f"image {path} contains NaN or Inf values")
     return channels
+
+
+def _nifti_voxels_finite(path: str | Path) -> bool:
+    """Whether a NIfTI file's voxels are all finite, as stored (ITK's NIfTI reader turns NaN into 0, so a scan
+    with holes would otherwise pass for a valid one)."""
+    import nibabel as nib
+
+    return bool(np.isfinite(np.asanyarray(nib.load(path).dataobj)).all())
 
 
 def read_case_channels(paths: list[Path]) -> list[sitk.Image]:

@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from rcps_train import geometry
+from rcps_train.cli import main
 from rcps_train.data import DataError
 from rcps_train.prepare import (
     PREPROCESSING_FILE,
@@ -138,7 +139,8 @@ def test_reorientation_and_nonzero_crop_are_exact():
 
 def test_ct_constants_match_a_direct_computation(tmp_path):
     raw = write_raw_dataset(tmp_path / "raw", ct=True)
-    payload = run_prepare(raw, tmp_path / "prepared", progress=False)
+    assert main(["prepare", "--input", str(raw), "--out", str(tmp_path / "prepared")]) == 0
+    payload = read_preprocessing(tmp_path / "prepared")
     foreground = []
     for path in sorted((raw / "train_images").iterdir()):
         image = nib.load(path).get_fdata()
@@ -243,6 +245,7 @@ def test_bad_inputs_are_named(tmp_path):
         run_prepare(raw, tmp_path / "out", spacing=[1.0, 0.0, 1.0], progress=False)
     with pytest.raises(DataError, match="not a folder"):
         run_prepare(tmp_path / "missing", tmp_path / "out", progress=False)
+    assert main(["prepare", "--input", str(raw), "--out", str(tmp_path / "out"), "--spacing", "1", "x", "2"]) == 2
     image, _ = raw_scan(*RAW_GRIDS[0], np.random.default_rng(0))
     shifted = sitk.Image(image)
     shifted.SetOrigin((5.0, 0.0, 0.0))
