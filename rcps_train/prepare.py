@@ -307,18 +307,6 @@ def prepare_label(label: sitk.Image, prepared: PreparedImage, plan: dict) -> np.
     return geometry.resample_label(label, prepared.grid, plan["num_classes"])
 
 
-def label_roi_box(label: np.ndarray, min_size, margin: int) -> list[list[int]]:
-    """The recipes' ROI: the label's bounding box, widened symmetrically to ``min_size`` per axis, plus ``margin``
-    voxels on each side, clamped to the volume."""
-    box = geometry.nonzero_box([label])
-    out = []
-    for (start, stop), need, size in zip(box, min_size, label.shape):
-        short = max(need - (stop - start), 0)
-        start, stop = start - short // 2 - margin, stop + short - short // 2 + margin
-        out.append([max(start, 0), min(stop, size)])
-    return out
-
-
 def _write_image(array: np.ndarray, grid: sitk.Image, path: Path, identity: bool) -> None:
     """Write ``(i, j, k)`` or ``(C, i, j, k)`` (a 4D file, channels last in nibabel's view) atomically."""
     if array.ndim == 4:
@@ -361,6 +349,8 @@ def prepare_case(case: RawCase, plan: dict, out: str) -> dict:
             raise DataError(f"label {case.label} has class {label_array.max()}; expected < {plan['num_classes']}")
     roi = plan.get("label_roi")
     if roi and label_array is not None:
+        from .recipes import label_roi_box
+
         box = label_roi_box(label_array, roi["min_size"], roi["margin"])
         window = tuple(slice(start, stop) for start, stop in box)
         array, label_array, grid = array[(slice(None),) + window], label_array[window], geometry.crop(grid, box)

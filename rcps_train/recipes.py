@@ -19,6 +19,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
+
+from . import geometry
 from .data import DataError
 from .prepare import RawCase
 
@@ -121,3 +124,15 @@ def recipe_plan(recipe: str) -> dict:
         "geometry": "physical",
         "label_roi": {"min_size": [96, 96, 96], "margin": 25},
     }
+
+
+def label_roi_box(label: np.ndarray, min_size, margin: int) -> list[list[int]]:
+    """The recipes' ROI: the label's bounding box, widened symmetrically to ``min_size`` per axis, plus ``margin``
+    voxels on each side, clamped to the volume."""
+    box = geometry.nonzero_box([label])
+    out = []
+    for (start, stop), need, size in zip(box, min_size, label.shape):
+        short = max(need - (stop - start), 0)
+        start, stop = start - short // 2 - margin, stop + short - short // 2 + margin
+        out.append([max(start, 0), min(stop, size)])
+    return out

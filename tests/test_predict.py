@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
 
 from rcps_train import geometry
 from rcps_train.cli import main
@@ -100,6 +101,13 @@ def test_checkpoint_carries_its_preparation(trained, tmp_path):
     torch.save(state, tmp_path / "carries.pt")
     summary = run_predict([tmp_path / "carries.pt"], [raw / "val_images"], tmp_path / "out", progress=False)
     assert summary["failed"] == {} and len(summary["written"]) == 2
+    # The ssl-la protocol keeps the largest connected component of the foreground.
+    summary = run_predict(
+        [tmp_path / "carries.pt"], [raw / "val_images"], tmp_path / "lcc", protocol="ssl-la", progress=False
+    )
+    for name in summary["written"]:
+        foreground = nib.load(tmp_path / "lcc" / f"{name}.nii.gz").get_fdata() == 1
+        assert ndimage.label(foreground, np.ones((3, 3, 3)))[1] <= 1
     state["preprocessing"]["plan"]["target_spacing"] = [2.0, 2.0, 2.0]
     torch.save(state, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="differently prepared"):
