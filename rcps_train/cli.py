@@ -6,6 +6,10 @@
     rcps-train make-synthetic --out DIR [--layout nifti|nnunet|h5] [--train N] [--val N] [--unlabeled N]
                               [--channels N] [--shape D H W] [--seed S]
     rcps-train demo [--out DIR]
+    rcps-train prepare --input RAW_ROOT --out PREPARED_ROOT [--format nifti|nnunet] [--modality ct|mri|auto]
+                       [--spacing auto|X Y Z] [--recipe la2018|pancreas-nih] [--unlabeled DIR] [--workers N]
+    rcps-train predict --checkpoint CKPT [CKPT ...] --input FILE_OR_DIR [...] --out DIR [--protocol NAME] [--tta]
+                       [--probabilities] [--skip-existing] [--device auto|cpu|cuda]
 
 ``--config`` also takes a shipped config by name: demo, la, pancreas, synthetic.
 Distributed: ``torchrun --nproc_per_node N -m rcps_train train --config ...``.
@@ -111,6 +115,82 @@ def _demo(args) -> None:
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
 
+def _prepare(args) -> None:
+    from .prepare import PREPROCESSING_FILE, run_prepare
+
+    spacing = "auto" if args.spacing == ["auto"] else args.spacing
+    if spacing != "auto":
+        try:
+            spacing = [float(v) for v in spacing]
+        except ValueError:
+            raise DataError(f"--spacing must be 'auto' or 3 numbers (mm), got {' '.join(args.spacing)}") from None
+    payload = run_prepare(
+        args.input,
+        args.out,
+        args.format,
+        args.modality,
+        spacing,
+        args.recipe,
+        args.unlabeled,
+        args.split_csv,
+        args.workers,
+    )
+    plan = payload["plan"]
+    print(
+        f"prepared {len(payload['cases'])} cases into {args.out} (target spacing {plan['target_spacing']}: "
+        f"{plan['spacing_rule']}; channels {[c.get('modality', c['scheme']) for c in plan['channels']]}); "
+        f"the plan is in {Path(args.out) / PREPROCESSING_FILE}"
+    )
+
+
+def _predict(args) -> None:
+    from .predict import run_predict
+
+    summary = run_predict(
+        args.checkpoint,
+        args.input,
+        args.out,
+        args.protocol,
+        args.tta,
+        args.probabilities,
+        args.skip_existing,
+        args.device,
+    )
+    print(f"predict: {len(summary['written'])} written, {len(summary['skipped'])} skipped (already in {args.out})")
+    if summary["failed"]:
+        lines = "\n".join(f"  {name}: {message}" for name, message in summary["failed"].items())
+        raise DataError(f"{len(summary['failed'])} cases failed:\n{lines}")
+
+
+def _add_prepare_parser(commands) -> None:
+    p = commands.add_parser("prepare", help="fingerprint, resample, normalise and crop a raw dataset")
+    p.add_argument("--input", required=True, help="the raw dataset root (or a recipe's source folder)")
+    p.add_argument("--out", required=True, help="the prepared root (a re-run keeps its finished cases)")
+    p.add_argument("--format", default="nifti", choices=["nifti", "nnunet"], help="layout of input and output")
+    p.add_argument("--modality", default="auto", choices=["ct", "mri", "auto"], help="normalisation per channel")
+    p.add_argument(
+        "--spacing", nargs="+", default=["auto"], metavar="auto|X Y Z", help="target spacing in mm (default: auto)"
+    )
+    p.add_argument("--recipe", choices=["la2018", "pancreas-nih"], help="the official RCPS preparation")
+    p.add_argument("--unlabeled", help="a folder of images without labels to prepare too")
+    p.add_argument("--split-csv", help="recipes: CSV with columns filename,split (the official data/*.csv)")
+    p.add_argument("--workers", type=int, default=1, help="processes (default: 1)")
+    p.set_defaults(func=_prepare)
+
+
+def _add_predict_parser(commands) -> None:
+    p = commands.add_parser("predict", help="segment raw scans with one or more checkpoints (an ensemble)")
+    p.add_argument("--checkpoint", required=True, nargs="+", help="checkpoint.pt / best.pt files")
+    p.add_argument("--input", required=True, nargs="+", help="scan files or folders (NIfTI, NRRD, MHA, ...)")
+    p.add_argument("--out", required=True, help="folder for <case>.nii.gz")
+    p.add_argument("--protocol", choices=EVAL_PROTOCOLS, help="sliding-window preset (default: the run's)")
+    p.add_argument("--tta", action="store_true", help="also average over the 8 axis flips")
+    p.add_argument("--probabilities", action="store_true", help="also write <case>_probabilities.nii.gz (float32, 4D)")
+    p.add_argument("--skip-existing", action="store_true", help="keep cases whose output exists")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rcps-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="folder for the data and the run (default: runs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a demo config key")
     p.set_defaults(func=_demo)
+    _add_prepare_parser(commands)
+    _add_predict_parser(commands)
     return parser
 
 
