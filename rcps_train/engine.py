@@ -54,6 +54,7 @@ from .evaluate import distance_unit, evaluate_cases, format_table, metrics_recor
 from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmentation_loss, total_loss
 from .model import ProjectorUNet
 from .plots import plot_run
+from .prepare import PREPROCESSING_FILE, read_preprocessing
 from .tensorboard_log import TensorBoardLog, require_tensorboard
 
 VAL_FIELDS = [
@@ -233,6 +234,7 @@ class TrainingRun:
     global_step: int = 0
     val_history: list[dict] = field(default_factory=list)
     tensorboard: TensorBoardLog | None = None  # main process with log.tensorboard only
+    preprocessing: dict | None = None  # data.root's preprocessing.json (rcps-train prepare), saved with the weights
 
     @property
     def main(self) -> bool:
@@ -308,6 +310,7 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
         generators,
         ddp.gather_negative_pool if config["loss"]["cross_rank_negatives"] and world_size > 1 else None,
     )
+    run.preprocessing = read_preprocessing(config["data"]["root"])
     if resume:
         _restore(run, state)
     if main:
@@ -315,6 +318,8 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
             start_clean(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(config))
+        if run.preprocessing is not None:  # predict applies the same preparation to new scans
+            (run_dir / PREPROCESSING_FILE).write_text(json.dumps(run.preprocessing, indent=2))
         if resume:
             truncate_log(run_dir / "train_log.csv", "global_step", run.global_step)
             truncate_log(run_dir / "val_log.csv", "epoch", run.epoch)
@@ -508,6 +513,7 @@ def save_checkpoint(run: TrainingRun) -> None:
             {
                 "model": run.raw_model.state_dict(),
                 "in_channels": run.splits.channels,
+                "preprocessing": run.preprocessing,
                 "optimizer": run.optimizer.state_dict(),
                 "scaler": run.scaler.state_dict(),
                 "epoch": run.epoch,
@@ -545,6 +551,7 @@ def _validate_during_training(run: TrainingRun) -> None:
             {
                 "model": run.raw_model.state_dict(),
                 "in_channels": run.splits.channels,
+                "preprocessing": run.preprocessing,
                 "config": config,
                 "epoch": epochs_done,
                 "val_dice": summary["dice"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .data import DataError
+from .layouts import DataError
 
 #: The orientation prepared data is written in: the array axes run toward the patient's Right, Anterior and
 #: Superior (nibabel's ``as_closest_canonical`` and MONAI's default; an identity NIfTI affine).

@@ -10,7 +10,6 @@ input's exact grid. A NIfTI input's header (affine, qform and sform with their c
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 import re
@@ -26,8 +25,10 @@ from tqdm.auto import tqdm
 from . import geometry
 from .checkpoint import check_weights_fit, load_checkpoint
 from .config import ConfigError, load_config
-from .data import DataError
+from .data import normalize_image
+from .engine import build_model
 from .evaluate import eval_settings, keep_largest_component, sliding_window_inference
+from .layouts import DataError
 from .prepare import RAW_SUFFIXES, apply_preparation, read_preprocessing
 
 # nnU-Net's channel files: <case>_0000.nii.gz, <case>_0001.nii.gz, ... form one case.
@@ -50,13 +51,6 @@ class LoadedModel:
     model: torch.nn.Module
     config: dict
     plan: dict
-
-
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """The trainer's per-channel z-score over the volume of a ``(C, i, j, k)`` image (float32)."""
-    mean = image.mean(axis=(1, 2, 3), keepdims=True)
-    std = np.maximum(image.std(axis=(1, 2, 3), keepdims=True), 1e-8)
-    return ((image - mean) / std).astype(np.float32)
 
 
 def _scan_name(path: Path) -> str | None:
@@ -91,16 +85,6 @@ def collect_inputs(inputs: list[str | Path]) -> list[InputCase]:
     return [InputCase(name, tuple(p for _, p in sorted(members))) for name, members in sorted(groups.items())]
 
 
-def _build_model(config: dict, in_channels: int) -> torch.nn.Module:
-    from .engine import build_model
-
-    if len(inspect.signature(build_model).parameters) > 1:
-        return build_model(config, in_channels)
-    if in_channels != 1:
-        raise ConfigError(f"this trainer builds single-channel models; the checkpoint has {in_channels} channels")
-    return build_model(config)
-
-
 def checkpoint_plan(state: dict, path: Path, channels: int) -> dict:
     """The preparation plan a checkpoint was trained with: its ``preprocessing`` entry, else the
     ``preprocessing.json`` of its data root, else (with a warning) a plan that uses the scan as it is."""
@@ -122,7 +106,7 @@ def load_models(paths: list[str | Path], protocol: str | None, device: torch.dev
         overrides = [f'eval.protocol="{protocol}"'] if protocol else []
         config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path}")
         channels = state.get("in_channels", 1)
-        model = _build_model(config, channels)
+        model = build_model(config, channels)
         check_weights_fit(model, state["model"], config, path)
         model.load_state_dict(state["model"])
         model.to(device).eval()

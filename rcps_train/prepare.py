@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from . import geometry
-from .data import DataError
+from .layouts import DataError
 
 PREPROCESSING_FILE = "preprocessing.json"
 FORMAT_VERSION = 1

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import geometry
-from .data import DataError
+from .layouts import DataError
 from .prepare import RawCase
 
 RECIPES = ("la2018", "pancreas-nih")

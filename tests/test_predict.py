@@ -1,6 +1,8 @@
 """``rcps-train predict``: raw scans -> prepare -> train (a few steps) -> predict on the input's exact grid, bad
 inputs among good ones, ``--skip-existing``, test-time flips, probabilities and the checkpoint's preparation."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -96,7 +98,9 @@ def test_one_bad_input_among_good_ones_and_skip_existing(trained, tmp_path, caps
 def test_checkpoint_carries_its_preparation(trained, tmp_path):
     raw, prepared, checkpoint = trained
     state = torch.load(checkpoint, weights_only=False)
-    state["preprocessing"] = read_preprocessing(prepared)
+    # train copied the data root's preparation into the checkpoint and the run folder.
+    assert state["preprocessing"] == read_preprocessing(prepared) is not None
+    assert json.loads((checkpoint.parent / "preprocessing.json").read_text()) == state["preprocessing"]
     state["config"]["data"]["root"] = str(tmp_path / "moved")  # the data root is gone: the checkpoint suffices
     torch.save(state, tmp_path / "carries.pt")
     summary = run_predict([tmp_path / "carries.pt"], [raw / "val_images"], tmp_path / "out", progress=False)

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from rcps_train import geometry
 from rcps_train.cli import main
-from rcps_train.data import DataError
+from rcps_train.layouts import DataError
 from rcps_train.prepare import (
     PREPROCESSING_FILE,
     apply_preparation,
