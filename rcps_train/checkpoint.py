@@ -5,9 +5,12 @@ checks, holding every RNG stream) and the CSV logs (appended row by row, cut bac
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +45,78 @@ RUN_FILES = (
 )
 
 
-def save_atomic(state: dict, path: Path) -> None:
+# A fresh run refuses a folder holding any of these without checkpoint.pt (a finished run whose checkpoint was
+# removed, or weights): they are what a user keeps, so only --overwrite replaces them.
+FINISHED_FILES = ("best.pt", "metrics.json", "metrics.csv", "metrics_best.csv")
+
+
+def _replace_atomically(path: Path, write: Callable, mode: str) -> None:
     """Write to a temporary file, flush it to disk, then rename over ``path``: a kill never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, mode, **({"newline": ""} if "b" not in mode else {})) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_atomic(state: dict, path: Path) -> None:
+    """``torch.save`` that never leaves half a file behind."""
+    _replace_atomically(path, lambda f: torch.save(state, f), "wb")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a JSON, CSV or TOML file so that a reader sees the old or the new content, never half of it."""
+    _replace_atomically(path, lambda f: f.write(text), "w")
+
+
+def write_csv_atomic(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """A CSV file with a header row, written with :func:`write_text_atomic`."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when the file is absent, torn (a kill while an older version wrote
+    it in place) or not an object: such a file counts as not written."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_output_folder(folder: Path, what: str) -> None:
+    """Raise ConfigError before any work when ``folder`` cannot hold output: a file is in its place, or it (or
+    the nearest existing folder above it) is not writable."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what} {folder} is a file, not a folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {folder}: {existing} is not writable")
+
+
+def check_fresh_run_folder(run_dir: Path, overwrite: bool) -> None:
+    """A fresh run (no checkpoint.pt to resume) may replace what a killed attempt left, but not a finished
+    run's results or weights unless ``overwrite`` says so."""
+    check_output_folder(run_dir, "run folder")
+    # A torn JSON file (a kill while an older version wrote it in place) counts as not written.
+    kept = [
+        name
+        for name in FINISHED_FILES
+        if (run_dir / name).exists() and (not name.endswith(".json") or read_json(run_dir / name) is not None)
+    ]
+    if kept and not overwrite:
+        raise ConfigError(
+            f"run folder {run_dir} holds {', '.join(kept)} of an earlier run (and no checkpoint.pt to resume): "
+            f"choose another run.name, or pass --overwrite to replace them"
+        )
 
 
 def load_checkpoint(path: str | Path, map_location, entries: tuple[str, ...]) -> dict:
@@ -184,11 +251,10 @@ def truncate_log(path: Path, key: str, last: int) -> None:
         reader = csv.DictReader(f)
         fields = reader.fieldnames
         rows = [row for row in reader if _complete_row_at_most(row, key, last)]
-    with open(path, "w", newline="") as f:
-        if fields:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+    if fields:
+        write_csv_atomic(path, fields, rows)
+    else:
+        write_text_atomic(path, "")
 
 
 def _complete_row_at_most(row: dict, key: str, last: int) -> bool:

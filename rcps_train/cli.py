@@ -30,45 +30,13 @@ from .synthetic import LAYOUTS, UNLABELED_FOLDERS
 def _train(args) -> None:
     from .engine import train
 
-    train(load_config(args.config, args.set), resume=args.resume)
+    train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
 
 
 def _eval(args) -> None:
-    from .checkpoint import check_weights_fit, load_checkpoint
-    from .data import dataset_channels
-    from .engine import build_model, memory_format, resolve_device
-    from .evaluate import evaluate_cases, format_table, write_metrics
-    from .layouts import list_cases
+    from .rescore import rescore
 
-    path = Path(args.checkpoint)
-    state = load_checkpoint(path, "cpu", ("model", "config"))
-    overrides = [
-        f'eval.{key}="{value}"'
-        for key, value in (("protocol", args.protocol), ("largest_component", args.largest_component))
-        if value
-    ]
-    # Keys the stored config lacks (a checkpoint saved before they existed) keep their defaults.
-    config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path} (its stored config)")
-    if args.data:
-        config["data"]["root"] = args.data
-    device = resolve_device(config)
-    model = build_model(config, state.get("in_channels", 1))  # checkpoints without the entry were 1-channel
-    check_weights_fit(model, state["model"], config, path)
-    model.load_state_dict(state["model"])
-    model.to(device, memory_format=memory_format(config))
-    cases = list_cases(config["data"]["root"], args.split, config["data"]["format"])
-    channels = dataset_channels(cases)
-    if channels != model.in_channels:
-        raise DataError(
-            f"checkpoint {path} was trained on {model.in_channels}-channel images but the {args.split} images under "
-            f"{config['data']['root']} have {channels} channel(s)"
-        )
-    rows, summary = evaluate_cases(model, cases, config, device)
-    # The run's own metrics.json stays untouched: a re-score goes to its own folder.
-    out = Path(args.out) if args.out else path.parent / f"eval-{config['eval']['protocol']}"
-    out.mkdir(parents=True, exist_ok=True)
-    write_metrics(rows, summary, out)
-    print(format_table(rows, summary))
+    out = rescore(args.checkpoint, args.protocol, args.largest_component, args.data, args.split, args.out)
     print(f"metrics written to {out / 'metrics.json'}")
 
 
@@ -83,7 +51,15 @@ def _make_synthetic(args) -> None:
     from .synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(
-        args.out, args.train, args.val, tuple(args.shape), args.seed, args.layout, args.channels, args.unlabeled
+        args.out,
+        args.train,
+        args.val,
+        tuple(args.shape),
+        args.seed,
+        args.layout,
+        args.channels,
+        args.unlabeled,
+        args.overwrite,
     )
     print(
         f"synthetic dataset written to {root} ({args.layout} layout, {args.channels} channel(s), {args.train} train, "
@@ -200,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help=f"a TOML file or a shipped config ({', '.join(shipped_configs())})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", action="store_true", help="continue the run folder's checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results and weights of an earlier run in the run folder (refused without it)",
+    )
     p.set_defaults(func=_train)
     p = commands.add_parser("eval", help="re-score a checkpoint under an evaluation protocol (Dice/Jaccard/HD95/ASD)")
     p.add_argument("--checkpoint", required=True)
@@ -213,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", help="dataset root (default: the one in the checkpoint's config)")
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--out", help="folder for metrics.csv/json (default: eval-<protocol> next to the checkpoint)")
+    p.add_argument(
+        "--out",
+        help="folder for metrics.csv/json (default: eval-<checkpoint>-<protocol>-<split>-lcc-<on|off>-<data> next to "
+        "the checkpoint; one folder per scoring, never the run's own metrics)",
+    )
     p.set_defaults(func=_eval)
     p = commands.add_parser("compare", help="train several methods x seeds, then a table (mean +- std) and a plot")
     p.add_argument("--config", required=True, help="a TOML file or a shipped config, as for train")
@@ -234,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--unlabeled", type=int, default=0, help="images without labels, for data.unlabeled_dir (default: 0)"
     )
     p.add_argument("--channels", type=int, default=1, help="image channels (default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="clear a non-empty --out first (refused without it)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_synthetic)
     p = commands.add_parser("demo", help="synthetic data + a short RCPS run + evaluation (a few minutes on CPU)")

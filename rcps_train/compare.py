@@ -4,7 +4,9 @@ The output folder holds one run folder per method and seed (``<method>-seed<seed
 ``comparison.md`` (per-seed rows and mean +- sample std over seeds of every test metric, for the last weights and
 for ``best.pt``) and ``val_dice.png`` (validation Dice over epochs per method). A run folder that already holds
 finished metrics from the same resolved config is reused and an interrupted one is resumed, so the command can be
-re-run after a kill; a folder trained from another config is an error.
+re-run after a kill; a folder trained from another config or on data that changed since is an error. Every
+(method, seed) config, its run folder and the data are checked before the first run starts, and every file is
+written atomically (a torn ``metrics.json`` left by a kill counts as not written).
 """
 
 from __future__ import annotations
@@ -18,24 +20,66 @@ import statistics
 import time
 from pathlib import Path
 
+from .checkpoint import check_output_folder, load_checkpoint, read_json, write_csv_atomic, write_text_atomic
 from .config import ConfigError, load_config, to_toml
+from .data import data_changes, data_record, dataset_splits
 from .plots import plot_validation_curves
 
 METRICS = ("dice", "jaccard", "hd95", "asd")  # reported when the run's metrics.json has them
 CHECKPOINTS = (("last", None), ("best", "best"))  # label, key of metrics.json (None: the top level)
 
 
-def _run_one(config: dict, run_dir: Path) -> float:
-    """Train (or resume, or reuse) one run; returns the wall seconds spent now."""
-    from .engine import train
+def _finished(run_dir: Path) -> bool:
+    metrics = read_json(run_dir / "metrics.json")
+    return metrics is not None and "checkpoint" in metrics
 
+
+def _check_run_folder(config: dict, run_dir: Path, data: dict) -> None:
+    """Refuse a run folder of another config, or a finished run trained on data that has changed since."""
     if (run_dir / "config.toml").exists() and (run_dir / "config.toml").read_text() != to_toml(config):
         raise ConfigError(
             f"{run_dir} holds a run of another config (its config.toml differs); "
             f"choose another --out or remove the folder"
         )
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.exists() and "checkpoint" in json.loads(metrics_path.read_text()):  # a finished run
+    if _finished(run_dir) and (run_dir / "checkpoint.pt").exists():
+        stored = load_checkpoint(run_dir / "checkpoint.pt", "cpu", ("config",)).get("data")
+        changes = data_changes(stored, data) if stored else []
+        if changes:
+            raise ConfigError(
+                f"{run_dir} was trained on other data ({'; '.join(changes)}); choose another --out to train anew"
+            )
+
+
+def plan_runs(config_path: str, methods: list[str], seeds: list[int], overrides, out: Path) -> list[tuple]:
+    """Every ``(method, seed, config)`` of a comparison, checked before any run starts: the configs with the
+    device and backend, duplicated methods or seeds, the output folder, and the runs already in it."""
+    from .engine import amp_settings, check_loss_backend, resolve_device
+
+    for name, values in (("--methods", methods), ("--seeds", seeds)):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise ConfigError(f"{name} lists {', '.join(repeated)} more than once")
+    check_output_folder(out, "--out")
+    runs = []
+    for seed in seeds:
+        for method in methods:
+            config = load_config(config_path, [*overrides, f"run.seed={seed}", f'train.method="{method}"'])
+            config["run"]["out_dir"], config["run"]["name"] = str(out), f"{method}-seed{seed}"
+            device = resolve_device(config)
+            amp_settings(config, device)
+            check_loss_backend(config, device)
+            runs.append((method, seed, config))
+    data = data_record(dataset_splits(runs[0][2]["data"]))  # method and seed leave the data and its splits alone
+    for method, seed, config in runs:
+        _check_run_folder(config, out / f"{method}-seed{seed}", data)
+    return runs
+
+
+def _run_one(config: dict, run_dir: Path) -> float:
+    """Train (or resume, or reuse) one run; returns the wall seconds spent now."""
+    from .engine import train
+
+    if _finished(run_dir):
         return 0.0
     start = time.perf_counter()
     train(config, resume=(run_dir / "checkpoint.pt").exists())
@@ -105,20 +149,17 @@ def write_tables(rows: list[dict], summary: list[dict], out: Path, header: list[
     """``comparison.csv`` (per-seed rows, then mean and std rows) and ``comparison.md``."""
     metrics = [name for name in METRICS if name in rows[0]]
     fields = ["method", "seed", "checkpoint", "epoch", *metrics, "num_undefined_distances", "minutes"]
-    with open(out / "comparison.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        for entry in summary:
-            for stat in ("mean", "std"):
-                writer.writerow(
-                    {
-                        "method": entry["method"],
-                        "seed": stat,
-                        "checkpoint": entry["checkpoint"],
-                        **{name: entry[f"{name}_{stat}"] for name in metrics},
-                    }
-                )
+    statistics_rows = [
+        {
+            "method": entry["method"],
+            "seed": stat,
+            "checkpoint": entry["checkpoint"],
+            **{name: entry[f"{name}_{stat}"] for name in metrics},
+        }
+        for entry in summary
+        for stat in ("mean", "std")
+    ]
+    write_csv_atomic(out / "comparison.csv", fields, rows + statistics_rows)
     digits = {"dice": 4, "jaccard": 4}
     lines = [
         *header,
@@ -147,7 +188,7 @@ def write_tables(rows: list[dict], summary: list[dict], out: Path, header: list[
             + " | ".join(cells)
             + f" | {r['num_undefined_distances']} | {_fmt(r['minutes'], 1)} |"
         )
-    (out / "comparison.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "comparison.md", "\n".join(lines) + "\n")
 
 
 def run_comparison(
@@ -170,23 +211,21 @@ def run_comparison(
         The output folder.
     """
     out = Path(out_dir)
+    runs = plan_runs(config_path, methods, seeds, overrides, out)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = read_json(timings_path) or {}
     rows, curves = [], {}
-    for seed in seeds:
-        for method in methods:
-            config = load_config(config_path, [*overrides, f"run.seed={seed}", f'train.method="{method}"'])
-            name = f"{method}-seed{seed}"
-            config["run"]["out_dir"], config["run"]["name"] = str(out), name
-            seconds = _run_one(config, out / name)
-            if seconds:
-                timings[name] = seconds
-                timings_path.write_text(json.dumps(timings, indent=2))
-            metrics = json.loads((out / name / "metrics.json").read_text())
-            minutes = timings.get(name, math.nan) / 60
-            rows += [{**row, "minutes": minutes} for row in _result_rows(method, seed, metrics)]
-            curves.setdefault(method, []).append(_read_val_curve(out / name))
+    for method, seed, config in runs:
+        name = config["run"]["name"]
+        seconds = _run_one(config, out / name)
+        if seconds:
+            timings[name] = seconds
+            write_text_atomic(timings_path, json.dumps(timings, indent=2))
+        metrics = read_json(out / name / "metrics.json")
+        minutes = timings.get(name, math.nan) / 60
+        rows += [{**row, "minutes": minutes} for row in _result_rows(method, seed, metrics)]
+        curves.setdefault(method, []).append(_read_val_curve(out / name))
     import torch
 
     header = [

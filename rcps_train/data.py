@@ -118,6 +118,40 @@ class Splits:
     channels: int
 
 
+SPLIT_NAMES = ("labeled", "unlabeled", "validation", "test")
+
+
+def data_record(splits: Splits) -> dict:
+    """What a checkpoint remembers of its data: the channel count, the cases of every split, and per case the
+    byte size of its files, a cheap fingerprint (an edited or re-exported compressed file almost always changes
+    size; modification times are left out so that a copied dataset still matches)."""
+    return {
+        "channels": splits.channels,
+        "splits": {name: [case.name for case in getattr(splits, name)] for name in SPLIT_NAMES},
+        "sizes": {
+            f"{name}/{case.name}": sum(path.stat().st_size for path in (*case.image_files, case.label) if path)
+            for name in SPLIT_NAMES
+            for case in getattr(splits, name)
+        },
+    }
+
+
+def data_changes(stored: dict, current: dict) -> list[str]:
+    """How ``current`` (a :func:`data_record`) differs from ``stored``, one phrase per difference."""
+    changes = []
+    for name in SPLIT_NAMES:
+        before, after = stored["splits"].get(name, []), current["splits"][name]
+        added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+        if added or removed:
+            changes.append(f"{name} cases: added {added[:5]}, removed {removed[:5]}")
+    resized = sorted(key for key, size in current["sizes"].items() if stored["sizes"].get(key, size) != size)
+    if resized:
+        changes.append(f"files changed size: {resized[:5]}")
+    if stored["channels"] != current["channels"]:
+        changes.append(f"channels: {stored['channels']} -> {current['channels']}")
+    return changes
+
+
 def _training_splits(train_cases: list[Case], data_cfg: dict) -> tuple[list[Case], list[Case], list[Case]]:
     """``(labeled, hidden-label unlabeled, validation)`` of the training cases (module docstring)."""
     labeled, hidden = split_labeled(train_cases, data_cfg["labeled"])

@@ -32,12 +32,15 @@ from . import distributed as ddp
 from .augment import intensity_view
 from .checkpoint import (
     append_row,
+    check_fresh_run_folder,
+    check_output_folder,
     checkpoint_to_resume,
     restore_rng,
     rng_states,
     save_atomic,
     start_clean,
     truncate_log,
+    write_text_atomic,
 )
 from .config import ConfigError, to_toml, validate
 from .data import (
@@ -46,6 +49,8 @@ from .data import (
     VolumeStore,
     case_spacing,
     check_cases,
+    data_changes,
+    data_record,
     dataset_splits,
     epoch_plan,
     seed_worker,
@@ -235,18 +240,21 @@ class TrainingRun:
     val_history: list[dict] = field(default_factory=list)
     tensorboard: TensorBoardLog | None = None  # main process with log.tensorboard only
     preprocessing: dict | None = None  # data.root's preprocessing.json (rcps-train prepare), saved with the weights
+    data: dict = field(default_factory=dict)  # the data the run started with (data_record), checked on --resume
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def train(config: dict, resume: bool = False) -> dict | None:
+def train(config: dict, resume: bool = False, overwrite: bool = False) -> dict | None:
     """Run (or resume) a training run, then score the test split with the last (and the best) weights.
 
     Args:
         config: a resolved config (see :mod:`rcps_train.config`).
         resume: continue from ``<run folder>/checkpoint.pt``.
+        overwrite: a fresh run may replace the results and weights of an earlier run in its folder (once every
+            input has been checked); without it such a folder is refused.
 
     Returns:
         The test metrics of the last weights, with those of ``best.pt`` under ``"best"`` when there is a
@@ -257,7 +265,7 @@ def train(config: dict, resume: bool = False) -> dict | None:
     rank, world_size, created_group = ddp.init_distributed(device)
     run = None
     try:
-        run = set_up_run(config, resume, device, rank, world_size)
+        run = set_up_run(config, resume, device, rank, world_size, overwrite)
         stopped = False
         while run.epoch < config["train"]["epochs"] and not stopped:
             stopped = run_epoch(run)
@@ -273,7 +281,9 @@ def train(config: dict, resume: bool = False) -> dict | None:
             ddp.cleanup()
 
 
-def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, world_size: int) -> TrainingRun:
+def set_up_run(
+    config: dict, resume: bool, device: torch.device, rank: int, world_size: int, overwrite: bool = False
+) -> TrainingRun:
     """Check the config against the device and the run folder, seed every stream, read the data, build the
     model and optimizer, and continue from the checkpoint on ``resume`` (or clear the folder of a fresh run).
 
@@ -287,6 +297,8 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
     main = rank == 0
     run_dir = Path(config["run"]["out_dir"]) / config["run"]["name"]
     state = checkpoint_to_resume(config, run_dir / "checkpoint.pt", resume, main, device)
+    if main:
+        check_output_folder(run_dir, "run folder") if resume else check_fresh_run_folder(run_dir, overwrite)
     generators = _seed(config["run"]["seed"], rank)
     splits, dataset = _read_data(config, main)
     model, raw_model = _build_parallel_model(config, splits.channels, device, world_size)
@@ -311,15 +323,16 @@ def set_up_run(config: dict, resume: bool, device: torch.device, rank: int, worl
         ddp.gather_negative_pool if config["loss"]["cross_rank_negatives"] and world_size > 1 else None,
     )
     run.preprocessing = read_preprocessing(config["data"]["root"])
+    run.data = data_record(splits)
     if resume:
         _restore(run, state)
     if main:
         if not resume:  # only now, after every input was checked: a bad input leaves the folder as it was
             start_clean(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(config))
+        write_text_atomic(run_dir / "config.toml", to_toml(config))
         if run.preprocessing is not None:  # predict applies the same preparation to new scans
-            (run_dir / PREPROCESSING_FILE).write_text(json.dumps(run.preprocessing, indent=2))
+            write_text_atomic(run_dir / PREPROCESSING_FILE, json.dumps(run.preprocessing, indent=2))
         if resume:
             truncate_log(run_dir / "train_log.csv", "global_step", run.global_step)
             truncate_log(run_dir / "val_log.csv", "epoch", run.epoch)
@@ -388,6 +401,12 @@ def _restore(run: TrainingRun, state: dict) -> None:
         raise ConfigError(
             f"--resume: {run.run_dir / 'checkpoint.pt'} was trained on {stored_channels}-channel images but the "
             f"images under data.root = {run.config['data']['root']!r} have {run.splits.channels} channel(s)"
+        )
+    changes = data_changes(state["data"], run.data) if "data" in state else []
+    if changes:
+        raise ConfigError(
+            f"--resume: the data under data.root = {run.config['data']['root']!r} changed since "
+            f"{run.run_dir / 'checkpoint.pt'} was written ({'; '.join(changes)}); restore it or start a new run.name"
         )
     run.raw_model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -514,6 +533,7 @@ def save_checkpoint(run: TrainingRun) -> None:
                 "model": run.raw_model.state_dict(),
                 "in_channels": run.splits.channels,
                 "preprocessing": run.preprocessing,
+                "data": run.data,
                 "optimizer": run.optimizer.state_dict(),
                 "scaler": run.scaler.state_dict(),
                 "epoch": run.epoch,
@@ -594,10 +614,16 @@ def _score_test_split(model, splits, config: dict, device, run_dir: Path) -> dic
         print(format_table(rows, summary))
     rows, summary = evaluate_cases(model, splits.test, config, device, progress)
     write_metrics_csv(rows, run_dir / "metrics.csv")
-    payload = {"checkpoint": "checkpoint.pt", "epoch": config["train"]["epochs"], **metrics_record(rows, summary)}
+    payload = {
+        "checkpoint": "checkpoint.pt",
+        "epoch": config["train"]["epochs"],
+        "split": "test",
+        "data_root": str(Path(config["data"]["root"]).resolve()),
+        **metrics_record(rows, summary),
+    }
     if best is not None:
         payload["best"] = best
-    (run_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
+    write_text_atomic(run_dir / "metrics.json", json.dumps(payload, indent=2))
     plot_run(run_dir)
     print(f"test split, checkpoint.pt (last epoch, {config['train']['epochs']}):")
     print(format_table(rows, summary))

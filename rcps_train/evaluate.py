@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import math
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .checkpoint import write_csv_atomic, write_text_atomic
 from .data import case_spacing, load_case
 from .layouts import Case, DataError
 from .metrics import METRICS, case_metrics, summarize
@@ -236,18 +236,16 @@ def metrics_record(rows: list[dict], summary: dict) -> dict:
 
 
 def write_metrics_csv(rows: list[dict], path: str | Path) -> None:
-    """One row per case and foreground class."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["case", "class", *METRICS, "empty"])
-        writer.writeheader()
-        writer.writerows(rows)
+    """One row per case and foreground class (written atomically)."""
+    write_csv_atomic(Path(path), ["case", "class", *METRICS, "empty"], rows)
 
 
-def write_metrics(rows: list[dict], summary: dict, out_dir: str | Path) -> None:
-    """``metrics.csv`` (one row per case and foreground class) and ``metrics.json`` (summary + per_case)."""
+def write_metrics(rows: list[dict], summary: dict, out_dir: str | Path, scored: dict) -> None:
+    """``metrics.csv`` (one row per case and foreground class) and ``metrics.json`` (``scored``: what was scored,
+    then the summary and per_case), both written atomically."""
     out_dir = Path(out_dir)
     write_metrics_csv(rows, out_dir / "metrics.csv")
-    (out_dir / "metrics.json").write_text(json.dumps(metrics_record(rows, summary), indent=2))
+    write_text_atomic(out_dir / "metrics.json", json.dumps({**scored, **metrics_record(rows, summary)}, indent=2))
 
 
 def format_table(rows: list[dict], summary: dict) -> str:

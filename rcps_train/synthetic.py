@@ -10,11 +10,15 @@ contrast of about one noise std, so a few labeled cases do not solve it outright
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from .checkpoint import check_output_folder
+from .config import ConfigError
 
 
 def _smooth_noise(shape, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -122,6 +126,7 @@ def make_synthetic_dataset(
     layout: str = "nifti",
     channels: int = 1,
     num_unlabeled: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Write a synthetic dataset of ``case_XXX`` training and ``test_XXX`` test volumes (the same volumes whatever
     the layout).
@@ -138,6 +143,8 @@ def make_synthetic_dataset(
         channels: image channels (see :func:`synthetic_case`).
         num_unlabeled: images without labels, ``unl_XXX``, in the layout's :data:`UNLABELED_FOLDERS` entry (set
             ``data.unlabeled_dir`` to it).
+        overwrite: clear a non-empty ``out_dir`` first; without it such a folder is refused (two datasets mixed in
+            one folder would read as one).
 
     Returns:
         The dataset root.
@@ -145,6 +152,11 @@ def make_synthetic_dataset(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     root = Path(out_dir)
+    check_output_folder(root, "--out")
+    if root.is_dir() and any(root.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out {root} is not empty; choose an empty folder or pass --overwrite to clear it")
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     names = {}

@@ -158,11 +158,11 @@ def test_bad_unlabeled_input_stops_the_run_before_step_1(tmp_path, monkeypatch, 
     # What an earlier attempt left in the run folder stays there: nothing is removed before the inputs are checked.
     earlier = tmp_path / "rcps"
     earlier.mkdir()
-    for name in ("train_log.csv", "best.pt", "metrics.json"):
+    for name in ("config.toml", "train_log.csv", "val_log.csv"):  # a killed attempt's (a finished run is refused)
         (earlier / name).write_text("earlier")
     with pytest.raises(DataError, match=message):
         engine.train(own_config(root, tmp_path))
-    assert sorted(p.name for p in earlier.iterdir()) == ["best.pt", "metrics.json", "train_log.csv"]
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.toml", "train_log.csv", "val_log.csv"]
 
 
 def test_labeled_all_needs_an_unlabeled_folder_and_a_training_case(tmp_path):

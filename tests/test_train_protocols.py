@@ -156,7 +156,10 @@ def test_eval_command_rescores_a_checkpoint_under_ssl_la(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--protocol", "ssl-la"]) == 0
     printed = capsys.readouterr().out
     assert "Jaccard" in printed and "distances in mm" in printed
-    metrics = json.loads((tmp_path / "run" / "eval-ssl-la" / "metrics.json").read_text())
+    (folder,) = (tmp_path / "run").glob("eval-checkpoint-ssl-la-val-lcc-on-*")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["checkpoint"] == str((tmp_path / "run" / "checkpoint.pt").resolve())
+    assert metrics["checkpoint_epoch"] == 1 and metrics["split"] == "val" and metrics["data_root"] == str(data)
     assert (tmp_path / "run" / "metrics.json").read_text() == run_metrics  # the run's own numbers stay
     assert metrics["protocol"] == "ssl-la" and metrics["largest_component"] is True
     assert metrics["distance_unit"] == "mm"  # NIfTI header spacing (1 mm here)
@@ -182,7 +185,9 @@ def test_eval_command_rescores_a_checkpoint_under_ssl_la(tmp_path, capsys):
         main(["eval", "--checkpoint", str(tmp_path / "old.pt"), "--protocol", "ssl-la", "--out", str(tmp_path / "old")])
         == 0
     )
-    assert json.loads((tmp_path / "old" / "metrics.json").read_text()) == metrics
+    rescored = json.loads((tmp_path / "old" / "metrics.json").read_text())
+    assert rescored.pop("checkpoint") == str((tmp_path / "old.pt").resolve())
+    assert rescored == {key: value for key, value in metrics.items() if key != "checkpoint"}
     model = engine.build_model(config, 1)
     model.load_state_dict(state["model"])
     model.eval()

@@ -132,9 +132,9 @@ def test_eval_command_writes_metrics(tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert "mean" in printed and "case_001" in printed
+    assert "mean" in printed and "test_001" in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [row["case"] for row in metrics["per_case"]] == ["case_000", "case_001"]
+    assert [row["case"] for row in metrics["per_case"]] == ["test_000", "test_001"]
     assert 0.0 <= metrics["dice"] <= 1.0
     assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
 
