@@ -1,4 +1,5 @@
-"""A tiny nnU-Net v2 dataset for the nnU-Net integration tests: 4 labeled + 3 unlabeled + 1 test case of 32^3.
+"""A tiny nnU-Net v2 dataset for the nnU-Net integration tests (and benchmarks/bench_nnunet_step.py): 4 labeled
++ 3 unlabeled + 1 test case of 32^3.
 
 ``prepared_nnunet(root)`` writes the raw dataset (imagesTr/labelsTr, imagesUnlabeled, imagesTs), plans and
 preprocesses it with nnU-Net (2d and 3d_fullres), preprocesses the unlabeled cases and writes a one-fold split
@@ -21,7 +22,7 @@ SHAPE = (32, 32, 32)
 CONFIGURATIONS = ("3d_fullres", "2d")
 FOLDER_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
-_PREPARED: dict[str, dict[str, Path]] = {}
+_PREPARED: dict[tuple, dict[str, Path]] = {}
 
 
 def set_nnunet_environment(folders: dict[str, Path]) -> dict[str, str | None]:
@@ -42,14 +43,14 @@ def restore_environment(previous: dict[str, str | None]) -> None:
             os.environ[name] = value
 
 
-def _write_raw(raw: Path) -> None:
+def _write_raw(raw: Path, shape) -> None:
     from rcps_train.synthetic import make_synthetic_dataset, synthetic_case
 
-    make_synthetic_dataset(raw, num_train=4, num_val=1, shape=SHAPE, seed=3, layout="nnunet")
+    make_synthetic_dataset(raw, num_train=4, num_val=1, shape=shape, seed=3, layout="nnunet")
     rng = np.random.default_rng(7)
     (raw / "imagesUnlabeled").mkdir()
     for index in range(3):
-        image, _ = synthetic_case(SHAPE, rng)
+        image, _ = synthetic_case(shape, rng)
         nib.save(nib.Nifti1Image(image, np.eye(4)), raw / "imagesUnlabeled" / f"unl_{index:03d}_0000.nii.gz")
 
 
@@ -62,17 +63,21 @@ def _shrink_networks(plans_file: Path) -> None:
     plans_file.write_text(json.dumps(plans, indent=2))
 
 
-def prepared_nnunet(root: Path) -> dict[str, Path]:
-    """The folders of the planned and preprocessed tiny dataset (built on first use in this process).
+def prepared_nnunet(root: Path, shape=SHAPE, shrink: bool = True, configurations=CONFIGURATIONS) -> dict[str, Path]:
+    """The folders of the planned and preprocessed dataset (built on first use in this process).
 
     Args:
         root: where to build it.
+        shape: the volume shape.
+        shrink: quarter the planned network widths (fast CPU steps); False keeps nnU-Net's plans.
+        configurations: the configurations to preprocess.
 
     Returns:
         ``{nnUNet_raw, nnUNet_preprocessed, nnUNet_results}`` (each test should use its own results folder).
     """
-    if "folders" in _PREPARED:
-        return _PREPARED["folders"]
+    key = (tuple(shape), shrink, tuple(configurations))
+    if key in _PREPARED:
+        return _PREPARED[key]
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
 
     from rcps_nnunet.unlabeled import preprocess_unlabeled
@@ -80,21 +85,23 @@ def prepared_nnunet(root: Path) -> dict[str, Path]:
     folders = {name: root / name for name in FOLDER_VARIABLES}
     for folder in folders.values():
         folder.mkdir(parents=True)
-    _write_raw(folders["nnUNet_raw"] / DATASET)
+    _write_raw(folders["nnUNet_raw"] / DATASET, shape)
     previous = set_nnunet_environment(folders)
     # The planner passes this to torch.set_num_threads, which refuses 0 (training's in-process augmentation).
     os.environ["nnUNet_n_proc_DA"] = "1"
     try:
         extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, show_progress_bar=False)
         plan_experiments([DATASET_ID])
-        _shrink_networks(folders["nnUNet_preprocessed"] / DATASET / "nnUNetPlans.json")
-        preprocess([DATASET_ID], configurations=CONFIGURATIONS, num_processes=(1, 1), show_progress_bar=False)
-        preprocess_unlabeled(DATASET, list(CONFIGURATIONS))
+        if shrink:
+            _shrink_networks(folders["nnUNet_preprocessed"] / DATASET / "nnUNetPlans.json")
+        processes = [1] * len(configurations)
+        preprocess([DATASET_ID], configurations=configurations, num_processes=processes, show_progress_bar=False)
+        preprocess_unlabeled(DATASET, list(configurations))
     finally:
         restore_environment(previous)
     split = [{"train": ["case_000", "case_001", "case_002"], "val": ["case_003"]}]
     (folders["nnUNet_preprocessed"] / DATASET / "splits_final.json").write_text(json.dumps(split))
-    _PREPARED["folders"] = folders
+    _PREPARED[key] = folders
     return folders
 
 

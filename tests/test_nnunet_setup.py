@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -146,3 +148,16 @@ def test_projection_head_keeps_the_grid(dims):
     head = ProjectionHead(dims, 8, 16)
     features = torch.randn(2, 8, *([5] * dims))
     assert head(features).shape == (2, 16, *([5] * dims))
+
+
+def test_config_reads_toml_with_tomli_where_tomllib_is_missing():
+    """Python 3.10 has no tomllib: the trainer config falls back to tomli (run in a child without tomllib)."""
+    pytest.importorskip("tomli")
+    code = (
+        "import sys; sys.modules['tomllib'] = None\n"
+        "from rcps_train import config\n"
+        "assert config.tomllib.__name__ == 'tomli', config.tomllib\n"
+        "assert config.load_config('demo', ['loss.alpha=0.2'])['loss']['alpha'] == 0.2\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
