@@ -10,7 +10,11 @@ import copy
 import difflib
 import importlib.resources
 import math
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (idempotent): a virtual environment in .venv with torch, the package
 # installed in editable mode with its C++ CPU extension (and the CUDA extension when nvcc and a
-# CUDA build of torch are present), plus the test, trainer and tensorboard extras.
+# CUDA build of torch are present), plus the test, trainer, tensorboard and nnU-Net extras.
 #
 #   RCPS_TORCH="torch==2.11.0"  install another torch (default: the CUDA build 2.14.1, so that the
 #                               CUDA extension compiles and links even on a machine without a GPU)
@@ -27,7 +27,7 @@ loads_built_kernels() {  # a compiled CPU variant imports (no JIT build as a sta
 }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ] || ! loads_built_kernels; then
   echo "building rcps_kernels (C++ CPU extension; CUDA extension when nvcc is present) ..."
-  "${pip[@]}" --no-build-isolation -e ".[test,train,tensorboard]"
+  "${pip[@]}" --no-build-isolation -e ".[test,train,tensorboard,nnunet]"
   echo "$digest" > "$stamp"
 fi
 .venv/bin/python -m rcps_kernels.info
