@@ -145,6 +145,17 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf (shape {shape_str(tensor)})")
 
 
+def refuse_double_backward(op: str) -> None:
+    """Raise when a fused op's backward runs under ``create_graph=True`` (autograd enables grad mode in backward
+    then). Its gradient kernels are not themselves differentiable: answering with a gradient that has no graph
+    would silently drop every second-order term (a gradient penalty, a Hessian-vector product)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"rcps_kernels.{op}: double backward (create_graph=True) is not supported by the fused backends; "
+            "use backend='reference' for second-order gradients"
+        )
+
+
 def has_no_data(tensor: torch.Tensor) -> bool:
     """Meta tensors (shapes only) and tensors traced by torch.compile hold no values to check."""
     return tensor.device.type == "meta" or torch.compiler.is_compiling()

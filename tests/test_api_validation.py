@@ -294,3 +294,53 @@ def test_settings_are_read_at_call_time_and_checked(monkeypatch):
     monkeypatch.setenv("RCPS_GPU_BACKEND", "opencl")
     with pytest.raises(ValueError, match="RCPS_GPU_BACKEND='opencl'"):
         _backend.resolve_backend("auto", torch.device("cuda"), ("cpu", "cuda", "triton"))
+
+
+# --- second-order gradients ----------------------------------------------------------------
+
+
+def _gradient_penalty(loss_of, inputs):
+    """``sum(grad^2)`` of a loss with ``create_graph=True``, then its gradient (a gradient penalty)."""
+    inputs = [t.detach().double().requires_grad_() for t in inputs]
+    (grad,) = torch.autograd.grad(loss_of(*inputs), inputs[0], create_graph=True)
+    return torch.autograd.grad((grad**2).sum(), inputs[0])[0]
+
+
+SECOND_ORDER = {
+    "bidirectional_voxel_infonce": (
+        lambda backend, reduction="mean": (
+            lambda a, p, n: rk.bidirectional_voxel_infonce(
+                a, p, n, *infonce_inputs(torch.float64)[3:], backend=backend, num_negatives=3, reduction=reduction
+            )
+        ),
+        lambda: infonce_inputs(torch.float64)[:3],
+    ),
+    "rectified_pseudo_supervision": (
+        lambda backend: lambda s, t: rk.rectified_pseudo_supervision(s, t, backend=backend),
+        lambda: [torch.randn(1, 3, 4, 4, 2, dtype=torch.float64) for _ in range(2)],
+    ),
+    "logit_cosine_consistency": (
+        lambda backend: lambda a, b: rk.logit_cosine_consistency(a, b, backend=backend),
+        lambda: [torch.randn(1, 3, 4, 4, 2, dtype=torch.float64) for _ in range(2)],
+    ),
+    "pseudo_supervision_losses": (
+        lambda backend: lambda a, b, t: sum(rk.pseudo_supervision_losses(a, b, t, backend=backend)),
+        lambda: [torch.randn(1, 3, 4, 4, 2, dtype=torch.float64) for _ in range(3)],
+    ),
+}
+
+
+@pytest.mark.parametrize("op", list(SECOND_ORDER))
+def test_double_backward_raises_on_fused_backends_and_works_on_the_reference(op):
+    make_loss, make_inputs = SECOND_ORDER[op]
+    reference = _gradient_penalty(make_loss("reference"), make_inputs())
+    assert reference.abs().sum() > 0  # the second-order term the fused backends would have dropped
+    with pytest.raises(RuntimeError, match=rf"{op}: double backward \(create_graph=True\) .*backend='reference'"):
+        _gradient_penalty(make_loss("cpu"), make_inputs())
+
+
+def test_double_backward_raises_for_the_per_anchor_path_too():
+    """``reduction="mean"`` computes its gradients in forward; "sum" recomputes them in backward: both refuse."""
+    make_loss, make_inputs = SECOND_ORDER["bidirectional_voxel_infonce"]
+    with pytest.raises(RuntimeError, match="double backward"):
+        _gradient_penalty(make_loss("cpu", reduction="sum"), make_inputs())

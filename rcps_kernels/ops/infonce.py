@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .._backend import deterministic_override
-from .._validation import accumulation_dtype
+from .._validation import accumulation_dtype, refuse_double_backward
 from .kernels import kernels
 
 
@@ -133,6 +133,7 @@ def _save_inputs(
 
 
 def _backward_from_saved(ctx, grad_loss: Tensor, backward=_loss_backward) -> tuple:
+    refuse_double_backward("bidirectional_voxel_infonce")
     anchor, positive, pool, *tables = ctx.saved_tensors
     params = InfoNCEParams(*tables, *ctx.scalars)
     grad_anchor, grad_positive, grad_pool = backward(
@@ -146,6 +147,7 @@ def _scale_saved_grads(ctx, grad_loss: Tensor) -> tuple:
     # buffers belong to this node alone, so they are scaled in place (no second copy of three
     # feature-sized gradients at the peak); a second backward through the same graph would see
     # them scaled already, hence the guard.
+    refuse_double_backward("bidirectional_voxel_infonce")
     if ctx.used:
         raise RuntimeError(
             "rcps_kernels: backward ran twice through a bidirectional_voxel_infonce(reduction="

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validation import accumulation_dtype
+from .._validation import accumulation_dtype, refuse_double_backward
 from .kernels import REDUCTION_CODES, kernels
 
 
@@ -87,6 +87,7 @@ def _urp_setup_context(ctx, inputs, output) -> None:
 
 
 def _urp_backward(ctx, grad_output):
+    refuse_double_backward("rectified_pseudo_supervision")
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
     grad_student = rectified_pseudo_supervision_backward(grad_output, *ctx.saved_tensors, *ctx.options)
@@ -144,6 +145,7 @@ def _cosine_setup_context(ctx, inputs, output) -> None:
 
 
 def _cosine_backward(ctx, grad_output):
+    refuse_double_backward("logit_cosine_consistency")
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_a or need_b):
         return None, None, None, None, None
@@ -209,6 +211,7 @@ def _losses_setup_context(ctx, inputs, output) -> None:
 
 
 def _losses_backward(ctx, grad_urp, grad_cr):
+    refuse_double_backward("pseudo_supervision_losses")
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_a or need_b):
         return None, None, None, None, None, None, None
