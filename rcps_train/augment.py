@@ -78,7 +78,7 @@ def intensity_view(
     channels, ``a``, ``b`` and the mean are per channel.
 
     Args:
-        x: images ``(B, C, D, H, W)``.
+        x: images ``(B, C, D, H, W)`` (or ``(B, C, H, W)``: nnU-Net's 2D configuration).
         generator: a CPU ``torch.Generator`` (draws are made on CPU so runs reproduce across devices).
 
     Returns:
@@ -88,10 +88,11 @@ def intensity_view(
     # Row c holds channel c's (a, b): each modality keeps its own scale. The coin and the noise std come from row 0.
     draws = torch.rand(channels, 4, generator=generator)
     coin, std = draws[0, 2].item(), draws[0, 3].item() * noise_std_max
-    a = (draws[:, 0] + 0.5).view(1, channels, 1, 1, 1).to(device=x.device, dtype=x.dtype)
-    b = (draws[:, 1] - 0.5).view(1, channels, 1, 1, 1).to(device=x.device, dtype=x.dtype)
+    per_channel = (1, channels) + (1,) * (x.ndim - 2)
+    a = (draws[:, 0] + 0.5).view(per_channel).to(device=x.device, dtype=x.dtype)
+    b = (draws[:, 1] - 0.5).view(per_channel).to(device=x.device, dtype=x.dtype)
     scaled = a * x
-    view = scaled + b * scaled.mean(dim=(0, 2, 3, 4), keepdim=True)
+    view = scaled + b * scaled.mean(dim=[d for d in range(x.ndim) if d != 1], keepdim=True)
     if coin < noise_prob:
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
         view = view + (std * noise).to(device=x.device, dtype=x.dtype)

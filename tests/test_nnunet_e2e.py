@@ -62,8 +62,8 @@ def test_train_3d_and_2d_then_predict(nnunet_env, tmp_path):
     out = tmp_path / "predicted"
     flags = ["-i", str(test_images), "-o", str(out), "-d", DATASET, "-c", "3d_fullres", "-f", "0", "-tr", TINY_TRAINER]
     assert cli.main(["predict", *flags, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"]) == 0
-    image = nib.load(test_images / "case_000_0000.nii.gz")
-    prediction = nib.load(out / "case_000.nii.gz")
+    image = nib.load(test_images / "test_000_0000.nii.gz")
+    prediction = nib.load(out / "test_000.nii.gz")
     assert prediction.shape == image.shape
     assert (prediction.affine == image.affine).all()
     assert set(torch.from_numpy(prediction.get_fdata()).unique().tolist()) <= {0.0, 1.0}
