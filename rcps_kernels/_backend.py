@@ -110,6 +110,7 @@ def _cuda_extension_reason(device: torch.device) -> str | None:
     reason = load_cuda_extension()
     if reason is not None:
         return reason
+    # A build that predates the record of its arches is trusted, as before the record existed.
     archs = getattr(build_info(), "CUDA_ARCHS", None)
     capability = _capability(device)
     if archs and not cuda_archs_cover(archs, capability):
@@ -175,6 +176,17 @@ def _why_not_chosen(name: str, device: torch.device, chosen: str) -> str:
     return f"{chosen} comes first on {device.type}"
 
 
+def _pick(device: torch.device, available: tuple[str, ...]) -> tuple[str, dict[str, str]]:
+    """auto's choice on `device`, and why each fused candidate tried before it is not usable."""
+    failed: dict[str, str] = {}
+    for name in _fused_candidates(device):
+        reason = _usable(name, device) if name in available else "not implemented for this op"
+        if reason is None:
+            return name, failed
+        failed[name] = reason
+    return "torch", failed
+
+
 def auto_choice(device: torch.device, available: tuple[str, ...]) -> tuple[str, dict[str, str]]:
     """The backend `auto` picks for tensors on `device`, and why each other one of `available` is not used.
 
@@ -182,14 +194,7 @@ def auto_choice(device: torch.device, available: tuple[str, ...]) -> tuple[str, 
         device: where the inputs live.
         available: the backends the op implements (besides "auto"); "torch" must be one.
     """
-    not_used: dict[str, str] = {}
-    chosen = "torch"
-    for name in _fused_candidates(device):
-        reason = _usable(name, device) if name in available else "not implemented for this op"
-        if reason is None:
-            chosen = name
-            break
-        not_used[name] = reason
+    chosen, not_used = _pick(device, available)
     for name in available:
         if name != chosen and name not in not_used:
             not_used[name] = _why_not_chosen(name, device, chosen)
@@ -224,10 +229,9 @@ def resolve_backend(backend: str, device: torch.device, available: tuple[str, ..
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        chosen, not_used = auto_choice(device, available)
-        tried = [name for name in _fused_candidates(device) if name in not_used]
-        if chosen == "torch" and tried and device.type in ("cpu", "cuda"):
-            _warn_fallback_once(device.type, "; ".join(f"{name}: {not_used[name]}" for name in tried))
+        chosen, failed = _pick(device, available)
+        if chosen == "torch" and failed and device.type in ("cpu", "cuda"):
+            _warn_fallback_once(device.type, "; ".join(f"{name}: {reason}" for name, reason in failed.items()))
         return chosen
     if backend not in available:
         raise ValueError(f"backend={backend!r} is not implemented for this op (have {available})")
