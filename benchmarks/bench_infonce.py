@@ -5,9 +5,10 @@
                                                                  # takes over a minute a round)
     RCPS_BENCH_SMALL=1 python -m pytest benchmarks --benchmark-disable   # smoke run (CI)
 
-Side by side: the fused kernel (backend="cpu"), the plain PyTorch reference, the authors'
-algorithm (benchmarks/official_baseline.py) and the matmul floor (the six N x C x K products).
-Peak memory is measured separately, per process, by ``python -m benchmarks.la_compare``.
+Side by side: the fused kernel (backend="cpu"), the tiled plain PyTorch backend (backend="torch"),
+the plain PyTorch reference, the authors' algorithm (benchmarks/official_baseline.py) and the
+matmul floor (the six N x C x K products). Peak memory is measured separately, per process, by
+``python -m benchmarks.la_compare`` and ``python -m benchmarks.torch_backend_compare``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from benchmarks.shapes import bench_small, make_inputs
 
 SHAPE = "small" if bench_small() else "la"
 #: The official algorithm and the reference materialise K x anchors x C: one round is enough.
-ROUNDS = {"fused": 5, "floor": 5, "reference": 2, "official": 1}
+ROUNDS = {"fused": 5, "torch": 3, "floor": 5, "reference": 2, "official": 1}
 
 
 def fwd_bwd(impl: str, k: int, shape: str = SHAPE):
@@ -37,7 +38,7 @@ def fwd_bwd(impl: str, k: int, shape: str = SHAPE):
 
 
 @pytest.mark.parametrize("k", [100, 400])
-@pytest.mark.parametrize("impl", ["fused", "floor", "reference", "official"])
+@pytest.mark.parametrize("impl", ["fused", "torch", "floor", "reference", "official"])
 def test_infonce_la_forward_backward(benchmark, impl, k):
     torch.manual_seed(0)
     step = fwd_bwd(impl, k)
@@ -46,11 +47,12 @@ def test_infonce_la_forward_backward(benchmark, impl, k):
     benchmark.pedantic(step, rounds=ROUNDS[impl], iterations=1)
 
 
-@pytest.mark.parametrize("k", [4096])
-def test_infonce_la_large_k_fused(benchmark, k):
-    step = fwd_bwd("fused", k)
+@pytest.mark.parametrize("impl", ["fused", "torch"])
+def test_infonce_la_large_k(benchmark, impl):
+    k = 4096
+    step = fwd_bwd(impl, k)
     step()
-    benchmark.extra_info.update(shape=SHAPE, k=k, impl="fused")
+    benchmark.extra_info.update(shape=SHAPE, k=k, impl=impl)
     benchmark.pedantic(step, rounds=3, iterations=1)
 
 

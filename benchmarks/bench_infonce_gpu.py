@@ -1,11 +1,12 @@
 """GPU benchmark of the fused voxel InfoNCE (the GPU goals of docs/design.md section 6).
 
-    python -m benchmarks.bench_infonce_gpu [--backends triton,cuda,triton@reduce-overhead]
+    python -m benchmarks.bench_infonce_gpu [--backends triton,cuda,torch,triton@reduce-overhead]
         [--repeats 20] [--quick]
 
 Cases: the LA shape (1 x 64 x 28 x 28 x 20 anchors and pool, 2 classes) at K = 100, 400, 4096,
 and full-resolution anchors (1 x 64 x 112 x 112 x 80) with K = 4096 (pool: --full-pool, LA by
-default). For every case and implementation (the fused GPU backends, the plain-PyTorch
+default). For every case and implementation (the fused GPU backends, backend="torch" (plain
+PyTorch in bounded tiles, the fallback where no fused backend serves a GPU), the plain-PyTorch
 reference, the official-algorithm baseline of benchmarks/official_baseline.py, and the matmul
 floor: the six N x C x K torch.mm products S = U N^T, P N, P^T U per direction at the same
 precision), three phases:
@@ -221,8 +222,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--backends",
-        default="triton,cuda,triton@reduce-overhead",
-        help="fused GPU backends to time (comma-separated); backend@mode runs it under torch.compile(mode=mode)",
+        default="triton,cuda,torch,triton@reduce-overhead",
+        help="backends to time (comma-separated); backend@mode runs it under torch.compile(mode=mode)",
     )
     parser.add_argument(
         "--baselines", default="reference,official,floor", help="baselines to time (comma-separated; empty for none)"

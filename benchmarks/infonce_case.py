@@ -2,8 +2,9 @@
 
     python -m benchmarks.infonce_case --impl fused --shape la --k 400 --repeats 5
 
-impl: fused (backend="cpu"), reference, official (the authors' algorithm), floor (the six
-N x C x K torch.mm products the loss needs: S = U N^T, P N and P^T U, for both directions).
+impl: fused (backend="cpu"), torch (backend="torch", plain PyTorch in tiles), reference,
+official (the authors' algorithm), floor (the six N x C x K torch.mm products the loss needs:
+S = U N^T, P N and P^T U, for both directions).
 Prints one JSON line: median/min/max seconds of forward+backward and peak memory growth.
 """
 
@@ -26,7 +27,7 @@ def loss_fn(impl: str, k: int):
 
     if impl == "official":
         return lambda *x: official_infonce(*x, num_negatives=k, temperature=0.1)
-    backend = {"fused": "cpu", "reference": "reference"}[impl]
+    backend = {"fused": "cpu", "torch": "torch", "reference": "reference"}[impl]
     return lambda *x: rk.bidirectional_voxel_infonce(*x, num_negatives=k, temperature=0.1, backend=backend)
 
 
@@ -101,7 +102,7 @@ def _cpu_variant() -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--impl", required=True, choices=["fused", "reference", "official", "floor"])
+    parser.add_argument("--impl", required=True, choices=["fused", "torch", "reference", "official", "floor"])
     parser.add_argument("--shape", default="la", choices=sorted(SHAPES))
     parser.add_argument("--pool", default=None, choices=sorted(SHAPES))
     parser.add_argument("--k", type=int, default=400)

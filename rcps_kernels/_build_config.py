@@ -94,9 +94,20 @@ def cpu_link_args() -> list[str]:
 
 
 def cuda_archs() -> list[str]:
-    """RCPS_CUDA_ARCHS as a list (default: Ampere and Hopper, 8.0 and 9.0)."""
+    """RCPS_CUDA_ARCHS as a list (default ``settings.DEFAULT_CUDA_ARCHS``: Turing to Blackwell,
+    7.5 to 12.0; nvcc 13 refuses 7.0, so Volta is served by backend="torch")."""
     archs = settings.cuda_archs()
     return [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]
+
+
+def cuda_include_dirs(csrc: Path, torch_dir: Path) -> list[str]:
+    """csrc/, and the cuBLAS/cuSPARSE headers that ATen/cuda includes, which ship in the nvidia-* wheels."""
+    extra = [torch_dir.parent / "nvidia" / sub / "include" for sub in ("cu13", "cu12")]
+    return [str(csrc)] + [str(folder) for folder in extra if folder.is_dir()]
+
+
+def nvcc_flags(archs: list[str]) -> list[str]:
+    return ["-O3", "--use_fast_math", *cuda_gencode_flags(archs)]
 
 
 def cuda_gencode_flags(archs: list[str]) -> list[str]:

@@ -1,8 +1,10 @@
 """The public functions: the voxel InfoNCE, negative selection and the pseudo-supervision losses.
 
 Every function takes MONAI-style ``(B, C, *spatial)`` tensors (1-3 spatial dims), checks its
-inputs (``_validation``), picks a backend (``backend=``: "auto", "cpu", "triton", "cuda" or
-"reference") and calls the op in ``ops/`` or the float64-exact reference in ``reference/``.
+inputs (``_validation``), picks a backend (``backend=``: "auto", "cpu", "triton", "cuda", "torch"
+or "reference"; see ``_backend``) and calls the op in ``ops/`` or the float64-exact reference in
+``reference/``. L_urp and L_cr are per-voxel, so their plain formulas (``reference/``) already
+need memory linear in the logits, with no K factor: ``backend="torch"`` runs those.
 The losses' semantics and gradients are in docs/design.md sections 2 and 3.
 """
 
@@ -28,7 +30,9 @@ from .reference.pseudo_supervision import (
 )
 
 #: The backends every op implements (besides "auto").
-_BACKENDS = ("cpu", "triton", "cuda", "reference")
+_BACKENDS = ("cpu", "triton", "cuda", "torch", "reference")
+#: The backends whose L_urp and L_cr are the plain formulas of reference/.
+_PLAIN_HEAD_BACKENDS = ("torch", "reference")
 
 
 def _resolve_on(backend: str, tensor: Tensor) -> str:
@@ -91,7 +95,9 @@ def bidirectional_voxel_infonce(
     Philox draws keyed by a seed from `generator`, regenerated in backward, never stored).
 
     Gradients flow into anchor, positive and pool; none into the logits. Zero-norm features
-    are allowed (u = 0). Memory of the fused backends is O(anchors * C), independent of K.
+    are allowed (u = 0). Memory of the fused backends is O(anchors * C), independent of K; of
+    "torch" (plain PyTorch, any device) O(anchors * C) plus one bounded tile; "reference"
+    materialises anchors x K x C.
 
     Args:
         anchor: (B, C, *S) projections of augmented view 1 (1-3 spatial dims).
@@ -111,7 +117,7 @@ def bidirectional_voxel_infonce(
             The fused "mean" path computes its gradient in forward and scales it in place in
             backward, so its graph takes one backward: for ``retain_graph=True`` or
             ``torch.autograd.gradcheck`` use "sum" or "none".
-        backend: "auto", "cpu", "triton", "cuda" or "reference".
+        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
         deterministic: "random" sampling on a GPU adds the pool gradient with float atomics
             unless it runs deterministically (int64 fixed-point atomics, bitwise reproducible).
             None (default) follows ``torch.are_deterministic_algorithms_enabled()`` when the
@@ -310,7 +316,7 @@ def rectified_pseudo_supervision(
         temperature: sharpening temperature T > 0 of the cross-entropy target; 1/T must be a
             finite normal float32 (float64 for float64 inputs), i.e. T in [2.9e-39, 8.5e37].
         reduction: "mean" (over batch and voxels), "sum", or "none" (a (B, *S) map).
-        backend: "auto", "cpu", "triton", "cuda" or "reference".
+        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
 
     Returns:
         The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs
@@ -331,7 +337,7 @@ def rectified_pseudo_supervision(
     v.check_logits_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     v.check_loss_options(reduction, student_logits.dtype, temperature=temperature)
     backend = _resolve_on(backend, student_logits)
-    if backend == "reference":
+    if backend in _PLAIN_HEAD_BACKENDS:
         loss = rectified_pseudo_supervision_reference(student_logits, teacher_logits, temperature, reduction)
     else:
         loss = _spatial(
@@ -366,7 +372,7 @@ def logit_cosine_consistency(
         logits_b: (B, num_classes, *S) logits of augmented view 2.
         eps: smallest norm, > 0, with 1/eps a finite normal float32 (float64 for float64 inputs).
         reduction: "mean" (over batch and voxels), "sum", or "none" (a (B, *S) map).
-        backend: "auto", "cpu", "triton", "cuda" or "reference".
+        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
 
     Returns:
         The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs
@@ -383,7 +389,7 @@ def logit_cosine_consistency(
     v.check_logits_pair("logits_a", logits_a, "logits_b", logits_b)
     v.check_loss_options(reduction, logits_a.dtype, eps=eps)
     backend = _resolve_on(backend, logits_a)
-    if backend == "reference":
+    if backend in _PLAIN_HEAD_BACKENDS:
         loss = logit_cosine_consistency_reference(logits_a, logits_b, eps, reduction)
     else:
         loss = _spatial(
@@ -418,7 +424,7 @@ def pseudo_supervision_losses(
             normal float32, float64 for float64 inputs).
         eps: smallest norm in L_cr's cosine, > 0 (1/eps likewise).
         reduction: "mean" (over batch and voxels, per loss), "sum", or "none" ((B, *S) maps).
-        backend: "auto", "cpu", "triton", "cuda" or "reference".
+        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
 
     Returns:
         ``(l_urp, l_cr)``, float32 for float16/bfloat16/float32 inputs, float64 for float64
@@ -437,7 +443,7 @@ def pseudo_supervision_losses(
     v.check_logits_pair("view_a", view_a, "teacher_logits", teacher_logits)
     v.check_loss_options(reduction, view_a.dtype, temperature=temperature, eps=eps)
     backend = _resolve_on(backend, view_a)
-    if backend == "reference":
+    if backend in _PLAIN_HEAD_BACKENDS:
         urp = rectified_pseudo_supervision_reference(
             view_a, teacher_logits, temperature, reduction
         ) + rectified_pseudo_supervision_reference(view_b, teacher_logits, temperature, reduction)

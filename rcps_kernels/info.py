@@ -1,4 +1,5 @@
-"""``python -m rcps_kernels.info [--json]``: versions and, per backend, whether it is usable here."""
+"""``python -m rcps_kernels.info [--json]``: versions, what is built, and per visible device which
+backend ``backend="auto"`` picks and why it does not use the others."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ import platform
 def collect() -> dict:
     import torch
 
-    from ._backend import backend_status
-    from ._extension import cpu_extension
+    from ._backend import backend_status, device_report, visible_devices
+    from ._extension import build_info, cpu_extension
+    from .functional import _BACKENDS
 
     info = {
         "rcps_kernels": __import__("rcps_kernels").__version__,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "rocm": torch.version.hip,
         "python": platform.python_version(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "num_threads": torch.get_num_threads(),
         "backends": backend_status(),
+        "devices": [device_report(device, _BACKENDS) for device in visible_devices()],
     }
+    info["cuda_extension_archs"] = getattr(build_info(), "CUDA_ARCHS", None)
     cpu = cpu_extension()
     # variant: the one this process loaded ("jit" for a build from source at import, None if none);
     # built: the variants installed; supported: the portable variants this CPU runs.
@@ -49,16 +54,21 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(info))
         return
     for key, value in info.items():
-        if key not in ("backends", "cpu_kernels"):
-            print(f"{key:>13}: {value}")
+        if key not in ("backends", "cpu_kernels", "devices"):
+            print(f"{key:>20}: {value}")
     cpu = info["cpu_kernels"]
     print(
-        f"{'cpu variant':>13}: {cpu['variant']} (built: {', '.join(cpu['built']) or 'none'}; "
+        f"{'cpu variant':>20}: {cpu['variant']} (built: {', '.join(cpu['built']) or 'none'}; "
         f"this CPU runs: {', '.join(cpu['supported']) or 'none of the portable ones'})"
     )
     for name, status in info["backends"].items():
-        flags = f"built={status['built']} usable={status['usable']}"
-        print(f"{name:>13}: {flags}" + (f"  ({status['reason']})" if "reason" in status else ""))
+        reason = f"  ({status['reason']})" if "reason" in status else ""
+        print(f"{'backend ' + name:>20}: built={status['built']}{reason}")
+    for device in info["devices"]:
+        about = ", ".join(f"{key} {device[key]}" for key in ("name", "capability") if key in device)
+        print(f"{'auto on ' + device['device']:>20}: {device['auto']}" + (f"  ({about})" if about else ""))
+        for name, reason in device["not_used"].items():
+            print(f"{'':>22}not {name}: {reason}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class RectifiedPseudoSupervisionLoss(nn.Module):
     Args:
         temperature: sharpening temperature T > 0.
         reduction: "mean", "sum" or "none".
-        backend: "auto", "cpu", "triton", "cuda" or "reference".
+        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
 
     Raises:
         TypeError: temperature is not a real number.
@@ -110,7 +110,7 @@ class LogitCosineConsistencyLoss(nn.Module):
     Args:
         eps: smallest norm, > 0.
         reduction: "mean", "sum" or "none".
-        backend: "auto", "cpu", "triton", "cuda" or "reference".
+        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
 
     Raises:
         TypeError: eps is not a real number.

@@ -7,10 +7,11 @@ the standard library: setup.py loads it before torch is importable.
 
 Run time:
 
-- ``RCPS_GPU_BACKEND=triton|cuda``: the backend ``backend="auto"`` picks for CUDA tensors.
+- ``RCPS_GPU_BACKEND=triton|cuda``: the backend ``backend="auto"`` tries for CUDA tensors (it
+  still falls back to ``torch`` where that one cannot serve the device).
 - ``RCPS_TRITON_DOT_PRECISION=tf32x3|ieee|tf32``: ``tl.dot`` precision of the Triton InfoNCE's
-  fp32 similarity products (default ``tf32x3``, fp32-accurate on tensor cores; ``tf32`` is
-  faster but misses the accuracy rule).
+  fp32 similarity products (default ``tf32x3``, fp32-accurate on NVIDIA tensor cores; ``tf32`` is
+  faster but misses the accuracy rule). ``tf32x3`` is NVIDIA-only: on ROCm the default is ``ieee``.
 - ``TRITON_INTERPRET=1``: Triton's own switch. Triton reads it when a kernel is defined (at
   import); rcps_kernels reads it per call to accept CPU tensors on ``backend="triton"`` and to
   pick small blocks for the interpreter.
@@ -24,7 +25,7 @@ Build time (setup.py, and the JIT build of the CPU kernels):
 - ``RCPS_BUILD_CUDA=auto|0|1``: build the CUDA extension (``1`` fails when it cannot).
 - ``RCPS_CPU_ARCH=native|<-march value>``: one CPU variant for that architecture instead of
   the portable three.
-- ``RCPS_CUDA_ARCHS="8.0;9.0"``: the CUDA architectures compiled for.
+- ``RCPS_CUDA_ARCHS="7.5;8.0;..."``: the CUDA architectures compiled for (default below).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ import os
 
 GPU_BACKENDS = ("triton", "cuda")
 DOT_PRECISIONS = ("tf32x3", "ieee", "tf32")
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+#: SASS for Turing (T4, RTX 20xx), Ampere (A100; A10, RTX 30xx), Ada (L4, L40, RTX 40xx), Hopper,
+#: Blackwell (B200; RTX 50xx), PTX of the highest. nvcc 13, the toolkit torch's CUDA 13 builds
+#: need, no longer compiles for Volta (7.0): V100s run backend="torch".
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0;10.0;12.0"
 
 
 def _read(name: str, default: str = "") -> str:
@@ -58,9 +62,20 @@ def gpu_backend() -> str | None:
     return _choice("RCPS_GPU_BACKEND", GPU_BACKENDS, None)
 
 
-def triton_dot_precision() -> str:
-    """RCPS_TRITON_DOT_PRECISION: tl.dot precision of the Triton InfoNCE (default tf32x3)."""
-    return _choice("RCPS_TRITON_DOT_PRECISION", DOT_PRECISIONS, "tf32x3")
+def triton_dot_precision(rocm: bool = False) -> str:
+    """RCPS_TRITON_DOT_PRECISION: tl.dot precision of the Triton InfoNCE (default tf32x3; ieee on ROCm).
+
+    Raises:
+        ValueError: an unknown value, or tf32x3 on ROCm (an NVIDIA-only precision).
+    """
+    if not rocm:
+        return _choice("RCPS_TRITON_DOT_PRECISION", DOT_PRECISIONS, "tf32x3")
+    precision = _choice("RCPS_TRITON_DOT_PRECISION", DOT_PRECISIONS, "ieee")
+    if precision == "tf32x3":
+        raise ValueError(
+            "environment variable RCPS_TRITON_DOT_PRECISION=tf32x3 is NVIDIA-only; on ROCm use ieee or tf32"
+        )
+    return precision
 
 
 def triton_interpreting() -> bool:

@@ -75,7 +75,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "num_negatives": 400,  # K
         "sampling": "topk",  # "topk" (official) | "random"
         "confidence_threshold": 0.0,  # for sampling = "random"
-        "backend": "auto",  # rcps_kernels backend: "auto" | "cpu" | "triton" | "cuda" | "reference"
+        "backend": "auto",  # rcps_kernels backend: "auto" | "cpu" | "triton" | "cuda" | "torch" | "reference"
         "cross_rank_negatives": False,  # DDP: pool negatives from all ranks (all-gather keeping gradients)
         "class_weights": [1.0, 10.0],  # CE class weights of L_seg
         "ce_lambda": 2.0 / 11.0,  # CE weight in Dice + CE: (1 + len(fg weights)) / (1 + sum(fg weights))
@@ -207,7 +207,7 @@ RULES: dict[str, Rule] = {
     "loss.num_negatives": integer(1, 65536),  # the bank is capped by the voxels there are; 400 in the paper
     "loss.sampling": one_of("topk", "random"),
     "loss.confidence_threshold": number(0.0, 1.0),  # a softmax probability
-    "loss.backend": one_of("auto", "cpu", "triton", "cuda", "reference"),
+    "loss.backend": one_of("auto", "cpu", "triton", "cuda", "torch", "reference"),
     "loss.cross_rank_negatives": ANY_BOOL,
     # Not 0 (nor below float32's range): the weighted CE is 0/0 on a patch of such a class alone.
     "loss.class_weights": each(number(1e-6, 1000.0)),

@@ -2,7 +2,9 @@
 
 A *target* is a backend on a device: "cpu" on CPU tensors, "triton" under the interpreter on
 tiny CPU tensors (TRITON_INTERPRET=1, set by conftest.py), and, marked ``gpu``, "triton" and
-"cuda" on CUDA tensors. :func:`grid` gives the (target, dtype) parameters of an op, and
+"cuda" on CUDA tensors; the InfoNCE also runs "torch" (plain PyTorch) on both devices (its
+L_urp and L_cr are the reference formulas themselves, so the head tests leave it out).
+:func:`grid` gives the (target, dtype) parameters of an op, and
 :func:`check_against_reference` judges one evaluation of an op by the rule in numerics.py: each
 named output against the float64 reference, with the reference run in the same dtype as the
 yardstick. The case builders and ``*_run`` functions below give each op's evaluation.
@@ -36,7 +38,7 @@ class Target(NamedTuple):
 
     @property
     def name(self) -> str:
-        return "triton-gpu" if self == TRITON_GPU else self.backend
+        return f"{self.backend}-gpu" if self.device == "cuda" and self.backend != "cuda" else self.backend
 
     @property
     def size(self) -> str:
@@ -50,6 +52,12 @@ CPU = Target("cpu", "cpu")
 TRITON = Target("triton", "cpu")
 TRITON_GPU = Target("triton", "cuda")
 CUDA = Target("cuda", "cuda")
+TORCH = Target("torch", "cpu")
+TORCH_GPU = Target("torch", "cuda")
+#: The fused backends: every op's targets.
+FUSED = (CPU, TRITON, TRITON_GPU, CUDA)
+#: The InfoNCE's targets: the fused ones and the plain PyTorch backend.
+INFONCE_TARGETS = (*FUSED, TORCH, TORCH_GPU)
 
 _MARKS = {
     CPU: [needs_cpu],
@@ -63,12 +71,14 @@ _MARKS = {
         pytest.mark.skipif(INTERPRETER, reason="TRITON_INTERPRET=1 interprets Triton"),
     ],
     CUDA: [pytest.mark.gpu],
+    TORCH: [],
+    TORCH_GPU: [pytest.mark.gpu],
 }
 
 
 def targets(*chosen: Target) -> list:
-    """pytest params of the chosen targets (default: all four), each with its marks."""
-    return [pytest.param(t, marks=_MARKS[t], id=t.name) for t in chosen or _MARKS]
+    """pytest params of the chosen targets (default: the four fused ones), each with its marks."""
+    return [pytest.param(t, marks=_MARKS[t], id=t.name) for t in chosen or FUSED]
 
 
 def cpu_backends(*, reference: bool = False) -> list:
@@ -93,13 +103,16 @@ def grid(supported: dict[Target, tuple[torch.dtype, ...]]) -> list:
 
 HALF = (torch.float16, torch.bfloat16)
 # The Triton interpreter computes bf16 wrongly (bf16 runs on the GPU tier). The InfoNCE computes
-# float64 in double on the CPU only; the GPU kernels take it in float32, which the rule refuses.
+# float64 in double on the CPU and in the torch backend; the GPU kernels take it in float32,
+# which the rule refuses.
 INFONCE_GRID = grid(
     {
         CPU: (torch.float32, *HALF, torch.float64),
         TRITON: (torch.float32, torch.float16),
         TRITON_GPU: (torch.float32, *HALF),
         CUDA: (torch.float32, *HALF),
+        TORCH: (torch.float32, *HALF, torch.float64),
+        TORCH_GPU: (torch.float32, *HALF, torch.float64),
     }
 )
 HEAD_GRID = grid(

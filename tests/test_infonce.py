@@ -6,15 +6,12 @@ test_infonce_random.py, the numeric extremes in test_infonce_numerics.py.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import rcps_kernels as rk
-from rcps_kernels import _backend
 from rcps_kernels.ops import infonce as ops
 from rcps_kernels.ops.infonce import InfoNCEParams
 from rcps_kernels.ops.kernels import kernels
@@ -24,6 +21,9 @@ from tests.op_template import (
     CPU,
     CUDA,
     INFONCE_GRID,
+    INFONCE_TARGETS,
+    TORCH,
+    TORCH_GPU,
     TRITON,
     TRITON_GPU,
     check_infonce,
@@ -74,7 +74,7 @@ SHAPE_CASES = {
 }
 
 
-@pytest.mark.parametrize("target", targets(CPU, TRITON, CUDA))
+@pytest.mark.parametrize("target", targets(CPU, TRITON, CUDA, TORCH, TORCH_GPU))
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
 @pytest.mark.parametrize("case", SHAPE_CASES)
@@ -84,7 +84,7 @@ def test_spatial_ranks_and_pool_sizes(target, sampling, reduction, case):
     check_infonce(target, feats, logits, num_negatives=k, sampling=sampling, reduction=reduction, seed=7)
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_confident_anchors_keep_a_tiny_loss_accurate(target, sampling, reduction):
@@ -96,7 +96,7 @@ def test_confident_anchors_keep_a_tiny_loss_accurate(target, sampling, reduction
     assert_relative_error_below(actual["loss"], exact["loss"], rtol=1e-5, name="loss")
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_batches_on_both_sides(target):
     spatial = (3, 2, 2) if target.size == "tiny" else (4, 5, 3)
     feats, logits = infonce_case(spatial, batch=2, pool_batch=3, classes=3)
@@ -104,7 +104,7 @@ def test_batches_on_both_sides(target):
         check_infonce(target, feats, logits, num_negatives=30, sampling=sampling)
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_three_classes_whose_banks_overlap_and_span_blocks(target):
     # K=20 > the interpreter's BLOCK_N=16 (two bank blocks), 3 classes whose banks share voxels
     # (the pool gradient is scattered class by class).
@@ -112,7 +112,7 @@ def test_three_classes_whose_banks_overlap_and_span_blocks(target):
     check_infonce(target, feats, logits, num_negatives=20, reduction="sum", grad_out=torch.tensor(0.7))
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_grad_output_not_one(target):
     feats, logits = infonce_case((5, 4, 3), classes=3)
     check_infonce(target, feats, logits, num_negatives=10, grad_out=torch.tensor(-3.7))
@@ -128,7 +128,7 @@ def test_large_bank_uses_the_second_pass(target):
     assert actual["loss"].ndim == 0
 
 
-@pytest.mark.parametrize("target", targets(CPU, TRITON))
+@pytest.mark.parametrize("target", targets(CPU, TRITON, TORCH))
 @pytest.mark.parametrize("layout", ["channels_last_3d", "transposed", "sliced"])
 def test_non_contiguous_inputs(target, layout):
     feats, logits = infonce_case((6, 5, 4) if target == CPU else (4, 3, 2), classes=3)
@@ -147,7 +147,7 @@ def test_non_contiguous_inputs(target, layout):
 # --- edge cases -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_single_class_present_gives_zero_loss_and_gradients(target):
     feats, logits = infonce_case((4, 4, 3), classes=2)
     logits = [
@@ -167,7 +167,7 @@ def test_single_class_present_gives_zero_loss_and_gradients(target):
     check_infonce(target, feats, logits, num_negatives=5)
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_k_larger_than_pool_uses_only_eligible_voxels(target):
     feats, logits = infonce_case((3, 3, 2), classes=2, pool_spatial=(2, 2, 2))
     idx, counts = rk.select_confident_negatives(logits[1], 50)
@@ -180,7 +180,7 @@ def test_k_larger_than_pool_uses_only_eligible_voxels(target):
     check_infonce(target, feats, logits, num_negatives=50, sampling="random")
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_zero_norm_features_are_finite_and_match(target):
     feats, logits = infonce_case((4, 3, 3), classes=3)
     for f in feats:
@@ -204,7 +204,7 @@ def test_selection_matches_official_topk_on_distinct_confidences():
         assert set(official[:, anchor].tolist()) == set(idx[c].tolist())
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_inputs_without_grad_get_none_and_no_grad_runs_forward_only(target):
     feats, logits = infonce_case((4, 4, 3), classes=2)
     feats = [f.float().to(target.device) for f in feats]
@@ -225,7 +225,7 @@ def test_inputs_without_grad_get_none_and_no_grad_runs_forward_only(target):
     torch.testing.assert_close(nograd, loss.detach(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 def test_deterministic_run_to_run(target, sampling):
     # deterministic=True: random mode's GPU pool gradient takes the fixed-point atomics.
@@ -258,7 +258,7 @@ def _kernel_inputs(random, device, *, classes=3, k=9, weight=True):
     return z, params, w
 
 
-@pytest.mark.parametrize("target", targets(TRITON, TRITON_GPU, CUDA))
+@pytest.mark.parametrize("target", targets(TRITON, TRITON_GPU, CUDA, TORCH, TORCH_GPU))
 @pytest.mark.parametrize("random", [False, True])
 def test_kernel_matches_cpu_kernel_with_weights(target, random):
     z, params, w = _kernel_inputs(random, target.device)
@@ -272,7 +272,7 @@ def test_kernel_matches_cpu_kernel_with_weights(target, random):
         torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_kernel_loss_only_returns_empty_grads(target):
     z, params, _ = _kernel_inputs(False, target.device)
     loss, g1, g2, gn = kernels(target.backend).voxel_infonce(*z, params)  # grad_scale 0
@@ -282,7 +282,7 @@ def test_kernel_loss_only_returns_empty_grads(target):
     torch.testing.assert_close(loss, with_grads[0], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("target", targets(TRITON, TRITON_GPU, CUDA))
+@pytest.mark.parametrize("target", targets(TRITON, TRITON_GPU, CUDA, TORCH, TORCH_GPU))
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 def test_public_api_matches_the_cpu_kernel(target, sampling):
     spatial, channels = ((4, 3, 2), 12) if target.size == "tiny" else ((8, 6, 5), 64)
@@ -311,7 +311,7 @@ def test_cuda_table_loads_where_torch_has_cuda():
             "cosine_backward",
         )
     )
-    with pytest.raises(ValueError, match="backend must be 'cpu', 'cuda' or 'triton'"):
+    with pytest.raises(ValueError, match="backend must be 'cpu', 'cuda', 'triton' or 'torch'"):
         kernels("tpu")
 
 
@@ -386,7 +386,7 @@ def test_module_matches_functional():
     assert "num_negatives=11" in repr(module)
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 def test_opcheck(target, sampling):
     feats, logits = infonce_case((4, 3, 2) if target.size == "tiny" else (4, 4, 3), classes=3)
@@ -402,7 +402,7 @@ def test_opcheck(target, sampling):
     torch.library.opcheck(ops.voxel_infonce_mean, (*args, True))
 
 
-@pytest.mark.parametrize("target", targets(CPU, TRITON_GPU, CUDA) + ["reference"])
+@pytest.mark.parametrize("target", targets(CPU, TRITON_GPU, CUDA, TORCH, TORCH_GPU) + ["reference"])
 def test_torch_compile_fullgraph(target):
     torch._dynamo.reset()
     backend, device = (target, "cpu") if target == "reference" else target
@@ -560,16 +560,3 @@ def test_mean_path_refuses_a_second_backward_through_the_graph():
     (2 * rk.bidirectional_voxel_infonce(*reference, *logits, num_negatives=6, backend="reference")).backward()
     for got, want in zip(once, reference):
         torch.testing.assert_close(got, want.grad.float(), rtol=1e-4, atol=1e-6)
-
-
-def test_auto_falls_back_to_the_reference_with_one_warning(monkeypatch):
-    monkeypatch.setattr(_backend, "load_cpu_extension", lambda: "pretend the build failed")
-    _backend._warn_fallback_once.cache_clear()
-    with pytest.warns(RuntimeWarning, match="pretend the build failed"):
-        assert _backend.resolve_backend("auto", torch.device("cpu"), ("cpu", "reference")) == "reference"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert _backend.resolve_backend("auto", torch.device("cpu"), ("cpu", "reference")) == "reference"
-    with pytest.raises(RuntimeError, match="not usable here"):
-        _backend.resolve_backend("cpu", torch.device("cpu"), ("cpu", "reference"))
-    _backend._warn_fallback_once.cache_clear()

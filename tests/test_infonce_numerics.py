@@ -1,6 +1,6 @@
-"""The fused voxel InfoNCE at the numeric edges: small temperatures and huge and tiny feature
-norms on every backend; float64 computed in double (gradcheck) and the temperatures refused on
-the CPU."""
+"""The voxel InfoNCE at the numeric edges: small temperatures and huge and tiny feature norms on
+every backend; float64 computed in double (gradcheck) on the CPU and torch backends, and the
+temperatures refused."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import rcps_kernels as rk
 from rcps_kernels.functional import MIN_TEMPERATURE
 from tests.numerics import assert_relative_error_below
-from tests.op_template import CPU, check_infonce, infonce_case, infonce_run, targets
+from tests.op_template import CPU, INFONCE_TARGETS, check_infonce, infonce_case, infonce_run, targets
 
 # The interpreter evaluates masked-out lanes too ((-inf) - (-inf), and exp of logits ~1/tau);
 # numpy warns, and the lanes are discarded.
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("temperature", [1e-4, 1e-8, 1e-20, 1e-37])
 def test_small_temperatures_keep_loss_and_gradients_exact(target, sampling, temperature):
@@ -43,7 +43,7 @@ def test_small_temperature_with_a_bank_past_the_per_thread_copy_budget():
     check_infonce(CPU, feats, logits, num_negatives=3000, temperature=1e-8)
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("temperature,scale", [(0.1, 1e-30), (0.1, 1e19), (0.1, 1e30), (1e-6, 1e30)])
 def test_huge_and_tiny_feature_norms(target, sampling, temperature, scale):
@@ -63,12 +63,13 @@ def test_huge_and_tiny_feature_norms(target, sampling, temperature, scale):
             )
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_float64_is_computed_in_double(sampling, reduction):
+def test_float64_is_computed_in_double(backend, sampling, reduction):
     feats, logits = infonce_case((3, 2, 2), channels=5, classes=3, pool_spatial=(2, 3, 2), dtype=torch.float64)
     kw = dict(num_negatives=4, sampling=sampling, reduction=reduction, temperature=0.07, seed=6)
-    got = infonce_run("cpu", feats, logits, **kw)
+    got = infonce_run(backend, feats, logits, **kw)
     want = infonce_run("reference", feats, logits, **kw)
     for name, x in got.items():
         y = want[name]
@@ -78,9 +79,10 @@ def test_float64_is_computed_in_double(sampling, reduction):
         )
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("sampling", ["topk", "random"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_gradcheck_on_the_cpu_backend(sampling, reduction):
+def test_gradcheck_on_the_double_backends(backend, sampling, reduction):
     feats, logits = infonce_case((2, 2, 2), channels=4, classes=3, pool_spatial=(2, 2, 2), dtype=torch.float64)
     leaves = [f.clone().requires_grad_() for f in feats]
 
@@ -96,7 +98,7 @@ def test_gradcheck_on_the_cpu_backend(sampling, reduction):
             temperature=0.2,
             reduction=reduction,
             generator=gen,
-            backend="cpu",
+            backend=backend,
         )
 
     assert torch.autograd.gradcheck(loss_fn, leaves)

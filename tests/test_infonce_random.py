@@ -15,7 +15,7 @@ from rcps_kernels.ops.infonce import InfoNCEParams
 from rcps_kernels.ops.kernels import kernels
 from rcps_kernels.ops.selection import anchor_class_order, eligible_negatives, pseudo_labels
 from rcps_kernels.reference.infonce import philox_randint, random_negative_draws_reference
-from tests.op_template import CPU, CUDA, TRITON, TRITON_GPU, infonce_case, targets
+from tests.op_template import CPU, CUDA, INFONCE_TARGETS, TORCH, TRITON, TRITON_GPU, infonce_case, targets
 
 
 def test_philox_known_answer():
@@ -46,7 +46,7 @@ def draws(target, labels, idx, counts, k, seed, offset):
     return kernels(target.backend).random_draws(params).cpu()
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 @pytest.mark.parametrize(
     "seed,offset",
     [(0, 0), (1, 12345), (123456789, 5), (2**40 + 3, 12345), (2**62 - 1, 2**32 - 7), (2**62 + 17, 2**33 + 3)],
@@ -70,7 +70,7 @@ def test_the_public_helper_returns_the_kernels_draws():
     assert torch.equal(public, random_negative_draws_reference(labels, idx, counts, 37, 2**62 + 17, 2**33 + 3))
 
 
-@pytest.mark.parametrize("target", targets(CPU, TRITON, TRITON_GPU, CUDA))
+@pytest.mark.parametrize("target", targets(CPU, TRITON, TRITON_GPU, CUDA, TORCH))
 def test_draws_differ_with_seed_and_offset(target):
     _, labels, idx, counts = random_setup(seed=4, spatial=(4, 3, 2), pool_spatial=(3, 3, 2))
     base = draws(target, labels, idx, counts, 16, 1, 0)
@@ -78,7 +78,7 @@ def test_draws_differ_with_seed_and_offset(target):
     assert not torch.equal(base, draws(target, labels, idx, counts, 16, 1, 1))
 
 
-@pytest.mark.parametrize("target", targets())
+@pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_philox_layout_matches_tl_randint_counter_words(target):
     # Counter 2^32 + 5 must use (lo, hi) = (5, 1): compare a draw whose hi word is non-zero.
     labels = torch.zeros(1, dtype=torch.int64)

@@ -39,7 +39,12 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-constexpr size_t kMaxSmem = 96 * 1024;
+// Shared memory one block may opt into: at most 96 KB (the tiles' design size), and never more
+// than the GPU allows (64 KB on Turing, 7.5; 99 KB on 8.6/8.9; more on 8.0, 9.0 and later).
+size_t max_smem() {
+  const size_t device_limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  return device_limit < 96 * 1024 ? device_limit : 96 * 1024;
+}
 
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
@@ -100,9 +105,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
   int TM = 32;
   while (TM > kWarps && topk_smem(TM, C) > 48 * 1024) TM /= 2;
   const size_t smem = topk_smem(TM, C);
-  TORCH_CHECK(smem <= kMaxSmem, "rcps_cuda::voxel_infonce: C = ", C,
-              " channels is too many for the CUDA kernel's shared-memory tiles "
-              "(use backend='triton')");
+  TORCH_CHECK(smem <= max_smem(), "rcps_cuda::voxel_infonce: C = ", C,
+              " channels is too many for the CUDA kernel's shared-memory tiles on this GPU "
+              "(use backend='triton' or 'torch')");
 
   // Stable sort by class and a device-side tile map (no host sync).
   const Tensor order = std::get<1>(at::sort(labels, /*stable=*/true, /*dim=*/0, false));

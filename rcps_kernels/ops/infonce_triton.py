@@ -400,7 +400,13 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     bm, bn, warps = _topk_blocks(C)
     bc = block_c(C)
     # Tile sizes and tl.dot precision of the three tl.dot kernels.
-    tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=triton_dot_precision(), num_warps=warps)
+    tiles = dict(
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_C=bc,
+        PRECISION=triton_dot_precision(rocm=torch.version.hip is not None),
+        num_warps=warps,
+    )
     order, class_start = class_order(labels, num_classes)
     num_tiles = triton.cdiv(N, bm) + num_classes  # >= sum_c ceil(n_c / bm); spares do nothing
     (u1, u2), (norm1, norm2) = normalize_rows(z1, order, N, z2=z2)

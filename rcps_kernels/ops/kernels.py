@@ -48,20 +48,21 @@ REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
 @dataclasses.dataclass(frozen=True)
 class Kernels:
-    """One backend's kernels (contracts in the module docstring)."""
+    """One backend's kernels (contracts in the module docstring). The head-loss kernels are None
+    for "torch": its L_urp and L_cr are the plain formulas of ``reference/`` (functional.py)."""
 
     voxel_infonce: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
     random_draws: Callable[[InfoNCEParams], Tensor]
-    urp_forward: Callable[..., Tensor]
-    urp_backward: Callable[..., Tensor]
-    cosine_forward: Callable[..., Tensor]
-    cosine_backward: Callable[..., tuple[Tensor, Tensor]]
+    urp_forward: Callable[..., Tensor] | None = None
+    urp_backward: Callable[..., Tensor] | None = None
+    cosine_forward: Callable[..., Tensor] | None = None
+    cosine_backward: Callable[..., tuple[Tensor, Tensor]] | None = None
     pseudo_supervision_losses_backward: Callable[..., tuple[Tensor, Tensor]] | None = None
 
 
 @functools.lru_cache(maxsize=None)
 def kernels(backend: str) -> Kernels:
-    """The kernel table of a compiled backend ("cpu", "cuda" or "triton").
+    """The kernel table of a backend ("cpu", "cuda", "triton" or "torch").
 
     Raises:
         RuntimeError: the backend's extension (or triton) cannot be loaded; not cached, so a
@@ -74,6 +75,10 @@ def kernels(backend: str) -> Kernels:
     if backend == "cuda":
         require_cuda_extension()
         return _compiled_table(torch.ops.rcps_cuda, cuda=True)
+    if backend == "torch":
+        from . import infonce_torch
+
+        return Kernels(voxel_infonce=infonce_torch.voxel_infonce, random_draws=infonce_torch.random_draws)
     if backend == "triton":
         try:  # imported on demand: triton is needed only when it is asked for
             infonce = importlib.import_module(f"{__package__}.infonce_triton")
@@ -88,7 +93,7 @@ def kernels(backend: str) -> Kernels:
             cosine_forward=heads.cosine_forward,
             cosine_backward=heads.cosine_backward,
         )
-    raise ValueError(f"backend must be 'cpu', 'cuda' or 'triton', got {backend!r}")
+    raise ValueError(f"backend must be 'cpu', 'cuda', 'triton' or 'torch', got {backend!r}")
 
 
 def _compiled_table(ops, cuda: bool) -> Kernels:
