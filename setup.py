@@ -40,10 +40,10 @@ def _find_cuda_home() -> str | None:
 
 def _want_cuda() -> bool:
     switch = build_config.settings.build_cuda()
-    if switch in ("0", "false", "no", "off"):
+    if switch == "0":
         return False
     available = _CUDA_HOME is not None and bool(build_config.cuda_sources(CSRC))
-    if switch in ("1", "true", "yes", "on", "force"):
+    if switch == "1":
         if not available:
             raise RuntimeError("RCPS_BUILD_CUDA=1 but nvcc or csrc/cuda sources were not found")
         return True
@@ -101,7 +101,7 @@ def _cuda_extension():
 if _want_cuda():
     if torch.version.cuda is not None:
         ext_modules.append(_cuda_extension())
-    elif build_config.settings.build_cuda() in ("1", "true", "yes", "on", "force"):
+    elif build_config.settings.build_cuda() == "1":
         raise RuntimeError("RCPS_BUILD_CUDA=1 needs a CUDA build of torch; this one is CPU-only")
 BUILDS_CUDA = any(ext.name == "rcps_kernels._C_cuda" for ext in ext_modules)
 

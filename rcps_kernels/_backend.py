@@ -229,6 +229,10 @@ def resolve_backend(backend: str, device: torch.device, available: tuple[str, ..
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if device.type == "cpu" and settings.cpu_variant():  # an explicit request is honoured or refused
+            refused = load_cpu_extension()
+            if refused is not None:
+                raise ValueError(f"{refused} (unset RCPS_CPU_VARIANT to let rcps_kernels choose)")
         chosen, failed = _pick(device, available)
         if chosen == "torch" and failed and device.type in ("cpu", "cuda"):
             _warn_fallback_once(device.type, "; ".join(f"{name}: {reason}" for name, reason in failed.items()))

@@ -145,6 +145,10 @@ def bidirectional_voxel_infonce(
     v.check_infonce_options(
         num_negatives, temperature, sampling, confidence_threshold, generator, reduction, deterministic
     )
+    if sampling == "topk":
+        # topk takes each pool voxel at most once: a larger K would only size the tables (classes x K) and
+        # their loops. Random mode draws with replacement, so its K may exceed the pool.
+        num_negatives = min(num_negatives, pool_logits[:, 0].numel())
     backend = _resolve_on(backend, anchor)
     seed = _draw_seed(generator) if sampling == "random" else 0
     if backend == "reference":

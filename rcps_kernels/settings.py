@@ -5,6 +5,10 @@ next call; the exceptions say so (the compiled CPU variant is chosen once per pr
 build-time variables matter only while setup.py or a JIT build runs). This module needs only
 the standard library: setup.py loads it before torch is importable.
 
+Switches (``RCPS_DETERMINISTIC``, ``RCPS_NO_JIT``, ``RCPS_BUILD_CUDA``) take ``1``/``true``/``yes``/``on``
+or ``0``/``false``/``no``/``off`` in any case, ``TRITON_INTERPRET`` what Triton itself takes (``1``/``true``/``on``,
+``0``/``false``/``off``); any other value is a ValueError naming the variable, never a silent "off".
+
 Run time:
 
 - ``RCPS_GPU_BACKEND=triton|cuda``: the backend ``backend="auto"`` tries for CUDA tensors (it
@@ -53,8 +57,24 @@ def _choice(name: str, choices: tuple[str, ...], default: str | None) -> str | N
     return value
 
 
-def _flag(name: str) -> bool:
-    return _read(name, "0") == "1"
+# The usual spellings of a switch, compared without case; any other value is refused, naming the variable.
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+# Triton reads TRITON_INTERPRET itself and takes only these as true, so "yes" would mean two things.
+TRITON_TRUE_WORDS = ("1", "true", "on")
+TRITON_FALSE_WORDS = ("0", "false", "off", "")
+
+
+def _flag(name: str, true_words: tuple[str, ...] = TRUE_WORDS, false_words: tuple[str, ...] = FALSE_WORDS) -> bool:
+    value = _read(name).lower()
+    if value in true_words:
+        return True
+    if value in false_words:
+        return False
+    raise ValueError(
+        f"environment variable {name}={os.environ[name]!r}: expected a switch, one of "
+        f"{true_words} (on) or {tuple(w for w in false_words if w)} (off)"
+    )
 
 
 def gpu_backend() -> str | None:
@@ -80,7 +100,7 @@ def triton_dot_precision(rocm: bool = False) -> str:
 
 def triton_interpreting() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run in its interpreter, on CPU tensors."""
-    return _flag("TRITON_INTERPRET")
+    return _flag("TRITON_INTERPRET", TRITON_TRUE_WORDS, TRITON_FALSE_WORDS)
 
 
 def deprecated_deterministic() -> bool:
@@ -99,8 +119,12 @@ def jit_disabled() -> bool:
 
 
 def build_cuda() -> str:
-    """RCPS_BUILD_CUDA, lower-cased (default "auto")."""
-    return _read("RCPS_BUILD_CUDA", "auto").lower()
+    """RCPS_BUILD_CUDA: "auto" (the default: when nvcc and a CUDA torch are there), "1" (force) or "0" (skip);
+    the usual switch spellings and "force" are accepted, anything else is refused."""
+    value = _read("RCPS_BUILD_CUDA").lower()
+    if value in ("", "auto"):
+        return "auto"
+    return "1" if value == "force" or _flag("RCPS_BUILD_CUDA", TRUE_WORDS, FALSE_WORDS[:-1]) else "0"
 
 
 def cpu_arch() -> str:

@@ -8,6 +8,7 @@ which path (deterministic or not) the kernels are told to take, and when.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 
 import pytest
@@ -344,3 +345,69 @@ def test_double_backward_raises_for_the_per_anchor_path_too():
     make_loss, make_inputs = SECOND_ORDER["bidirectional_voxel_infonce"]
     with pytest.raises(RuntimeError, match="double backward"):
         _gradient_penalty(make_loss("cpu", reduction="sum"), make_inputs())
+
+
+# --- environment switches and the negative count ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("RCPS_NO_JIT", "TRUE", True),
+        ("RCPS_NO_JIT", "yes", True),
+        ("RCPS_NO_JIT", "Off", False),
+        ("RCPS_NO_JIT", "0", False),
+        ("RCPS_DETERMINISTIC", "on", True),
+        ("RCPS_DETERMINISTIC", "2", ValueError),
+        ("RCPS_NO_JIT", "enabled", ValueError),
+        ("TRITON_INTERPRET", "true", True),
+        ("TRITON_INTERPRET", "yes", ValueError),  # Triton itself reads "yes" as off
+        ("RCPS_BUILD_CUDA", "force", "1"),
+        ("RCPS_BUILD_CUDA", "No", "0"),
+        ("RCPS_BUILD_CUDA", "maybe", ValueError),
+    ],
+)
+def test_switches_take_the_usual_spellings_and_refuse_others(monkeypatch, name, value, expected):
+    from rcps_kernels import settings
+
+    read = {
+        "RCPS_NO_JIT": settings.jit_disabled,
+        "RCPS_DETERMINISTIC": settings.deprecated_deterministic,
+        "TRITON_INTERPRET": settings.triton_interpreting,
+        "RCPS_BUILD_CUDA": settings.build_cuda,
+    }[name]
+    monkeypatch.setenv(name, value)
+    if expected is ValueError:
+        with pytest.raises(ValueError, match=rf"{name}='{value}': expected a switch"):
+            read()
+    else:
+        assert read() == expected
+
+
+def test_an_unknown_cpu_variant_is_an_error_not_a_fallback():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, rcps_kernels as rk\n"
+        "x = [torch.randn(1, 4, 3, 4) for _ in range(3)] + [torch.randn(1, 2, 3, 4) for _ in range(2)]\n"
+        "rk.bidirectional_voxel_infonce(*x)\n"
+    )
+    env = {**os.environ, "RCPS_CPU_VARIANT": "avx3"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ValueError: RCPS_CPU_VARIANT=avx3, but the built CPU variants are" in result.stderr
+
+
+def test_topk_caps_the_negative_count_at_the_pool_before_any_table(monkeypatch):
+    from rcps_kernels import functional
+
+    seen, real = [], functional.negative_tables
+    monkeypatch.setattr(functional, "negative_tables", lambda *a: seen.append(a[2]) or real(*a))
+    inputs = [t.requires_grad_() if i < 3 else t for i, t in enumerate(infonce_inputs())]
+    huge = rk.bidirectional_voxel_infonce(*inputs, num_negatives=10**6)
+    (huge_grad,) = torch.autograd.grad(huge, inputs[0])
+    exact = rk.bidirectional_voxel_infonce(*inputs, num_negatives=12)  # the pool holds 3 x 4 voxels
+    assert seen == [12, 12]
+    torch.testing.assert_close(huge, exact, rtol=0, atol=0)
+    torch.testing.assert_close(huge_grad, torch.autograd.grad(exact, inputs[0])[0], rtol=0, atol=0)

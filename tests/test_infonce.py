@@ -490,6 +490,7 @@ def test_large_index_offsets(target):
 # feature scales 1e-30..1e30 (log-uniform); the @example cases are ones that earlier random
 # runs found (a near-zero loss under 1/tau = 20; a dominating negative under 1/tau = 100, where
 # the softmax normaliser must keep its digits).
+@pytest.mark.parametrize("target", [CPU, TORCH], ids=["cpu", "torch"])
 @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @example(
     dims=1,
@@ -530,14 +531,14 @@ def test_large_index_offsets(target):
     scale=st.floats(-30.0, 30.0).map(lambda exponent: 10.0**exponent),
     seed=st.integers(0, 2**31),
 )
-def test_fuzz_cpu_against_reference(
-    dims, size, pool_size, channels, classes, k, sampling, reduction, temperature, scale, seed
+def test_fuzz_against_reference(
+    target, dims, size, pool_size, channels, classes, k, sampling, reduction, temperature, scale, seed
 ):
     spatial = tuple(size + d for d in range(dims))
     pool_spatial = tuple(pool_size + (d * 2) % 3 for d in range(dims))
     feats, logits = infonce_case(spatial, channels=channels, classes=classes, pool_spatial=pool_spatial, seed=seed)
     check_infonce(
-        CPU,
+        target,
         [f * scale for f in feats],
         logits,
         num_negatives=k,

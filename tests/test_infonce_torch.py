@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rcps_kernels as rk
@@ -91,35 +89,3 @@ def test_no_tensor_grows_with_anchors_times_k(monkeypatch, sampling):
     with _LargestTensor() as reference:  # the watch sees a materialising implementation
         rk.bidirectional_voxel_infonce(*leaves, *logits, backend="reference", **kw).backward()
     assert reference.largest >= 240 * 300 * 4
-
-
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    dims=st.integers(1, 3),
-    size=st.integers(1, 5),
-    pool_size=st.integers(1, 5),
-    channels=st.integers(1, 9),
-    classes=st.integers(2, 5),
-    k=st.integers(1, 40),
-    sampling=st.sampled_from(["topk", "random"]),
-    reduction=st.sampled_from(["mean", "none"]),
-    temperature=st.floats(-6.0, 3.0).map(lambda exponent: 10.0**exponent),
-    scale=st.floats(-30.0, 30.0).map(lambda exponent: 10.0**exponent),
-    seed=st.integers(0, 2**31),
-)
-def test_fuzz_against_reference(
-    dims, size, pool_size, channels, classes, k, sampling, reduction, temperature, scale, seed
-):
-    spatial = tuple(size + d for d in range(dims))
-    pool_spatial = tuple(pool_size + (d * 2) % 3 for d in range(dims))
-    feats, logits = infonce_case(spatial, channels=channels, classes=classes, pool_spatial=pool_spatial, seed=seed)
-    check_infonce(
-        TORCH,
-        [f * scale for f in feats],
-        logits,
-        num_negatives=k,
-        sampling=sampling,
-        reduction=reduction,
-        temperature=temperature,
-        seed=seed,
-    )
