@@ -75,9 +75,12 @@ def _demo(args) -> None:
     start = time.perf_counter()
     out = Path(args.out)
     data_root = out / "synthetic_data"
-    if not (data_root / "val_labels").is_dir():
+    if not data_root.is_dir():
         print(f"[1/3] writing a small synthetic dataset to {data_root}")
-        make_synthetic_dataset(data_root, num_train=12, num_val=4, shape=(48, 48, 40), seed=0)
+        # Written beside, then renamed: a killed demo leaves a partial folder, which the next one replaces.
+        partial = out / "synthetic_data.partial"
+        make_synthetic_dataset(partial, num_train=12, num_val=4, shape=(48, 48, 40), seed=0, overwrite=True)
+        partial.rename(data_root)
     config = load_config("demo", args.set)
     # Paths are set directly rather than through --set strings, so no quoting rules apply to them.
     config["data"]["root"], config["run"]["out_dir"] = str(data_root), str(out)

@@ -141,6 +141,8 @@ def test_eval_command_writes_metrics(tmp_path, capsys):
 
 def test_demo_command_end_to_end(tmp_path, capsys):
     # The README's main-job command, shortened to one step: data, training, evaluation and the table.
+    (tmp_path / "synthetic_data.partial").mkdir()  # what a demo killed while writing its data leaves
+    (tmp_path / "synthetic_data.partial" / "dataset.json").write_text("{")
     assert (
         main(
             [
@@ -162,6 +164,7 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("demo-")]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert len(metrics["per_case"]) == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("synthetic")) == ["synthetic_data"]
 
 
 @pytest.mark.parametrize("rampup_epochs", [0, 1])
