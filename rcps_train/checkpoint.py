@@ -5,18 +5,16 @@ checks, holding every RNG stream) and the CSV logs (appended row by row, cut bac
 from __future__ import annotations
 
 import csv
-import io
-import json
 import os
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import ConfigError, resume_changes
+from .files import read_json, replace_atomically, write_csv_atomic, write_text_atomic
 
 RESUME_ENTRIES = (
     "model",
@@ -50,43 +48,9 @@ RUN_FILES = (
 FINISHED_FILES = ("best.pt", "metrics.json", "metrics.csv", "metrics_best.csv")
 
 
-def _replace_atomically(path: Path, write: Callable, mode: str) -> None:
-    """Write to a temporary file, flush it to disk, then rename over ``path``: a kill never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode, **({"newline": ""} if "b" not in mode else {})) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_atomic(state: dict, path: Path) -> None:
     """``torch.save`` that never leaves half a file behind."""
-    _replace_atomically(path, lambda f: torch.save(state, f), "wb")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a JSON, CSV or TOML file so that a reader sees the old or the new content, never half of it."""
-    _replace_atomically(path, lambda f: f.write(text), "w")
-
-
-def write_csv_atomic(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """A CSV file with a header row, written with :func:`write_text_atomic`."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON object from ``path``, or None when the file is absent, torn (a kill while an older version wrote
-    it in place) or not an object: such a file counts as not written."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    replace_atomically(path, lambda f: torch.save(state, f), "wb")
 
 
 def check_output_folder(folder: Path, what: str) -> None:

@@ -20,9 +20,10 @@ import statistics
 import time
 from pathlib import Path
 
-from .checkpoint import check_output_folder, load_checkpoint, read_json, write_csv_atomic, write_text_atomic
+from .checkpoint import check_output_folder, load_checkpoint
 from .config import ConfigError, load_config, to_toml
 from .data import data_changes, data_record, dataset_splits
+from .files import read_json, write_csv_atomic, write_text_atomic
 from .plots import plot_validation_curves
 
 METRICS = ("dice", "jaccard", "hd95", "asd")  # reported when the run's metrics.json has them

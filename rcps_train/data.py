@@ -122,11 +122,10 @@ SPLIT_NAMES = ("labeled", "unlabeled", "validation", "test")
 
 
 def data_record(splits: Splits) -> dict:
-    """What a checkpoint remembers of its data: the channel count, the cases of every split, and per case the
-    byte size of its files, a cheap fingerprint (an edited or re-exported compressed file almost always changes
-    size; modification times are left out so that a copied dataset still matches)."""
+    """What a checkpoint remembers of its data: the cases of every split and per case the byte size of its files,
+    a cheap fingerprint (an edited or re-exported compressed file almost always changes size; modification times
+    are left out so that a copied dataset still matches). The channel count is the checkpoint's ``in_channels``."""
     return {
-        "channels": splits.channels,
         "splits": {name: [case.name for case in getattr(splits, name)] for name in SPLIT_NAMES},
         "sizes": {
             f"{name}/{case.name}": sum(path.stat().st_size for path in (*case.image_files, case.label) if path)
@@ -147,8 +146,6 @@ def data_changes(stored: dict, current: dict) -> list[str]:
     resized = sorted(key for key, size in current["sizes"].items() if stored["sizes"].get(key, size) != size)
     if resized:
         changes.append(f"files changed size: {resized[:5]}")
-    if stored["channels"] != current["channels"]:
-        changes.append(f"channels: {stored['channels']} -> {current['channels']}")
     return changes
 
 

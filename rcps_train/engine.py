@@ -40,7 +40,6 @@ from .checkpoint import (
     save_atomic,
     start_clean,
     truncate_log,
-    write_text_atomic,
 )
 from .config import ConfigError, to_toml, validate
 from .data import (
@@ -56,6 +55,7 @@ from .data import (
     seed_worker,
 )
 from .evaluate import distance_unit, evaluate_cases, format_table, metrics_record, write_metrics_csv
+from .files import write_text_atomic
 from .losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms, segmentation_loss, total_loss
 from .model import ProjectorUNet
 from .plots import plot_run
@@ -297,8 +297,10 @@ def set_up_run(
     main = rank == 0
     run_dir = Path(config["run"]["out_dir"]) / config["run"]["name"]
     state = checkpoint_to_resume(config, run_dir / "checkpoint.pt", resume, main, device)
-    if main:
-        check_output_folder(run_dir, "run folder") if resume else check_fresh_run_folder(run_dir, overwrite)
+    if main and resume:
+        check_output_folder(run_dir, "run folder")
+    elif main:
+        check_fresh_run_folder(run_dir, overwrite)
     generators = _seed(config["run"]["seed"], rank)
     splits, dataset = _read_data(config, main)
     model, raw_model = _build_parallel_model(config, splits.channels, device, world_size)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .checkpoint import write_csv_atomic, write_text_atomic
 from .data import case_spacing, load_case
+from .files import write_csv_atomic, write_text_atomic
 from .layouts import Case, DataError
 from .metrics import METRICS, case_metrics, summarize
 

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from . import geometry
+from .files import write_text_atomic
 from .layouts import DataError
 
 PREPROCESSING_FILE = "preprocessing.json"
@@ -381,9 +382,7 @@ def _record_path(out: Path, case: RawCase) -> Path:
 
 def _write_json_atomic(payload: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2))
-    os.replace(partial, path)
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 def read_preprocessing(root: str | Path) -> dict | None:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .checkpoint import check_output_folder, check_weights_fit, load_checkpoint, read_json
+from .checkpoint import check_output_folder, check_weights_fit, load_checkpoint
 from .config import ConfigError, load_config
 from .data import dataset_channels
 from .engine import build_model, memory_format, resolve_device
 from .evaluate import eval_settings, evaluate_cases, format_table, write_metrics
+from .files import read_json
 from .layouts import DataError, list_cases
 
 IDENTITY = ("checkpoint", "checkpoint_epoch", "split", "data_root", "data_format", "protocol", "largest_component")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rcps_train import checkpoint, engine
+from rcps_train import engine, files
 from rcps_train.cli import main
 from rcps_train.compare import run_comparison
 from rcps_train.config import ConfigError, load_config
@@ -110,10 +110,10 @@ def test_compare_killed_while_writing_metrics_reruns_to_the_same_table(tmp_path,
             raise KeyboardInterrupt
         return real_replace(source, target)
 
-    monkeypatch.setattr(checkpoint.os, "replace", dying_replace)
+    monkeypatch.setattr(files.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
         _compare(config_file, data, tmp_path / "b")
-    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    monkeypatch.setattr(files.os, "replace", real_replace)
     (tmp_path / "b" / "supervised-seed1").mkdir()
     # An older writer's torn file reads as not written, not as a crash.
     (tmp_path / "b" / "supervised-seed1" / "metrics.json").write_text('{"checkpoint": "checkp')
