@@ -9,12 +9,14 @@ that they change: trainers write into their own results folders.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 DATASET_ID = 901
 DATASET = f"Dataset{DATASET_ID:03d}_RCPSTiny"
@@ -41,6 +43,24 @@ def restore_environment(previous: dict[str, str | None]) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@contextlib.contextmanager
+def nnunet_folders(tmp_path_factory, results: Path, settings: dict):
+    """The tiny prepared dataset with a fresh ``results`` folder, nnU-Net's variables pointed at them and the RCPS
+    settings in ``RCPS_NNUNET_SETTINGS``, for the duration; the variables and torch's thread count (nnU-Net's
+    ``-device cpu`` sets it to the core count) are restored after."""
+    folders = {**prepared_nnunet(tmp_path_factory.getbasetemp() / "nnunet"), "nnUNet_results": results}
+    results.mkdir()
+    previous = set_nnunet_environment(folders)
+    previous["RCPS_NNUNET_SETTINGS"] = os.environ.get("RCPS_NNUNET_SETTINGS")
+    os.environ["RCPS_NNUNET_SETTINGS"] = json.dumps(settings)
+    threads = torch.get_num_threads()
+    try:
+        yield folders
+    finally:
+        torch.set_num_threads(threads)
+        restore_environment(previous)
 
 
 def _write_raw(raw: Path, shape) -> None:

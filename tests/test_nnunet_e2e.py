@@ -20,25 +20,16 @@ from rcps_nnunet.progress import LOGGED_TERMS, PLOT_FILE  # noqa: E402
 from tests.nnunet_data import (  # noqa: E402
     DATASET,
     TINY_TRAINER,
-    prepared_nnunet,
-    restore_environment,
-    set_nnunet_environment,
+    nnunet_folders,
     write_tiny_trainer,
 )
 
 
 @pytest.fixture
 def nnunet_env(tmp_path_factory, tmp_path, monkeypatch):
-    folders = dict(prepared_nnunet(tmp_path_factory.getbasetemp() / "nnunet"))
-    folders["nnUNet_results"] = tmp_path / "results"
-    folders["nnUNet_results"].mkdir()
-    previous = set_nnunet_environment(folders)
     monkeypatch.setenv("nnUNet_extTrainer", str(write_tiny_trainer(tmp_path / "ext")))
-    monkeypatch.setenv("RCPS_NNUNET_SETTINGS", json.dumps({"num_negatives": 50}))
-    threads = torch.get_num_threads()
-    yield folders
-    torch.set_num_threads(threads)  # nnU-Net's -device cpu sets it to the core count
-    restore_environment(previous)
+    with nnunet_folders(tmp_path_factory, tmp_path / "results", {"num_negatives": 50}) as folders:
+        yield folders
 
 
 def _train(configuration: str) -> None:

@@ -21,7 +21,7 @@ pytest.importorskip("nnunetv2")
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 
 from rcps_nnunet.trainer import SETTINGS_FILE, nnUNetTrainerRCPS  # noqa: E402
-from tests.nnunet_data import DATASET, prepared_nnunet, restore_environment, set_nnunet_environment  # noqa: E402
+from tests.nnunet_data import DATASET, nnunet_folders  # noqa: E402
 
 CONFIGURATION = "3d_fullres"
 
@@ -55,14 +55,9 @@ class SeededTrainer(nnUNetTrainerRCPS):
 
 
 @pytest.fixture
-def nnunet_env(tmp_path_factory, tmp_path, monkeypatch):
-    folders = dict(prepared_nnunet(tmp_path_factory.getbasetemp() / "nnunet"))
-    folders["nnUNet_results"] = tmp_path / "results"
-    folders["nnUNet_results"].mkdir()
-    previous = set_nnunet_environment(folders)
-    monkeypatch.setenv("RCPS_NNUNET_SETTINGS", json.dumps({"num_negatives": 50}))
-    yield folders
-    restore_environment(previous)
+def nnunet_env(tmp_path_factory, tmp_path):
+    with nnunet_folders(tmp_path_factory, tmp_path / "results", {"num_negatives": 50}) as folders:
+        yield folders
 
 
 def _trainer(folders, resuming: bool = False, cls=SeededTrainer):
