@@ -73,18 +73,17 @@ RCPS_HD UrpClassTerms<T> urp_class_terms(T student, T teacher, T student_max, T 
 // Per-voxel results, also everything the backward needs besides the logits.
 template <typename T>
 struct UrpVoxel {
-  T loss;              // exp(-D) CE + D
-  T inv_sum_student;   // 1 / Sz
-  T inv_sum_teacher;   // 1 / St
-  T inv_sum_sharpened; // 1 / Ss
-  T weight;            // w = exp(-D)
-  T kl_coefficient;    // 1 - w CE
+  T loss;               // exp(-D) CE + D
+  T inv_sum_student;    // 1 / Sz
+  T inv_sum_teacher;    // 1 / St
+  T inv_sum_sharpened;  // 1 / Ss
+  T weight;             // w = exp(-D)
+  T kl_coefficient;     // 1 - w CE
 };
 
 template <typename T, typename LogFn, typename ExpFn>
-RCPS_HD UrpVoxel<T> urp_voxel(T sum_student, T sum_teacher, T sum_sharpened,
-                              T sharpened_dot_half, T teacher_gap_half, LogFn log_fn,
-                              ExpFn exp_fn) {
+RCPS_HD UrpVoxel<T> urp_voxel(T sum_student, T sum_teacher, T sum_sharpened, T sharpened_dot_half,
+                              T teacher_gap_half, LogFn log_fn, ExpFn exp_fn) {
   UrpVoxel<T> v;
   v.inv_sum_student = T(1) / sum_student;
   v.inv_sum_teacher = T(1) / sum_teacher;
@@ -150,9 +149,9 @@ RCPS_HD T power_of_two_scale(T max_abs) {
 
 template <typename T>
 struct CosineVoxel {
-  T loss;        // 1 - cos
+  T loss;  // 1 - cos
   T cosine;
-  T unit_a;      // (a * s_a) * unit_a = a / max(||a||, eps)
+  T unit_a;  // (a * s_a) * unit_a = a / max(||a||, eps)
   T unit_b;
   T inv_norm_a;  // 1 / max(||a||, eps)
   T inv_norm_b;

@@ -60,8 +60,8 @@ RCPS_HD bool is_clamped_norm(T norm) {
 }
 
 // Chain rule through u = z / max(||z||, eps), per element.
-// Where ||z|| > eps:  dz = (du - u (u . du)) / ||z||   (the Jacobian of z/||z|| is (I - u u^T)/||z||);
-// otherwise the denominator is the constant eps and dz = du / eps.
+// Where ||z|| > eps:  dz = (du - u (u . du)) / ||z||   (the Jacobian of z/||z|| is (I - u
+// u^T)/||z||); otherwise the denominator is the constant eps and dz = du / eps.
 template <typename T>
 RCPS_HD T normalize_backward(T du, T u, T u_dot_du, T inv_norm, bool clamped) {
   return clamped ? du * inv_norm : (du - u * u_dot_du) * inv_norm;

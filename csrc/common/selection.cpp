@@ -34,7 +34,8 @@ std::tuple<Tensor, Tensor> topk_tables(const Tensor& labels, const Tensor& confi
   const Tensor classes = at::arange(num_classes, labels.options()).unsqueeze(1);
   // Eligible voxels keep their confidence (> 0); the others sort last at -1.
   const Tensor key = at::where(labels.unsqueeze(0) != classes, confidence.unsqueeze(0), -1.0);
-  auto [sorted_key, order] = key.sort(/*stable=*/std::optional<bool>(true), /*dim=*/1, /*descending=*/true);
+  auto [sorted_key, order] =
+      key.sort(/*stable=*/std::optional<bool>(true), /*dim=*/1, /*descending=*/true);
   const int64_t take = std::min(num_negatives, key.size(1));
   const Tensor eligible = sorted_key.narrow(1, 0, take) >= 0;
   Tensor index = at::where(eligible, order.narrow(1, 0, take), -1);
@@ -49,28 +50,31 @@ std::tuple<Tensor, Tensor> eligible_tables(const Tensor& labels, const Tensor& c
   const Tensor classes = at::arange(num_classes, labels.options()).unsqueeze(1);
   const Tensor eligible = (labels.unsqueeze(0) != classes).logical_and_(confidence >= threshold);
   // A stable descending sort of the 0/1 flags puts the eligible voxels first, in index order.
-  auto [sorted_flag, order] =
-      eligible.to(at::kByte).sort(/*stable=*/std::optional<bool>(true), /*dim=*/1, /*descending=*/true);
+  auto [sorted_flag, order] = eligible.to(at::kByte).sort(/*stable=*/std::optional<bool>(true),
+                                                          /*dim=*/1, /*descending=*/true);
   return {order.masked_fill_(sorted_flag == 0, -1), eligible.sum(1)};
 }
 
 // Everything the fused kernels need from the logits, in one call: the anchors' pseudo-labels,
 // the per-class negative tables of the sampling mode, and the float32 sum of all logits (one
 // number that is finite exactly when the logits are, up to overflow, for the finite-input check).
-std::tuple<Tensor, Tensor, Tensor, Tensor> negative_tables(
-    const Tensor& anchor_logits, const Tensor& pool_logits, int64_t num_negatives,
-    bool random, double confidence_threshold) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> negative_tables(const Tensor& anchor_logits,
+                                                           const Tensor& pool_logits,
+                                                           int64_t num_negatives, bool random,
+                                                           double confidence_threshold) {
   TORCH_CHECK(anchor_logits.dim() >= 3 && pool_logits.dim() >= 3 &&
                   anchor_logits.size(1) == pool_logits.size(1),
               "negative_tables: anchor_logits and pool_logits must be (B, num_classes, *S) with "
-              "the same num_classes, got ", anchor_logits.sizes(), " and ", pool_logits.sizes());
+              "the same num_classes, got ",
+              anchor_logits.sizes(), " and ", pool_logits.sizes());
   const int64_t num_classes = anchor_logits.size(1);
   const Tensor anchor_labels = std::get<0>(pseudo_labels(anchor_logits));
   auto [labels, confidence] = pseudo_labels(pool_logits);
-  auto [index, counts] = random ? eligible_tables(labels, confidence, confidence_threshold, num_classes)
-                                : topk_tables(labels, confidence, num_negatives, num_classes);
-  const Tensor logits_sum = anchor_logits.detach().sum(at::kFloat) +
-                            pool_logits.detach().sum(at::kFloat);
+  auto [index, counts] =
+      random ? eligible_tables(labels, confidence, confidence_threshold, num_classes)
+             : topk_tables(labels, confidence, num_negatives, num_classes);
+  const Tensor logits_sum =
+      anchor_logits.detach().sum(at::kFloat) + pool_logits.detach().sum(at::kFloat);
   return {anchor_labels, index, counts, logits_sum};
 }
 
@@ -78,7 +82,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> negative_tables(
 // Triton top-K kernels. A narrow key makes the GPU radix sort take 1-2 passes, not 8.
 std::tuple<Tensor, Tensor> anchor_class_order(const Tensor& labels, int64_t num_classes) {
   const auto key_type = num_classes < (1 << 15) ? at::kShort : at::kInt;
-  auto [sorted_labels, order] = labels.to(key_type).sort(/*stable=*/std::optional<bool>(true), /*dim=*/0);
+  auto [sorted_labels, order] =
+      labels.to(key_type).sort(/*stable=*/std::optional<bool>(true), /*dim=*/0);
   const Tensor bounds = at::arange(num_classes + 1, sorted_labels.options());
   return {order, at::searchsorted(sorted_labels, bounds)};  // class_start[-1] == N
 }

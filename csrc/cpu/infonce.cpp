@@ -1,9 +1,9 @@
 // Fused bidirectional voxel InfoNCE on the CPU: forward, and gradients for any per-anchor weights.
 //
 // Layout: anchor/positive are (B, C, P) and the pool is (Bn, C, Pn), any strides; anchor i is
-// voxel i of the flattened (B, P). anchor_labels (N,) holds each anchor's pseudo-class; for class c,
-// neg_index[c, :neg_count[c]] lists its negatives as flat pool voxels: the class bank (topk mode)
-// or the eligible pool that random draws pick from (random mode).
+// voxel i of the flattened (B, P). anchor_labels (N,) holds each anchor's pseudo-class; for class
+// c, neg_index[c, :neg_count[c]] lists its negatives as flat pool voxels: the class bank (topk
+// mode) or the eligible pool that random draws pick from (random mode).
 //
 // Per anchor i of class c, with u = z / max(||z||, eps), s = u1.u2, x = s / tau:
 //   l_i = (lse1_i - x) + (lse2_i - x),  lse_d = log(exp(x) + sum_{n in N_c} exp(u_d . u_n / tau)).
@@ -129,10 +129,8 @@ void random_pass(const FeatureMap<T>& z1, const FeatureMap<T>& z2, const Feature
         du1[ch] -= mass * u2[ch];
         du2[ch] -= mass * u1[ch];
       }
-      write_input_grad(du1.data(), u1.data(), inv1, clamped1, C, g1->voxel(i),
-                       g1->voxels_per_item);
-      write_input_grad(du2.data(), u2.data(), inv2, clamped2, C, g2->voxel(i),
-                       g2->voxels_per_item);
+      write_input_grad(du1.data(), u1.data(), inv1, clamped1, C, g1->voxel(i), g1->voxels_per_item);
+      write_input_grad(du2.data(), u2.data(), inv2, clamped2, C, g2->voxel(i), g2->voxels_per_item);
     }
   });
   for (int s = 0; s + 1 < num_slots && pool_partials; ++s)
@@ -168,9 +166,9 @@ void check_inputs(const Tensor& anchor, const Tensor& positive, const Tensor& po
   TORCH_CHECK(labels.scalar_type() == at::kLong && labels.is_contiguous() &&
                   labels.numel() == anchor.size(0) * anchor.size(2),
               "rcps_cpu::voxel_infonce: anchor_labels must be contiguous int64 of B*P elements");
-  TORCH_CHECK(neg_index.dim() == 2 && neg_index.scalar_type() == at::kLong &&
-                  neg_index.is_contiguous(),
-              "rcps_cpu::voxel_infonce: neg_index must be a contiguous int64 (classes, L) tensor");
+  TORCH_CHECK(
+      neg_index.dim() == 2 && neg_index.scalar_type() == at::kLong && neg_index.is_contiguous(),
+      "rcps_cpu::voxel_infonce: neg_index must be a contiguous int64 (classes, L) tensor");
   TORCH_CHECK(neg_count.scalar_type() == at::kLong && neg_count.is_contiguous() &&
                   neg_count.numel() == neg_index.size(0),
               "rcps_cpu::voxel_infonce: neg_count must be int64 with one entry per class");
@@ -181,10 +179,10 @@ void check_inputs(const Tensor& anchor, const Tensor& positive, const Tensor& po
 // The kernel in accumulation type T: loss (N,) in T, gradients in the inputs' dtype.
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce_impl(
-    const Tensor& anchor, const Tensor& positive, const Tensor& pool,
-    const Tensor& anchor_labels, const Tensor& neg_index, const Tensor& neg_count,
-    double temperature, int64_t num_negatives, bool random, int64_t seed, int64_t offset,
-    const c10::optional<Tensor>& grad_weight, double grad_scale, bool pool_grad) {
+    const Tensor& anchor, const Tensor& positive, const Tensor& pool, const Tensor& anchor_labels,
+    const Tensor& neg_index, const Tensor& neg_count, double temperature, int64_t num_negatives,
+    bool random, int64_t seed, int64_t offset, const c10::optional<Tensor>& grad_weight,
+    double grad_scale, bool pool_grad) {
   constexpr auto kType = c10::CppTypeToScalarType<T>::value;
   const Tensor z1 = anchor.to(kType), z2 = positive.to(kType), zn = pool.to(kType);
   const int64_t B = z1.size(0), C = z1.size(1), P = z1.size(2), N = B * P;
@@ -224,10 +222,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce_impl(
 
 // float64 features are computed in double (loss float64); every other dtype in float.
 std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce(
-    const Tensor& anchor, const Tensor& positive, const Tensor& pool,
-    const Tensor& anchor_labels, const Tensor& neg_index, const Tensor& neg_count,
-    double temperature, int64_t num_negatives, bool random, int64_t seed, int64_t offset,
-    const c10::optional<Tensor>& grad_weight, double grad_scale, bool pool_grad) {
+    const Tensor& anchor, const Tensor& positive, const Tensor& pool, const Tensor& anchor_labels,
+    const Tensor& neg_index, const Tensor& neg_count, double temperature, int64_t num_negatives,
+    bool random, int64_t seed, int64_t offset, const c10::optional<Tensor>& grad_weight,
+    double grad_scale, bool pool_grad) {
   check_inputs(anchor, positive, pool, anchor_labels, neg_index, neg_count);
   const auto kernel = anchor.scalar_type() == at::kDouble ? &voxel_infonce_impl<double>
                                                           : &voxel_infonce_impl<float>;
@@ -237,9 +235,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce(
 
 // The flat pool voxel of every draw, (N, K), -1 where the anchor's class has no eligible
 // negative: what random mode uses, for tests and for the reference.
-Tensor random_draws(const Tensor& anchor_labels, const Tensor& neg_index,
-                    const Tensor& neg_count, int64_t num_negatives, int64_t seed,
-                    int64_t offset) {
+Tensor random_draws(const Tensor& anchor_labels, const Tensor& neg_index, const Tensor& neg_count,
+                    int64_t num_negatives, int64_t seed, int64_t offset) {
   TORCH_CHECK(anchor_labels.scalar_type() == at::kLong && neg_index.scalar_type() == at::kLong &&
                   neg_count.scalar_type() == at::kLong,
               "rcps_cpu::random_draws: labels, neg_index and neg_count must be int64");

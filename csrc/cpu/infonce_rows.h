@@ -111,10 +111,10 @@ struct GradMap {
 template <typename T>
 struct Options {
   T inv_tau;
-  bool want_grad;          // compute gradients of sum_i w_i l_i
-  bool want_pool_grad;     // ... including the pool's
-  T grad_scale;            // w_i = grad_scale * grad_weight[i] (or grad_scale)
-  const T* grad_weight;    // (N,) or null
+  bool want_grad;        // compute gradients of sum_i w_i l_i
+  bool want_pool_grad;   // ... including the pool's
+  T grad_scale;          // w_i = grad_scale * grad_weight[i] (or grad_scale)
+  const T* grad_weight;  // (N,) or null
 
   T weight(int64_t anchor) const { return grad_scale * (grad_weight ? grad_weight[anchor] : T(1)); }
 };

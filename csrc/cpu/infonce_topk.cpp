@@ -92,7 +92,6 @@ struct RowNormaliser {
   }
 };
 
-
 // Rows of the anchor tile: keep a (tile x K) similarity block around 128 KB.
 int64_t tile_rows(int64_t K) {
   return std::clamp<int64_t>(32768 / std::max<int64_t>(K, 1), 8, 128);
@@ -124,13 +123,13 @@ void similarity_block(const ClassTiles<T>& ct, int64_t r0, int64_t rows, int64_t
 // Add dN (rows x C) of bank rows [k0, k0 + nk) into the pool gradient, through the
 // normalisation of those rows. Callers own these rows: no other thread writes them meanwhile.
 template <typename T>
-void chain_bank_grad(const ClassTiles<T>& ct, const int64_t* bank_voxels, const T* grad,
-                     int64_t k0, int64_t nk, GradMap<T>* gn) {
+void chain_bank_grad(const ClassTiles<T>& ct, const int64_t* bank_voxels, const T* grad, int64_t k0,
+                     int64_t nk, GradMap<T>* gn) {
   for (int64_t b = 0; b < nk; ++b) {
     const int64_t k = k0 + b;
     accumulate_input_grad(grad + b * ct.C, ct.bank.u.data() + k * ct.C, ct.bank.inv_norm[k],
-                          static_cast<bool>(ct.bank.clamped[k]), ct.C,
-                          gn->voxel(bank_voxels[k]), gn->voxels_per_item);
+                          static_cast<bool>(ct.bank.clamped[k]), ct.C, gn->voxel(bank_voxels[k]),
+                          gn->voxels_per_item);
   }
 }
 
@@ -182,8 +181,15 @@ template <typename T>
 struct TileBuffers {
   std::vector<T> s1, s2, du1, du2, us1, us2, scale1, scale2, coef;
   TileBuffers(int64_t rows, int64_t K, int64_t C)
-      : s1(rows * K), s2(rows * K), du1(rows * C), du2(rows * C), us1(rows * C), us2(rows * C),
-        scale1(rows), scale2(rows), coef(rows) {}
+      : s1(rows * K),
+        s2(rows * K),
+        du1(rows * C),
+        du2(rows * C),
+        us1(rows * C),
+        us2(rows * C),
+        scale1(rows),
+        scale2(rows),
+        coef(rows) {}
 };
 
 // Loss rows of one tile; with gradients, P = diag(scale) E and the (rows x C) operands

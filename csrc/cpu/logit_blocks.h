@@ -1,6 +1,7 @@
-// Blocked access to (B, num_classes, P) logits for the CPU L_urp / L_cr kernels (pseudo_supervision.cpp):
-// blocks of one batch item's voxels converted into small accumulation-type buffers, where the
-// per-loss losses and gradients go, and the vectorisable elementary functions those loops call.
+// Blocked access to (B, num_classes, P) logits for the CPU L_urp / L_cr kernels
+// (pseudo_supervision.cpp): blocks of one batch item's voxels converted into small
+// accumulation-type buffers, where the per-loss losses and gradients go, and the vectorisable
+// elementary functions those loops call.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -175,15 +176,15 @@ inline Tensor reduce_partials(const std::vector<double>& partials, int64_t reduc
 
 // grad_output as a per-voxel (B, P) map (reduction "none") or a uniform scale.
 template <typename acc_t>
-GradScale<acc_t> make_grad_scale(const Tensor& grad_output, int64_t reduction, int64_t B,
-                                 int64_t P, Tensor* holder) {
+GradScale<acc_t> make_grad_scale(const Tensor& grad_output, int64_t reduction, int64_t B, int64_t P,
+                                 Tensor* holder) {
   if (reduction == kNone) {
     *holder = grad_output.reshape({B, P}).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     return GradScale<acc_t>{holder->data_ptr<acc_t>(), acc_t(0)};
   }
   const double g = grad_output.item<double>();
-  return GradScale<acc_t>{nullptr,
-                          static_cast<acc_t>(reduction == kMean ? g / static_cast<double>(B * P) : g)};
+  return GradScale<acc_t>{
+      nullptr, static_cast<acc_t>(reduction == kMean ? g / static_cast<double>(B * P) : g)};
 }
 
 }  // namespace cpu

@@ -1,12 +1,12 @@
 // Fused rectified pseudo supervision (L_urp) and logit cosine consistency (L_cr) on the CPU.
 //
-// Inputs are (B, num_classes, P) views of (B, num_classes, *S) logits with any strides and dtype (fp32, fp64, fp16,
-// bf16). The voxels are cut into blocks of one batch item; a block's num_classes x V logits are converted
-// once into a small fp32 (fp64 for double) buffer that stays in L1/L2, and every per-class loop
-// then runs over V contiguous voxels, which the compiler vectorises. So each op reads the logits
-// once in forward and once in backward, and the only logits-sized tensor it allocates is the
-// gradient. The per-voxel and per-class formulas (and their gradients) are those of
-// csrc/common/pseudo_supervision_math.h, the same lines the CUDA kernels run.
+// Inputs are (B, num_classes, P) views of (B, num_classes, *S) logits with any strides and dtype
+// (fp32, fp64, fp16, bf16). The voxels are cut into blocks of one batch item; a block's num_classes
+// x V logits are converted once into a small fp32 (fp64 for double) buffer that stays in L1/L2, and
+// every per-class loop then runs over V contiguous voxels, which the compiler vectorises. So each
+// op reads the logits once in forward and once in backward, and the only logits-sized tensor it
+// allocates is the gradient. The per-voxel and per-class formulas (and their gradients) are those
+// of csrc/common/pseudo_supervision_math.h, the same lines the CUDA kernels run.
 //
 // Reductions: 0 = "none" (a (B, P) map), 1 = "mean", 2 = "sum" (a 0-dim tensor). Block partial sums
 // are accumulated in double per block and added in block order, so results do not depend on the
@@ -39,18 +39,30 @@ namespace ps = rcps::pseudo_supervision;
 // Per-voxel state of one block, structure of arrays so that the voxel loops vectorise.
 template <typename acc_t>
 struct UrpBlockState {
-  std::vector<acc_t> student, teacher, sharpened;  // num_classes x V: logits, then their exponentials
+  std::vector<acc_t> student, teacher,
+      sharpened;  // num_classes x V: logits, then their exponentials
   std::vector<acc_t> student_max, teacher_max, sum_student, sum_teacher, sum_sharpened,
       sharpened_dot_half, teacher_gap_half, loss, inv_sum_student, inv_sum_teacher,
-      inv_sum_sharpened,
-      weight, kl_coefficient, grad_scale;
+      inv_sum_sharpened, weight, kl_coefficient, grad_scale;
 
   UrpBlockState(int64_t num_classes, int64_t V)
-      : student(num_classes * V), teacher(num_classes * V), sharpened(num_classes * V), student_max(V), teacher_max(V),
-        sum_student(V), sum_teacher(V), sum_sharpened(V), sharpened_dot_half(V),
+      : student(num_classes * V),
+        teacher(num_classes * V),
+        sharpened(num_classes * V),
+        student_max(V),
+        teacher_max(V),
+        sum_student(V),
+        sum_teacher(V),
+        sum_sharpened(V),
+        sharpened_dot_half(V),
         teacher_gap_half(V),
-        loss(V), inv_sum_student(V), inv_sum_teacher(V), inv_sum_sharpened(V), weight(V),
-        kl_coefficient(V), grad_scale(V) {}
+        loss(V),
+        inv_sum_student(V),
+        inv_sum_teacher(V),
+        inv_sum_sharpened(V),
+        weight(V),
+        kl_coefficient(V),
+        grad_scale(V) {}
 
   // Forward sums and per-voxel results of the loaded block; leaves e^zs, e^ts, e^(ts/T) in
   // student, teacher, sharpened for the gradient.
@@ -61,7 +73,7 @@ struct UrpBlockState {
     for (int64_t c = 0; c < num_classes; ++c) {
       const acc_t* z = student.data() + c * V;
       const acc_t* t = teacher.data() + c * V;
-      #pragma omp simd  // no aliasing between the block's arrays
+#pragma omp simd  // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {
         student_max[j] = std::max(student_max[j], z[j]);
         teacher_max[j] = std::max(teacher_max[j], t[j]);
@@ -76,7 +88,7 @@ struct UrpBlockState {
       acc_t* z = student.data() + c * V;
       acc_t* t = teacher.data() + c * V;
       acc_t* s = sharpened.data() + c * V;
-      #pragma omp simd  // no aliasing between the block's arrays
+#pragma omp simd  // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {
         const ps::UrpClassTerms<acc_t> terms = ps::urp_class_terms<acc_t>(
             z[j], t[j], student_max[j], teacher_max[j], inv_temperature, exp_fn);
@@ -90,7 +102,7 @@ struct UrpBlockState {
         s[j] = terms.exp_sharpened;
       }
     }
-    #pragma omp simd  // no aliasing between the block's arrays
+#pragma omp simd  // no aliasing between the block's arrays
     for (int64_t j = 0; j < count; ++j) {
       const ps::UrpVoxel<acc_t> v =
           ps::urp_voxel<acc_t>(sum_student[j], sum_teacher[j], sum_sharpened[j],
@@ -114,10 +126,11 @@ struct UrpBlockState {
       acc_t* z = student.data() + c * V;
       const acc_t* t = teacher.data() + c * V;
       const acc_t* s = sharpened.data() + c * V;
-      #pragma omp simd  // no aliasing between the block's arrays
+#pragma omp simd  // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {
-        const ps::UrpVoxel<acc_t> v{loss[j],   inv_sum_student[j], inv_sum_teacher[j],
-                                    inv_sum_sharpened[j], weight[j], kl_coefficient[j]};
+        const ps::UrpVoxel<acc_t> v{
+            loss[j],   inv_sum_student[j], inv_sum_teacher[j], inv_sum_sharpened[j],
+            weight[j], kl_coefficient[j]};
         z[j] = ps::urp_student_grad<acc_t>(z[j], t[j], s[j], v, grad_scale[j]);
       }
     }
@@ -136,9 +149,22 @@ struct CosineBlockState {
   std::vector<uint8_t> clamped_a, clamped_b;
 
   CosineBlockState(int64_t num_classes, int64_t V)
-      : a(num_classes * V), b(num_classes * V), scale_a(V), scale_b(V), sq_norm_a(V), sq_norm_b(V), dot(V), loss(V),
-        cosine(V), unit_a(V), unit_b(V), inv_norm_a(V), inv_norm_b(V), grad_scale(V),
-        clamped_a(V), clamped_b(V) {}
+      : a(num_classes * V),
+        b(num_classes * V),
+        scale_a(V),
+        scale_b(V),
+        sq_norm_a(V),
+        sq_norm_b(V),
+        dot(V),
+        loss(V),
+        cosine(V),
+        unit_a(V),
+        unit_b(V),
+        inv_norm_a(V),
+        inv_norm_b(V),
+        grad_scale(V),
+        clamped_a(V),
+        clamped_b(V) {}
 
   acc_t* input_x() { return a.data(); }
   acc_t* input_y() { return b.data(); }
@@ -150,14 +176,14 @@ struct CosineBlockState {
     for (int64_t c = 0; c < num_classes; ++c) {
       const acc_t* x = a.data() + c * V;
       const acc_t* y = b.data() + c * V;
-      #pragma omp simd  // no aliasing between the block's arrays
+#pragma omp simd                             // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {  // selects, not std::max/abs: this form vectorises
         const acc_t abs_x = x[j] < 0 ? -x[j] : x[j], abs_y = y[j] < 0 ? -y[j] : y[j];
         scale_a[j] = abs_x > scale_a[j] ? abs_x : scale_a[j];
         scale_b[j] = abs_y > scale_b[j] ? abs_y : scale_b[j];
       }
     }
-    #pragma omp simd  // no aliasing between the block's arrays
+#pragma omp simd  // no aliasing between the block's arrays
     for (int64_t j = 0; j < count; ++j) {
       scale_a[j] = ps::power_of_two_scale(scale_a[j]);
       scale_b[j] = ps::power_of_two_scale(scale_b[j]);
@@ -172,7 +198,7 @@ struct CosineBlockState {
     for (int64_t c = 0; c < num_classes; ++c) {
       const acc_t* x = a.data() + c * V;
       const acc_t* y = b.data() + c * V;
-      #pragma omp simd  // no aliasing between the block's arrays
+#pragma omp simd  // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {
         const acc_t xs = x[j] * scale_a[j], ys = y[j] * scale_b[j];
         sq_norm_a[j] += xs * xs;
@@ -194,7 +220,7 @@ struct CosineBlockState {
                         acc_t* __restrict unit_a_out, acc_t* __restrict unit_b_out,
                         acc_t* __restrict inv_a_out, acc_t* __restrict inv_b_out,
                         uint8_t* __restrict clamped_a_out, uint8_t* __restrict clamped_b_out) {
-    #pragma omp simd
+#pragma omp simd
     for (int64_t j = 0; j < count; ++j) {
       const ps::CosineVoxel<acc_t> v =
           ps::cosine_voxel<acc_t>(sq_a[j], sq_b[j], dot_ab[j], s_a[j], s_b[j], eps, SqrtFn());
@@ -214,15 +240,15 @@ struct CosineBlockState {
     for (int64_t c = 0; c < num_classes; ++c) {
       acc_t* x = a.data() + c * V;
       acc_t* y = b.data() + c * V;
-      #pragma omp simd  // no aliasing between the block's arrays
+#pragma omp simd  // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {
         const acc_t xa = x[j], yb = y[j];
-        x[j] = ps::cosine_grad<acc_t>(xa, yb, scale_a[j], unit_a[j], inv_norm_a[j],
-                                      clamped_a[j] != 0, scale_b[j], unit_b[j], cosine[j],
-                                      grad_scale[j]);
-        y[j] = ps::cosine_grad<acc_t>(yb, xa, scale_b[j], unit_b[j], inv_norm_b[j],
-                                      clamped_b[j] != 0, scale_a[j], unit_a[j], cosine[j],
-                                      grad_scale[j]);
+        x[j] =
+            ps::cosine_grad<acc_t>(xa, yb, scale_a[j], unit_a[j], inv_norm_a[j], clamped_a[j] != 0,
+                                   scale_b[j], unit_b[j], cosine[j], grad_scale[j]);
+        y[j] =
+            ps::cosine_grad<acc_t>(yb, xa, scale_b[j], unit_b[j], inv_norm_b[j], clamped_b[j] != 0,
+                                   scale_a[j], unit_a[j], cosine[j], grad_scale[j]);
       }
     }
   }
@@ -230,9 +256,9 @@ struct CosineBlockState {
 
 // ---------------------------------------------------------------------------------------------
 // The block loops of the two-input ops. A block state State<acc_t> loads its inputs into
-// input_x() / input_y() (num_classes x V buffers), evaluate(num_classes, V, count, parameter) leaves the block's
-// per-voxel losses in `loss`, and gradients(num_classes, V, count) then overwrites the input buffers with
-// the gradients of sum_j grad_scale_j loss_j.
+// input_x() / input_y() (num_classes x V buffers), evaluate(num_classes, V, count, parameter)
+// leaves the block's per-voxel losses in `loss`, and gradients(num_classes, V, count) then
+// overwrites the input buffers with the gradients of sum_j grad_scale_j loss_j.
 // ---------------------------------------------------------------------------------------------
 
 // Loads and evaluates every block of (x, y), in parallel, then calls
@@ -269,10 +295,10 @@ Tensor blockwise_loss(const Tensor& x, const Tensor& y, int64_t reduction, doubl
   std::vector<double> partials(reduction == kNone ? 0 : grid.num_blocks);
   const LossSink<acc_t> sink{voxel_loss.defined() ? voxel_loss.data_ptr<acc_t>() : nullptr,
                              partials.data()};
-  for_each_block<State, scalar_t>(
-      x, y, parameter, [&](State<acc_t>& state, int64_t b, const Block& blk, int64_t) {
-        sink.write(b, blk, P, state.loss.data());
-      });
+  for_each_block<State, scalar_t>(x, y, parameter,
+                                  [&](State<acc_t>& state, int64_t b, const Block& blk, int64_t) {
+                                    sink.write(b, blk, P, state.loss.data());
+                                  });
   return reduction == kNone ? voxel_loss : reduce_partials(partials, reduction, B * P, acc);
 }
 
@@ -289,13 +315,13 @@ void blockwise_gradients(const Tensor& grad_output, const Tensor& x, const Tenso
   Tensor scale_holder;
   const GradScale<acc_t> scale =
       make_grad_scale<acc_t>(grad_output, reduction, B, P, &scale_holder);
-  for_each_block<State, scalar_t>(
-      x, y, parameter, [&](State<acc_t>& state, int64_t, const Block& blk, int64_t V) {
-        scale.fill(blk, P, state.grad_scale.data());
-        state.gradients(num_classes, V, blk.count);
-        if (grad_x.defined()) store_block(state.input_x(), blk, V, dx);
-        if (grad_y.defined()) store_block(state.input_y(), blk, V, dy);
-      });
+  for_each_block<State, scalar_t>(x, y, parameter,
+                                  [&](State<acc_t>& state, int64_t, const Block& blk, int64_t V) {
+                                    scale.fill(blk, P, state.grad_scale.data());
+                                    state.gradients(num_classes, V, blk.count);
+                                    if (grad_x.defined()) store_block(state.input_x(), blk, V, dx);
+                                    if (grad_y.defined()) store_block(state.input_y(), blk, V, dy);
+                                  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -307,8 +333,9 @@ Tensor urp_forward(const Tensor& student, const Tensor& teacher, double temperat
   check_pair(student, teacher, "rcps_cpu::urp_forward", "student", "teacher");
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
                                          "rcps_cpu::urp_forward", [&] {
-    return blockwise_loss<UrpBlockState, scalar_t>(student, teacher, reduction, 1.0 / temperature);
-  });
+                                           return blockwise_loss<UrpBlockState, scalar_t>(
+                                               student, teacher, reduction, 1.0 / temperature);
+                                         });
 }
 
 // The student's gradient (the teacher is detached).
@@ -316,22 +343,22 @@ Tensor urp_backward(const Tensor& grad_output, const Tensor& student, const Tens
                     double temperature, int64_t reduction) {
   check_pair(student, teacher, "rcps_cpu::urp_backward", "student", "teacher");
   Tensor grad_student = at::empty_like(student);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "rcps_cpu::urp_backward", [&] {
-    blockwise_gradients<UrpBlockState, scalar_t>(grad_output, student, teacher, reduction,
-                                                 1.0 / temperature, grad_student, Tensor());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student.scalar_type(), "rcps_cpu::urp_backward", [&] {
+        blockwise_gradients<UrpBlockState, scalar_t>(grad_output, student, teacher, reduction,
+                                                     1.0 / temperature, grad_student, Tensor());
+      });
   return grad_student;
 }
 
 Tensor cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b, double eps,
                                   int64_t reduction) {
-  check_pair(logits_a, logits_b, "rcps_cpu::cosine_consistency_forward", "logits_a",
-             "logits_b");
+  check_pair(logits_a, logits_b, "rcps_cpu::cosine_consistency_forward", "logits_a", "logits_b");
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
                                          "rcps_cpu::cosine_consistency_forward", [&] {
-    return blockwise_loss<CosineBlockState, scalar_t>(logits_a, logits_b, reduction, eps);
-  });
+                                           return blockwise_loss<CosineBlockState, scalar_t>(
+                                               logits_a, logits_b, reduction, eps);
+                                         });
 }
 
 // Gradients for a and b; a zero-element tensor for one not asked for.
@@ -340,30 +367,30 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output
                                                        const Tensor& logits_b, double eps,
                                                        int64_t reduction, bool need_grad_a,
                                                        bool need_grad_b) {
-  check_pair(logits_a, logits_b, "rcps_cpu::cosine_consistency_backward", "logits_a",
-             "logits_b");
+  check_pair(logits_a, logits_b, "rcps_cpu::cosine_consistency_backward", "logits_a", "logits_b");
   Tensor grad_a = need_grad_a ? at::empty_like(logits_a) : at::empty({0}, logits_a.options());
   Tensor grad_b = need_grad_b ? at::empty_like(logits_b) : at::empty({0}, logits_b.options());
   if (!need_grad_a && !need_grad_b) return {grad_a, grad_b};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
                                   "rcps_cpu::cosine_consistency_backward", [&] {
-    blockwise_gradients<CosineBlockState, scalar_t>(grad_output, logits_a, logits_b, reduction,
-                                                    eps, need_grad_a ? grad_a : Tensor(),
-                                                    need_grad_b ? grad_b : Tensor());
-  });
+                                    blockwise_gradients<CosineBlockState, scalar_t>(
+                                        grad_output, logits_a, logits_b, reduction, eps,
+                                        need_grad_a ? grad_a : Tensor(),
+                                        need_grad_b ? grad_b : Tensor());
+                                  });
   return {grad_a, grad_b};
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // One head's L_urp(a, t) + L_urp(b, t) and L_cr(a, b): each view's gradient is written once
 // ---------------------------------------------------------------------------------------------
 
-// into += from over the first `count` voxels of each of the num_classes class rows of a num_classes x V block.
+// into += from over the first `count` voxels of each of the num_classes class rows of a num_classes
+// x V block.
 template <typename acc_t>
 void add_block(acc_t* into, const acc_t* from, int64_t num_classes, int64_t V, int64_t count) {
   for (int64_t c = 0; c < num_classes; ++c) {
-    #pragma omp simd  // distinct buffers
+#pragma omp simd  // distinct buffers
     for (int64_t j = 0; j < count; ++j) into[c * V + j] += from[c * V + j];
   }
 }
@@ -382,41 +409,44 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward(
   const int64_t V = grid.block_voxels;
   Tensor grad_a = at::empty_like(view_a), grad_b = at::empty_like(view_b);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view_a.scalar_type(),
-                                  "rcps_cpu::pseudo_supervision_losses_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const LogitsView<scalar_t> xa(view_a), xb(view_b), t(teacher), da(grad_a), db(grad_b);
-    Tensor urp_holder, cr_holder;
-    const GradScale<acc_t> urp_scale = make_grad_scale<acc_t>(grad_urp, reduction, B, P, &urp_holder);
-    const GradScale<acc_t> cr_scale = make_grad_scale<acc_t>(grad_cr, reduction, B, P, &cr_holder);
-    const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
-    at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
-      UrpBlockState<acc_t> urp_a(num_classes, V), urp_b(num_classes, V);
-      CosineBlockState<acc_t> cosine(num_classes, V);
-      for (int64_t b = begin; b < end; ++b) {
-        const Block blk = grid.block(b, P);
-        load_block(xa, blk, V, urp_a.student.data());
-        load_block(xb, blk, V, urp_b.student.data());
-        load_block(t, blk, V, urp_a.teacher.data());
-        // evaluate() turns the buffers into exponentials: copy the logits first
-        std::copy(urp_a.teacher.begin(), urp_a.teacher.end(), urp_b.teacher.begin());
-        std::copy(urp_a.student.begin(), urp_a.student.end(), cosine.a.begin());
-        std::copy(urp_b.student.begin(), urp_b.student.end(), cosine.b.begin());
-        for (UrpBlockState<acc_t>* state : {&urp_a, &urp_b}) {
-          state->evaluate(num_classes, V, blk.count, inv_temperature);
-          urp_scale.fill(blk, P, state->grad_scale.data());
-          state->gradients(num_classes, V, blk.count);
-        }
-        cosine.evaluate(num_classes, V, blk.count, static_cast<acc_t>(eps));
-        cr_scale.fill(blk, P, cosine.grad_scale.data());
-        cosine.gradients(num_classes, V, blk.count);
-        add_block(urp_a.student.data(), cosine.a.data(), num_classes, V, blk.count);
-        add_block(urp_b.student.data(), cosine.b.data(), num_classes, V, blk.count);
-        store_block(urp_a.student.data(), blk, V, da);
-        store_block(urp_b.student.data(), blk, V, db);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, view_a.scalar_type(),
+      "rcps_cpu::pseudo_supervision_losses_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const LogitsView<scalar_t> xa(view_a), xb(view_b), t(teacher), da(grad_a), db(grad_b);
+        Tensor urp_holder, cr_holder;
+        const GradScale<acc_t> urp_scale =
+            make_grad_scale<acc_t>(grad_urp, reduction, B, P, &urp_holder);
+        const GradScale<acc_t> cr_scale =
+            make_grad_scale<acc_t>(grad_cr, reduction, B, P, &cr_holder);
+        const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
+        at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
+          UrpBlockState<acc_t> urp_a(num_classes, V), urp_b(num_classes, V);
+          CosineBlockState<acc_t> cosine(num_classes, V);
+          for (int64_t b = begin; b < end; ++b) {
+            const Block blk = grid.block(b, P);
+            load_block(xa, blk, V, urp_a.student.data());
+            load_block(xb, blk, V, urp_b.student.data());
+            load_block(t, blk, V, urp_a.teacher.data());
+            // evaluate() turns the buffers into exponentials: copy the logits first
+            std::copy(urp_a.teacher.begin(), urp_a.teacher.end(), urp_b.teacher.begin());
+            std::copy(urp_a.student.begin(), urp_a.student.end(), cosine.a.begin());
+            std::copy(urp_b.student.begin(), urp_b.student.end(), cosine.b.begin());
+            for (UrpBlockState<acc_t>* state : {&urp_a, &urp_b}) {
+              state->evaluate(num_classes, V, blk.count, inv_temperature);
+              urp_scale.fill(blk, P, state->grad_scale.data());
+              state->gradients(num_classes, V, blk.count);
+            }
+            cosine.evaluate(num_classes, V, blk.count, static_cast<acc_t>(eps));
+            cr_scale.fill(blk, P, cosine.grad_scale.data());
+            cosine.gradients(num_classes, V, blk.count);
+            add_block(urp_a.student.data(), cosine.a.data(), num_classes, V, blk.count);
+            add_block(urp_b.student.data(), cosine.b.data(), num_classes, V, blk.count);
+            store_block(urp_a.student.data(), blk, V, da);
+            store_block(urp_b.student.data(), blk, V, db);
+          }
+        });
+      });
   return {grad_a, grad_b};
 }
 

@@ -55,8 +55,8 @@ void allow_smem(Kernel kernel, size_t bytes) {
 
 size_t topk_smem(int TM, int C) {
   const size_t grad = (4 * TM * C + kTileN * (C + 1)) * sizeof(float);
-  const size_t bank = (kTileN * (C + 1) + kTileN * C + 2 * TM * C + 2 * TM * (kTileN + 1)) *
-                      sizeof(float);
+  const size_t bank =
+      (kTileN * (C + 1) + kTileN * C + 2 * TM * C + 2 * TM * (kTileN + 1)) * sizeof(float);
   return grad > bank ? grad : bank;
 }
 
@@ -96,8 +96,7 @@ Tensor pool_input_grad(const Tensor& zn, const Tensor& pool_grad, double descale
 std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
     const Tensor& z1, const Tensor& z2, const Tensor& zn, const Tensor& labels,
     const Tensor& neg_index, const Tensor& neg_count, float inv_tau, const Tensor& weight,
-    float grad_scale, bool want_grad, bool neg_grad, at::ScalarType a_type,
-    at::ScalarType n_type) {
+    float grad_scale, bool want_grad, bool neg_grad, at::ScalarType a_type, at::ScalarType n_type) {
   const int64_t B = z1.size(0), C = z1.size(1), P = z1.size(2), N = B * P;
   const int64_t num_classes = neg_index.size(0), L = neg_index.size(1);
   const auto opts = z1.options();
@@ -123,9 +122,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
   const Tensor valid = tcls < num_classes;
   tcls = tcls.clamp_max(num_classes - 1);
   const Tensor zero = at::zeros({}, labels.options());
-  const Tensor row0 = at::where(valid, class_start.index_select(0, tcls) +
-                                           (t - (tile_end - tiles).index_select(0, tcls)) * TM,
-                                zero).contiguous();
+  const Tensor row0 = at::where(valid,
+                                class_start.index_select(0, tcls) +
+                                    (t - (tile_end - tiles).index_select(0, tcls)) * TM,
+                                zero)
+                          .contiguous();
   const Tensor tend = at::where(valid, class_start.index_select(0, tcls + 1), zero).contiguous();
   tcls = tcls.contiguous();
   const TileMap map{tcls.data_ptr<int64_t>(), row0.data_ptr<int64_t>(), tend.data_ptr<int64_t>()};
@@ -149,15 +150,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
   if (!want_grad) return {loss, Tensor(), Tensor(), Tensor()};
 
   const float* w = weight.defined() ? weight.data_ptr<float>() : nullptr;
-  Tensor g1 = at::empty({B, C, P}, opts.dtype(a_type)), g2 = at::empty({B, C, P}, opts.dtype(a_type));
+  Tensor g1 = at::empty({B, C, P}, opts.dtype(a_type)),
+         g2 = at::empty({B, C, P}, opts.dtype(a_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a_type, "topk_anchor_grad", [&] {
     auto kernel = topk_anchor_grad_kernel<scalar_t>;
     allow_smem(kernel, smem);
     kernel<<<static_cast<unsigned>(num_tiles), kThreads, smem, stream>>>(
-        u1.data_ptr<float>(), u2.data_ptr<float>(), norm1.data_ptr<float>(), norm2.data_ptr<float>(),
-        bank.data_ptr<float>(), map, neg_count.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-        lse1.data_ptr<float>(), lse2.data_ptr<float>(), w, grad_scale, g1.data_ptr<scalar_t>(),
-        g2.data_ptr<scalar_t>(), Ci, P, L, TM, inv_tau);
+        u1.data_ptr<float>(), u2.data_ptr<float>(), norm1.data_ptr<float>(),
+        norm2.data_ptr<float>(), bank.data_ptr<float>(), map, neg_count.data_ptr<int64_t>(),
+        order.data_ptr<int64_t>(), lse1.data_ptr<float>(), lse2.data_ptr<float>(), w, grad_scale,
+        g1.data_ptr<scalar_t>(), g2.data_ptr<scalar_t>(), Ci, P, L, TM, inv_tau);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (!neg_grad) return {loss, g1, g2, Tensor()};
@@ -167,8 +169,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
   const int64_t nblocks = (L + kTileN - 1) / kTileN;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int64_t split = (2 * sms) / std::max<int64_t>(1, num_classes * nblocks);
-  split = std::max<int64_t>(1, std::min<int64_t>({split, 32, (N + 4 * TM * num_classes - 1) /
-                                                                 (4 * TM * num_classes)}));
+  split = std::max<int64_t>(
+      1, std::min<int64_t>({split, 32, (N + 4 * TM * num_classes - 1) / (4 * TM * num_classes)}));
   Tensor partial = at::empty({split, num_classes, L, C}, opts.dtype(at::kFloat));
   allow_smem(topk_bank_grad_kernel, smem);
   topk_bank_grad_kernel<<<dim3(static_cast<unsigned>(num_classes), static_cast<unsigned>(nblocks),
@@ -176,8 +178,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
                           kThreads, smem, stream>>>(
       u1.data_ptr<float>(), u2.data_ptr<float>(), bank.data_ptr<float>(),
       class_start.data_ptr<int64_t>(), neg_count.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-      lse1.data_ptr<float>(), lse2.data_ptr<float>(), w, grad_scale, partial.data_ptr<float>(),
-      Ci, L, num_classes, static_cast<int>(split), TM, inv_tau);
+      lse1.data_ptr<float>(), lse2.data_ptr<float>(), w, grad_scale, partial.data_ptr<float>(), Ci,
+      L, num_classes, static_cast<int>(split), TM, inv_tau);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   for (int64_t c = 0; c < num_classes; ++c) {  // class order: deterministic where banks overlap
     const int64_t total = L * C;
@@ -200,13 +202,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_mode(
   const auto stream = at::cuda::getCurrentCUDAStream();
   const Tensor un = normalize(zn, nullptr, M, nullptr);
   Tensor loss = at::empty({N}, opts.dtype(at::kFloat));
-  RandomArgs a{z1.data_ptr<float>(), z2.data_ptr<float>(), z1.stride(0), z1.stride(1),
-               z1.stride(2), z2.stride(0), z2.stride(1), z2.stride(2), un.data_ptr<float>(),
-               labels.data_ptr<int64_t>(), neg_index.data_ptr<int64_t>(),
-               neg_count.data_ptr<int64_t>(), loss.data_ptr<float>(),
-               weight.defined() ? weight.data_ptr<float>() : nullptr, grad_scale, N, P,
-               neg_index.size(1), K, static_cast<int>(C), static_cast<uint64_t>(seed),
-               static_cast<uint64_t>(offset), inv_tau, neg_grad, 0.f};
+  RandomArgs a{z1.data_ptr<float>(),
+               z2.data_ptr<float>(),
+               z1.stride(0),
+               z1.stride(1),
+               z1.stride(2),
+               z2.stride(0),
+               z2.stride(1),
+               z2.stride(2),
+               un.data_ptr<float>(),
+               labels.data_ptr<int64_t>(),
+               neg_index.data_ptr<int64_t>(),
+               neg_count.data_ptr<int64_t>(),
+               loss.data_ptr<float>(),
+               weight.defined() ? weight.data_ptr<float>() : nullptr,
+               grad_scale,
+               N,
+               P,
+               neg_index.size(1),
+               K,
+               static_cast<int>(C),
+               static_cast<uint64_t>(seed),
+               static_cast<uint64_t>(offset),
+               inv_tau,
+               neg_grad,
+               0.f};
   const size_t smem = 4 * kWarps * C * sizeof(float);
   const unsigned blocks = static_cast<unsigned>((N + kWarps - 1) / kWarps);
   if (!want_grad) {
@@ -216,15 +236,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_mode(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {loss, Tensor(), Tensor(), Tensor()};
   }
-  Tensor g1 = at::empty({B, C, P}, opts.dtype(a_type)), g2 = at::empty({B, C, P}, opts.dtype(a_type));
+  Tensor g1 = at::empty({B, C, P}, opts.dtype(a_type)),
+         g2 = at::empty({B, C, P}, opts.dtype(a_type));
   Tensor pool_grad;
   double descale = 1.0;
   const bool fixed = neg_grad && deterministic;
   if (fixed) {
     // Bound of the whole pool gradient: unit = 2 sum_i |w_i| / tau (see infonce_triton.py).
     // One host sync for the weights' sum; the result is bitwise identical run to run.
-    const double wsum = weight.defined() ? weight.abs().sum().item<double>() : static_cast<double>(N);
-    const double unit = std::max(2.0 * std::abs(static_cast<double>(grad_scale)) * inv_tau * wsum, 1e-30);
+    const double wsum =
+        weight.defined() ? weight.abs().sum().item<double>() : static_cast<double>(N);
+    const double unit =
+        std::max(2.0 * std::abs(static_cast<double>(grad_scale)) * inv_tau * wsum, 1e-30);
     a.qscale = static_cast<float>(std::min(std::ldexp(1.0, 61) / unit, 1e38));
     descale = 1.0 / static_cast<double>(a.qscale);
     pool_grad = at::zeros({M, C}, opts.dtype(at::kLong));
@@ -235,13 +258,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_mode(
     if (fixed) {
       auto kernel = random_kernel<scalar_t, int64_t, true>;
       allow_smem(kernel, smem);
-      kernel<<<blocks, kThreads, smem, stream>>>(a, g1.data_ptr<scalar_t>(), g2.data_ptr<scalar_t>(),
-                                                 pool_grad.data_ptr<int64_t>());
+      kernel<<<blocks, kThreads, smem, stream>>>(
+          a, g1.data_ptr<scalar_t>(), g2.data_ptr<scalar_t>(), pool_grad.data_ptr<int64_t>());
     } else {
       auto kernel = random_kernel<scalar_t, float, true>;
       allow_smem(kernel, smem);
-      kernel<<<blocks, kThreads, smem, stream>>>(a, g1.data_ptr<scalar_t>(), g2.data_ptr<scalar_t>(),
-                                                 pool_grad.data_ptr<float>());
+      kernel<<<blocks, kThreads, smem, stream>>>(
+          a, g1.data_ptr<scalar_t>(), g2.data_ptr<scalar_t>(), pool_grad.data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -252,11 +275,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_mode(
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce(
-    const Tensor& anchor, const Tensor& positive, const Tensor& pool,
-    const Tensor& anchor_labels, const Tensor& neg_index, const Tensor& neg_count,
-    double temperature, int64_t num_negatives, bool random, int64_t seed, int64_t offset,
-    const c10::optional<Tensor>& grad_weight, double grad_scale, bool pool_grad,
-    bool deterministic) {
+    const Tensor& anchor, const Tensor& positive, const Tensor& pool, const Tensor& anchor_labels,
+    const Tensor& neg_index, const Tensor& neg_count, double temperature, int64_t num_negatives,
+    bool random, int64_t seed, int64_t offset, const c10::optional<Tensor>& grad_weight,
+    double grad_scale, bool pool_grad, bool deterministic) {
   TORCH_CHECK(anchor.dim() == 3 && positive.sizes() == anchor.sizes(),
               "rcps_cuda::voxel_infonce: anchor and positive must be equal (B, C, P), got ",
               anchor.sizes(), " and ", positive.sizes());
@@ -292,14 +314,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce(
     if (neg_grad) gn = at::zeros(pool.sizes(), pool.options());
   } else if (random) {
     std::tie(loss, g1, g2, gn) =
-        random_mode(z1, z2, zn, labels, index, count, inv_tau, num_negatives, seed, offset,
-                    weight, static_cast<float>(grad_scale), want_grad, neg_grad, deterministic,
+        random_mode(z1, z2, zn, labels, index, count, inv_tau, num_negatives, seed, offset, weight,
+                    static_cast<float>(grad_scale), want_grad, neg_grad, deterministic,
                     anchor.scalar_type(), pool.scalar_type());
   } else {
     std::tie(loss, g1, g2, gn) =
-        topk_mode(z1, z2, zn, labels, index, count, inv_tau, weight,
-                  static_cast<float>(grad_scale), want_grad, neg_grad, anchor.scalar_type(),
-                  pool.scalar_type());
+        topk_mode(z1, z2, zn, labels, index, count, inv_tau, weight, static_cast<float>(grad_scale),
+                  want_grad, neg_grad, anchor.scalar_type(), pool.scalar_type());
   }
   if (!g1.defined()) g1 = at::empty({0}, anchor.options());
   if (!g2.defined()) g2 = at::empty({0}, anchor.options());
@@ -323,9 +344,8 @@ __global__ void random_draws_kernel(const int64_t* labels, const int64_t* neg_in
   out[e] = neg_index[cls * L + draw_to_index(r, n)];
 }
 
-Tensor random_draws(const Tensor& anchor_labels, const Tensor& neg_index,
-                    const Tensor& neg_count, int64_t num_negatives, int64_t seed,
-                    int64_t offset) {
+Tensor random_draws(const Tensor& anchor_labels, const Tensor& neg_index, const Tensor& neg_count,
+                    int64_t num_negatives, int64_t seed, int64_t offset) {
   TORCH_CHECK(anchor_labels.is_cuda(),
               "rcps_cuda::random_draws: anchor_labels must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(anchor_labels.device());

@@ -37,9 +37,7 @@ __device__ __forceinline__ int64_t voxel_offset(int64_t v, int64_t P, int64_t sb
 // A logit s / tau, rounded. Under -fmad a plain product may be fused into the FMA of a later
 // exp(logit - max), whose unrounded value differs from the rounded logit that the max was taken
 // of by up to half an ulp of 1/tau (exp(+-4) at tau = 1e-8); __fmul_rn is never fused.
-__device__ __forceinline__ float logit(float dot, float inv_tau) {
-  return __fmul_rn(dot, inv_tau);
-}
+__device__ __forceinline__ float logit(float dot, float inv_tau) { return __fmul_rn(dot, inv_tau); }
 
 // ||z|| of one row spread over a warp's lanes, scaled before squaring (rcps_math.h scaled_norm):
 // the plain squared norm overflows float32 from ||z|| ~ 1.8e19.
@@ -69,7 +67,8 @@ __device__ void chain_store_row(const float* u, const float* du, float norm, out
   const int64_t b = v / P, p = v - b * P;
   out_t* dst = g + b * C * P + p;
   for (int c = lane; c < C; c += 32)
-    dst[static_cast<int64_t>(c) * P] = static_cast<out_t>(normalize_backward(du[c], u[c], dot, inv, clamped));
+    dst[static_cast<int64_t>(c) * P] =
+        static_cast<out_t>(normalize_backward(du[c], u[c], dot, inv, clamped));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -130,8 +129,8 @@ struct TileMap {
 };
 
 // Load rows [row0, row0 + TM) (masked by end) of the sorted normalised copies into shared.
-__device__ void load_tile_rows(const float* u1, const float* u2, float* s1, float* s2,
-                               int64_t row0, int64_t end, int TM, int C) {
+__device__ void load_tile_rows(const float* u1, const float* u2, float* s1, float* s2, int64_t row0,
+                               int64_t end, int TM, int C) {
   for (int e = threadIdx.x; e < TM * C; e += kThreads) {
     const int a = e / C;
     const int64_t r = row0 + a;
@@ -315,12 +314,12 @@ __global__ void topk_bank_grad_kernel(
     float* __restrict__ partial, int C, int64_t L, int64_t num_classes, int split, int TM,
     float inv_tau) {
   extern __shared__ float smem[];
-  float* sbank = smem;                       // kTileN x (C + 1)
-  float* sacc = sbank + kTileN * (C + 1);    // kTileN x C
-  float* su1 = sacc + kTileN * C;            // TM x C
-  float* su2 = su1 + TM * C;                 // TM x C
-  float* sp1 = su2 + TM * C;                 // TM x (kTileN + 1)
-  float* sp2 = sp1 + TM * (kTileN + 1);      // TM x (kTileN + 1)
+  float* sbank = smem;                     // kTileN x (C + 1)
+  float* sacc = sbank + kTileN * (C + 1);  // kTileN x C
+  float* su1 = sacc + kTileN * C;          // TM x C
+  float* su2 = su1 + TM * C;               // TM x C
+  float* sp1 = su2 + TM * C;               // TM x (kTileN + 1)
+  float* sp2 = sp1 + TM * (kTileN + 1);    // TM x (kTileN + 1)
   const int64_t cls = blockIdx.x;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kTileN;
   const int sp = blockIdx.z;
@@ -356,7 +355,8 @@ __global__ void topk_bank_grad_kernel(
       const int n = e / C, c = e - n * C;
       float acc = 0.f;
       for (int a = 0; a < TM; ++a)
-        acc += sp1[a * (kTileN + 1) + n] * su1[a * C + c] + sp2[a * (kTileN + 1) + n] * su2[a * C + c];
+        acc +=
+            sp1[a * (kTileN + 1) + n] * su1[a * C + c] + sp2[a * (kTileN + 1) + n] * su2[a * C + c];
       sacc[e] += acc;
     }
   }

@@ -1,11 +1,11 @@
 // Fused rectified pseudo supervision (L_urp) and logit cosine consistency (L_cr) on CUDA.
 //
 // One thread per voxel walks the voxel's classes (consecutive threads read consecutive voxels,
-// so class rows of (B, num_classes, P) logits are read coalesced); the per-class and per-voxel formulas and
-// their gradients are those of csrc/common/pseudo_supervision_math.h, which the CPU kernels (and
-// their tests) share. The class loop re-reads the voxel's logits after the max pass, from L1/L2.
-// Reductions write one partial sum per thread block (cub::BlockReduce), summed by torch in block
-// order, so results are deterministic. Same contract as csrc/cpu/pseudo_supervision.cpp:
+// so class rows of (B, num_classes, P) logits are read coalesced); the per-class and per-voxel
+// formulas and their gradients are those of csrc/common/pseudo_supervision_math.h, which the CPU
+// kernels (and their tests) share. The class loop re-reads the voxel's logits after the max pass,
+// from L1/L2. Reductions write one partial sum per thread block (cub::BlockReduce), summed by torch
+// in block order, so results are deterministic. Same contract as csrc/cpu/pseudo_supervision.cpp:
 // reduction 0 = "none" ((B, P) map), 1 = "mean", 2 = "sum" (0-dim); fp16/bf16 accumulate in fp32.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -54,7 +54,8 @@ struct SqrtFn {
 struct Layout {
   int64_t stride_b, stride_c, stride_p;
 
-  explicit Layout(const Tensor& x) : stride_b(x.stride(0)), stride_c(x.stride(1)), stride_p(x.stride(2)) {}
+  explicit Layout(const Tensor& x)
+      : stride_b(x.stride(0)), stride_c(x.stride(1)), stride_p(x.stride(2)) {}
   Layout() : stride_b(0), stride_c(0), stride_p(0) {}
 
   __device__ int64_t voxel(int64_t v, int64_t voxels_per_item) const {
@@ -97,8 +98,9 @@ __device__ void store_loss(acc_t loss, int64_t v, int64_t num_voxels, acc_t* vox
 // Softmax statistics and loss of one voxel (two passes over its classes).
 template <typename scalar_t, typename acc_t>
 __device__ ps::UrpVoxel<acc_t> urp_voxel_at(const scalar_t* z, const scalar_t* t, int64_t stride_z,
-                                            int64_t stride_t, int64_t num_classes, acc_t inv_temperature,
-                                            acc_t* student_max, acc_t* teacher_max) {
+                                            int64_t stride_t, int64_t num_classes,
+                                            acc_t inv_temperature, acc_t* student_max,
+                                            acc_t* teacher_max) {
   acc_t z_max = -INFINITY, t_max = -INFINITY;
   for (int64_t c = 0; c < num_classes; ++c) {
     const acc_t zc = static_cast<acc_t>(z[c * stride_z]);
@@ -143,10 +145,10 @@ __global__ void urp_forward_kernel(const scalar_t* __restrict__ student,
 
 template <typename scalar_t, typename acc_t>
 __global__ void urp_backward_kernel(const scalar_t* __restrict__ student,
-                                    const scalar_t* __restrict__ teacher, scalar_t* grad,
-                                    Layout zl, Layout tl, Layout gl, int64_t num_voxels,
-                                    int64_t voxels_per_item, int64_t num_classes, acc_t inv_temperature,
-                                    GradScale<acc_t> scale) {
+                                    const scalar_t* __restrict__ teacher, scalar_t* grad, Layout zl,
+                                    Layout tl, Layout gl, int64_t num_voxels,
+                                    int64_t voxels_per_item, int64_t num_classes,
+                                    acc_t inv_temperature, GradScale<acc_t> scale) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (v >= num_voxels) return;
   const scalar_t* z = student + zl.voxel(v, voxels_per_item);
@@ -173,8 +175,9 @@ __global__ void urp_backward_kernel(const scalar_t* __restrict__ student,
 // scaled logits); the power-of-two scales are returned for the gradient.
 template <typename scalar_t, typename acc_t>
 __device__ ps::CosineVoxel<acc_t> cosine_voxel_at(const scalar_t* a, const scalar_t* b,
-                                                  int64_t stride_a, int64_t stride_b, int64_t num_classes,
-                                                  acc_t eps, acc_t* scale_a, acc_t* scale_b) {
+                                                  int64_t stride_a, int64_t stride_b,
+                                                  int64_t num_classes, acc_t eps, acc_t* scale_a,
+                                                  acc_t* scale_b) {
   acc_t max_a = 0, max_b = 0;
   for (int64_t c = 0; c < num_classes; ++c) {
     max_a = fmax(max_a, fabs(static_cast<acc_t>(a[c * stride_a])));
@@ -196,8 +199,9 @@ __device__ ps::CosineVoxel<acc_t> cosine_voxel_at(const scalar_t* a, const scala
 template <typename scalar_t, typename acc_t>
 __global__ void cosine_forward_kernel(const scalar_t* __restrict__ logits_a,
                                       const scalar_t* __restrict__ logits_b, Layout al, Layout bl,
-                                      int64_t num_voxels, int64_t voxels_per_item, int64_t num_classes,
-                                      acc_t eps, acc_t* voxel_loss, double* block_partials) {
+                                      int64_t num_voxels, int64_t voxels_per_item,
+                                      int64_t num_classes, acc_t eps, acc_t* voxel_loss,
+                                      double* block_partials) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   acc_t loss = 0;
   if (v < num_voxels) {
@@ -231,12 +235,12 @@ __global__ void cosine_backward_kernel(const scalar_t* __restrict__ logits_a,
     const acc_t y = static_cast<acc_t>(b[c * bl.stride_c]);
     if (ga != nullptr)
       ga[c * gal.stride_c] = static_cast<scalar_t>(
-          ps::cosine_grad<acc_t>(x, y, scale_a, vox.unit_a, vox.inv_norm_a, vox.clamped_a,
-                                 scale_b, vox.unit_b, vox.cosine, grad_scale));
+          ps::cosine_grad<acc_t>(x, y, scale_a, vox.unit_a, vox.inv_norm_a, vox.clamped_a, scale_b,
+                                 vox.unit_b, vox.cosine, grad_scale));
     if (gb != nullptr)
       gb[c * gbl.stride_c] = static_cast<scalar_t>(
-          ps::cosine_grad<acc_t>(y, x, scale_b, vox.unit_b, vox.inv_norm_b, vox.clamped_b,
-                                 scale_a, vox.unit_a, vox.cosine, grad_scale));
+          ps::cosine_grad<acc_t>(y, x, scale_b, vox.unit_b, vox.inv_norm_b, vox.clamped_b, scale_a,
+                                 vox.unit_a, vox.cosine, grad_scale));
   }
 }
 
@@ -245,8 +249,8 @@ __global__ void cosine_backward_kernel(const scalar_t* __restrict__ logits_a,
 // ---------------------------------------------------------------------------------------------
 
 void check_pair(const Tensor& x, const Tensor& y, const char* op) {
-  TORCH_CHECK(x.dim() == 3 && x.sizes() == y.sizes(), op, ": inputs must both be (B, num_classes, P), got ",
-              x.sizes(), " and ", y.sizes());
+  TORCH_CHECK(x.dim() == 3 && x.sizes() == y.sizes(), op,
+              ": inputs must both be (B, num_classes, P), got ", x.sizes(), " and ", y.sizes());
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), op, ": inputs must share a dtype");
   TORCH_CHECK(x.is_cuda() && y.is_cuda() && x.device() == y.device(), op,
               ": inputs must be on one CUDA device");
@@ -268,12 +272,15 @@ struct LossBuffers {
     if (reduction == kNone) {
       voxel_loss = at::empty({x.size(0), x.size(2)}, x.options().dtype(acc));
     } else {
-      block_partials = at::empty({num_blocks(x.size(0) * x.size(2))}, x.options().dtype(at::kDouble));
+      block_partials =
+          at::empty({num_blocks(x.size(0) * x.size(2))}, x.options().dtype(at::kDouble));
     }
   }
 
   template <typename acc_t>
-  acc_t* voxel_ptr() const { return voxel_loss.defined() ? voxel_loss.data_ptr<acc_t>() : nullptr; }
+  acc_t* voxel_ptr() const {
+    return voxel_loss.defined() ? voxel_loss.data_ptr<acc_t>() : nullptr;
+  }
   double* partial_ptr() const {
     return block_partials.defined() ? block_partials.data_ptr<double>() : nullptr;
   }
@@ -304,16 +311,16 @@ Tensor urp_forward(const Tensor& student, const Tensor& teacher, double temperat
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), num_classes = student.size(1), P = student.size(2), N = B * P;
   const LossBuffers buffers(student, reduction);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "rcps_cuda::urp_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    urp_forward_kernel<scalar_t, acc_t>
-        <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), Layout(student),
-            Layout(teacher), N, P, num_classes, static_cast<acc_t>(1.0 / temperature),
-            buffers.voxel_ptr<acc_t>(), buffers.partial_ptr());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student.scalar_type(), "rcps_cuda::urp_forward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        urp_forward_kernel<scalar_t, acc_t>
+            <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), Layout(student),
+                Layout(teacher), N, P, num_classes, static_cast<acc_t>(1.0 / temperature),
+                buffers.voxel_ptr<acc_t>(), buffers.partial_ptr());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return buffers.result(reduction, N);
 }
 
@@ -323,18 +330,18 @@ Tensor urp_backward(const Tensor& grad_output, const Tensor& student, const Tens
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), num_classes = student.size(1), P = student.size(2), N = B * P;
   Tensor grad = at::empty_like(student);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                  "rcps_cuda::urp_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    Tensor holder;
-    const GradScale<acc_t> scale = grad_scale_of<acc_t>(grad_output, reduction, B, P, &holder);
-    urp_backward_kernel<scalar_t, acc_t>
-        <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-            Layout(student), Layout(teacher), Layout(grad), N, P, num_classes,
-            static_cast<acc_t>(1.0 / temperature), scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, student.scalar_type(), "rcps_cuda::urp_backward", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        Tensor holder;
+        const GradScale<acc_t> scale = grad_scale_of<acc_t>(grad_output, reduction, B, P, &holder);
+        urp_backward_kernel<scalar_t, acc_t>
+            <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
+                grad.data_ptr<scalar_t>(), Layout(student), Layout(teacher), Layout(grad), N, P,
+                num_classes, static_cast<acc_t>(1.0 / temperature), scale);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return grad;
 }
 
@@ -342,18 +349,20 @@ Tensor cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b
                                   int64_t reduction) {
   check_pair(logits_a, logits_b, "rcps_cuda::cosine_consistency_forward");
   const c10::cuda::CUDAGuard guard(logits_a.device());
-  const int64_t B = logits_a.size(0), num_classes = logits_a.size(1), P = logits_a.size(2), N = B * P;
+  const int64_t B = logits_a.size(0), num_classes = logits_a.size(1), P = logits_a.size(2),
+                N = B * P;
   const LossBuffers buffers(logits_a, reduction);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
-                                  "rcps_cuda::cosine_consistency_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    cosine_forward_kernel<scalar_t, acc_t>
-        <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            logits_a.data_ptr<scalar_t>(), logits_b.data_ptr<scalar_t>(), Layout(logits_a),
-            Layout(logits_b), N, P, num_classes, static_cast<acc_t>(eps), buffers.voxel_ptr<acc_t>(),
-            buffers.partial_ptr());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits_a.scalar_type(), "rcps_cuda::cosine_consistency_forward",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        cosine_forward_kernel<scalar_t, acc_t>
+            <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                logits_a.data_ptr<scalar_t>(), logits_b.data_ptr<scalar_t>(), Layout(logits_a),
+                Layout(logits_b), N, P, num_classes, static_cast<acc_t>(eps),
+                buffers.voxel_ptr<acc_t>(), buffers.partial_ptr());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return buffers.result(reduction, N);
 }
 
@@ -364,24 +373,27 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output
                                                        bool need_grad_b) {
   check_pair(logits_a, logits_b, "rcps_cuda::cosine_consistency_backward");
   const c10::cuda::CUDAGuard guard(logits_a.device());
-  const int64_t B = logits_a.size(0), num_classes = logits_a.size(1), P = logits_a.size(2), N = B * P;
+  const int64_t B = logits_a.size(0), num_classes = logits_a.size(1), P = logits_a.size(2),
+                N = B * P;
   Tensor grad_a = need_grad_a ? at::empty_like(logits_a) : at::empty({0}, logits_a.options());
   Tensor grad_b = need_grad_b ? at::empty_like(logits_b) : at::empty({0}, logits_b.options());
   if (!need_grad_a && !need_grad_b) return {grad_a, grad_b};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
-                                  "rcps_cuda::cosine_consistency_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    Tensor holder;
-    const GradScale<acc_t> scale = grad_scale_of<acc_t>(grad_output, reduction, B, P, &holder);
-    cosine_backward_kernel<scalar_t, acc_t>
-        <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            logits_a.data_ptr<scalar_t>(), logits_b.data_ptr<scalar_t>(),
-            need_grad_a ? grad_a.data_ptr<scalar_t>() : nullptr,
-            need_grad_b ? grad_b.data_ptr<scalar_t>() : nullptr, Layout(logits_a),
-            Layout(logits_b), need_grad_a ? Layout(grad_a) : Layout(),
-            need_grad_b ? Layout(grad_b) : Layout(), N, P, num_classes, static_cast<acc_t>(eps), scale);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits_a.scalar_type(), "rcps_cuda::cosine_consistency_backward",
+      [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        Tensor holder;
+        const GradScale<acc_t> scale = grad_scale_of<acc_t>(grad_output, reduction, B, P, &holder);
+        cosine_backward_kernel<scalar_t, acc_t>
+            <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                logits_a.data_ptr<scalar_t>(), logits_b.data_ptr<scalar_t>(),
+                need_grad_a ? grad_a.data_ptr<scalar_t>() : nullptr,
+                need_grad_b ? grad_b.data_ptr<scalar_t>() : nullptr, Layout(logits_a),
+                Layout(logits_b), need_grad_a ? Layout(grad_a) : Layout(),
+                need_grad_b ? Layout(grad_b) : Layout(), N, P, num_classes, static_cast<acc_t>(eps),
+                scale);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {grad_a, grad_b};
 }
 
@@ -390,9 +402,8 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output
 }  // namespace rcps
 
 TORCH_LIBRARY_FRAGMENT(rcps_cuda, m) {
-  m.def(
-      "urp_forward(Tensor student, Tensor teacher, float temperature, int reduction) -> Tensor",
-      &rcps::cuda::urp_forward);
+  m.def("urp_forward(Tensor student, Tensor teacher, float temperature, int reduction) -> Tensor",
+        &rcps::cuda::urp_forward);
   m.def(
       "urp_backward(Tensor grad_output, Tensor student, Tensor teacher, float temperature, "
       "int reduction) -> Tensor",
