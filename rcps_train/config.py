@@ -18,6 +18,8 @@ except ModuleNotFoundError:  # Python 3.10
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from rcps_kernels import backends
+
 DEFAULTS: dict[str, dict[str, Any]] = {
     "run": {
         "name": "rcps",
@@ -207,7 +209,7 @@ RULES: dict[str, Rule] = {
     "loss.num_negatives": integer(1, 65536),  # the bank is capped by the voxels there are; 400 in the paper
     "loss.sampling": one_of("topk", "random"),
     "loss.confidence_threshold": number(0.0, 1.0),  # a softmax probability
-    "loss.backend": one_of("auto", "cpu", "triton", "cuda", "torch", "reference"),
+    "loss.backend": one_of(*backends.NAMES),
     "loss.cross_rank_negatives": ANY_BOOL,
     # Not 0 (nor below float32's range): the weighted CE is 0/0 on a patch of such a class alone.
     "loss.class_weights": each(number(1e-6, 1000.0)),

@@ -26,9 +26,9 @@ from . import geometry
 from .checkpoint import check_weights_fit, load_checkpoint
 from .config import ConfigError, load_config
 from .data import normalize_image
-from .engine import build_model
 from .evaluate import eval_settings, keep_largest_component, sliding_window_inference
 from .layouts import DataError
+from .model import build_model, segmenter
 from .prepare import RAW_SUFFIXES, apply_preparation, read_preprocessing
 
 # nnU-Net's channel files: <case>_0000.nii.gz, <case>_0001.nii.gz, ... form one case.
@@ -130,12 +130,12 @@ def predict_probabilities(models: list[LoadedModel], image: np.ndarray, device: 
     for loaded in models:
         window, stride, blending, _ = eval_settings(loaded.config)
         eval_cfg = loaded.config["eval"]
-        layout = torch.channels_last_3d if loaded.config["model"]["channels_last"] else torch.contiguous_format
+        segment = segmenter(loaded.model, loaded.config)
         for axes in flips:
             flipped = volume.flip(axes) if axes else volume
             with torch.autocast("cuda", torch.float16, enabled=device.type == "cuda"):
                 scores = sliding_window_inference(
-                    lambda x, m=loaded.model: m.segment(x.contiguous(memory_format=layout)),
+                    segment,
                     flipped,
                     window,
                     stride,

@@ -15,10 +15,11 @@ from pathlib import Path
 from .checkpoint import check_output_folder, check_weights_fit, load_checkpoint
 from .config import ConfigError, load_config
 from .data import dataset_channels
-from .engine import build_model, memory_format, resolve_device
+from .engine import resolve_device
 from .evaluate import eval_settings, evaluate_cases, format_table, write_metrics
 from .files import read_json
 from .layouts import DataError, list_cases
+from .model import build_model
 
 IDENTITY = ("checkpoint", "checkpoint_epoch", "split", "data_root", "data_format", "protocol", "largest_component")
 
@@ -102,7 +103,7 @@ def rescore(
             f"{config['data']['root']} have {channels} channel(s)"
         )
     device = resolve_device(config)
-    model.to(device, memory_format=memory_format(config))
+    model.to(device)  # build_model chose the layout; moving keeps it
     rows, summary = evaluate_cases(model, cases, config, device)
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(rows, summary, out, identity)
