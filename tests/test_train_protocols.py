@@ -12,7 +12,7 @@ import torch
 
 from rcps_train import engine
 from rcps_train.cli import main
-from rcps_train.config import EVAL_PROTOCOLS, ConfigError, load_config
+from rcps_train.config import ConfigError, load_config
 from rcps_train.data import case_spacing, load_case
 from rcps_train.evaluate import (
     PROTOCOLS,
@@ -22,6 +22,7 @@ from rcps_train.evaluate import (
     sliding_window_inference,
     window_starts,
 )
+from rcps_train.knobs import EVAL_PROTOCOLS
 from rcps_train.layouts import Case, DataError, list_cases
 from rcps_train.metrics import binary_metrics
 from rcps_train.model import build_model
