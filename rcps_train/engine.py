@@ -16,20 +16,17 @@ import json
 import random
 import resource
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rcps_kernels import backends
 
 from . import distributed as ddp
-from . import model as model_module
 from .checkpoint import (
     append_row,
     check_fresh_run_folder,
@@ -42,7 +39,7 @@ from .checkpoint import (
     start_clean,
     truncate_log,
 )
-from .config import ConfigError, to_toml, validate
+from .config import ConfigError, run_settings, to_toml, validate
 from .data import (
     PairedPatchDataset,
     Splits,
@@ -54,10 +51,11 @@ from .data import (
     epoch_plan,
     seed_worker,
 )
+from .deprecation import deprecated_names
 from .evaluate import distance_unit, evaluate_cases, format_table, metrics_record, write_metrics_csv
 from .files import write_text_atomic
 from .losses import TERMS, learning_rate, ramp_weight
-from .model import ProjectorUNet
+from .model import ProjectorUNet, build_parallel_model
 from .plots import plot_run
 from .prepare import PREPROCESSING_FILE, read_preprocessing
 from .step import StepContext, train_step
@@ -201,23 +199,24 @@ def set_up_run(
     The order is part of the run's reproducibility: the seeds are set before the model is built (the same
     initial weights on every rank), and a resumed run then overwrites every stream with the saved ones.
     """
+    settings = run_settings(config)
     amp_dtype, use_scaler = amp_settings(config, device)
     check_loss_backend(config, device)
-    if config["log"]["tensorboard"]:
+    if settings.log.tensorboard:
         require_tensorboard()
     main = rank == 0
-    run_dir = Path(config["run"]["out_dir"]) / config["run"]["name"]
+    run_dir = Path(settings.run.out_dir) / settings.run.name
     state = checkpoint_to_resume(config, run_dir / "checkpoint.pt", resume, main, device)
     if main and resume:
         check_output_folder(run_dir, "run folder")
     elif main:
         check_fresh_run_folder(run_dir, overwrite)
-    generators = _seed(config["run"]["seed"], rank)
+    generators = _seed(settings.run.seed, rank)
     splits, dataset = _read_data(config, main)
-    model, raw_model = _build_parallel_model(config, splits.channels, device, world_size)
-    train_cfg = config["train"]
+    model, raw_model = build_parallel_model(config, splits.channels, device, world_size)
+    train_cfg = settings.train
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=train_cfg["lr"], momentum=train_cfg["momentum"], weight_decay=train_cfg["weight_decay"]
+        model.parameters(), lr=train_cfg.lr, momentum=train_cfg.momentum, weight_decay=train_cfg.weight_decay
     )
     step = StepContext(
         model,
@@ -228,10 +227,10 @@ def set_up_run(
         amp_dtype,
         generators["augment"],
         generators["negatives"],
-        ddp.gather_negative_pool if config["loss"]["cross_rank_negatives"] and world_size > 1 else None,
+        ddp.gather_negative_pool if settings.loss.cross_rank_negatives and world_size > 1 else None,
     )
     run = TrainingRun(config, device, rank, world_size, run_dir, splits, dataset, raw_model, step)
-    run.preprocessing = read_preprocessing(config["data"]["root"])
+    run.preprocessing = read_preprocessing(settings.data.root)
     run.data = data_record(splits)
     if resume:
         restore_checkpoint(run, state)
@@ -245,7 +244,7 @@ def set_up_run(
         if resume:
             truncate_log(run_dir / "train_log.csv", "global_step", run.global_step)
             truncate_log(run_dir / "val_log.csv", "epoch", run.epoch)
-        if config["log"]["tensorboard"]:
+        if settings.log.tensorboard:
             run.tensorboard = TensorBoardLog(run_dir, purge_step=run.global_step + 1 if resume else None)
     return run
 
@@ -263,16 +262,16 @@ def _seed(seed: int, rank: int) -> dict[str, torch.Generator]:
 
 def _read_data(config: dict, main: bool) -> tuple[Splits, PairedPatchDataset]:
     """The splits and the training dataset; the validation and test files are checked now, before step 1."""
-    data_cfg = config["data"]
-    splits = dataset_splits(data_cfg)
-    classes, channels = data_cfg["num_classes"], splits.channels
+    splits = dataset_splits(config["data"])
+    data_cfg = run_settings(config).data
+    classes, channels = data_cfg.num_classes, splits.channels
     dataset = PairedPatchDataset(
-        VolumeStore(splits.labeled, classes, channels, data_cfg["cache"]),
-        VolumeStore(splits.unlabeled, classes, channels, data_cfg["cache"]),
-        data_cfg["patch_size"],
-        data_cfg["grid_distortion_prob"],
-        data_cfg["grid_distortion_limit"],
-        data_cfg["grid_distortion_cells"],
+        VolumeStore(splits.labeled, classes, channels, data_cfg.cache),
+        VolumeStore(splits.unlabeled, classes, channels, data_cfg.cache),
+        data_cfg.patch_size,
+        data_cfg.grid_distortion_prob,
+        data_cfg.grid_distortion_limit,
+        data_cfg.grid_distortion_cells,
     )
     check_cases(splits.validation + splits.test, classes, channels)  # before step 1, not after the last
     for scored in (splits.validation, splits.test):  # mm or voxels, never both in one table
@@ -285,46 +284,29 @@ def _read_data(config: dict, main: bool) -> tuple[Splits, PairedPatchDataset]:
     return splits, dataset
 
 
-def _build_parallel_model(
-    config: dict, channels: int, device: torch.device, world_size: int
-) -> tuple[torch.nn.Module, ProjectorUNet]:
-    """``(model the steps call, raw model)``: the DDP wrapper and the network inside it in a distributed run
-    (with SyncBatchNorm on CUDA), the network twice otherwise."""
-    model = model_module.build_model(config, channels, device)
-    if world_size == 1:
-        return model, model
-    if device.type == "cuda":  # SyncBatchNorm has no CPU implementation
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    wrapper = DistributedDataParallel(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=config["train"]["method"] == "supervised",
-    )
-    return wrapper, model
-
-
 def run_epoch(run: TrainingRun) -> bool:
     """Train from ``run``'s position to the end of its epoch (validating and checkpointing as configured).
 
     Returns:
         True when ``train.stop_after_steps`` stopped the run inside the epoch.
     """
-    train_cfg = run.config["train"]
-    epochs, batch_size = train_cfg["epochs"], train_cfg["batch_size"]
+    settings = run_settings(run.config)
+    train_cfg = settings.train
+    epochs, batch_size = train_cfg.epochs, train_cfg.batch_size
     lr = learning_rate(
-        run.epoch, epochs, train_cfg["lr"], train_cfg["warmup_epochs"], train_cfg["warmup_lr"], train_cfg["poly_power"]
+        run.epoch, epochs, train_cfg.lr, train_cfg.warmup_epochs, train_cfg.warmup_lr, train_cfg.poly_power
     )
     for group in run.step.optimizer.param_groups:
         group["lr"] = lr
-    ramp = ramp_weight(run.epoch, train_cfg["rampup_epochs"] or epochs)
+    ramp = ramp_weight(run.epoch, train_cfg.rampup_epochs or epochs)
     plan = epoch_plan(
         len(run.splits.labeled),
         len(run.splits.unlabeled),
         run.epoch,
-        run.config["run"]["seed"],
+        settings.run.seed,
         run.rank,
         run.world_size,
-        train_cfg["max_steps_per_epoch"],
+        train_cfg.max_steps_per_epoch,
         batch_size,
     )
     steps = len(plan) // batch_size
@@ -332,7 +314,7 @@ def run_epoch(run: TrainingRun) -> bool:
         run.dataset,
         batch_size=batch_size,
         sampler=plan[run.step_in_epoch * batch_size :],
-        num_workers=run.config["data"]["num_workers"],
+        num_workers=settings.data.num_workers,
         worker_init_fn=seed_worker,
         pin_memory=run.device.type == "cuda",
     )
@@ -341,7 +323,7 @@ def run_epoch(run: TrainingRun) -> bool:
         total=steps,
         initial=run.step_in_epoch,
         desc=f"epoch {run.epoch + 1}/{epochs}",
-        disable=not (run.main and train_cfg["progress"]),
+        disable=not (run.main and train_cfg.progress),
         leave=False,
     )
     with contextlib.closing(bar):
@@ -381,11 +363,11 @@ def _logged_step(run: TrainingRun, batch: dict, lr: float, ramp: float) -> dict[
 
 def _after_step(run: TrainingRun, steps: int) -> bool:
     """Advance to the next epoch after its last step (validating then), checkpoint when due; True to stop."""
-    train_cfg = run.config["train"]
-    stop = bool(train_cfg["stop_after_steps"]) and run.global_step >= train_cfg["stop_after_steps"]
+    train_cfg = run_settings(run.config).train
+    stop = bool(train_cfg.stop_after_steps) and run.global_step >= train_cfg.stop_after_steps
     if run.step_in_epoch == steps:
         run.epoch, run.step_in_epoch = run.epoch + 1, 0
-    if stop or run.step_in_epoch == 0 or run.global_step % train_cfg["checkpoint_every"] == 0:
+    if stop or run.step_in_epoch == 0 or run.global_step % train_cfg.checkpoint_every == 0:
         if run.step_in_epoch == 0:
             _validate_during_training(run)
         save_checkpoint(run)
@@ -396,12 +378,13 @@ def _validate_during_training(run: TrainingRun) -> None:
     """Score the validation split after an epoch when ``eval.every_epochs`` says so, and after the last one;
     keep the weights of the best mean Dice so far as ``best.pt`` (main process only)."""
     config, epochs_done = run.config, run.epoch
-    every = config["eval"]["every_epochs"]
+    settings = run_settings(config)
+    every = settings.eval.every_epochs
     if not ddp.is_main_process() or not run.splits.validation or not every:
         return
-    if epochs_done % every and epochs_done != config["train"]["epochs"]:
+    if epochs_done % every and epochs_done != settings.train.epochs:
         return
-    cases = run.splits.validation[: config["eval"]["max_cases"] or None]
+    cases = run.splits.validation[: settings.eval.max_cases or None]
     previews = []
 
     def keep_first_preview(case, image, label, prediction):
@@ -415,7 +398,7 @@ def _validate_during_training(run: TrainingRun) -> None:
         save_best(run, summary["dice"], [c.name for c in cases])
     append_row(run.run_dir / "val_log.csv", VAL_FIELDS, {"epoch": epochs_done, **summary})
     if run.tensorboard is not None:
-        run.tensorboard.log_validation(summary, run.global_step, previews[0], config["data"]["num_classes"])
+        run.tensorboard.log_validation(summary, run.global_step, previews[0], settings.data.num_classes)
     plot_run(run.run_dir)
 
 
@@ -474,17 +457,6 @@ def _score_test_split(run: TrainingRun) -> dict:
     return result
 
 
-# Names that moved out of this module, still importable from it for a while.
-_MOVED = {
-    "build_model": (model_module, "rcps_train.model"),
-    "memory_format": (model_module, "rcps_train.model"),
-}
-
-
-def __getattr__(name: str):
-    """Deprecated aliases of :data:`_MOVED`: warn, then return the moved object."""
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, new_home = _MOVED[name]
-    warnings.warn(f"rcps_train.engine.{name} moved to {new_home}.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(module, name)
+__getattr__ = deprecated_names(
+    __name__, {"build_model": "rcps_train.model.build_model", "memory_format": "rcps_train.model.memory_format"}
+)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 HEAD_NAMES = ("level3", "level2", "level1", "out")
@@ -225,3 +226,31 @@ def segmenter(model: ProjectorUNet, config: dict) -> Callable[[torch.Tensor], to
     """
     layout = memory_format(config)
     return lambda x: model.segment(x.contiguous(memory_format=layout))
+
+
+def build_parallel_model(
+    config: dict, channels: int, device: torch.device, world_size: int
+) -> tuple[torch.nn.Module, ProjectorUNet]:
+    """The network of a training run and what its steps call.
+
+    Args:
+        config: a resolved run config.
+        channels: image channels.
+        device: this process's device.
+        world_size: processes of the run.
+
+    Returns:
+        ``(model the steps call, raw model)``: the DDP wrapper and the network inside it in a distributed run
+        (with SyncBatchNorm on CUDA), the network twice otherwise.
+    """
+    model = build_model(config, channels, device)
+    if world_size == 1:
+        return model, model
+    if device.type == "cuda":  # SyncBatchNorm has no CPU implementation
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    wrapper = DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=config["train"]["method"] == "supervised",
+    )
+    return wrapper, model

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import geometry
 from .checkpoint import check_weights_fit, load_checkpoint
 from .config import ConfigError, load_config
-from .data import normalize_image
+from .data import normalise_image
 from .evaluate import eval_settings, keep_largest_component, sliding_window_inference
 from .layouts import DataError
 from .model import build_model, segmenter
@@ -193,7 +193,7 @@ def predict_case(
             f"{', '.join(map(str, case.files))}: {len(channels)} channels, but the model takes {len(plan['channels'])}"
         )
     prepared = apply_preparation(channels, plan)
-    probabilities = predict_probabilities(models, normalize_image(prepared.array), device, tta)
+    probabilities = predict_probabilities(models, normalise_image(prepared.array), device, tta)
     if not geometry.same_grid(prepared.grid, channels[0]):
         probabilities = geometry.resample_scores(probabilities, prepared.grid, channels[0])
     label = probabilities.argmax(0).astype(np.uint8)

@@ -1,6 +1,7 @@
 """Config loading: shipped configs, overrides, and clear errors for bad keys and values."""
 
 import dataclasses
+import importlib
 import tomllib
 from pathlib import Path
 
@@ -202,3 +203,22 @@ def test_bf16_on_cpu_refuses_a_patch_whose_last_axis_reaches_one_voxel():
         engine.amp_settings(config, torch.device("cpu"))
     config["data"]["patch_size"] = [8, 8, 16]
     assert engine.amp_settings(config, torch.device("cpu")) == (torch.bfloat16, False)
+
+
+@pytest.mark.parametrize(
+    "module, old, new",
+    [
+        ("rcps_train.engine", "build_model", "rcps_train.model.build_model"),
+        ("rcps_train.engine", "memory_format", "rcps_train.model.memory_format"),
+        ("rcps_train.data", "normalize_image", "rcps_train.data.normalise_image"),
+        ("rcps_train.prepare", "normalize", "rcps_train.prepare.normalise"),
+        ("rcps_train.prepare", "channel_normalization", "rcps_train.prepare.channel_normalisation"),
+    ],
+)
+def test_renamed_and_moved_names_warn_and_still_work(module, old, new):
+    new_module, _, new_name = new.rpartition(".")
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        found = getattr(importlib.import_module(module), old)
+    assert found is getattr(importlib.import_module(new_module), new_name)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        importlib.import_module(module).not_a_name  # noqa: B018
