@@ -1,9 +1,12 @@
 """The files of a run folder that let a run stop and continue: checkpoints (written atomically, read with
 checks, holding every RNG stream) and the CSV logs (appended row by row, cut back to a checkpoint on resume).
 
-The checkpoint format lives here alone. Every checkpoint holds :data:`WEIGHT_ENTRIES` (what ``eval`` and
-``predict`` need); ``checkpoint.pt`` adds :data:`RESUME_ENTRIES` (the state a ``--resume`` continues from) and
-``best.pt`` adds :data:`BEST_ENTRIES` (which validation made it the best).
+The checkpoint format lives here alone. Every checkpoint holds ``model`` (the weights), ``in_channels``,
+``preprocessing`` (the plan of ``rcps-train prepare``, or None) and ``config`` (what ``eval`` and ``predict``
+need); ``checkpoint.pt`` adds :data:`RESUME_ENTRIES` and ``data`` (the state a ``--resume`` continues from) and
+``best.pt`` adds :data:`BEST_ENTRIES` (which validation made it the best). Checkpoints written before
+multi-channel data lack ``in_channels`` (they are 1-channel), before ``prepare`` ``preprocessing``, and before the
+data record ``data``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .config import ConfigError, resume_changes
+from .config import ConfigError, load_config, resume_changes
 from .data import data_changes
 from .files import read_json, replace_atomically, write_csv_atomic, write_text_atomic
 from .model import ProjectorUNet, build_model
@@ -26,10 +29,7 @@ from .model import ProjectorUNet, build_model
 if TYPE_CHECKING:  # the engine imports this module
     from .engine import TrainingRun
 
-# in_channels and preprocessing are absent from checkpoints written before multi-channel data and prepare.
-WEIGHT_ENTRIES = ("model", "in_channels", "preprocessing", "config")
 BEST_ENTRIES = ("epoch", "val_dice", "val_cases")
-# "data" (the data record checked on --resume) is absent from checkpoints written before it existed.
 RESUME_ENTRIES = (
     "model",
     "optimizer",
@@ -68,7 +68,7 @@ def save_atomic(state: dict, path: Path) -> None:
 
 
 def _weights(run: TrainingRun) -> dict:
-    """The :data:`WEIGHT_ENTRIES` of ``run``: its network's weights and what predicting with them needs."""
+    """The entries every checkpoint of ``run`` holds: its network's weights and what predicting with them needs."""
     return {
         "model": run.raw_model.state_dict(),
         "in_channels": run.splits.channels,
@@ -131,7 +131,7 @@ def restore_checkpoint(run: TrainingRun, state: dict) -> None:
         ConfigError: the images have another channel count, or the data changed since the checkpoint.
     """
     path = run.run_dir / "checkpoint.pt"
-    stored_channels = state.get("in_channels", 1)  # checkpoints from before multi-channel data were 1-channel
+    stored_channels = checkpoint_channels(state)
     if stored_channels != run.splits.channels:
         raise ConfigError(
             f"--resume: {path} was trained on {stored_channels}-channel images but the images under "
@@ -164,9 +164,37 @@ def load_best(run: TrainingRun) -> tuple[ProjectorUNet, dict] | None:
     if not path.exists():
         return None
     state = load_checkpoint(path, run.device, ("model", *BEST_ENTRIES))
-    model = build_model(run.config, state.get("in_channels", 1), run.device)
+    model = build_model(run.config, checkpoint_channels(state), run.device)
     model.load_state_dict(state["model"])
     return model, state
+
+
+def checkpoint_channels(state: dict) -> int:
+    """The image channels a checkpoint's network takes (1 for checkpoints written before the entry existed)."""
+    return state.get("in_channels", 1)
+
+
+def load_trained_model(path: str | Path, overrides: list[str] = ()) -> tuple[ProjectorUNet, dict, dict]:
+    """A checkpoint's network with its weights, for scoring or prediction.
+
+    Args:
+        path: ``checkpoint.pt`` or ``best.pt`` of a run.
+        overrides: ``key=value`` strings applied over the stored config (e.g. another ``eval.protocol``).
+
+    Returns:
+        ``(model, config, state)``: the network on the CPU in its config's layout, the stored config resolved
+        (keys it lacks take their defaults) with ``overrides``, and the file's entries.
+
+    Raises:
+        ConfigError: naming the file when it is missing, not a checkpoint, or its weights do not fit its config.
+    """
+    path = Path(path)
+    state = load_checkpoint(path, "cpu", ("model", "config"))
+    config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path} (its stored config)")
+    model = build_model(config, checkpoint_channels(state))
+    check_weights_fit(model, state["model"], config, path)
+    model.load_state_dict(state["model"])
+    return model, config, state
 
 
 def check_output_folder(folder: Path, what: str) -> None:

@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import geometry
-from .checkpoint import check_weights_fit, load_checkpoint
-from .config import ConfigError, load_config
+from .checkpoint import load_trained_model
+from .config import ConfigError
 from .data import normalise_image
 from .evaluate import eval_settings, keep_largest_component, sliding_window_inference
 from .layouts import DataError
-from .model import build_model, segmenter
+from .model import segmenter
 from .prepare import RAW_SUFFIXES, apply_preparation, read_preprocessing
 
 # nnU-Net's channel files: <case>_0000.nii.gz, <case>_0001.nii.gz, ... form one case.
@@ -102,15 +102,9 @@ def load_models(paths: list[str | Path], protocol: str | None, device: torch.dev
     """Load every checkpoint of the ensemble and check that they agree on preparation, classes and channels."""
     models = []
     for path in map(Path, paths):
-        state = load_checkpoint(path, "cpu", ("model", "config"))
-        overrides = [f'eval.protocol="{protocol}"'] if protocol else []
-        config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path}")
-        channels = state.get("in_channels", 1)
-        model = build_model(config, channels)
-        check_weights_fit(model, state["model"], config, path)
-        model.load_state_dict(state["model"])
+        model, config, state = load_trained_model(path, [f'eval.protocol="{protocol}"'] if protocol else [])
         model.to(device).eval()
-        models.append(LoadedModel(path, model, config, checkpoint_plan(state, path, channels)))
+        models.append(LoadedModel(path, model, config, checkpoint_plan(state, path, model.in_channels)))
     first = models[0]
     for other in models[1:]:
         if other.plan != first.plan:
