@@ -39,7 +39,9 @@ RESUME_SAFE_KEYS = frozenset(dotted for dotted, knob in KNOBS.items() if knob.re
 # A frozen attribute view per section (``SECTION_VIEWS["train"]`` has fields epochs, lr, ...), and of a whole config.
 SECTION_VIEWS: dict[str, type] = {
     section: dataclasses.make_dataclass(
-        f"{section.title()}Settings", [(key, type(default)) for key, default in values.items()], frozen=True
+        f"{section.title()}Settings",
+        [(key, KNOBS[f"{section}.{key}"].types or type(default)) for key, default in values.items()],
+        frozen=True,
     )
     for section, values in DEFAULTS.items()
 }
@@ -107,17 +109,16 @@ def _as_default_type(default: Any, value: Any) -> Any:
 
 def _value_problem(dotted: str, value: Any) -> str | None:
     """What is wrong with ``value`` for the known key ``dotted`` (its type, then its rule), or None."""
-    section, _, key = dotted.partition(".")
-    default = DEFAULTS[section][key]
-    # data.labeled and data.val_cases are an int (a count) or a str (a file of IDs).
-    if dotted in ("data.labeled", "data.val_cases"):
-        ok = isinstance(value, (int, str)) and not isinstance(value, bool)
+    knob = KNOBS[dotted]
+    default = knob.default
+    if knob.types:
+        ok = isinstance(value, knob.types) and not isinstance(value, bool)
     else:
         ok = _type_ok(default, value)
     if not ok:
         return f"'{dotted}' = {value!r} has the wrong type (expected like {default!r})"
-    if not RULES[dotted].holds(value):
-        return f"'{dotted}' = {value!r} is not {RULES[dotted].expected}"
+    if not knob.rule.holds(value):
+        return f"'{dotted}' = {value!r} is not {knob.rule.expected}"
     return None
 
 

@@ -90,12 +90,14 @@ class Knob(NamedTuple):
         rule: what the value must satisfy beyond its type.
         help: one line for the config reference.
         resume_safe: a ``--resume`` may change it without making the resumed run a different run.
+        types: the types a value may have when they are not just the default's (bool never counts as int).
     """
 
     default: Any
     rule: Rule
     help: str
     resume_safe: bool = False
+    types: tuple[type, ...] | None = None
 
 
 # Resume safety: where the run folder lies (the checkpoint was found there), how data is loaded (items are keyed
@@ -122,6 +124,7 @@ KNOBS: dict[str, Knob] = {
         Rule(count_or_file(1).holds, 'a count >= 1, "all" or the path of a file of IDs'),
         "int: the first N of the sorted training list (the others' labels are hidden); str: a file of IDs, one a "
         'line; "all": every training case (unlabeled images then come from unlabeled_dir alone)',
+        types=(int, str),
     ),
     # checked by the data layer, which names the missing or empty folder
     "data.unlabeled_dir": Knob(
@@ -132,6 +135,7 @@ KNOBS: dict[str, Knob] = {
         count_or_file(0),
         "validation split for eval.every_epochs and best.pt (its labels only score), from the hidden-label "
         'training cases, or from the labeled ones when labeled = "all": int: the last N (0: none); str: an ID file',
+        types=(int, str),
     ),
     "data.num_classes": Knob(2, integer(2, 1024), "segmentation classes, background included"),
     # Any size runs (every decoder stage is resized to its skip); 1024 bounds a typo's memory.
