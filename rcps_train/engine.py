@@ -1,4 +1,5 @@
-"""The training loop: set-up, epochs, one RCPS (or supervised) step, validation, checkpoints, test scoring.
+"""The training loop: set-up, epochs, logged steps (each one :func:`rcps_train.step.train_step`), validation,
+checkpoints, test scoring.
 
 A run folder ``<run.out_dir>/<run.name>`` holds ``config.toml`` (resolved), ``train_log.csv`` (one row per
 step), ``val_log.csv`` (validation-split Dice per scored epoch), ``checkpoint.pt`` (the last state), ``best.pt``
@@ -6,7 +7,8 @@ step), ``val_log.csv`` (validation-split Dice per scored epoch), ``checkpoint.pt
 ``log.tensorboard``) and, at the end, the test split's ``metrics.csv`` / ``metrics.json`` (and
 ``metrics_best.csv``). The test split is read once before the first step to check its files, and predicted only
 after the last step, for both checkpoints: it never chooses anything.
-Checkpoints, RNG streams and the CSV logs are written and read back through :mod:`rcps_train.checkpoint`.
+Checkpoints (their format), RNG streams and the CSV logs are written and read back by :mod:`rcps_train.checkpoint`;
+the network is built by :mod:`rcps_train.model`. The run's helpers all take the :class:`TrainingRun`.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ LOG_FIELDS = ["epoch", "step", "global_step", "lr", "ramp", "loss", *TERMS, "ste
 
 
 def resolve_device(config: dict, local_rank: int = 0) -> torch.device:
+    """The device of ``run.device`` (``auto``: this rank's GPU when there is one); ConfigError when CUDA is asked
+    for but missing."""
     wanted = config["run"]["device"]
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device = 'cuda' but no CUDA device is available")
