@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 
 from rcps_train.config import load_config
-from rcps_train.engine import build_model
+from rcps_train.model import build_model
 from rcps_train.predict import run_predict
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,7 +50,7 @@ def write_inputs(folder: Path, shape, overlap: float) -> tuple[Path, Path]:
         "num_classes": 2,
     }
     torch.manual_seed(0)
-    state = {"model": build_model(config).state_dict(), "config": config, "preprocessing": {"plan": plan}}
+    state = {"model": build_model(config, 1).state_dict(), "config": config, "preprocessing": {"plan": plan}}
     torch.save(state, folder / "la.pt")
     return folder / "la_scan.nii.gz", folder / "la.pt"
 

@@ -35,7 +35,8 @@ def run_case(
 
     from benchmarks.memory import peak_growth, reset_peak
     from rcps_train.config import load_config
-    from rcps_train.engine import build_model, memory_format, train_step
+    from rcps_train.model import build_model
+    from rcps_train.step import StepContext, train_step
 
     config = load_config(
         "la",
@@ -48,16 +49,16 @@ def run_case(
         ],
     )
     torch.manual_seed(0)
-    model = build_model(config, 1).to(memory_format=memory_format(config))
+    model = build_model(config, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     label = torch.zeros(1, 1, *patch, dtype=torch.long)
     label[..., patch[0] // 4 : patch[0] // 2, patch[1] // 4 : patch[1] // 2, patch[2] // 4 : patch[2] // 2] = 1
     batch = {"image_l": torch.randn(1, 1, *patch) + label, "label_l": label, "image_u": torch.randn(1, 1, *patch)}
-    generator = torch.Generator().manual_seed(0)
+    context = StepContext(model, optimizer, scaler, config, augment_generator=torch.Generator().manual_seed(0))
 
     def step():
-        return train_step(model, batch, optimizer, scaler, config, 1.0, torch.device("cpu"), None, generator)
+        return train_step(context, batch, 1.0)
 
     for _ in range(warmup):  # first-call allocations, extension loading, optimizer state
         step()

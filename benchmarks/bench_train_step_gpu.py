@@ -33,7 +33,9 @@ CASES = {
 
 def run_case(spec: dict, patch: list[int], k: int, steps: int, warmup: int) -> dict:
     from rcps_train.config import load_config
-    from rcps_train.engine import amp_settings, build_model, memory_format, train_step
+    from rcps_train.engine import amp_settings
+    from rcps_train.model import build_model
+    from rcps_train.step import StepContext, train_step
 
     device = torch.device("cuda")
     config = load_config(
@@ -47,7 +49,7 @@ def run_case(spec: dict, patch: list[int], k: int, steps: int, warmup: int) -> d
         ],
     )
     torch.manual_seed(0)
-    model = build_model(config, 1).to(device=device, memory_format=memory_format(config))
+    model = build_model(config, 1, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     amp_dtype, use_scaler = amp_settings(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -59,9 +61,10 @@ def run_case(spec: dict, patch: list[int], k: int, steps: int, warmup: int) -> d
         "image_u": torch.randn(1, 1, *patch).to(device),
     }
     generator = torch.Generator().manual_seed(0)  # augmentation draws on CPU, as in the trainer
+    context = StepContext(model, optimizer, scaler, config, device, amp_dtype, generator)
 
-    def step(model=model, batch=batch, optimizer=optimizer):  # bound now: the names are deleted below
-        return train_step(model, batch, optimizer, scaler, config, 1.0, device, amp_dtype, generator)
+    def step(context=context, batch=batch):  # bound now: the names are deleted below
+        return train_step(context, batch, 1.0)
 
     for _ in range(warmup):  # Triton compilation, cuDNN autotuning, optimizer state
         step()
@@ -78,7 +81,7 @@ def run_case(spec: dict, patch: list[int], k: int, steps: int, warmup: int) -> d
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "loss_terms": values,
     }
-    del model, optimizer, batch
+    del model, optimizer, batch, context
     torch.cuda.empty_cache()
     return result
 

@@ -1,5 +1,12 @@
 """The files of a run folder that let a run stop and continue: checkpoints (written atomically, read with
 checks, holding every RNG stream) and the CSV logs (appended row by row, cut back to a checkpoint on resume).
+
+The checkpoint format lives here alone. Every checkpoint holds ``model`` (the weights), ``in_channels``,
+``preprocessing`` (the plan of ``rcps-train prepare``, or None) and ``config`` (what ``eval`` and ``predict``
+need); ``checkpoint.pt`` adds :data:`RESUME_ENTRIES` and ``data`` (the state a ``--resume`` continues from) and
+``best.pt`` adds :data:`BEST_ENTRIES` (which validation made it the best). Checkpoints written before
+multi-channel data lack ``in_channels`` (they are 1-channel), before ``prepare`` ``preprocessing``, and before the
+data record ``data``.
 """
 
 from __future__ import annotations
@@ -9,13 +16,20 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .config import ConfigError, resume_changes
+from .config import ConfigError, load_config, resume_changes
+from .data import data_changes
 from .files import read_json, replace_atomically, write_csv_atomic, write_text_atomic
+from .model import ProjectorUNet, build_model
 
+if TYPE_CHECKING:  # the engine imports this module
+    from .engine import TrainingRun
+
+BEST_ENTRIES = ("epoch", "val_dice", "val_cases")
 RESUME_ENTRIES = (
     "model",
     "optimizer",
@@ -53,6 +67,136 @@ def save_atomic(state: dict, path: Path) -> None:
     replace_atomically(path, lambda f: torch.save(state, f), "wb")
 
 
+def _weights(run: TrainingRun) -> dict:
+    """The entries every checkpoint of ``run`` holds: its network's weights and what predicting with them needs."""
+    return {
+        "model": run.raw_model.state_dict(),
+        "in_channels": run.splits.channels,
+        "preprocessing": run.preprocessing,
+        "config": run.config,
+    }
+
+
+def save_checkpoint(run: TrainingRun) -> None:
+    """Write ``checkpoint.pt`` (main process) with the state to continue ``run`` from its next step, including
+    every rank's RNG streams, so that each resumes its own. Every rank must call it (the streams are gathered).
+
+    Args:
+        run: the training run, at the position its next step starts from.
+    """
+    rng = rng_states(run.generators)
+    if run.world_size > 1:
+        gathered = [None] * run.world_size
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    if not run.main:
+        return
+    if run.tensorboard is not None:  # events up to this checkpoint survive a kill
+        run.tensorboard.flush()
+    state = {
+        **_weights(run),
+        "data": run.data,
+        "optimizer": run.step.optimizer.state_dict(),
+        "scaler": run.step.scaler.state_dict(),
+        "epoch": run.epoch,
+        "step_in_epoch": run.step_in_epoch,
+        "global_step": run.global_step,
+        "rng": rng,
+        "val_history": run.val_history,
+    }
+    save_atomic(state, run.run_dir / "checkpoint.pt")
+
+
+def save_best(run: TrainingRun, val_dice: float, val_cases: list[str]) -> None:
+    """Write ``best.pt``: ``run``'s current weights, after the validation that found them the best so far.
+
+    Args:
+        run: the training run; ``run.epoch`` counts the epochs done.
+        val_dice: their mean validation Dice.
+        val_cases: the names of the validation cases scored.
+    """
+    state = {**_weights(run), "epoch": run.epoch, "val_dice": val_dice, "val_cases": val_cases}
+    save_atomic(state, run.run_dir / "best.pt")
+
+
+def restore_checkpoint(run: TrainingRun, state: dict) -> None:
+    """Continue ``run`` from a ``checkpoint.pt`` (see :func:`checkpoint_to_resume`): its weights, optimizer,
+    scaler, position, validation history and RNG streams, after checking that the data still fits it.
+
+    Args:
+        run: a freshly set-up run of the same config.
+        state: the checkpoint's entries.
+
+    Raises:
+        ConfigError: the images have another channel count, or the data changed since the checkpoint.
+    """
+    path = run.run_dir / "checkpoint.pt"
+    stored_channels = checkpoint_channels(state)
+    if stored_channels != run.splits.channels:
+        raise ConfigError(
+            f"--resume: {path} was trained on {stored_channels}-channel images but the images under "
+            f"data.root = {run.config['data']['root']!r} have {run.splits.channels} channel(s)"
+        )
+    changes = data_changes(state["data"], run.data) if "data" in state else []
+    if changes:
+        raise ConfigError(
+            f"--resume: the data under data.root = {run.config['data']['root']!r} changed since "
+            f"{path} was written ({'; '.join(changes)}); restore it or start a new run.name"
+        )
+    run.raw_model.load_state_dict(state["model"])
+    run.step.optimizer.load_state_dict(state["optimizer"])
+    run.step.scaler.load_state_dict(state["scaler"])
+    run.epoch, run.step_in_epoch, run.global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+    run.val_history = state["val_history"]
+    restore_rng(state["rng"][run.rank] if isinstance(state["rng"], list) else state["rng"], run.generators)
+
+
+def load_best(run: TrainingRun) -> tuple[ProjectorUNet, dict] | None:
+    """The network of ``run``'s ``best.pt`` and the file's other entries, or None when there is no such file.
+
+    Args:
+        run: the training run (its config builds the network, on its device).
+
+    Returns:
+        ``(model, state)``: the weights loaded into a network in the config's layout, and the file's entries.
+    """
+    path = run.run_dir / "best.pt"
+    if not path.exists():
+        return None
+    state = load_checkpoint(path, run.device, ("model", *BEST_ENTRIES))
+    model = build_model(run.config, checkpoint_channels(state), run.device)
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+def checkpoint_channels(state: dict) -> int:
+    """The image channels a checkpoint's network takes (1 for checkpoints written before the entry existed)."""
+    return state.get("in_channels", 1)
+
+
+def load_trained_model(path: str | Path, overrides: list[str] = ()) -> tuple[ProjectorUNet, dict, dict]:
+    """A checkpoint's network with its weights, for scoring or prediction.
+
+    Args:
+        path: ``checkpoint.pt`` or ``best.pt`` of a run.
+        overrides: ``key=value`` strings applied over the stored config (e.g. another ``eval.protocol``).
+
+    Returns:
+        ``(model, config, state)``: the network on the CPU in its config's layout, the stored config resolved
+        (keys it lacks take their defaults) with ``overrides``, and the file's entries.
+
+    Raises:
+        ConfigError: naming the file when it is missing, not a checkpoint, or its weights do not fit its config.
+    """
+    path = Path(path)
+    state = load_checkpoint(path, "cpu", ("model", "config"))
+    config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path} (its stored config)")
+    model = build_model(config, checkpoint_channels(state))
+    check_weights_fit(model, state["model"], config, path)
+    model.load_state_dict(state["model"])
+    return model, config, state
+
+
 def check_output_folder(folder: Path, what: str) -> None:
     """Raise ConfigError before any work when ``folder`` cannot hold output: a file is in its place, or it (or
     the nearest existing folder above it) is not writable."""
@@ -84,7 +228,7 @@ def check_fresh_run_folder(run_dir: Path, overwrite: bool) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location, entries: tuple[str, ...]) -> dict:
-    """Read a checkpoint written by :func:`rcps_train.engine.train`.
+    """Read a checkpoint written by :func:`save_checkpoint` or :func:`save_best`.
 
     Args:
         path: the file.

@@ -6,6 +6,7 @@
     rcps-train make-synthetic --out DIR [--layout nifti|nnunet|h5] [--train N] [--val N] [--unlabeled N]
                               [--channels N] [--shape D H W] [--seed S]
     rcps-train demo [--out DIR]
+    rcps-train config-reference   (the Markdown reference of every config key: docs/config.md)
     rcps-train prepare --input RAW_ROOT --out PREPARED_ROOT [--format nifti|nnunet] [--modality ct|mri|auto]
                        [--spacing auto|X Y Z] [--recipe la2018|pancreas-nih] [--unlabeled DIR] [--workers N]
     rcps-train predict --checkpoint CKPT [CKPT ...] --input FILE_OR_DIR [...] --out DIR [--protocol NAME] [--tta]
@@ -22,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import EVAL_PROTOCOLS, LARGEST_COMPONENT_CHOICES, ConfigError, load_config, shipped_configs
+from .config import ConfigError, config_reference, load_config, shipped_configs
+from .knobs import EVAL_PROTOCOLS, LARGEST_COMPONENT_CHOICES
 from .layouts import DataError
 from .synthetic import LAYOUTS, UNLABELED_FOLDERS
 
@@ -231,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
     _add_prepare_parser(commands)
     _add_predict_parser(commands)
+    p = commands.add_parser("config-reference", help="print the Markdown reference of every config key")
+    p.set_defaults(func=lambda args: print(config_reference(), end=""))
     return parser
 
 

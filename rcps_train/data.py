@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import random_crop, random_grid_distortion
+from .deprecation import deprecated_names
 from .layouts import (
     Case,
     DataError,
@@ -270,7 +271,7 @@ def load_case(case: Case, num_classes: int, channels: int | None = None) -> tupl
         channels: the channel count the image must have (None: any).
 
     Returns:
-        ``image`` float32 ``(C, D, H, W)`` (see :func:`normalize_image`), and ``label`` int64 ``(D, H, W)``, or
+        ``image`` float32 ``(C, D, H, W)`` (see :func:`normalise_image`), and ``label`` int64 ``(D, H, W)``, or
         None for an unlabeled case.
     """
     image = _read_image(case)
@@ -292,10 +293,10 @@ def load_case(case: Case, num_classes: int, channels: int | None = None) -> tupl
             raise DataError(f"label {case.label} has values {values.tolist()} outside the classes 0..{num_classes - 1}")
         label = rounded.astype(np.int64)
     check_grid(case)
-    return normalize_image(image), label
+    return normalise_image(image), label
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
+def normalise_image(image: np.ndarray) -> np.ndarray:
     """Z-score each channel of a ``(C, D, H, W)`` image over its volume (float32)."""
     return np.stack([((ch - ch.mean()) / max(float(ch.std()), 1e-8)).astype(np.float32) for ch in image])
 
@@ -527,3 +528,6 @@ def epoch_plan(
 def seed_worker(worker_id: int) -> None:
     """DataLoader workers only run numpy/scipy; one thread each keeps them from starving the main process."""
     torch.set_num_threads(1)
+
+
+__getattr__ = deprecated_names(__name__, {"normalize_image": "rcps_train.data.normalise_image"})

@@ -19,6 +19,7 @@ from .data import case_spacing, load_case
 from .files import write_csv_atomic, write_text_atomic
 from .layouts import Case, DataError
 from .metrics import METRICS, case_metrics, summarize
+from .model import segmenter
 
 
 @dataclass(frozen=True)
@@ -195,12 +196,12 @@ def evaluate_cases(
     model.eval()
     rows = []
     eval_cfg, num_classes = config["eval"], config["data"]["num_classes"]
-    layout = torch.channels_last_3d if config["model"]["channels_last"] else torch.contiguous_format
+    segment = segmenter(model, config)
     for case, spacing in tqdm(list(zip(cases, spacings)), desc="eval", disable=not progress, leave=False):
         image, label = load_case(case, num_classes, model.in_channels)
         volume = torch.from_numpy(image)[None].to(device)
         scores = sliding_window_inference(
-            lambda x: model.segment(x.contiguous(memory_format=layout)),
+            segment,
             volume,
             window,
             stride,

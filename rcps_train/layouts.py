@@ -1,6 +1,6 @@
 """Where the cases of a dataset lie on disk: the NIfTI, h5 and nnU-Net layouts, and a folder of unlabeled images.
 
-Layouts (the README shows a tree of each):
+Layouts (docs/trainer.md shows a tree of each, under "Data layouts"):
 - ``nifti``: ``<root>/{train_images,train_labels,val_images,val_labels}/<name>.nii.gz`` (or ``.nii``), image
   and label sharing the file name (the official RCPS layout; ``val_*`` is the test split). A multi-channel image
   is one 4D file with the channels on its last axis.

@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import geometry
-from .checkpoint import check_weights_fit, load_checkpoint
-from .config import ConfigError, load_config
-from .data import normalize_image
-from .engine import build_model
+from .checkpoint import load_trained_model
+from .config import ConfigError
+from .data import normalise_image
 from .evaluate import eval_settings, keep_largest_component, sliding_window_inference
 from .layouts import DataError
+from .model import segmenter
 from .prepare import RAW_SUFFIXES, apply_preparation, read_preprocessing
 
 # nnU-Net's channel files: <case>_0000.nii.gz, <case>_0001.nii.gz, ... form one case.
@@ -102,15 +102,9 @@ def load_models(paths: list[str | Path], protocol: str | None, device: torch.dev
     """Load every checkpoint of the ensemble and check that they agree on preparation, classes and channels."""
     models = []
     for path in map(Path, paths):
-        state = load_checkpoint(path, "cpu", ("model", "config"))
-        overrides = [f'eval.protocol="{protocol}"'] if protocol else []
-        config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path}")
-        channels = state.get("in_channels", 1)
-        model = build_model(config, channels)
-        check_weights_fit(model, state["model"], config, path)
-        model.load_state_dict(state["model"])
+        model, config, state = load_trained_model(path, [f'eval.protocol="{protocol}"'] if protocol else [])
         model.to(device).eval()
-        models.append(LoadedModel(path, model, config, checkpoint_plan(state, path, channels)))
+        models.append(LoadedModel(path, model, config, checkpoint_plan(state, path, model.in_channels)))
     first = models[0]
     for other in models[1:]:
         if other.plan != first.plan:
@@ -130,12 +124,12 @@ def predict_probabilities(models: list[LoadedModel], image: np.ndarray, device: 
     for loaded in models:
         window, stride, blending, _ = eval_settings(loaded.config)
         eval_cfg = loaded.config["eval"]
-        layout = torch.channels_last_3d if loaded.config["model"]["channels_last"] else torch.contiguous_format
+        segment = segmenter(loaded.model, loaded.config)
         for axes in flips:
             flipped = volume.flip(axes) if axes else volume
             with torch.autocast("cuda", torch.float16, enabled=device.type == "cuda"):
                 scores = sliding_window_inference(
-                    lambda x, m=loaded.model: m.segment(x.contiguous(memory_format=layout)),
+                    segment,
                     flipped,
                     window,
                     stride,
@@ -193,7 +187,7 @@ def predict_case(
             f"{', '.join(map(str, case.files))}: {len(channels)} channels, but the model takes {len(plan['channels'])}"
         )
     prepared = apply_preparation(channels, plan)
-    probabilities = predict_probabilities(models, normalize_image(prepared.array), device, tta)
+    probabilities = predict_probabilities(models, normalise_image(prepared.array), device, tta)
     if not geometry.same_grid(prepared.grid, channels[0]):
         probabilities = geometry.resample_scores(probabilities, prepared.grid, channels[0])
     label = probabilities.argmax(0).astype(np.uint8)

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from . import geometry
+from .deprecation import deprecated_names
 from .files import write_text_atomic
 from .layouts import DataError
 
@@ -208,7 +209,7 @@ def choose_target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> tuple[lis
     )
 
 
-def channel_normalization(modality: str, foreground: np.ndarray) -> dict:
+def channel_normalisation(modality: str, foreground: np.ndarray) -> dict:
     """The normalisation record of one channel: CT gets the training foreground's 0.5/99.5 percentiles (clip)
     and mean/std (z-score); MRI a z-score of each volume."""
     if modality == "mri":
@@ -236,7 +237,7 @@ def resolve_modalities(modality: str, channel_names: list[str] | None, minima: n
     return ["ct" if (minima[:, c] <= CT_MINIMUM_BELOW).all() else "mri" for c in range(count)]
 
 
-def normalize(array: np.ndarray, spec: dict) -> np.ndarray:
+def normalise(array: np.ndarray, spec: dict) -> np.ndarray:
     """Normalise one channel as its plan record says (float32)."""
     array = array.astype(np.float32)
     scheme = spec["scheme"]
@@ -291,7 +292,7 @@ def apply_preparation(channels: list[sitk.Image], plan: dict) -> PreparedImage:
         channels = [
             geometry.resample_to_spacing(c, plan["target_spacing"], plan["image_interpolator"]) for c in channels
         ]
-    array = np.stack([normalize(geometry.to_array(c), spec) for c, spec in zip(channels, plan["channels"])])
+    array = np.stack([normalise(geometry.to_array(c), spec) for c, spec in zip(channels, plan["channels"])])
     record["prepared_shape"] = list(array.shape[1:])
     return PreparedImage(array, channels[0], record)
 
@@ -493,7 +494,7 @@ def make_plan(cases: list[RawCase], options: dict, pool, progress: bool) -> tupl
         "spacing_rule": rule,
         "image_interpolator": "bspline",
         "label_interpolator": "linear per class, then argmax",
-        "channels": [channel_normalization(m, fg) for m, fg in zip(modalities, foreground)],
+        "channels": [channel_normalisation(m, fg) for m, fg in zip(modalities, foreground)],
         "num_classes": num_classes,
         "label_scale": 1.0,
         "geometry": "physical",
@@ -604,3 +605,9 @@ def _write_summary(cases: list[RawCase], options: dict, plan: dict, fingerprint:
         _write_json_atomic(meta, out / "dataset.json")
     _write_json_atomic(payload, out / PREPROCESSING_FILE)
     return payload
+
+
+__getattr__ = deprecated_names(
+    __name__,
+    {"normalize": "rcps_train.prepare.normalise", "channel_normalization": "rcps_train.prepare.channel_normalisation"},
+)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .checkpoint import check_output_folder, check_weights_fit, load_checkpoint
-from .config import ConfigError, load_config
+from .checkpoint import check_output_folder, load_trained_model
+from .config import ConfigError
 from .data import dataset_channels
-from .engine import build_model, memory_format, resolve_device
+from .engine import resolve_device
 from .evaluate import eval_settings, evaluate_cases, format_table, write_metrics
 from .files import read_json
 from .layouts import DataError, list_cases
@@ -78,22 +78,17 @@ def rescore(
         The folder written.
     """
     path = Path(checkpoint)
-    state = load_checkpoint(path, "cpu", ("model", "config"))
     overrides = [
         f'eval.{key}="{value}"'
         for key, value in (("protocol", protocol), ("largest_component", largest_component))
         if value
     ]
-    # Keys the stored config lacks (a checkpoint saved before they existed) keep their defaults.
-    config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path} (its stored config)")
+    model, config, state = load_trained_model(path, overrides)
     if data:
         config["data"]["root"] = data
     identity = rescore_identity(path, state, config, split)
     out = Path(out) if out else default_folder(identity)
     check_out_folder(out, identity)
-    model = build_model(config, state.get("in_channels", 1))  # checkpoints without the entry were 1-channel
-    check_weights_fit(model, state["model"], config, path)
-    model.load_state_dict(state["model"])
     cases = list_cases(config["data"]["root"], split, config["data"]["format"])
     channels = dataset_channels(cases)
     if channels != model.in_channels:
@@ -102,7 +97,7 @@ def rescore(
             f"{config['data']['root']} have {channels} channel(s)"
         )
     device = resolve_device(config)
-    model.to(device, memory_format=memory_format(config))
+    model.to(device)  # build_model chose the layout; moving keeps it
     rows, summary = evaluate_cases(model, cases, config, device)
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(rows, summary, out, identity)

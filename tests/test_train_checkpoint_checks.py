@@ -63,6 +63,35 @@ def test_resume_may_change_keys_that_leave_the_run_unchanged(run_copy, capsys):
     assert "stop_after_steps = 2" in (run_dir / "config.toml").read_text()
 
 
+def test_checkpoint_entries_keep_their_names(run_copy):
+    _, run_dir = run_copy
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert set(state) == {
+        "model",
+        "in_channels",
+        "preprocessing",
+        "data",
+        "optimizer",
+        "scaler",
+        "epoch",
+        "step_in_epoch",
+        "global_step",
+        "rng",
+        "val_history",
+        "config",
+    }
+
+
+def test_resume_from_a_checkpoint_written_before_the_newer_entries(run_copy, capsys):
+    _, run_dir = run_copy
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    for entry in ("in_channels", "preprocessing", "data"):  # added with multi-channel data, prepare, the data record
+        del state[entry]
+    torch.save(state, run_dir / "checkpoint.pt")
+    assert _resume(run_dir, "train.stop_after_steps=2") == 0, capsys.readouterr().err
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["global_step"] == 2
+
+
 def test_resume_from_an_unreadable_checkpoint_names_it(run_copy, capsys):
     _, run_dir = run_copy
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")

@@ -1,13 +1,28 @@
 """Config loading: shipped configs, overrides, and clear errors for bad keys and values."""
 
+import dataclasses
+import importlib
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
 from rcps_train import engine
 from rcps_train.cli import main
-from rcps_train.config import DEFAULTS, RULES, ConfigError, load_config, parse_override, shipped_configs, to_toml
+from rcps_train.config import (
+    DEFAULTS,
+    RESUME_SAFE_KEYS,
+    RULES,
+    ConfigError,
+    load_config,
+    parse_override,
+    run_settings,
+    shipped_configs,
+    to_toml,
+    toml_value,
+)
+from rcps_train.knobs import KNOBS
 from tests.test_train_data import tiny_dataset, tiny_overrides
 
 
@@ -102,6 +117,39 @@ def test_every_key_has_a_rule_and_every_default_and_shipped_config_passes_it():
         load_config(name)
 
 
+def test_the_config_reference_in_the_docs_is_up_to_date(capsys):
+    reference = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert main(["config-reference"]) == 0
+    assert capsys.readouterr().out == reference.read_text(), "regenerate: rcps-train config-reference > docs/config.md"
+    for dotted, knob in KNOBS.items():  # every knob has a row naming its default and help
+        section, _, key = dotted.partition(".")
+        assert f"| `{key}` | `{toml_value(knob.default)}` |" in reference.read_text(), dotted
+        assert knob.help and "\n" not in knob.help, dotted
+
+
+def test_resume_safe_keys_come_from_the_knobs():
+    assert RESUME_SAFE_KEYS == {
+        "run.name",
+        "run.out_dir",
+        "data.num_workers",
+        "data.cache",
+        "train.progress",
+        "train.checkpoint_every",
+        "train.stop_after_steps",
+        "eval.sw_batch_size",
+        "log.tensorboard",
+    }
+
+
+def test_run_settings_is_a_read_only_view_of_the_config():
+    config = load_config("demo", ["train.epochs=3", "loss.tau=0.2"])
+    view = run_settings(config)
+    assert view.train.epochs == 3 and view.loss.tau == 0.2 and view.data.patch_size == config["data"]["patch_size"]
+    assert {f.name for f in dataclasses.fields(view.eval)} == set(DEFAULTS["eval"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.train.epochs = 4
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("data"), num_train=3, num_val=1)
@@ -155,3 +203,22 @@ def test_bf16_on_cpu_refuses_a_patch_whose_last_axis_reaches_one_voxel():
         engine.amp_settings(config, torch.device("cpu"))
     config["data"]["patch_size"] = [8, 8, 16]
     assert engine.amp_settings(config, torch.device("cpu")) == (torch.bfloat16, False)
+
+
+@pytest.mark.parametrize(
+    "module, old, new",
+    [
+        ("rcps_train.engine", "build_model", "rcps_train.model.build_model"),
+        ("rcps_train.engine", "memory_format", "rcps_train.model.memory_format"),
+        ("rcps_train.data", "normalize_image", "rcps_train.data.normalise_image"),
+        ("rcps_train.prepare", "normalize", "rcps_train.prepare.normalise"),
+        ("rcps_train.prepare", "channel_normalization", "rcps_train.prepare.channel_normalisation"),
+    ],
+)
+def test_renamed_and_moved_names_warn_and_still_work(module, old, new):
+    new_module, _, new_name = new.rpartition(".")
+    with pytest.warns(DeprecationWarning, match=new.replace(".", r"\.")):
+        found = getattr(importlib.import_module(module), old)
+    assert found is getattr(importlib.import_module(new_module), new_name)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        importlib.import_module(module).not_a_name  # noqa: B018

@@ -131,11 +131,12 @@ def _first_step_checked(real_step):
     evaluation windows; the second call stops the run."""
     calls = []
 
-    def step(model, batch, optimizer, scaler, config, *args, **kwargs):
+    def step(context, batch, ramp):
         if calls:
             raise SecondStepReached
         calls.append(1)
-        values = real_step(model, batch, optimizer, scaler, config, *args, **kwargs)
+        values = real_step(context, batch, ramp)
+        model, config = context.model, context.config
         assert all(math.isfinite(values[name]) for name in ("loss", "seg")), values
         assert all(torch.isfinite(p).all() for p in model.parameters()), "the first update made a weight non-finite"
         eval_cfg = config["eval"]

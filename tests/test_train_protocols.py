@@ -12,7 +12,7 @@ import torch
 
 from rcps_train import engine
 from rcps_train.cli import main
-from rcps_train.config import EVAL_PROTOCOLS, ConfigError, load_config
+from rcps_train.config import ConfigError, load_config
 from rcps_train.data import case_spacing, load_case
 from rcps_train.evaluate import (
     PROTOCOLS,
@@ -22,8 +22,10 @@ from rcps_train.evaluate import (
     sliding_window_inference,
     window_starts,
 )
+from rcps_train.knobs import EVAL_PROTOCOLS
 from rcps_train.layouts import Case, DataError, list_cases
 from rcps_train.metrics import binary_metrics
+from rcps_train.model import build_model
 from tests.test_train_data import tiny_dataset, tiny_overrides
 
 
@@ -188,7 +190,7 @@ def test_eval_command_rescores_a_checkpoint_under_ssl_la(tmp_path, capsys):
     rescored = json.loads((tmp_path / "old" / "metrics.json").read_text())
     assert rescored.pop("checkpoint") == str((tmp_path / "old.pt").resolve())
     assert rescored == {key: value for key, value in metrics.items() if key != "checkpoint"}
-    model = engine.build_model(config, 1)
+    model = build_model(config, 1)
     model.load_state_dict(state["model"])
     model.eval()
     case = list_cases(data, "val", "nifti")[0]

@@ -10,6 +10,7 @@ import torch
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import ConfigError, load_config
+from rcps_train.model import build_model
 from tests.test_train_data import tiny_dataset, tiny_overrides
 
 
@@ -86,7 +87,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, mo
     for key in final_full:
         torch.testing.assert_close(final_resumed[key], final_full[key], rtol=1e-5, atol=1e-6, msg=key)
     # And the run did train: the weights moved away from the initial ones.
-    assert not torch.equal(final_full["heads.3.weight"], engine.build_model(config, 1).state_dict()["heads.3.weight"])
+    assert not torch.equal(final_full["heads.3.weight"], build_model(config, 1).state_dict()["heads.3.weight"])
 
     # --resume of a finished run re-scores the test split and adds no row to either log.
     val_before = (killed_dir / "val_log.csv").read_text()

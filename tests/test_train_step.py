@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rcps_train.config import load_config
-from rcps_train.engine import train_step
 from rcps_train.losses import TERMS, learning_rate, ramp_weight, rcps_loss_terms
 from rcps_train.model import ProjectorUNet
+from rcps_train.step import StepContext, train_step
 
 PATCH = (32, 32, 24)
 
@@ -46,17 +46,8 @@ def test_one_step_per_backend(backend):
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    values = train_step(
-        model,
-        tiny_batch(),
-        optimizer,
-        scaler,
-        config,
-        ramp=0.5,
-        device=torch.device("cpu"),
-        amp_dtype=None,
-        augment_generator=torch.Generator().manual_seed(1),
-    )
+    context = StepContext(model, optimizer, scaler, config, augment_generator=torch.Generator().manual_seed(1))
+    values = train_step(context, tiny_batch(), ramp=0.5)
     assert set(TERMS) <= set(values) and all(math.isfinite(values[k]) for k in ("loss", *TERMS))
     assert all(values[k] > 0 for k in TERMS)
     # Random projections: L_bc starts near 2 ln(K + 1), i.e. every term is really computed.
@@ -74,17 +65,8 @@ def test_supervised_step_trains_seg_only():
     model = make_model(config)
     projector_before = [p.detach().clone() for p in model.projector.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    values = train_step(
-        model,
-        tiny_batch(),
-        optimizer,
-        torch.amp.GradScaler("cpu", enabled=False),
-        config,
-        1.0,
-        torch.device("cpu"),
-        None,
-        torch.Generator(),
-    )
+    context = StepContext(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), config)
+    values = train_step(context, tiny_batch(), 1.0)
     assert math.isfinite(values["seg"]) and values["loss"] == values["seg"]
     assert all(math.isnan(values[k]) for k in TERMS if k != "seg")
     assert all(torch.equal(b, p) for b, p in zip(projector_before, model.projector.parameters()))
@@ -191,17 +173,9 @@ def test_channels_last_layout_gives_the_same_step():
         if channels_last == "true":
             model = model.to(memory_format=torch.channels_last_3d)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        values = train_step(
-            model,
-            tiny_batch(),
-            optimizer,
-            torch.amp.GradScaler("cpu", enabled=False),
-            config,
-            0.5,
-            torch.device("cpu"),
-            None,
-            torch.Generator().manual_seed(3),
-        )
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        context = StepContext(model, optimizer, scaler, config, augment_generator=torch.Generator().manual_seed(3))
+        values = train_step(context, tiny_batch(), 0.5)
         results.append((values, [p.detach().clone() for p in model.parameters()]))
     (values_a, params_a), (values_b, params_b) = results
     for name in ("loss", *TERMS):
