@@ -188,13 +188,25 @@ def load_trained_model(path: str | Path, overrides: list[str] = ()) -> tuple[Pro
     Raises:
         ConfigError: naming the file when it is missing, not a checkpoint, or its weights do not fit its config.
     """
+    config, state = load_trained_config(path, overrides)
+    return trained_model(path, config, state), config, state
+
+
+def load_trained_config(path: str | Path, overrides: list[str] = ()) -> tuple[dict, dict]:
+    """The first half of :func:`load_trained_model`: ``(config, state)`` without building the network, for callers
+    that check more (an output folder) before that work."""
     path = Path(path)
     state = load_checkpoint(path, "cpu", ("model", "config"))
     config = load_config(None, overrides, base=state["config"], base_source=f"checkpoint {path} (its stored config)")
+    return config, state
+
+
+def trained_model(path: str | Path, config: dict, state: dict) -> ProjectorUNet:
+    """The second half of :func:`load_trained_model`: the network of ``config`` holding ``state``'s weights."""
     model = build_model(config, checkpoint_channels(state))
-    check_weights_fit(model, state["model"], config, path)
+    check_weights_fit(model, state["model"], config, Path(path))
     model.load_state_dict(state["model"])
-    return model, config, state
+    return model
 
 
 def check_output_folder(folder: Path, what: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from .checkpoint import check_output_folder, load_trained_model
+from .checkpoint import check_output_folder, load_trained_config, trained_model
 from .config import ConfigError
 from .data import dataset_channels
 from .engine import resolve_device
@@ -83,12 +83,13 @@ def rescore(
         for key, value in (("protocol", protocol), ("largest_component", largest_component))
         if value
     ]
-    model, config, state = load_trained_model(path, overrides)
+    config, state = load_trained_config(path, overrides)
     if data:
         config["data"]["root"] = data
     identity = rescore_identity(path, state, config, split)
     out = Path(out) if out else default_folder(identity)
     check_out_folder(out, identity)
+    model = trained_model(path, config, state)
     cases = list_cases(config["data"]["root"], split, config["data"]["format"])
     channels = dataset_channels(cases)
     if channels != model.in_channels:

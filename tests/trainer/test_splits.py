@@ -18,7 +18,7 @@ from rcps_train.config import load_config
 from rcps_train.data import dataset_splits
 from rcps_train.layouts import DataError
 from rcps_train.synthetic import make_synthetic_dataset
-from tests.test_train_data import SHAPE, tiny_overrides
+from tests.trainer.tiny_data import SHAPE, tiny_overrides
 
 
 def _write_label(case, label):

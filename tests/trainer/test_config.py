@@ -23,7 +23,7 @@ from rcps_train.config import (
     toml_value,
 )
 from rcps_train.knobs import KNOBS
-from tests.test_train_data import tiny_dataset, tiny_overrides
+from tests.trainer.tiny_data import tiny_dataset, tiny_overrides
 
 
 def test_shipped_configs_hold_the_paper_settings():

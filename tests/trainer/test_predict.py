@@ -16,8 +16,8 @@ from rcps_train.config import ConfigError, load_config
 from rcps_train.engine import train
 from rcps_train.predict import collect_inputs, load_models, predict_probabilities, run_predict
 from rcps_train.prepare import read_preprocessing, run_prepare
-from tests.test_prepare import write_raw_dataset
-from tests.test_train_data import tiny_overrides
+from tests.trainer.raw_scans import write_raw_dataset
+from tests.trainer.tiny_data import tiny_overrides
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import load_config
-from tests.test_train_data import tiny_dataset, tiny_overrides
+from tests.trainer.tiny_data import tiny_dataset, tiny_overrides
 
 
 @pytest.fixture(scope="module")

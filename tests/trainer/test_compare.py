@@ -4,7 +4,7 @@ import csv
 import statistics
 
 from rcps_train.cli import main
-from tests.test_train_data import tiny_dataset, tiny_overrides
+from tests.trainer.tiny_data import tiny_dataset, tiny_overrides
 
 
 def test_compare_writes_table_and_plot_and_reuses_finished_runs(tmp_path, capsys):

@@ -11,7 +11,7 @@ from rcps_train import engine
 from rcps_train.cli import main
 from rcps_train.config import ConfigError, load_config
 from rcps_train.model import build_model
-from tests.test_train_data import tiny_dataset, tiny_overrides
+from tests.trainer.tiny_data import die_at_step, tiny_dataset, tiny_overrides
 
 
 def _config(data_root, out_dir, name, **extra):
@@ -21,20 +21,6 @@ def _config(data_root, out_dir, name, **extra):
 def _log(run_dir):
     with open(run_dir / "train_log.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _die_at_step(monkeypatch, number):
-    """Make the ``number``-th training step raise KeyboardInterrupt (a kill); returns the real step function."""
-    real_step, calls = engine.train_step, []
-
-    def dying_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == number:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "train_step", dying_step)
-    return real_step
 
 
 def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
@@ -63,7 +49,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, mo
     assert {"dice", "hd95", "asd", "per_case"} <= set(metrics) and len(metrics["per_case"]) == 2
 
     # Kill the second run during its 4th step: the last checkpoint is at step 2, the log has 3 rows.
-    real_step = _die_at_step(monkeypatch, 4)
+    real_step = die_at_step(monkeypatch, 4)
     config = _config(data, tmp_path, "killed", **{"train.checkpoint_every": 2})
     with pytest.raises(KeyboardInterrupt):
         engine.train(config)
@@ -100,7 +86,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, mo
 def test_fresh_run_after_a_kill_before_the_first_checkpoint_starts_clean(tmp_path, monkeypatch, capsys):
     data = tiny_dataset(tmp_path / "data")
     config = _config(data, tmp_path, "early", **{"train.checkpoint_every": 100})
-    real_step = _die_at_step(monkeypatch, 2)
+    real_step = die_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         engine.train(config)
     run_dir = tmp_path / "early"

@@ -17,7 +17,7 @@ nib = pytest.importorskip("nibabel")
 
 from rcps_nnunet import cli  # noqa: E402
 from rcps_nnunet.progress import LOGGED_TERMS, PLOT_FILE  # noqa: E402
-from tests.nnunet_data import (  # noqa: E402
+from tests.trainer.nnunet_data import (  # noqa: E402
     DATASET,
     TINY_TRAINER,
     nnunet_folders,

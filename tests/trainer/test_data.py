@@ -22,37 +22,7 @@ from rcps_train.data import (
 )
 from rcps_train.layouts import DataError, list_cases, read_nnunet_dataset_json
 from rcps_train.synthetic import make_synthetic_dataset
-
-SHAPE = (32, 32, 24)
-
-
-def tiny_dataset(root, num_train=4, num_val=2):
-    """A small synthetic NIfTI dataset shared by the trainer tests."""
-    return make_synthetic_dataset(root, num_train, num_val, SHAPE, seed=0)
-
-
-def tiny_overrides(data_root, out_dir, **extra):
-    """Config overrides for a run that takes seconds: width 4, 16x16x16 patches, 2 steps per epoch."""
-    values = {
-        "data.root": f'"{data_root}"',
-        "run.out_dir": f'"{out_dir}"',
-        "data.labeled": 1,
-        "data.val_cases": 1,
-        "data.patch_size": "[16, 16, 16]",
-        "data.num_workers": 0,
-        "model.widths": "[4, 8, 8, 16, 16]",
-        "model.project_dim": 16,
-        "train.epochs": 2,
-        "train.max_steps_per_epoch": 2,
-        "train.warmup_epochs": 1,
-        "train.progress": "false",
-        "loss.num_negatives": 16,
-        "eval.every_epochs": 1,
-        "eval.overlap": 0.5,
-        "data.grid_distortion_prob": 0.5,
-    }
-    values.update(extra)
-    return [f"{key}={value}" for key, value in values.items()]
+from tests.trainer.tiny_data import SHAPE, tiny_dataset
 
 
 def test_nifti_layout_loads_sorted_normalised_cases(tmp_path):

@@ -15,8 +15,7 @@ from rcps_train.cli import main
 from rcps_train.compare import run_comparison
 from rcps_train.config import ConfigError, load_config
 from rcps_train.synthetic import make_synthetic_dataset
-from tests.test_train_data import tiny_dataset, tiny_overrides
-from tests.test_train_resume import _die_at_step
+from tests.trainer.tiny_data import die_at_step, tiny_dataset, tiny_overrides
 
 SHORT = {"train.epochs": 1, "train.max_steps_per_epoch": 1, "eval.every_epochs": 1, "data.patch_size": "[32, 32, 16]"}
 
@@ -70,7 +69,7 @@ def test_rescores_get_a_folder_each_and_record_what_they_scored(tmp_path, capsys
 def test_resume_refuses_data_that_changed(tmp_path, monkeypatch):
     data = tiny_dataset(tmp_path / "data")
     config = _config(data, tmp_path, **{"train.epochs": 2, "train.checkpoint_every": 1})
-    real_step = _die_at_step(monkeypatch, 2)
+    real_step = die_at_step(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         engine.train(config)
     monkeypatch.setattr(engine, "train_step", real_step)

@@ -26,7 +26,7 @@ from rcps_train.knobs import EVAL_PROTOCOLS
 from rcps_train.layouts import Case, DataError, list_cases
 from rcps_train.metrics import binary_metrics
 from rcps_train.model import build_model
-from tests.test_train_data import tiny_dataset, tiny_overrides
+from tests.trainer.tiny_data import tiny_dataset, tiny_overrides
 
 
 def test_window_starts_follow_the_ceil_formula():

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from rcps_train import engine
 from rcps_train.config import load_config
 from rcps_train.distributed import all_gather_with_grad
-from tests.test_train_data import tiny_dataset, tiny_overrides
+from tests.trainer.tiny_data import tiny_dataset, tiny_overrides
 
 
 def _free_port():

@@ -9,8 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from rcps_train import engine
 from rcps_train.config import ConfigError, load_config
 from rcps_train.losses import TERMS
-from tests.test_train_data import tiny_dataset, tiny_overrides
-from tests.test_train_resume import _die_at_step
+from tests.trainer.tiny_data import die_at_step, tiny_dataset, tiny_overrides
 
 
 def _config(data, out, name, **extra):
@@ -44,7 +43,7 @@ def test_a_run_logs_every_term_per_step_and_validation_per_epoch(tmp_path):
 def test_killed_and_resumed_run_holds_each_step_once(tmp_path, monkeypatch):
     data = tiny_dataset(tmp_path / "data")
     engine.train(_config(data, tmp_path, "full"))
-    real_step = _die_at_step(monkeypatch, 4)  # the checkpoint is at step 2; steps 3 (and the kill) follow it
+    real_step = die_at_step(monkeypatch, 4)  # the checkpoint is at step 2; steps 3 (and the kill) follow it
     config = _config(data, tmp_path, "killed")
     with pytest.raises(KeyboardInterrupt):
         engine.train(config)

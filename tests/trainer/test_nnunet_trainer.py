@@ -21,7 +21,7 @@ pytest.importorskip("nnunetv2")
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: E402
 
 from rcps_nnunet.trainer import SETTINGS_FILE, nnUNetTrainerRCPS  # noqa: E402
-from tests.nnunet_data import DATASET, nnunet_folders  # noqa: E402
+from tests.trainer.nnunet_data import DATASET, nnunet_folders  # noqa: E402
 
 CONFIGURATION = "3d_fullres"
 
