@@ -76,7 +76,7 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     return z.movedim(1, -1).reshape(-1, z.shape[1])
 
 
-def normalize(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def normalise(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """F.normalize(rows, dim=1, eps=eps) with the norm scaled before squaring: in float32 the
     squared norm overflows from ||z|| ~ 1.8e19, and torch's norm does not scale on every device.
     The scale (each row's largest |z_c|) is a constant for autograd: ||z|| = s ||z / s||."""
@@ -130,7 +130,7 @@ def bidirectional_voxel_infonce_reference(
     shape (B, *S) ("none"). Arguments as in :func:`rcps_kernels.bidirectional_voxel_infonce`;
     ``seed``/``offset`` key the random draws.
     """
-    u1, u2, un = normalize(_rows(anchor)), normalize(_rows(positive)), normalize(_rows(pool))
+    u1, u2, un = normalise(_rows(anchor)), normalise(_rows(positive)), normalise(_rows(pool))
     neg = negatives_per_anchor(
         anchor_logits,
         pool_logits,
