@@ -448,3 +448,13 @@ def test_topk_caps_the_negative_count_at_the_pool_before_any_table(monkeypatch):
     assert seen == [12, 12]
     torch.testing.assert_close(huge, exact, rtol=0, atol=0)
     torch.testing.assert_close(huge_grad, torch.autograd.grad(exact, inputs[0])[0], rtol=0, atol=0)
+
+
+def test_the_old_spelling_of_the_reference_normalise_warns_and_agrees():
+    from rcps_kernels.reference import infonce as reference
+
+    rows = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    with pytest.warns(DeprecationWarning, match="normalize is deprecated, use normalise"):
+        old = reference.normalize(rows)
+    assert torch.equal(old, reference.normalise(rows))
+    assert torch.equal(old[0], torch.tensor([0.6, 0.8]))

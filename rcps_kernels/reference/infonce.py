@@ -7,6 +7,8 @@ and on small inputs, not at training sizes.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -84,6 +86,14 @@ def normalise(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     norm = torch.linalg.vector_norm(rows / scale, dim=1, keepdim=True) * scale
     return rows / norm.clamp_min(eps)
+
+
+def normalize(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Deprecated name of :func:`normalise` (the project spells it with an s); warns, then calls it."""
+    warnings.warn(
+        "rcps_kernels.reference.infonce.normalize is deprecated, use normalise", DeprecationWarning, stacklevel=2
+    )
+    return normalise(rows, eps)
 
 
 def negatives_per_anchor(
