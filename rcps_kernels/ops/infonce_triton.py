@@ -516,7 +516,10 @@ def voxel_infonce(anchor, positive, pool, params, *, grad_weight=None, grad_scal
     dev = anchor.device
     want_grad = grad_scale != 0.0
     pool_grad = want_grad and pool_grad
-    labels, neg_index, neg_count = (t.to(device=dev, dtype=torch.int64).contiguous() for t in params.tables())
+    labels, neg_index, neg_count = (
+        t.to(device=dev, dtype=torch.int64).contiguous()
+        for t in (params.anchor_labels, params.neg_index, params.neg_count)
+    )
     w = None
     if want_grad and grad_weight is not None:
         w = grad_weight.to(device=dev, dtype=torch.float32).contiguous()

@@ -254,7 +254,7 @@ def random_mode(
 
 def random_draws(params) -> Tensor:
     """(N, K) pool voxels that the Triton random mode draws (-1: nothing eligible); for tests."""
-    labels, neg_index, neg_count = params.tables()
+    labels, neg_index, neg_count = params.anchor_labels, params.neg_index, params.neg_count
     N, K = labels.numel(), params.num_negatives
     out = torch.empty((N, K), device=labels.device, dtype=torch.int64)
     if N and K:
