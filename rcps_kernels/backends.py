@@ -283,11 +283,11 @@ def auto_choice(device: torch.device) -> tuple[str, dict[str, str]]:
 
 
 @functools.lru_cache(maxsize=None)
-def warn_fallback_once(device_type: str, reason: str) -> None:
-    """Warn, once per device type and reason (``cache_clear()`` re-arms it), that auto fell back to torch."""
+def warn_fallback_once(device_type: str, reason: str, fallback: str) -> None:
+    """Warn, once per device type, reason and fallback (``cache_clear()`` re-arms it), that auto fell back."""
     warnings.warn(
         f"rcps_kernels: no fused backend is usable for {device_type} tensors ({reason}); falling back to "
-        "backend='torch' (plain PyTorch: exact and memory-bounded, slower than the fused kernels)",
+        f"backend={fallback!r} (exact and memory-bounded, slower than the fused kernels)",
         RuntimeWarning,
         stacklevel=4,
     )
@@ -323,7 +323,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         _check_cpu_variant_request(device)
         chosen, failed = _pick(device)
         if failed and BY_NAME[chosen].auto_device_types is None:  # the catch-all, after a fused one failed
-            warn_fallback_once(device.type, "; ".join(f"{name}: {reason}" for name, reason in failed.items()))
+            reasons = "; ".join(f"{name}: {reason}" for name, reason in failed.items())
+            warn_fallback_once(device.type, reasons, chosen)
         return chosen
     record = BY_NAME[backend]
     if not record.takes(device):
