@@ -23,7 +23,7 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-_spec = importlib.util.spec_from_file_location("_build_config", ROOT / "rcps_kernels" / "_build_config.py")
+_spec = importlib.util.spec_from_file_location("build_config", ROOT / "rcps_kernels" / "build_config.py")
 build_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_config)
 
@@ -73,7 +73,7 @@ def _relative(paths: list[str]) -> list[str]:
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension  # noqa: E402
 
-# One complete, self-contained CPU module per instruction-set variant (see _build_config).
+# One complete, self-contained CPU module per instruction-set variant (see rcps_kernels/build_config.py).
 CPU_VARIANTS = build_config.cpu_variants()
 ext_modules = [
     CppExtension(

@@ -4,7 +4,7 @@ does the build take and how large is the module. No GPU needed.
     CUDA_HOME=/usr/local/cuda python -m benchmarks.cuda_arch_build --archs "8.0;9.0" --archs default
 
 Each list is built from scratch in a fresh process and a fresh folder, with the flags setup.py
-uses (``_build_config.nvcc_flags``); ``default`` is ``settings.DEFAULT_CUDA_ARCHS``. Writes
+uses (``build_config.nvcc_flags``); ``default`` is ``settings.DEFAULT_CUDA_ARCHS``. Writes
 ``benchmarks/results/cuda_arch_build.{json,md}`` (``--out`` for another stem).
 """
 
@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 from benchmarks.la_compare import RESULTS, machine
-from rcps_kernels import _build_config, settings
+from rcps_kernels import build_config, settings
 
 _BUILD = """
 import sys
 from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load
-from rcps_kernels import _build_config as config
+from rcps_kernels import build_config as config
 archs, folder = sys.argv[1].split(";"), sys.argv[2]
 csrc = config.CHECKOUT_CSRC
 load(name="rcps_cuda_arch_build", sources=config.cuda_sources(csrc), build_directory=folder,
@@ -73,7 +73,7 @@ def main() -> None:
     rows = []
     for archs in args.archs:
         archs = settings.DEFAULT_CUDA_ARCHS if archs == "default" else archs
-        print(f"building for {archs} ({' '.join(_build_config.nvcc_flags(archs.split(';')))}) ...", flush=True)
+        print(f"building for {archs} ({' '.join(build_config.nvcc_flags(archs.split(';')))}) ...", flush=True)
         rows.append(build(archs))
         print(json.dumps({key: value for key, value in rows[-1].items() if key != "error"}), flush=True)
         if not rows[-1]["ok"]:

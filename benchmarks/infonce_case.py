@@ -95,7 +95,7 @@ def run_case(impl: str, shape: str, k: int, repeats: int, pool: str | None) -> d
 
 
 def _cpu_variant() -> str | None:
-    from rcps_kernels._extension import cpu_extension
+    from rcps_kernels.extension import cpu_extension
 
     return cpu_extension().variant
 

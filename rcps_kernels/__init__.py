@@ -12,7 +12,7 @@ Public API (all take MONAI-style ``(B, C, *spatial)`` tensors and a ``backend=``
 
 Layout: ``functional.py`` (the functions), ``modules.py`` (the Modules), ``ops/`` (one file per
 op with its custom ops, fakes and autograd; ``ops/kernels.py``, the kernel table per backend),
-``reference/`` (plain PyTorch, the test oracle), ``_validation.py`` (every input check),
+``reference/`` (plain PyTorch, the test oracle), ``validation.py`` (every input check),
 ``settings.py`` (every environment variable).
 """
 

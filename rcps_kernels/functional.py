@@ -1,10 +1,10 @@
 """The public functions: the voxel InfoNCE, negative selection and the pseudo-supervision losses.
 
 Every function takes MONAI-style ``(B, C, *spatial)`` tensors (1-3 spatial dims), checks its
-inputs (``_validation``), picks a backend (``backend=``: "auto", "cpu", "triton", "cuda", "torch"
-or "reference"; see ``_backend``) and calls the op in ``ops/`` or the float64-exact reference in
-``reference/``. L_urp and L_cr are per-voxel, so their plain formulas (``reference/``) already
-need memory linear in the logits, with no K factor: ``backend="torch"`` runs those.
+inputs (``validation``), picks a backend (``backend=``, one of :data:`rcps_kernels.backends.NAMES`)
+and calls the op in ``ops/`` or the float64-exact reference in ``reference/``. L_urp and L_cr are
+per-voxel, so their plain formulas (``reference/``) already need memory linear in the logits, with
+no K factor: a backend whose kernel table has no pseudo-supervision kernels (``torch``) runs those.
 The losses' semantics and gradients are in docs/design.md sections 2 and 3.
 """
 
@@ -15,29 +15,36 @@ import math
 import torch
 from torch import Tensor
 
-from . import _validation as v
-from ._backend import resolve_backend
-from ._validation import MIN_TEMPERATURE, SAMPLING_MODES  # noqa: F401  (public constants)
+from . import backends
+from . import validation as v
 from .ops import infonce as infonce_ops
-from .ops import pseudo_supervision as head_ops
-from .ops.infonce import InfoNCEParams
-from .ops.kernels import kernels
+from .ops import pseudo_supervision as pseudo_supervision_ops
+from .ops.kernels import InfoNCEParams
 from .ops.selection import eligible_negatives, logits_sum, negative_tables, pseudo_labels, topk_negatives
 from .reference.infonce import bidirectional_voxel_infonce_reference
 from .reference.pseudo_supervision import (
     logit_cosine_consistency_reference,
     rectified_pseudo_supervision_reference,
 )
-
-#: The backends every op implements (besides "auto").
-_BACKENDS = ("cpu", "triton", "cuda", "torch", "reference")
-#: The backends whose L_urp and L_cr are the plain formulas of reference/.
-_PLAIN_HEAD_BACKENDS = ("torch", "reference")
+from .validation import MIN_TEMPERATURE, SAMPLING_MODES  # noqa: F401  (public constants)
 
 
 def _resolve_on(backend: str, tensor: Tensor) -> str:
     """The concrete backend for `tensor` (a constant under torch.compile: see resolve_backend)."""
-    return resolve_backend(backend, tensor.device, _BACKENDS)
+    return backends.resolve_backend(backend, tensor.device)
+
+
+# Evaluated eagerly while torch.compile traces, as resolve_backend: building a kernel table imports modules.
+@torch.compiler.assume_constant_result
+def _runs_formulas(backend: str) -> bool:
+    """Whether `backend` computes L_urp and L_cr with the plain formulas of reference/ (no kernel
+    table, or one without pseudo-supervision kernels)."""
+    return backends.BY_NAME[backend].kernels is None or not backends.kernel_table(backend).fuses_pseudo_supervision
+
+
+def _runs_reference(backend: str) -> bool:
+    """Whether `backend` is the float64-exact oracle (no kernel table): the InfoNCE then runs reference/."""
+    return backends.BY_NAME[backend].kernels is None
 
 
 def _flat(logits: Tensor) -> Tensor:
@@ -117,7 +124,7 @@ def bidirectional_voxel_infonce(
             The fused "mean" path computes its gradient in forward and scales it in place in
             backward, so its graph takes one backward: for ``retain_graph=True`` or
             ``torch.autograd.gradcheck`` use "sum" or "none".
-        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
+        backend: one of :data:`rcps_kernels.backends.NAMES` ("auto" picks per device).
         deterministic: "random" sampling on a GPU adds the pool gradient with float atomics
             unless it runs deterministically (int64 fixed-point atomics, bitwise reproducible).
             None (default) follows ``torch.are_deterministic_algorithms_enabled()`` when the
@@ -151,7 +158,7 @@ def bidirectional_voxel_infonce(
         num_negatives = min(num_negatives, pool_logits[:, 0].numel())
     backend = _resolve_on(backend, anchor)
     seed = _draw_seed(generator) if sampling == "random" else 0
-    if backend == "reference":
+    if _runs_reference(backend):
         tables, logits_total = None, logits_sum(anchor_logits, pool_logits)
     else:
         *tables, logits_total = negative_tables(
@@ -163,7 +170,7 @@ def bidirectional_voxel_infonce(
     # bad feature always reaches it, while a NaN pool voxel that is never selected does not and is
     # not reported.
     inputs_finite = v.all_finite(logits_total, (anchor, positive, pool))
-    if backend == "reference":
+    if _runs_reference(backend):
         loss = bidirectional_voxel_infonce_reference(
             anchor,
             positive,
@@ -261,7 +268,7 @@ def random_negative_draws(
         seed=seed,
         offset=offset,
     )
-    return kernels("cpu").random_draws(params).to(anchor_logits.device)
+    return backends.kernel_table("cpu").random_draws(params).to(anchor_logits.device)
 
 
 @v.renamed_keywords(negative_logits="pool_logits")
@@ -320,7 +327,7 @@ def rectified_pseudo_supervision(
         temperature: sharpening temperature T > 0 of the cross-entropy target; 1/T must be a
             finite normal float32 (float64 for float64 inputs), i.e. T in [2.9e-39, 8.5e37].
         reduction: "mean" (over batch and voxels), "sum", or "none" (a (B, *S) map).
-        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
+        backend: one of :data:`rcps_kernels.backends.NAMES` ("auto" picks per device).
 
     Returns:
         The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs
@@ -341,11 +348,11 @@ def rectified_pseudo_supervision(
     v.check_logits_pair("student_logits", student_logits, "teacher_logits", teacher_logits)
     v.check_loss_options(reduction, student_logits.dtype, temperature=temperature)
     backend = _resolve_on(backend, student_logits)
-    if backend in _PLAIN_HEAD_BACKENDS:
+    if _runs_formulas(backend):
         loss = rectified_pseudo_supervision_reference(student_logits, teacher_logits, temperature, reduction)
     else:
         loss = _spatial(
-            head_ops.rectified_pseudo_supervision_op(
+            pseudo_supervision_ops.rectified_pseudo_supervision_op(
                 _flat(student_logits), _flat(teacher_logits), float(temperature), reduction, backend
             ),
             student_logits,
@@ -376,7 +383,7 @@ def logit_cosine_consistency(
         logits_b: (B, num_classes, *S) logits of augmented view 2.
         eps: smallest norm, > 0, with 1/eps a finite normal float32 (float64 for float64 inputs).
         reduction: "mean" (over batch and voxels), "sum", or "none" (a (B, *S) map).
-        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
+        backend: one of :data:`rcps_kernels.backends.NAMES` ("auto" picks per device).
 
     Returns:
         The loss, float32 for float16/bfloat16/float32 inputs, float64 for float64 inputs
@@ -393,11 +400,13 @@ def logit_cosine_consistency(
     v.check_logits_pair("logits_a", logits_a, "logits_b", logits_b)
     v.check_loss_options(reduction, logits_a.dtype, eps=eps)
     backend = _resolve_on(backend, logits_a)
-    if backend in _PLAIN_HEAD_BACKENDS:
+    if _runs_formulas(backend):
         loss = logit_cosine_consistency_reference(logits_a, logits_b, eps, reduction)
     else:
         loss = _spatial(
-            head_ops.logit_cosine_consistency_op(_flat(logits_a), _flat(logits_b), float(eps), reduction, backend),
+            pseudo_supervision_ops.logit_cosine_consistency_op(
+                _flat(logits_a), _flat(logits_b), float(eps), reduction, backend
+            ),
             logits_a,
             reduction,
         )
@@ -428,7 +437,7 @@ def pseudo_supervision_losses(
             normal float32, float64 for float64 inputs).
         eps: smallest norm in L_cr's cosine, > 0 (1/eps likewise).
         reduction: "mean" (over batch and voxels, per loss), "sum", or "none" ((B, *S) maps).
-        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
+        backend: one of :data:`rcps_kernels.backends.NAMES` ("auto" picks per device).
 
     Returns:
         ``(l_urp, l_cr)``, float32 for float16/bfloat16/float32 inputs, float64 for float64
@@ -447,13 +456,13 @@ def pseudo_supervision_losses(
     v.check_logits_pair("view_a", view_a, "teacher_logits", teacher_logits)
     v.check_loss_options(reduction, view_a.dtype, temperature=temperature, eps=eps)
     backend = _resolve_on(backend, view_a)
-    if backend in _PLAIN_HEAD_BACKENDS:
+    if _runs_formulas(backend):
         urp = rectified_pseudo_supervision_reference(
             view_a, teacher_logits, temperature, reduction
         ) + rectified_pseudo_supervision_reference(view_b, teacher_logits, temperature, reduction)
         cr = logit_cosine_consistency_reference(view_a, view_b, eps, reduction)
     else:
-        urp, cr = head_ops.pseudo_supervision_losses_op(
+        urp, cr = pseudo_supervision_ops.pseudo_supervision_losses_op(
             _flat(view_a), _flat(view_b), _flat(teacher_logits), float(temperature), float(eps), reduction, backend
         )
         urp, cr = _spatial(urp, view_a, reduction), _spatial(cr, view_a, reduction)

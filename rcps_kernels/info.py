@@ -11,9 +11,8 @@ import platform
 def collect() -> dict:
     import torch
 
-    from ._backend import backend_status, device_report, visible_devices
-    from ._extension import build_info, cpu_extension
-    from .functional import _BACKENDS
+    from .backends import backend_status, device_report, visible_devices
+    from .extension import build_info, cpu_extension
 
     info = {
         "rcps_kernels": __import__("rcps_kernels").__version__,
@@ -24,7 +23,7 @@ def collect() -> dict:
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "num_threads": torch.get_num_threads(),
         "backends": backend_status(),
-        "devices": [device_report(device, _BACKENDS) for device in visible_devices()],
+        "devices": [device_report(device) for device in visible_devices()],
     }
     info["cuda_extension_archs"] = getattr(build_info(), "CUDA_ARCHS", None)
     cpu = cpu_extension()

@@ -1,22 +1,39 @@
-"""nn.Module forms of the public functions (MONAI-style losses): each stores its keywords and
-calls the function in :mod:`rcps_kernels.functional`."""
+"""nn.Module forms of the public functions (MONAI-style losses): each takes its function's keywords,
+with the function's defaults (read from its signature), checks them when it is built and passes
+them on every call. The semantics and the keywords' meaning are documented on the functions in
+:mod:`rcps_kernels.functional`.
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import Tensor, nn
 
-from . import _validation as v
+from . import backends
+from . import validation as v
 from .functional import bidirectional_voxel_infonce, logit_cosine_consistency, rectified_pseudo_supervision
 
 
-class BidirectionalVoxelContrastiveLoss(nn.Module):
-    """RCPS's bidirectional voxel contrastive loss L_bc as a module.
+def _keyword_defaults(function) -> dict[str, object]:
+    """The defaults of `function`'s keyword-only parameters (its options), by name."""
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
-    Args: see :func:`rcps_kernels.bidirectional_voxel_infonce`; every keyword is stored and used
-    on each call. ``generator`` seeds random sampling; ``deterministic`` (None: follow
-    ``torch.use_deterministic_algorithms`` at each call) forces random mode's deterministic
-    GPU path on or off.
+
+_INFONCE_DEFAULTS = _keyword_defaults(bidirectional_voxel_infonce)
+_RECTIFIED_DEFAULTS = _keyword_defaults(rectified_pseudo_supervision)
+_COSINE_DEFAULTS = _keyword_defaults(logit_cosine_consistency)
+
+
+class BidirectionalVoxelContrastiveLoss(nn.Module):
+    """Module form of :func:`rcps_kernels.bidirectional_voxel_infonce` (RCPS's L_bc).
+
+    Args: the function's keywords, with its defaults; every one is stored and used on each call.
+
+    Raises:
+        TypeError, ValueError: a keyword the function would refuse (checked here, not at the first call).
 
     Example::
 
@@ -26,16 +43,20 @@ class BidirectionalVoxelContrastiveLoss(nn.Module):
 
     def __init__(
         self,
-        num_negatives: int = 400,
-        temperature: float = 0.1,
-        sampling: str = "topk",
-        confidence_threshold: float = 0.0,
-        generator: torch.Generator | None = None,
-        reduction: str = "mean",
-        backend: str = "auto",
-        deterministic: bool | None = None,
+        num_negatives: int = _INFONCE_DEFAULTS["num_negatives"],
+        temperature: float = _INFONCE_DEFAULTS["temperature"],
+        sampling: str = _INFONCE_DEFAULTS["sampling"],
+        confidence_threshold: float = _INFONCE_DEFAULTS["confidence_threshold"],
+        generator: torch.Generator | None = _INFONCE_DEFAULTS["generator"],
+        reduction: str = _INFONCE_DEFAULTS["reduction"],
+        backend: str = _INFONCE_DEFAULTS["backend"],
+        deterministic: bool | None = _INFONCE_DEFAULTS["deterministic"],
     ) -> None:
         super().__init__()
+        v.check_infonce_options(
+            num_negatives, temperature, sampling, confidence_threshold, generator, reduction, deterministic
+        )
+        backends.check_name(backend)
         self.num_negatives = num_negatives
         self.temperature = temperature
         self.sampling = sampling
@@ -75,26 +96,29 @@ class BidirectionalVoxelContrastiveLoss(nn.Module):
 
 
 class RectifiedPseudoSupervisionLoss(nn.Module):
-    """Module form of :func:`rectified_pseudo_supervision`.
+    """Module form of :func:`rcps_kernels.rectified_pseudo_supervision` (L_urp).
 
-    Args:
-        temperature: sharpening temperature T > 0.
-        reduction: "mean", "sum" or "none".
-        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
+    Args: the function's keywords (temperature, reduction, backend), with its defaults.
 
     Raises:
-        TypeError: temperature is not a real number.
-        ValueError: temperature not finite or <= 0, or an unknown reduction.
+        TypeError, ValueError: a keyword the function would refuse (checked here, not at the first call).
     """
 
-    def __init__(self, temperature: float = 0.5, reduction: str = "mean", backend: str = "auto"):
+    def __init__(
+        self,
+        temperature: float = _RECTIFIED_DEFAULTS["temperature"],
+        reduction: str = _RECTIFIED_DEFAULTS["reduction"],
+        backend: str = _RECTIFIED_DEFAULTS["backend"],
+    ) -> None:
         super().__init__()
         v.check_loss_options(reduction, temperature=temperature)
+        backends.check_name(backend)
         self.temperature = temperature
         self.reduction = reduction
         self.backend = backend
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """The loss (see the function)."""
         return rectified_pseudo_supervision(
             student_logits,
             teacher_logits,
@@ -105,26 +129,29 @@ class RectifiedPseudoSupervisionLoss(nn.Module):
 
 
 class LogitCosineConsistencyLoss(nn.Module):
-    """Module form of :func:`logit_cosine_consistency`.
+    """Module form of :func:`rcps_kernels.logit_cosine_consistency` (L_cr).
 
-    Args:
-        eps: smallest norm, > 0.
-        reduction: "mean", "sum" or "none".
-        backend: "auto", "cpu", "triton", "cuda", "torch" or "reference".
+    Args: the function's keywords (eps, reduction, backend), with its defaults.
 
     Raises:
-        TypeError: eps is not a real number.
-        ValueError: eps not finite or <= 0, or an unknown reduction.
+        TypeError, ValueError: a keyword the function would refuse (checked here, not at the first call).
     """
 
-    def __init__(self, eps: float = 1e-8, reduction: str = "mean", backend: str = "auto"):
+    def __init__(
+        self,
+        eps: float = _COSINE_DEFAULTS["eps"],
+        reduction: str = _COSINE_DEFAULTS["reduction"],
+        backend: str = _COSINE_DEFAULTS["backend"],
+    ) -> None:
         super().__init__()
         v.check_loss_options(reduction, eps=eps)
+        backends.check_name(backend)
         self.eps = eps
         self.reduction = reduction
         self.backend = backend
 
     def forward(self, logits_a: Tensor, logits_b: Tensor) -> Tensor:
+        """The loss (see the function)."""
         return logit_cosine_consistency(
             logits_a, logits_b, eps=self.eps, reduction=self.reduction, backend=self.backend
         )

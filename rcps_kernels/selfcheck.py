@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backend", default="cpu", help="backend to check against the reference (default: cpu)")
     args = parser.parse_args(argv)
-    from ._extension import cpu_extension
+    from .extension import cpu_extension
 
     checked = check_backend(args.backend)
     print(json.dumps({"backend": args.backend, "cpu_variant": cpu_extension().variant, "ops_ok": checked}))

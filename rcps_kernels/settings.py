@@ -11,8 +11,9 @@ or ``0``/``false``/``no``/``off`` in any case, ``TRITON_INTERPRET`` what Triton 
 
 Run time:
 
-- ``RCPS_GPU_BACKEND=triton|cuda``: the backend ``backend="auto"`` tries for CUDA tensors (it
-  still falls back to ``torch`` where that one cannot serve the device).
+- ``RCPS_GPU_BACKEND``: the one GPU backend ``backend="auto"`` tries for CUDA tensors, one of
+  ``rcps_kernels.backends.GPU_BACKENDS`` (it still falls back to ``torch`` where that one cannot
+  serve the device).
 - ``RCPS_TRITON_DOT_PRECISION=tf32x3|ieee|tf32``: ``tl.dot`` precision of the Triton InfoNCE's
   fp32 similarity products (default ``tf32x3``, fp32-accurate on NVIDIA tensor cores; ``tf32`` is
   faster but misses the accuracy rule). ``tf32x3`` is NVIDIA-only: on ROCm the default is ``ieee``.
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import os
 
-GPU_BACKENDS = ("triton", "cuda")
 DOT_PRECISIONS = ("tf32x3", "ieee", "tf32")
 #: SASS for Turing (T4, RTX 20xx), Ampere (A100; A10, RTX 30xx), Ada (L4, L40, RTX 40xx), Hopper,
 #: Blackwell (B200; RTX 50xx), PTX of the highest. nvcc 13, the toolkit torch's CUDA 13 builds
@@ -77,9 +77,16 @@ def _flag(name: str, true_words: tuple[str, ...] = TRUE_WORDS, false_words: tupl
     )
 
 
-def gpu_backend() -> str | None:
-    """RCPS_GPU_BACKEND: the backend "auto" must use for CUDA tensors (None: the default order)."""
-    return _choice("RCPS_GPU_BACKEND", GPU_BACKENDS, None)
+def gpu_backend(choices: tuple[str, ...]) -> str | None:
+    """RCPS_GPU_BACKEND: the backend "auto" must use for CUDA tensors.
+
+    Args:
+        choices: the names it may take (the backend registry's GPU backends).
+
+    Returns:
+        The name, or None for the registry's order.
+    """
+    return _choice("RCPS_GPU_BACKEND", choices, None)
 
 
 def triton_dot_precision(rocm: bool = False) -> str:

@@ -24,10 +24,11 @@ import triton.language as tl
 
 import rcps_kernels as rk
 from benchmarks.bench_infonce_gpu import make_inputs
-from rcps_kernels import _validation
+from rcps_kernels import validation
 from rcps_kernels.ops import infonce_triton
-from rcps_kernels.ops.infonce import InfoNCEParams, mean_loss_with_grads
-from rcps_kernels.ops.infonce_triton_common import normalize_rows
+from rcps_kernels.ops.infonce import mean_loss_with_grads
+from rcps_kernels.ops.infonce_triton_common import normalise_rows
+from rcps_kernels.ops.kernels import InfoNCEParams
 from rcps_kernels.ops.selection import anchor_class_order, negative_tables
 
 
@@ -97,8 +98,8 @@ def main() -> None:
         "one aten op (add_)": lambda: scratch.add_(1.0),
         "clone 3 leaves": lambda: [t.detach().clone().requires_grad_() for t in (a, p, n)],
         "validate arguments": lambda: (
-            _validation.check_infonce_inputs(a, p, n, al, nl),
-            _validation.check_infonce_options(k, 0.1, "topk", 0.0, None, "mean", None),
+            validation.check_infonce_inputs(a, p, n, al, nl),
+            validation.check_infonce_options(k, 0.1, "topk", 0.0, None, "mean", None),
         ),
         "negative_tables, C++ op": lambda: negative_tables(al, nl, k, False, 0.0),
         "negative_tables, Python": lambda: negative_tables(al, nl, k, False, 0.0, use_extension=False),
@@ -106,13 +107,13 @@ def main() -> None:
         "top-K of unique int64 keys": lambda: unique_key.topk(k, dim=1),
         "class order, one-program kernel": lambda: infonce_triton.class_order(labels, 2),
         "class order, sort op": lambda: anchor_class_order(labels, 2),
-        "normalise both views": lambda: normalize_rows(z1, order, N, z2=z2),
+        "normalise both views": lambda: normalise_rows(z1, order, N, z2=z2),
         "Triton kernels, loss only": lambda: infonce_triton.voxel_infonce(z1, z2, zn, params),
         "Triton kernels, loss + grads": lambda: infonce_triton.voxel_infonce(
             z1, z2, zn, params, grad_scale=1.0 / N, pool_grad=True
         ),
         "mean Function (autograd node)": mean_function,
-        "finite-input check (norms, one .item())": lambda: _validation.all_finite(logits_total, (a, p, n)),
+        "finite-input check (norms, one .item())": lambda: validation.all_finite(logits_total, (a, p, n)),
         "_foreach_mul_ of 3 grads": lambda: torch._foreach_mul_(grads, scale),
         "3 x mul_": lambda: [g.mul_(scale) for g in grads],
         "public call, no grad": no_grad_call,

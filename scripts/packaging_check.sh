@@ -40,7 +40,7 @@ sdist=$(ls dist/rcps_kernels-*.tar.gz)
 tar tzf "$sdist" > sdist.txt
 for needed in csrc/common/rcps_math.h csrc/common/pseudo_supervision_math.h csrc/common/selection.cpp csrc/cpu/fast_math.h csrc/cpu/infonce.cpp \
               csrc/cuda/infonce.cu csrc/cuda/infonce_kernels.cuh LICENSE MANIFEST.in setup.py \
-              rcps_kernels/_build_config.py rcps_train/configs/demo.toml; do
+              rcps_kernels/build_config.py rcps_train/configs/demo.toml; do
   grep -q "^rcps_kernels-[^/]*/$needed\$" sdist.txt || { echo "sdist lacks $needed"; exit 1; }
 done
 if grep -E '\.so$|/_csrc/|_build_info\.py$' sdist.txt; then echo "sdist holds build products (above)"; exit 1; fi

@@ -20,7 +20,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
 # Rebuild only when the sources or build settings changed since the last successful install.
 stamp=.venv/.rcps-build-stamp
-digest=$(cat setup.py pyproject.toml rcps_kernels/_build_config.py rcps_kernels/settings.py $(find csrc -type f | sort) \
+digest=$(cat setup.py pyproject.toml rcps_kernels/build_config.py rcps_kernels/settings.py $(find csrc -type f | sort) \
          | sha256sum | cut -d' ' -f1)-${RCPS_BUILD_CUDA:-auto}-${RCPS_CPU_ARCH:-portable}
 loads_built_kernels() {  # a compiled CPU variant imports (no JIT build as a stand-in)
   RCPS_NO_JIT=1 .venv/bin/python -c "from rcps_kernels._extension import cpu_extension as c; assert c().variant" 2>/dev/null

@@ -34,14 +34,14 @@ def check_installed_package() -> None:
 def check_ops(expect_variant: str) -> None:
     import torch
 
-    from rcps_kernels import _extension, selfcheck
+    from rcps_kernels import extension, selfcheck
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        reason = _extension.load_cpu_extension()
+        reason = extension.load_cpu_extension()
     if reason is not None:
         sys.exit(f"CPU kernels unusable: {reason}")
-    variant = _extension.cpu_extension().variant
+    variant = extension.cpu_extension().variant
     messages = [str(w.message) for w in caught]
     if expect_variant == "built":
         if variant == "jit" or messages:

@@ -1,9 +1,9 @@
-"""The test template shared by every op's tests (the InfoNCE and the head losses).
+"""The test template shared by every op's tests (the InfoNCE and the pseudo-supervision losses).
 
 A *target* is a backend on a device: "cpu" on CPU tensors, "triton" under the interpreter on
 tiny CPU tensors (TRITON_INTERPRET=1, set by conftest.py), and, marked ``gpu``, "triton" and
 "cuda" on CUDA tensors; the InfoNCE also runs "torch" (plain PyTorch) on both devices (its
-L_urp and L_cr are the reference formulas themselves, so the head tests leave it out).
+L_urp and L_cr are the reference formulas themselves, so the pseudo-supervision tests leave it out).
 :func:`grid` gives the (target, dtype) parameters of an op, and
 :func:`check_against_reference` judges one evaluation of an op by the rule in numerics.py: each
 named output against the float64 reference, with the reference run in the same dtype as the
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import rcps_kernels as rk
-from rcps_kernels._extension import load_cpu_extension
+from rcps_kernels.extension import load_cpu_extension
 from rcps_kernels.settings import triton_interpreting
 from tests.numerics import assert_close_to_reference
 
@@ -115,7 +115,7 @@ INFONCE_GRID = grid(
         TORCH_GPU: (torch.float32, *HALF, torch.float64),
     }
 )
-HEAD_GRID = grid(
+PSEUDO_SUPERVISION_GRID = grid(
     {
         CPU: (torch.float32, torch.float64, *HALF),
         TRITON: (torch.float32, torch.float64, torch.float16),
@@ -230,10 +230,10 @@ def random_grad_out(loss_shape, seed=5) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The head losses: L_urp, L_cr and one head's three losses in one op
+# The pseudo-supervision losses: L_urp, L_cr and one head's three losses in one op
 # --------------------------------------------------------------------------------------------
 #: Per case size: the (B, num_classes, *S) logits shape.
-HEAD_SHAPES = {"tiny": (2, 5, 4, 3, 2), "cpu": (2, 5, 4, 3, 2), "gpu": (2, 5, 24, 20, 16)}
+PSEUDO_SUPERVISION_SHAPES = {"tiny": (2, 5, 4, 3, 2), "cpu": (2, 5, 4, 3, 2), "gpu": (2, 5, 24, 20, 16)}
 LAYOUTS = ("contiguous", "channels_last", "strided", "transposed")
 URP_TEMPERATURE = 0.5
 
@@ -283,7 +283,7 @@ def _grad_outputs(*losses):
     return [logits(loss.shape, 1.0, seed=11 + i, dtype=loss.dtype).to(loss.device) for i, loss in enumerate(losses)]
 
 
-def urp_cr_run(backend, inputs, reduction, layout="contiguous") -> dict:
+def rectified_and_cosine_run(backend, inputs, reduction, layout="contiguous") -> dict:
     """L_urp(student, teacher) and L_cr(student, other) with their gradients, for fixed
     non-uniform grad_outputs; `layout` applies to the non-reference backends."""
     layout = "contiguous" if backend == "reference" else layout
@@ -305,7 +305,7 @@ def urp_cr_run(backend, inputs, reduction, layout="contiguous") -> dict:
     }
 
 
-def head_losses_run(backend, inputs, reduction, layout="contiguous") -> dict:
+def pseudo_supervision_losses_run(backend, inputs, reduction, layout="contiguous") -> dict:
     """rk.pseudo_supervision_losses(view_a, view_b, teacher) and the views' gradients, for
     fixed non-uniform grad_outputs; `layout` applies to the non-reference backends."""
     layout = "contiguous" if backend == "reference" else layout
@@ -317,8 +317,8 @@ def head_losses_run(backend, inputs, reduction, layout="contiguous") -> dict:
     return {"urp": urp, "cr": cr, "grad_a": as_layout(grad_a, layout), "grad_b": as_layout(grad_b, layout)}
 
 
-def check_head(run: Callable, target: Target, inputs, dtype, reduction, layout="contiguous"):
-    """`run` (urp_cr_run or head_losses_run) on `target` against the float64 reference."""
+def check_pseudo_supervision(run: Callable, target: Target, inputs, dtype, reduction, layout="contiguous"):
+    """`run` (rectified_and_cosine_run or pseudo_supervision_losses_run) on `target` against the float64 reference."""
 
     def evaluate(backend, rounded):
         return run(backend, rounded, reduction, layout)

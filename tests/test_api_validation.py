@@ -8,6 +8,7 @@ which path (deterministic or not) the kernels are told to take, and when.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 
@@ -15,9 +16,9 @@ import pytest
 import torch
 
 import rcps_kernels as rk
-from rcps_kernels import _backend
+from rcps_kernels import backends, determinism
+from rcps_kernels.backends import kernel_table
 from rcps_kernels.ops import infonce as infonce_ops
-from rcps_kernels.ops.kernels import kernels
 
 
 def infonce_inputs(dtype=torch.float32, device="cpu", seed=0):
@@ -54,10 +55,46 @@ def test_infonce_arguments_of_the_wrong_type_or_value(kwargs, error, match):
         infonce(sampling="random", **kwargs)
 
 
-def test_module_forwards_the_checks():
-    loss_fn = rk.BidirectionalVoxelContrastiveLoss(num_negatives=True)
-    with pytest.raises(TypeError, match="num_negatives"):
-        loss_fn(*infonce_inputs())
+@pytest.mark.parametrize(
+    "build,error,match",
+    [
+        (lambda: rk.BidirectionalVoxelContrastiveLoss(num_negatives=True), TypeError, "num_negatives must be an int"),
+        (lambda: rk.BidirectionalVoxelContrastiveLoss(temperature=0.0), ValueError, "temperature"),
+        (lambda: rk.BidirectionalVoxelContrastiveLoss(sampling="all"), ValueError, "sampling must be one of"),
+        (lambda: rk.BidirectionalVoxelContrastiveLoss(confidence_threshold=2.0), ValueError, "confidence_threshold"),
+        (lambda: rk.BidirectionalVoxelContrastiveLoss(generator=3), TypeError, "generator"),
+        (lambda: rk.BidirectionalVoxelContrastiveLoss(reduction="max"), ValueError, "reduction"),
+        (lambda: rk.BidirectionalVoxelContrastiveLoss(deterministic=1), TypeError, "deterministic"),
+        (lambda: rk.BidirectionalVoxelContrastiveLoss(backend="tpu"), ValueError, "backend must be one of"),
+        (lambda: rk.RectifiedPseudoSupervisionLoss(temperature=-1.0), ValueError, "temperature"),
+        (lambda: rk.RectifiedPseudoSupervisionLoss(reduction="max"), ValueError, "reduction"),
+        (lambda: rk.RectifiedPseudoSupervisionLoss(backend="tpu"), ValueError, "backend must be one of"),
+        (lambda: rk.LogitCosineConsistencyLoss(eps="small"), TypeError, "eps"),
+        (lambda: rk.LogitCosineConsistencyLoss(reduction="max"), ValueError, "reduction"),
+        (lambda: rk.LogitCosineConsistencyLoss(backend="tpu"), ValueError, "backend must be one of"),
+    ],
+)
+def test_modules_check_their_keywords_when_built(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    "module,function",
+    [
+        (rk.BidirectionalVoxelContrastiveLoss, rk.bidirectional_voxel_infonce),
+        (rk.RectifiedPseudoSupervisionLoss, rk.rectified_pseudo_supervision),
+        (rk.LogitCosineConsistencyLoss, rk.logit_cosine_consistency),
+    ],
+)
+def test_modules_take_the_functions_defaults(module, function):
+    options = {
+        name: p.default
+        for name, p in inspect.signature(function).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    built = module()
+    assert options and {name: getattr(built, name) for name in options} == options
 
 
 @pytest.mark.parametrize(
@@ -142,34 +179,34 @@ def torch_deterministic():
 
 
 def test_the_choice_follows_torchs_switch_when_called(torch_deterministic):
-    assert _backend.deterministic_algorithms()
+    assert determinism.deterministic_algorithms()
     torch.use_deterministic_algorithms(False)
-    assert not _backend.deterministic_algorithms()
+    assert not determinism.deterministic_algorithms()
 
 
 def test_an_override_wins_over_torchs_switch(torch_deterministic):
-    with _backend.deterministic_override(False):
-        assert not _backend.deterministic_algorithms()
-        with _backend.deterministic_override(None):  # a nested call without the keyword
-            assert _backend.deterministic_algorithms()
+    with determinism.deterministic_override(False):
+        assert not determinism.deterministic_algorithms()
+        with determinism.deterministic_override(None):  # a nested call without the keyword
+            assert determinism.deterministic_algorithms()
     torch.use_deterministic_algorithms(False)
-    with _backend.deterministic_override(True):
-        assert _backend.deterministic_algorithms()
-    assert not _backend.deterministic_algorithms()
+    with determinism.deterministic_override(True):
+        assert determinism.deterministic_algorithms()
+    assert not determinism.deterministic_algorithms()
 
 
 @pytest.fixture
 def kernel_choices(monkeypatch):
     """The CPU kernel, recording what deterministic_algorithms() answers each time it runs."""
     seen: list[bool] = []
-    table = kernels("cpu")
+    table = kernel_table("cpu")
 
     def recording_kernel(*args, **kwargs):
-        seen.append(_backend.deterministic_algorithms())
+        seen.append(determinism.deterministic_algorithms())
         return table.voxel_infonce(*args, **kwargs)
 
     recording_table = dataclasses.replace(table, voxel_infonce=recording_kernel)
-    monkeypatch.setattr(infonce_ops, "kernels", lambda backend: recording_table)
+    monkeypatch.setattr(infonce_ops, "kernel_table", lambda backend: recording_table)
     return seen
 
 
@@ -215,17 +252,17 @@ def test_the_module_passes_its_keyword(kernel_choices):
 
 def test_the_old_environment_switch_still_works_with_a_warning(monkeypatch):
     monkeypatch.setenv("RCPS_DETERMINISTIC", "1")
-    _backend._warn_deprecated_environment_switch.cache_clear()
+    determinism.warn_deprecated_environment_switch.cache_clear()
     with pytest.warns(FutureWarning, match="RCPS_DETERMINISTIC=1 is deprecated"):
-        assert _backend.deterministic_algorithms()
+        assert determinism.deterministic_algorithms()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
-        assert _backend.deterministic_algorithms()
-    with _backend.deterministic_override(False):
-        assert not _backend.deterministic_algorithms()
+        assert determinism.deterministic_algorithms()
+    with determinism.deterministic_override(False):
+        assert not determinism.deterministic_algorithms()
     monkeypatch.delenv("RCPS_DETERMINISTIC")
-    assert not _backend.deterministic_algorithms()
-    _backend._warn_deprecated_environment_switch.cache_clear()
+    assert not determinism.deterministic_algorithms()
+    determinism.warn_deprecated_environment_switch.cache_clear()
 
 
 @pytest.mark.gpu
@@ -294,7 +331,7 @@ def test_settings_are_read_at_call_time_and_checked(monkeypatch):
         settings.triton_dot_precision()
     monkeypatch.setenv("RCPS_GPU_BACKEND", "opencl")
     with pytest.raises(ValueError, match="RCPS_GPU_BACKEND='opencl'"):
-        _backend.resolve_backend("auto", torch.device("cuda"), ("cpu", "cuda", "triton"))
+        backends.resolve("auto", "cuda")
 
 
 # --- second-order gradients ----------------------------------------------------------------
@@ -411,3 +448,13 @@ def test_topk_caps_the_negative_count_at_the_pool_before_any_table(monkeypatch):
     assert seen == [12, 12]
     torch.testing.assert_close(huge, exact, rtol=0, atol=0)
     torch.testing.assert_close(huge_grad, torch.autograd.grad(exact, inputs[0])[0], rtol=0, atol=0)
+
+
+def test_the_old_spelling_of_the_reference_normalise_warns_and_agrees():
+    from rcps_kernels.reference import infonce as reference
+
+    rows = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    with pytest.warns(DeprecationWarning, match="normalize is deprecated, use normalise"):
+        old = reference.normalize(rows)
+    assert torch.equal(old, reference.normalise(rows))
+    assert torch.equal(old[0], torch.tensor([0.6, 0.8]))

@@ -13,8 +13,8 @@ import warnings
 import pytest
 import torch
 
-from rcps_kernels import _backend, info, settings
-from rcps_kernels.functional import _BACKENDS
+import rcps_kernels as rk
+from rcps_kernels import backends, extension, info, settings
 
 CUDA0 = torch.device("cuda", 0)
 DEFAULT_ARCHS = settings.DEFAULT_CUDA_ARCHS.split(";")
@@ -24,23 +24,22 @@ DEFAULT_ARCHS = settings.DEFAULT_CUDA_ARCHS.split(";")
 def gpu(monkeypatch):
     """A pretend NVIDIA GPU: returns a function setting its capability, the Triton release
     (None: not installed), the arches the CUDA extension was built for and ROCm."""
-    _backend._warn_fallback_once.cache_clear()
+    backends.warn_fallback_once.cache_clear()
     monkeypatch.delenv("RCPS_GPU_BACKEND", raising=False)
 
     def configure(capability=(8, 0), triton=(3, 6), archs=tuple(DEFAULT_ARCHS), hip=None):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.version, "hip", hip)
-        monkeypatch.setattr(_backend, "_triton_installed", lambda: triton is not None)
-        monkeypatch.setattr(_backend, "_triton_version", lambda: triton)
-        monkeypatch.setattr(_backend, "load_cuda_extension", lambda: None)
-        monkeypatch.setattr(_backend, "build_info", lambda: types.SimpleNamespace(CUDA_ARCHS=list(archs)))
+        monkeypatch.setattr(backends, "triton_version", lambda: triton)
+        monkeypatch.setattr(extension, "load_cuda_extension", lambda: None)
+        monkeypatch.setattr(extension, "build_info", lambda: types.SimpleNamespace(CUDA_ARCHS=list(archs)))
 
     yield configure
-    _backend._warn_fallback_once.cache_clear()
+    backends.warn_fallback_once.cache_clear()
 
 
 def auto(device=CUDA0) -> str:
-    return _backend.resolve_backend("auto", device, _BACKENDS)
+    return backends.resolve("auto", device)
 
 
 @pytest.mark.parametrize(
@@ -82,10 +81,10 @@ def test_fallback_on_a_gpu_warns_once_naming_each_reason(gpu):
 def test_explicit_backends_that_cannot_serve_the_gpu_raise(gpu):
     gpu(capability=(7, 5), triton=(3, 6), archs=["8.0", "9.0"])
     with pytest.raises(RuntimeError, match=r"SASS for 8\.0, 9\.0 and PTX for 9\.0; this GPU is 7\.5"):
-        _backend.resolve_backend("cuda", CUDA0, _BACKENDS)
+        backends.resolve("cuda", CUDA0)
     with pytest.raises(RuntimeError, match=r"Triton 3\.6 compiles for compute capability >= 8\.0"):
-        _backend.resolve_backend("triton", CUDA0, _BACKENDS)
-    assert _backend.resolve_backend("torch", CUDA0, _BACKENDS) == "torch"
+        backends.resolve("triton", CUDA0)
+    assert backends.resolve("torch", CUDA0) == "torch"
 
 
 def test_the_environment_names_the_gpu_backend_and_torch_still_catches(gpu, monkeypatch):
@@ -102,7 +101,7 @@ def test_rocm_takes_triton_with_a_rocm_precision_or_torch(gpu, monkeypatch):
     monkeypatch.delenv("RCPS_TRITON_DOT_PRECISION", raising=False)
     gpu(capability=(9, 4), triton=(3, 3), hip="6.4")  # MI300: Triton on ROCm has no sm floor
     assert auto() == "triton"
-    _, not_used = _backend.auto_choice(CUDA0, _BACKENDS)
+    _, not_used = backends.auto_choice(CUDA0)
     assert "not built for ROCm" in not_used["cuda"]
     assert settings.triton_dot_precision(rocm=True) == "ieee"
     assert settings.triton_dot_precision(rocm=False) == "tf32x3"
@@ -113,7 +112,7 @@ def test_rocm_takes_triton_with_a_rocm_precision_or_torch(gpu, monkeypatch):
     with pytest.warns(RuntimeWarning, match="triton is not installed"):
         assert auto() == "torch"
     with pytest.raises(RuntimeError, match="not built for ROCm"):
-        _backend.resolve_backend("cuda", CUDA0, _BACKENDS)
+        backends.resolve("cuda", CUDA0)
 
 
 @pytest.mark.parametrize("device", ["mps", "xpu", "xpu:1", "meta"])
@@ -122,32 +121,32 @@ def test_other_devices_take_torch_quietly(device):
         warnings.simplefilter("error")
         assert auto(torch.device(device)) == "torch"
     with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
-        _backend.resolve_backend("cpu", torch.device(device), _BACKENDS)
+        backends.resolve("cpu", torch.device(device))
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
-        _backend.resolve_backend("cuda", torch.device(device), _BACKENDS)
+        backends.resolve("cuda", torch.device(device))
 
 
 def test_cpu_takes_the_cpu_kernels_and_falls_back_to_torch_with_one_warning(monkeypatch):
-    if _backend.load_cpu_extension() is not None:
+    if extension.load_cpu_extension() is not None:
         pytest.skip("the CPU extension is not usable")
     assert auto(torch.device("cpu")) == "cpu"
-    monkeypatch.setattr(_backend, "load_cpu_extension", lambda: "pretend the build failed")
-    _backend._warn_fallback_once.cache_clear()
+    monkeypatch.setattr(extension, "load_cpu_extension", lambda: "pretend the build failed")
+    backends.warn_fallback_once.cache_clear()
     with pytest.warns(RuntimeWarning, match="pretend the build failed.*backend='torch'"):
         assert auto(torch.device("cpu")) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert auto(torch.device("cpu")) == "torch"
     with pytest.raises(RuntimeError, match="not usable here"):
-        _backend.resolve_backend("cpu", torch.device("cpu"), _BACKENDS)
-    _backend._warn_fallback_once.cache_clear()
+        backends.resolve("cpu", torch.device("cpu"))
+    backends.warn_fallback_once.cache_clear()
 
 
 def test_reference_only_by_name():
     for device in ("cpu", "meta"):
-        chosen, not_used = _backend.auto_choice(torch.device(device), _BACKENDS)
+        chosen, not_used = backends.auto_choice(torch.device(device))
         assert chosen != "reference" and "chosen only by name" in not_used["reference"]
-        assert _backend.resolve_backend("reference", torch.device(device), _BACKENDS) == "reference"
+        assert backends.resolve("reference", torch.device(device)) == "reference"
 
 
 def test_info_reports_every_backend_per_device(gpu, monkeypatch, capsys):
@@ -166,7 +165,7 @@ def test_info_reports_every_backend_per_device(gpu, monkeypatch, capsys):
     assert "Triton 3.6" in t4["not_used"]["triton"] and "this GPU is 7.5" in t4["not_used"]["cuda"]
     assert devices["mps"]["auto"] == "torch"
     for device in devices.values():  # every backend is either chosen or explained
-        assert set(device["not_used"]) | {device["auto"]} == set(_BACKENDS)
+        assert set(device["not_used"]) | {device["auto"]} == set(backends.NAMES) - {"auto"}
 
 
 @pytest.mark.parametrize(
@@ -183,4 +182,44 @@ def test_info_reports_every_backend_per_device(gpu, monkeypatch, capsys):
     ],
 )
 def test_cuda_arch_coverage(archs, capability, covered):
-    assert _backend.cuda_archs_cover(archs, capability) is covered
+    assert backends.cuda_archs_cover(archs, capability) is covered
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+def test_every_name_has_one_record_and_the_choices_come_from_the_records():
+    assert backends.NAMES == ("auto", *(record.name for record in backends.REGISTRY))
+    assert set(backends.BY_NAME) == set(backends.NAMES) - {"auto"}
+    assert backends.GPU_BACKENDS == ("triton", "cuda")
+    assert backends.backend_status().keys() == backends.BY_NAME.keys()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.resolve("tpu", "cpu")
+    with pytest.raises(ValueError, match="backend 'reference' has no kernel table"):
+        backends.kernel_table("reference")
+
+
+def test_a_backend_added_to_the_registry_alone_is_resolved_chosen_and_run(monkeypatch):
+    # A plain-PyTorch backend placed first for CPU tensors: its record and its (here borrowed)
+    # kernel table are all it needs to be accepted, picked by auto, reported and run.
+    plain = backends.Backend(
+        "plain_cpu", ("cpu",), ("cpu",), lambda device: None, lambda: None, backends.BY_NAME["torch"].kernels
+    )
+    registry = (plain, *backends.REGISTRY)
+    monkeypatch.setattr(backends, "REGISTRY", registry)
+    monkeypatch.setattr(backends, "BY_NAME", {record.name: record for record in registry})
+    monkeypatch.setattr(backends, "NAMES", ("auto", *(record.name for record in registry)))
+    assert backends.resolve("auto", "cpu") == "plain_cpu"
+    assert backends.auto_choice(torch.device("cpu"))[1]["cpu"] == "plain_cpu comes first on cpu"
+    assert backends.backend_status()["plain_cpu"] == {"built": True}
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(1, 4, 3, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    logits = [torch.randn(1, 3, 3, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    for function, inputs in (
+        (rk.bidirectional_voxel_infonce, (*feats, *logits)),
+        (rk.rectified_pseudo_supervision, logits),
+        (rk.logit_cosine_consistency, logits),
+    ):
+        torch.testing.assert_close(function(*inputs, backend="plain_cpu"), function(*inputs, backend="reference"))
+    with pytest.raises(ValueError, match="backend='plain_cpu' needs CPU tensors"):
+        backends.resolve("plain_cpu", "meta")

@@ -12,13 +12,13 @@ import torch
 
 import rcps_kernels as rk
 from tests.op_template import (
-    HEAD_GRID,
-    HEAD_SHAPES,
-    check_head,
+    PSEUDO_SUPERVISION_GRID,
+    PSEUDO_SUPERVISION_SHAPES,
+    check_pseudo_supervision,
     cpu_backends,
-    head_losses_run,
     logits,
     needs_cpu,
+    pseudo_supervision_losses_run,
     targets,
 )
 
@@ -26,22 +26,31 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # interpreter
 NAMES = ("urp", "cr", "grad_a", "grad_b")
 
 
-def head_inputs(shape, dtype=torch.float64):
+def pseudo_supervision_inputs(shape, dtype=torch.float64):
     view_a, view_b, teacher = (logits(shape, seed=s, dtype=dtype) for s in (41, 42, 43))
     teacher[:, 0, :1] = float("-inf")  # a class ruled out by the teacher
     return view_a, view_b, teacher
 
 
-@pytest.mark.parametrize("target,dtype", HEAD_GRID)
+@pytest.mark.parametrize("target,dtype", PSEUDO_SUPERVISION_GRID)
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_matches_reference(target, dtype, reduction, layout):
-    check_head(head_losses_run, target, head_inputs(HEAD_SHAPES[target.size]), dtype, reduction, layout)
+    check_pseudo_supervision(
+        pseudo_supervision_losses_run,
+        target,
+        pseudo_supervision_inputs(PSEUDO_SUPERVISION_SHAPES[target.size]),
+        dtype,
+        reduction,
+        layout,
+    )
 
 
-@pytest.mark.parametrize("target,dtype", HEAD_GRID)
+@pytest.mark.parametrize("target,dtype", PSEUDO_SUPERVISION_GRID)
 def test_many_classes(target, dtype):
-    check_head(head_losses_run, target, head_inputs((1, 17, 4, 3)), dtype, "mean")
+    check_pseudo_supervision(
+        pseudo_supervision_losses_run, target, pseudo_supervision_inputs((1, 17, 4, 3)), dtype, "mean"
+    )
 
 
 @needs_cpu
@@ -49,7 +58,7 @@ def test_many_classes(target, dtype):
 def test_equals_the_two_separate_functions(reduction):
     shape = (2, 4, 6, 5)
     view_a, view_b, teacher = (logits(shape, seed=s).float() for s in (44, 45, 46))
-    one_op = head_losses_run("cpu", (view_a, view_b, teacher), reduction)
+    one_op = pseudo_supervision_losses_run("cpu", (view_a, view_b, teacher), reduction)
 
     a, b = view_a.clone().requires_grad_(), view_b.clone().requires_grad_()
     urp = rk.rectified_pseudo_supervision(
@@ -82,14 +91,14 @@ def test_torch_compile_fullgraph():
     shape = (2, 3, 4, 5)
     view_a, view_b, teacher = (logits(shape, seed=s).float() for s in (50, 51, 52))
 
-    def head(a, b, t):
+    def losses(a, b, t):
         urp, cr = rk.pseudo_supervision_losses(a, b, t, backend="cpu")
         return urp + 2 * cr
 
     a, b = view_a.clone().requires_grad_(), view_b.clone().requires_grad_()
-    eager = (head(a, b, teacher), *torch.autograd.grad(head(a, b, teacher), (a, b)))
+    eager = (losses(a, b, teacher), *torch.autograd.grad(losses(a, b, teacher), (a, b)))
     a2, b2 = view_a.clone().requires_grad_(), view_b.clone().requires_grad_()
-    compiled_fn = torch.compile(head, fullgraph=True)
+    compiled_fn = torch.compile(losses, fullgraph=True)
     loss = compiled_fn(a2, b2, teacher)
     compiled = (loss, *torch.autograd.grad(loss, (a2, b2)))
     for x, y in zip(compiled, eager):

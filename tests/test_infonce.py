@@ -6,15 +6,17 @@ test_infonce_random.py, the numeric extremes in test_infonce_numerics.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import rcps_kernels as rk
+from rcps_kernels.backends import kernel_table
 from rcps_kernels.ops import infonce as ops
-from rcps_kernels.ops.infonce import InfoNCEParams
-from rcps_kernels.ops.kernels import kernels
+from rcps_kernels.ops.kernels import InfoNCEParams
 from rcps_kernels.ops.selection import eligible_negatives, pseudo_labels
 from tests.numerics import assert_relative_error_below, confident_features
 from tests.op_template import (
@@ -262,11 +264,11 @@ def _kernel_inputs(random, device, *, classes=3, k=9, weight=True):
 @pytest.mark.parametrize("random", [False, True])
 def test_kernel_matches_cpu_kernel_with_weights(target, random):
     z, params, w = _kernel_inputs(random, target.device)
-    actual = kernels(target.backend).voxel_infonce(
+    actual = kernel_table(target.backend).voxel_infonce(
         *z, params, grad_weight=w.to(target.device), grad_scale=0.37, pool_grad=True
     )
     z_cpu, params_cpu, _ = _kernel_inputs(random, "cpu")
-    expected = kernels("cpu").voxel_infonce(*z_cpu, params_cpu, grad_weight=w, grad_scale=0.37, pool_grad=True)
+    expected = kernel_table("cpu").voxel_infonce(*z_cpu, params_cpu, grad_weight=w, grad_scale=0.37, pool_grad=True)
     for x, y in zip(actual, expected, strict=True):
         assert x.shape == y.shape and x.dtype == y.dtype and y.numel() > 0
         torch.testing.assert_close(x.cpu(), y, rtol=1e-5, atol=1e-6)
@@ -275,9 +277,9 @@ def test_kernel_matches_cpu_kernel_with_weights(target, random):
 @pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))
 def test_kernel_loss_only_returns_empty_grads(target):
     z, params, _ = _kernel_inputs(False, target.device)
-    loss, g1, g2, gn = kernels(target.backend).voxel_infonce(*z, params)  # grad_scale 0
+    loss, g1, g2, gn = kernel_table(target.backend).voxel_infonce(*z, params)  # grad_scale 0
     assert g1.numel() == g2.numel() == gn.numel() == 0
-    with_grads = kernels(target.backend).voxel_infonce(*z, params, grad_scale=1.0)
+    with_grads = kernel_table(target.backend).voxel_infonce(*z, params, grad_scale=1.0)
     assert with_grads[1].numel() > 0 and with_grads[3].numel() == 0  # no pool_grad asked
     torch.testing.assert_close(loss, with_grads[0], rtol=1e-6, atol=1e-7)
 
@@ -299,20 +301,20 @@ def test_cuda_table_loads_where_torch_has_cuda():
     # with CUDA (no device needed to load it).
     if torch.version.cuda is None:
         pytest.skip("this torch build has no CUDA")
-    table = kernels("cuda")
+    table = kernel_table("cuda")
     assert all(
         getattr(table, field) is not None
         for field in (
             "voxel_infonce",
             "random_draws",
-            "urp_forward",
-            "urp_backward",
-            "cosine_forward",
-            "cosine_backward",
+            "rectified_pseudo_supervision_forward",
+            "rectified_pseudo_supervision_backward",
+            "logit_cosine_consistency_forward",
+            "logit_cosine_consistency_backward",
         )
     )
-    with pytest.raises(ValueError, match="backend must be 'cpu', 'cuda', 'triton' or 'torch'"):
-        kernels("tpu")
+    with pytest.raises(ValueError, match="backend 'tpu' has no kernel table"):
+        kernel_table("tpu")
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -474,7 +476,7 @@ def test_large_index_offsets(target):
     labels, _ = pseudo_labels(al)
     idx, counts = rk.select_confident_negatives(nl, 16, 2)
     params = InfoNCEParams(labels, idx, counts, temperature=0.1, num_negatives=16, random=False)
-    per_anchor = kernels(target.backend).voxel_infonce(a.detach(), p.detach(), n.detach(), params)[0]
+    per_anchor = kernel_table(target.backend).voxel_infonce(a.detach(), p.detach(), n.detach(), params)[0]
     sub = [t.detach()[:, :, tail].float() for t in (a, p)]
     ref = rk.bidirectional_voxel_infonce(
         *sub, n.detach().float(), al[:, :, tail], nl, num_negatives=16, backend="reference", reduction="none"
@@ -561,3 +563,33 @@ def test_mean_path_refuses_a_second_backward_through_the_graph():
     (2 * rk.bidirectional_voxel_infonce(*reference, *logits, num_negatives=6, backend="reference")).backward()
     for got, want in zip(once, reference):
         torch.testing.assert_close(got, want.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+# --- the op glue reads InfoNCEParams by name --------------------------------------------------
+
+
+def test_the_ops_schemas_list_the_params_fields_in_order():
+    fields = [field.name for field in dataclasses.fields(InfoNCEParams)]
+    features = ["anchor", "positive", "pool"]
+    expected = {
+        torch.ops.rcps.voxel_infonce_loss: features + fields + ["backend", "deterministic"],
+        torch.ops.rcps.voxel_infonce_mean: features + fields + ["backend", "deterministic", "pool_grad"],
+        torch.ops.rcps.voxel_infonce_backward: ["grad_loss"]
+        + features
+        + fields
+        + ["backend", "deterministic", "pool_grad"],
+    }
+    for op, names in expected.items():
+        assert [argument.name for argument in op.default._schema.arguments] == names
+
+
+def test_params_round_trip_through_the_flat_arguments():
+    params = InfoNCEParams(
+        torch.tensor([0, 1]), torch.tensor([[1], [0]]), torch.tensor([1, 1]), 0.25, 3, True, seed=7, offset=2
+    )
+    again = InfoNCEParams.from_args((*params.op_args(), "cpu", None))
+    rebuilt = InfoNCEParams.from_parts(params.tensors(), params.scalars())
+    for other in (again, rebuilt):
+        assert all(torch.equal(a, b) for a, b in zip(params.tensors(), other.tensors()))
+        assert other.scalars() == params.scalars() == (0.25, 3, True, 7, 2)
+    assert len(params.op_args()) == InfoNCEParams.count() == len(dataclasses.fields(InfoNCEParams))

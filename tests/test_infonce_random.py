@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import rcps_kernels as rk
-from rcps_kernels.ops.infonce import InfoNCEParams
-from rcps_kernels.ops.kernels import kernels
+from rcps_kernels.backends import kernel_table
+from rcps_kernels.ops.kernels import InfoNCEParams
 from rcps_kernels.ops.selection import anchor_class_order, eligible_negatives, pseudo_labels
 from rcps_kernels.reference.infonce import philox_randint, random_negative_draws_reference
 from tests.op_template import CPU, CUDA, INFONCE_TARGETS, TORCH, TRITON, TRITON_GPU, infonce_case, targets
@@ -43,7 +43,7 @@ def draws(target, labels, idx, counts, k, seed, offset):
         seed=seed,
         offset=offset,
     )
-    return kernels(target.backend).random_draws(params).cpu()
+    return kernel_table(target.backend).random_draws(params).cpu()
 
 
 @pytest.mark.parametrize("target", targets(*INFONCE_TARGETS))

@@ -3,7 +3,7 @@ torch release), the CPU kernels are compiled with ninja on first use, after one 
 the same results as the reference.
 
 Each case runs in a subprocess (a built extension registers the same ops, and a process can
-register them once) that hides the build record ``rcps_kernels._build_info`` or replaces it with
+register them once) that hides the build record (``extension.BUILD_INFO_MODULE``) or replaces it with
 one naming another torch, and builds into a temporary directory shared by the cases (the second
 reuses the first's build). The first compiles the C++ sources, so it takes a minute or two.
 """
@@ -21,23 +21,25 @@ import pytest
 CHILD = textwrap.dedent("""
     import importlib.abc, sys, types, warnings
 
+    from rcps_kernels import extension  # imports no compiled module: the finder below is still in time
+
     SCENARIO = sys.argv[1]
 
     class HideCompiledKernels(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name == "rcps_kernels._build_info" or name.startswith("rcps_kernels._C_"):
+            if name == extension.BUILD_INFO_MODULE or name.startswith(extension.COMPILED_PREFIX):
                 raise ImportError("hidden by the JIT test")
             return None
 
     sys.meta_path.insert(0, HideCompiledKernels())
     if SCENARIO == "other-torch":
-        record = types.ModuleType("rcps_kernels._build_info")
+        record = types.ModuleType(extension.BUILD_INFO_MODULE)
         record.TORCH_VERSION, record.CUDA_EXTENSION = "2.0.0+cpu", None
         record.CPU_VARIANTS = {"baseline": "x86-64-v2"}
-        sys.modules["rcps_kernels._build_info"] = record
+        sys.modules[extension.BUILD_INFO_MODULE] = record
     import torch
     import rcps_kernels as rk
-    from rcps_kernels._extension import cpu_extension, load_cpu_extension
+    cpu_extension, load_cpu_extension = extension.cpu_extension, extension.load_cpu_extension
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -50,7 +52,7 @@ CHILD = textwrap.dedent("""
     if SCENARIO == "other-torch":
         assert "built for torch 2.0.0+cpu" in messages[0], messages
     assert cpu_extension().variant == "jit"
-    assert not [m for m in sys.modules if m.startswith("rcps_kernels._C_")]
+    assert not [m for m in sys.modules if m.startswith(extension.COMPILED_PREFIX)]
 
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(1, 8, 4, 3, 2, generator=g, dtype=torch.float64) for _ in range(3)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -45,3 +46,71 @@ def test_the_trainer_help_works_with_its_extra():
     )
     assert proc.returncode == 0, proc.stderr
     assert "make-synthetic" in proc.stdout
+
+
+def _imports_of(module: str, path: Path, package: str) -> set[str]:
+    """The modules of `package` that `module` (a file at `path`) imports, at any depth of its code
+    (an import inside a function still closes a circle when the function runs)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            stem = node.module
+            if node.level:  # relative to the module's package (a package's __init__ is its own)
+                package_parts = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                base = package_parts[: len(package_parts) - node.level + 1]
+                stem = ".".join(base + ([node.module] if node.module else []))
+            found.add(stem)
+            found.update(f"{stem}.{alias.name}" for alias in node.names)  # `from . import x` names a module
+    return {name for name in found if name == package or name.startswith(package + ".")}
+
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    """module -> the modules of `package` it imports (its __init__ files excluded as targets: every
+    submodule import runs them, so an edge to a package adds no order of its own)."""
+    root = Path(__file__).resolve().parents[1] / package
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return {
+        name: {target for target in _imports_of(name, path, package) if target in modules and target != name}
+        - {n for n, p in modules.items() if p.name == "__init__.py"}
+        for name, path in modules.items()
+    }
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph` (its modules in order, the first repeated last), or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return stack[stack.index(target) :] + [target]
+            if target not in state and (circle := visit(target)):
+                return circle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (circle := visit(node)):
+            return circle
+    return None
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_circle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_circle_in_rcps_kernels():
+    graph = import_graph("rcps_kernels")
+    assert graph["rcps_kernels.functional"] >= {"rcps_kernels.backends", "rcps_kernels.ops.infonce"}  # it reads imports
+    assert find_circle(graph) is None

@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rcps_kernels as rk
-from rcps_kernels._backend import resolve_backend
-from rcps_kernels.functional import _BACKENDS
+from rcps_kernels import backends
 from rcps_kernels.reference.pseudo_supervision import (
     logit_cosine_consistency_reference,
     rectified_pseudo_supervision_reference,
@@ -26,15 +25,15 @@ from rcps_kernels.reference.pseudo_supervision import (
 from tests.numerics import assert_close_to_reference
 from tests.op_template import (
     CPU,
-    HEAD_GRID,
-    HEAD_SHAPES,
+    PSEUDO_SUPERVISION_GRID,
+    PSEUDO_SUPERVISION_SHAPES,
     TRITON,
-    check_head,
+    check_pseudo_supervision,
     cpu_backends,
     logits,
     needs_cpu,
+    rectified_and_cosine_run,
     targets,
-    urp_cr_run,
 )
 from tests.op_template import (
     URP_TEMPERATURE as TEMPERATURE,
@@ -82,12 +81,12 @@ def test_reference_matches_official_formulation():
 SHAPES = [(2, 3, 7), (1, 2, 4, 6), (2, 4, 3, 4, 5), (1, 33, 2, 3, 2)]
 
 
-@pytest.mark.parametrize("target,dtype", HEAD_GRID)
+@pytest.mark.parametrize("target,dtype", PSEUDO_SUPERVISION_GRID)
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_matches_reference(target, dtype, reduction, layout):
-    inputs = three_logits(HEAD_SHAPES[target.size], (34, 35, 36))
-    check_head(urp_cr_run, target, inputs, dtype, reduction, layout)
+    inputs = three_logits(PSEUDO_SUPERVISION_SHAPES[target.size], (34, 35, 36))
+    check_pseudo_supervision(rectified_and_cosine_run, target, inputs, dtype, reduction, layout)
 
 
 @pytest.mark.parametrize("target", targets(CPU, TRITON))
@@ -95,21 +94,21 @@ def test_matches_reference(target, dtype, reduction, layout):
 @pytest.mark.parametrize("reduction", ["mean", "none", "sum"])
 def test_spatial_ranks_and_class_counts(target, shape, reduction):
     inputs = [logits(shape, seed=s) for s in (1, 2, 3)]
-    check_head(urp_cr_run, target, inputs, torch.float32, reduction)
+    check_pseudo_supervision(rectified_and_cosine_run, target, inputs, torch.float32, reduction)
 
 
 @pytest.mark.parametrize("target", targets())
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
 def test_non_contiguous_layouts(target, layout):
     inputs = [logits((2, 3, 4, 3, 5), seed=s) for s in (7, 8, 9)]
-    check_head(urp_cr_run, target, inputs, torch.float32, "none", layout)
+    check_pseudo_supervision(rectified_and_cosine_run, target, inputs, torch.float32, "none", layout)
 
 
 @needs_cpu
 def test_cpu_kernel_covers_many_blocks_and_threads():
     # Several voxel blocks per batch item, a ragged last block, and more than one thread chunk.
     inputs = [logits((2, 17, 9, 10, 11), seed=s) for s in (10, 11, 12)]
-    check_head(urp_cr_run, CPU, inputs, torch.float32, "mean")
+    check_pseudo_supervision(rectified_and_cosine_run, CPU, inputs, torch.float32, "mean")
 
 
 @pytest.mark.parametrize("target", targets())
@@ -119,7 +118,9 @@ def test_confident_and_masked_teacher(target):
     teacher[:, 1, 0] = float("-inf")  # classes ruled out entirely
     teacher[0, :3, 1, 1] = float("-inf")  # a voxel with a single possible class
     student = logits(shape, scale=40.0, seed=14)  # confident student, often against the teacher
-    out = check_head(urp_cr_run, target, (student, teacher, logits(shape, seed=15)), torch.float32, "none")
+    out = check_pseudo_supervision(
+        rectified_and_cosine_run, target, (student, teacher, logits(shape, seed=15)), torch.float32, "none"
+    )
     assert out["urp"].max() > 10  # the confident-disagreement regime was reached
 
 
@@ -131,7 +132,7 @@ def test_zero_norm_logits_in_cosine(target, dtype):
     a[0, :, 0] = 0.0
     b[0, :, 1] = 0.0
     a[0, :, 2] = 1e-9  # below eps: the clamped norm
-    out = check_head(urp_cr_run, target, (a, logits(shape, seed=18), b), dtype, "none")
+    out = check_pseudo_supervision(rectified_and_cosine_run, target, (a, logits(shape, seed=18), b), dtype, "none")
     assert out["cr"][0, 0].item() == pytest.approx(1.0)
 
 
@@ -423,7 +424,7 @@ def test_auto_backend_uses_fused_cpu_kernel():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning
         rk.rectified_pseudo_supervision(x, x, backend="auto")
-    assert resolve_backend("auto", torch.device("cpu"), _BACKENDS) == "cpu"
+    assert backends.resolve("auto", "cpu") == "cpu"
 
 
 # --------------------------------------------------------------------------------------------

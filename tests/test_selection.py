@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 
-from rcps_kernels._extension import load_cpu_extension
+from rcps_kernels.extension import load_cpu_extension
 from rcps_kernels.ops.selection import anchor_class_order, negative_tables, pseudo_labels
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -43,7 +43,7 @@ namespace pseudo_supervision {
 
 // What one class adds to the voxel's forward sums (the maxima already known).
 template <typename T>
-struct UrpClassTerms {
+struct RectifiedClassTerms {
   T exp_student;         // e^zs
   T exp_teacher;         // e^ts
   T exp_sharpened;       // e^(ts/T)
@@ -53,11 +53,12 @@ struct UrpClassTerms {
 };
 
 template <typename T, typename ExpFn>
-RCPS_HD UrpClassTerms<T> urp_class_terms(T student, T teacher, T student_max, T teacher_max,
-                                         T inv_temperature, ExpFn exp_fn) {
+RCPS_HD RectifiedClassTerms<T> rectified_class_terms(T student, T teacher, T student_max,
+                                                     T teacher_max, T inv_temperature,
+                                                     ExpFn exp_fn) {
   const T zs_half = T(0.5) * student - T(0.5) * student_max;  // never overflows (see top)
   const T ts = teacher - teacher_max;  // may overflow to -inf, where e^ts is 0 anyway
-  UrpClassTerms<T> terms;
+  RectifiedClassTerms<T> terms;
   terms.exp_student = exp_fn(zs_half + zs_half);
   terms.exp_teacher = exp_fn(ts);
   terms.exp_sharpened = exp_fn(ts * inv_temperature);
@@ -72,7 +73,7 @@ RCPS_HD UrpClassTerms<T> urp_class_terms(T student, T teacher, T student_max, T 
 
 // Per-voxel results, also everything the backward needs besides the logits.
 template <typename T>
-struct UrpVoxel {
+struct RectifiedVoxel {
   T loss;               // exp(-D) CE + D
   T inv_sum_student;    // 1 / Sz
   T inv_sum_teacher;    // 1 / St
@@ -82,9 +83,10 @@ struct UrpVoxel {
 };
 
 template <typename T, typename LogFn, typename ExpFn>
-RCPS_HD UrpVoxel<T> urp_voxel(T sum_student, T sum_teacher, T sum_sharpened, T sharpened_dot_half,
-                              T teacher_gap_half, LogFn log_fn, ExpFn exp_fn) {
-  UrpVoxel<T> v;
+RCPS_HD RectifiedVoxel<T> rectified_voxel(T sum_student, T sum_teacher, T sum_sharpened,
+                                          T sharpened_dot_half, T teacher_gap_half, LogFn log_fn,
+                                          ExpFn exp_fn) {
+  RectifiedVoxel<T> v;
   v.inv_sum_student = T(1) / sum_student;
   v.inv_sum_teacher = T(1) / sum_teacher;
   v.inv_sum_sharpened = T(1) / sum_sharpened;
@@ -98,10 +100,11 @@ RCPS_HD UrpVoxel<T> urp_voxel(T sum_student, T sum_teacher, T sum_sharpened, T s
   return v;
 }
 
-// d(grad_scale * loss) / d z_c from the class's exponentials (as urp_class_terms returns them).
+// d(grad_scale * loss) / d z_c from the class's exponentials (as rectified_class_terms returns
+// them).
 template <typename T>
-RCPS_HD T urp_student_grad(T exp_student, T exp_teacher, T exp_sharpened, const UrpVoxel<T>& v,
-                           T grad_scale) {
+RCPS_HD T rectified_student_grad(T exp_student, T exp_teacher, T exp_sharpened,
+                                 const RectifiedVoxel<T>& v, T grad_scale) {
   const T p = exp_student * v.inv_sum_student;
   const T q = exp_teacher * v.inv_sum_teacher;
   const T q_sharpened = exp_sharpened * v.inv_sum_sharpened;

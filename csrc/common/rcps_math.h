@@ -63,7 +63,7 @@ RCPS_HD bool is_clamped_norm(T norm) {
 // Where ||z|| > eps:  dz = (du - u (u . du)) / ||z||   (the Jacobian of z/||z|| is (I - u
 // u^T)/||z||); otherwise the denominator is the constant eps and dz = du / eps.
 template <typename T>
-RCPS_HD T normalize_backward(T du, T u, T u_dot_du, T inv_norm, bool clamped) {
+RCPS_HD T normalise_backward(T du, T u, T u_dot_du, T inv_norm, bool clamped) {
   return clamped ? du * inv_norm : (du - u * u_dot_du) * inv_norm;
 }
 

@@ -68,7 +68,7 @@ void random_pass(const FeatureMap<T>& z1, const FeatureMap<T>& z2, const Feature
   const int64_t C = z1.channels, K = draws.num_negatives;
   const NormalisedRows<T> pool = normalise_rows(zn, nullptr, M);
   const int num_slots = at::get_num_threads();
-  const bool pool_partials = opt.want_pool_grad && num_slots > 1;
+  const bool pool_partials = opt.pool_grad && num_slots > 1;
   std::vector<T> partials(pool_partials ? (num_slots - 1) * M * C : 0, T(0));
 
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
@@ -121,7 +121,7 @@ void random_pass(const FeatureMap<T>& z1, const FeatureMap<T>& z2, const Feature
           du1[ch] += p1 * un[ch];
           du2[ch] += p2 * un[ch];
         }
-        if (!opt.want_pool_grad) continue;
+        if (!opt.pool_grad) continue;
         T* dun = my_pool_grad + picked[k] * C;
         for (int64_t ch = 0; ch < C; ++ch) dun[ch] += p1 * u1[ch] + p2 * u2[ch];
       }
@@ -194,18 +194,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> voxel_infonce_impl(
 
   Tensor loss = at::zeros({N}, kType);
   const FeatureMap<T> f1(z1), f2(z2), fn(zn);
-  const int64_t rows = opt.want_grad ? B : 0, pool_rows = opt.want_pool_grad ? zn.size(0) : 0;
+  const int64_t rows = opt.want_grad ? B : 0, pool_rows = opt.pool_grad ? zn.size(0) : 0;
   GradMap<T> g1(rows, C, P), g2(rows, C, P), gn(pool_rows, C, zn.size(2));
 
   if (random) {
     const Draws draws{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), num_negatives};
     // Random draws scatter anywhere in the pool: collect du per pool row, then chain once.
-    Tensor pool_du = opt.want_pool_grad ? at::zeros({M, C}, kType) : Tensor();
+    Tensor pool_du = opt.pool_grad ? at::zeros({M, C}, kType) : Tensor();
     T* pool_du_ptr = pool_du.defined() ? pool_du.data_ptr<T>() : nullptr;
     random_pass(f1, f2, fn, anchor_labels.data_ptr<int64_t>(), neg_index.data_ptr<int64_t>(),
                 neg_index.size(1), neg_count.data_ptr<int64_t>(), N, M, draws, opt,
                 loss.data_ptr<T>(), &g1, &g2, pool_du_ptr);
-    if (opt.want_pool_grad) pool_input_grad(fn, pool_du_ptr, M, &gn);
+    if (opt.pool_grad) pool_input_grad(fn, pool_du_ptr, M, &gn);
   } else {
     topk_pass(f1, f2, fn, anchor_labels.data_ptr<int64_t>(), neg_index.data_ptr<int64_t>(),
               neg_index.size(1), neg_count.data_ptr<int64_t>(), num_classes, N, opt,

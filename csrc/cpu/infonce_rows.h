@@ -75,7 +75,7 @@ inline void chain_input_grad(const T* du, const T* u, T inv_norm, bool clamped, 
   T u_dot_du = 0;
   for (int64_t c = 0; c < C; ++c) u_dot_du += u[c] * du[c];
   for (int64_t c = 0; c < C; ++c) {
-    const T g = normalize_backward(du[c], u[c], u_dot_du, inv_norm, clamped);
+    const T g = normalise_backward(du[c], u[c], u_dot_du, inv_norm, clamped);
     dz[c * stride_c] = kAccumulate ? dz[c * stride_c] + g : g;
   }
 }
@@ -112,7 +112,7 @@ template <typename T>
 struct Options {
   T inv_tau;
   bool want_grad;        // compute gradients of sum_i w_i l_i
-  bool want_pool_grad;   // ... including the pool's
+  bool pool_grad;        // ... including the pool's
   T grad_scale;          // w_i = grad_scale * grad_weight[i] (or grad_scale)
   const T* grad_weight;  // (N,) or null
 

@@ -285,7 +285,7 @@ void topk_pass(const FeatureMap<T>& z1, const FeatureMap<T>& z2, const FeatureMa
     const NormalisedRows<T> bank = normalise_rows(zn, bank_voxels, K);
     const ClassTiles<T> ct{a1, a2, bank, order.data(), first, count, K, C};
     const T shift = logit_bound(opt.inv_tau);
-    const bool bank_grad = opt.want_pool_grad && K > 0;
+    const bool bank_grad = opt.pool_grad && K > 0;
     // The second pass recomputes S in other GEMM shapes, which round differently: each logit
     // moves by its rounding times 1/tau. Harmless under a known shift (1/tau < 40), but at
     // smaller temperatures exp(+-that) would scale the dominant weights, so there the bank

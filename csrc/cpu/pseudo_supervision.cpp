@@ -38,14 +38,14 @@ namespace ps = rcps::pseudo_supervision;
 
 // Per-voxel state of one block, structure of arrays so that the voxel loops vectorise.
 template <typename acc_t>
-struct UrpBlockState {
+struct RectifiedBlockState {
   std::vector<acc_t> student, teacher,
       sharpened;  // num_classes x V: logits, then their exponentials
   std::vector<acc_t> student_max, teacher_max, sum_student, sum_teacher, sum_sharpened,
       sharpened_dot_half, teacher_gap_half, loss, inv_sum_student, inv_sum_teacher,
       inv_sum_sharpened, weight, kl_coefficient, grad_scale;
 
-  UrpBlockState(int64_t num_classes, int64_t V)
+  RectifiedBlockState(int64_t num_classes, int64_t V)
       : student(num_classes * V),
         teacher(num_classes * V),
         sharpened(num_classes * V),
@@ -90,7 +90,7 @@ struct UrpBlockState {
       acc_t* s = sharpened.data() + c * V;
 #pragma omp simd  // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {
-        const ps::UrpClassTerms<acc_t> terms = ps::urp_class_terms<acc_t>(
+        const ps::RectifiedClassTerms<acc_t> terms = ps::rectified_class_terms<acc_t>(
             z[j], t[j], student_max[j], teacher_max[j], inv_temperature, exp_fn);
         sum_student[j] += terms.exp_student;
         sum_teacher[j] += terms.exp_teacher;
@@ -104,9 +104,9 @@ struct UrpBlockState {
     }
 #pragma omp simd  // no aliasing between the block's arrays
     for (int64_t j = 0; j < count; ++j) {
-      const ps::UrpVoxel<acc_t> v =
-          ps::urp_voxel<acc_t>(sum_student[j], sum_teacher[j], sum_sharpened[j],
-                               sharpened_dot_half[j], teacher_gap_half[j], LogFn(), exp_fn);
+      const ps::RectifiedVoxel<acc_t> v =
+          ps::rectified_voxel<acc_t>(sum_student[j], sum_teacher[j], sum_sharpened[j],
+                                     sharpened_dot_half[j], teacher_gap_half[j], LogFn(), exp_fn);
       loss[j] = v.loss;
       inv_sum_student[j] = v.inv_sum_student;
       inv_sum_teacher[j] = v.inv_sum_teacher;
@@ -128,10 +128,10 @@ struct UrpBlockState {
       const acc_t* s = sharpened.data() + c * V;
 #pragma omp simd  // no aliasing between the block's arrays
       for (int64_t j = 0; j < count; ++j) {
-        const ps::UrpVoxel<acc_t> v{
+        const ps::RectifiedVoxel<acc_t> v{
             loss[j],   inv_sum_student[j], inv_sum_teacher[j], inv_sum_sharpened[j],
             weight[j], kl_coefficient[j]};
-        z[j] = ps::urp_student_grad<acc_t>(z[j], t[j], s[j], v, grad_scale[j]);
+        z[j] = ps::rectified_student_grad<acc_t>(z[j], t[j], s[j], v, grad_scale[j]);
       }
     }
   }
@@ -328,51 +328,57 @@ void blockwise_gradients(const Tensor& grad_output, const Tensor& x, const Tenso
 // The ops
 // ---------------------------------------------------------------------------------------------
 
-Tensor urp_forward(const Tensor& student, const Tensor& teacher, double temperature,
-                   int64_t reduction) {
-  check_pair(student, teacher, "rcps_cpu::urp_forward", "student", "teacher");
+Tensor rectified_pseudo_supervision_forward(const Tensor& student, const Tensor& teacher,
+                                            double temperature, int64_t reduction) {
+  check_pair(student, teacher, "rcps_cpu::rectified_pseudo_supervision_forward", "student",
+             "teacher");
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                         "rcps_cpu::urp_forward", [&] {
-                                           return blockwise_loss<UrpBlockState, scalar_t>(
+                                         "rcps_cpu::rectified_pseudo_supervision_forward", [&] {
+                                           return blockwise_loss<RectifiedBlockState, scalar_t>(
                                                student, teacher, reduction, 1.0 / temperature);
                                          });
 }
 
 // The student's gradient (the teacher is detached).
-Tensor urp_backward(const Tensor& grad_output, const Tensor& student, const Tensor& teacher,
-                    double temperature, int64_t reduction) {
-  check_pair(student, teacher, "rcps_cpu::urp_backward", "student", "teacher");
+Tensor rectified_pseudo_supervision_backward(const Tensor& grad_output, const Tensor& student,
+                                             const Tensor& teacher, double temperature,
+                                             int64_t reduction) {
+  check_pair(student, teacher, "rcps_cpu::rectified_pseudo_supervision_backward", "student",
+             "teacher");
   Tensor grad_student = at::empty_like(student);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, student.scalar_type(), "rcps_cpu::urp_backward", [&] {
-        blockwise_gradients<UrpBlockState, scalar_t>(grad_output, student, teacher, reduction,
-                                                     1.0 / temperature, grad_student, Tensor());
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                  "rcps_cpu::rectified_pseudo_supervision_backward", [&] {
+                                    blockwise_gradients<RectifiedBlockState, scalar_t>(
+                                        grad_output, student, teacher, reduction, 1.0 / temperature,
+                                        grad_student, Tensor());
+                                  });
   return grad_student;
 }
 
-Tensor cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b, double eps,
-                                  int64_t reduction) {
-  check_pair(logits_a, logits_b, "rcps_cpu::cosine_consistency_forward", "logits_a", "logits_b");
+Tensor logit_cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b, double eps,
+                                        int64_t reduction) {
+  check_pair(logits_a, logits_b, "rcps_cpu::logit_cosine_consistency_forward", "logits_a",
+             "logits_b");
   return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
-                                         "rcps_cpu::cosine_consistency_forward", [&] {
+                                         "rcps_cpu::logit_cosine_consistency_forward", [&] {
                                            return blockwise_loss<CosineBlockState, scalar_t>(
                                                logits_a, logits_b, reduction, eps);
                                          });
 }
 
 // Gradients for a and b; a zero-element tensor for one not asked for.
-std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output,
-                                                       const Tensor& logits_a,
-                                                       const Tensor& logits_b, double eps,
-                                                       int64_t reduction, bool need_grad_a,
-                                                       bool need_grad_b) {
-  check_pair(logits_a, logits_b, "rcps_cpu::cosine_consistency_backward", "logits_a", "logits_b");
+std::tuple<Tensor, Tensor> logit_cosine_consistency_backward(const Tensor& grad_output,
+                                                             const Tensor& logits_a,
+                                                             const Tensor& logits_b, double eps,
+                                                             int64_t reduction, bool need_grad_a,
+                                                             bool need_grad_b) {
+  check_pair(logits_a, logits_b, "rcps_cpu::logit_cosine_consistency_backward", "logits_a",
+             "logits_b");
   Tensor grad_a = need_grad_a ? at::empty_like(logits_a) : at::empty({0}, logits_a.options());
   Tensor grad_b = need_grad_b ? at::empty_like(logits_b) : at::empty({0}, logits_b.options());
   if (!need_grad_a && !need_grad_b) return {grad_a, grad_b};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits_a.scalar_type(),
-                                  "rcps_cpu::cosine_consistency_backward", [&] {
+                                  "rcps_cpu::logit_cosine_consistency_backward", [&] {
                                     blockwise_gradients<CosineBlockState, scalar_t>(
                                         grad_output, logits_a, logits_b, reduction, eps,
                                         need_grad_a ? grad_a : Tensor(),
@@ -421,7 +427,7 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward(
             make_grad_scale<acc_t>(grad_cr, reduction, B, P, &cr_holder);
         const acc_t inv_temperature = static_cast<acc_t>(1.0 / temperature);
         at::parallel_for(0, grid.num_blocks, grid.grain(), [&](int64_t begin, int64_t end) {
-          UrpBlockState<acc_t> urp_a(num_classes, V), urp_b(num_classes, V);
+          RectifiedBlockState<acc_t> urp_a(num_classes, V), urp_b(num_classes, V);
           CosineBlockState<acc_t> cosine(num_classes, V);
           for (int64_t b = begin; b < end; ++b) {
             const Block blk = grid.block(b, P);
@@ -432,7 +438,7 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward(
             std::copy(urp_a.teacher.begin(), urp_a.teacher.end(), urp_b.teacher.begin());
             std::copy(urp_a.student.begin(), urp_a.student.end(), cosine.a.begin());
             std::copy(urp_b.student.begin(), urp_b.student.end(), cosine.b.begin());
-            for (UrpBlockState<acc_t>* state : {&urp_a, &urp_b}) {
+            for (RectifiedBlockState<acc_t>* state : {&urp_a, &urp_b}) {
               state->evaluate(num_classes, V, blk.count, inv_temperature);
               urp_scale.fill(blk, P, state->grad_scale.data());
               state->gradients(num_classes, V, blk.count);
@@ -455,20 +461,22 @@ std::tuple<Tensor, Tensor> pseudo_supervision_losses_backward(
 }  // namespace rcps
 
 TORCH_LIBRARY_FRAGMENT(rcps_cpu, m) {
-  m.def("urp_forward(Tensor student, Tensor teacher, float temperature, int reduction) -> Tensor",
-        &rcps::cpu::urp_forward);
   m.def(
-      "urp_backward(Tensor grad_output, Tensor student, Tensor teacher, float temperature, "
+      "rectified_pseudo_supervision_forward(Tensor student, Tensor teacher, float temperature, "
       "int reduction) -> Tensor",
-      &rcps::cpu::urp_backward);
+      &rcps::cpu::rectified_pseudo_supervision_forward);
   m.def(
-      "cosine_consistency_forward(Tensor logits_a, Tensor logits_b, float eps, int reduction) "
-      "-> Tensor",
-      &rcps::cpu::cosine_consistency_forward);
+      "rectified_pseudo_supervision_backward(Tensor grad_output, Tensor student, Tensor teacher, "
+      "float temperature, int reduction) -> Tensor",
+      &rcps::cpu::rectified_pseudo_supervision_backward);
   m.def(
-      "cosine_consistency_backward(Tensor grad_output, Tensor logits_a, Tensor logits_b, "
+      "logit_cosine_consistency_forward(Tensor logits_a, Tensor logits_b, float eps, "
+      "int reduction) -> Tensor",
+      &rcps::cpu::logit_cosine_consistency_forward);
+  m.def(
+      "logit_cosine_consistency_backward(Tensor grad_output, Tensor logits_a, Tensor logits_b, "
       "float eps, int reduction, bool need_grad_a, bool need_grad_b) -> (Tensor, Tensor)",
-      &rcps::cpu::cosine_consistency_backward);
+      &rcps::cpu::logit_cosine_consistency_backward);
   m.def(
       "pseudo_supervision_losses_backward(Tensor grad_urp, Tensor grad_cr, Tensor view_a, "
       "Tensor view_b, Tensor teacher, float temperature, float eps, int reduction) "

@@ -9,7 +9,7 @@
 //
 // topk mode, anchors stable-sorted by class and tiled (kTileM anchors of one class per block,
 // device-side tile map, no host sync):
-//   normalize_rows    one warp per row: fp32 normalised copies (sorted anchors, positives, banks)
+//   normalise_rows    one warp per row: fp32 normalised copies (sorted anchors, positives, banks)
 //   topk_lse          per tile, bank blocks of 32 rows in shared memory; warp w owns anchor rows
 //                     w, w+8, ..., lane n the bank row n: dot products, warp max/sum, lse_merge
 //   topk_anchor_grad  the same loop, softmax weights, dU += P N_c through shuffles into shared
@@ -60,13 +60,13 @@ size_t topk_smem(int TM, int C) {
   return grad > bank ? grad : bank;
 }
 
-Tensor normalize(const Tensor& z, const Tensor* rows, int64_t R, Tensor* norm) {
+Tensor normalise(const Tensor& z, const Tensor* rows, int64_t R, Tensor* norm) {
   const int64_t C = z.size(1);
   Tensor u = at::empty({R, C}, z.options().dtype(at::kFloat));
   if (norm) *norm = at::empty({R}, z.options().dtype(at::kFloat));
   if (R == 0) return u;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  normalize_rows_kernel<<<static_cast<unsigned>((R + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+  normalise_rows_kernel<<<static_cast<unsigned>((R + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
       z.data_ptr<float>(), rows ? rows->data_ptr<int64_t>() : nullptr, u.data_ptr<float>(),
       norm ? norm->data_ptr<float>() : nullptr, R, static_cast<int>(C), z.size(2), z.stride(0),
       z.stride(1), z.stride(2));
@@ -132,10 +132,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_mode(
   const TileMap map{tcls.data_ptr<int64_t>(), row0.data_ptr<int64_t>(), tend.data_ptr<int64_t>()};
 
   Tensor norm1, norm2;
-  const Tensor u1 = normalize(z1, &order, N, &norm1);
-  const Tensor u2 = normalize(z2, &order, N, &norm2);
+  const Tensor u1 = normalise(z1, &order, N, &norm1);
+  const Tensor u2 = normalise(z2, &order, N, &norm2);
   const Tensor flat_index = neg_index.reshape({-1});
-  const Tensor bank = normalize(zn, &flat_index, num_classes * L, nullptr);
+  const Tensor bank = normalise(zn, &flat_index, num_classes * L, nullptr);
   Tensor loss = at::empty({N}, opts.dtype(at::kFloat));
   // Each row's log-normaliser as an (anchor, rel) pair (rcps_math.h positive_nll).
   Tensor lse1 = at::empty({N, 2}, opts.dtype(at::kFloat));
@@ -200,7 +200,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> random_mode(
   const int64_t M = zn.size(0) * zn.size(2);
   const auto opts = z1.options();
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const Tensor un = normalize(zn, nullptr, M, nullptr);
+  const Tensor un = normalise(zn, nullptr, M, nullptr);
   Tensor loss = at::empty({N}, opts.dtype(at::kFloat));
   RandomArgs a{z1.data_ptr<float>(),
                z2.data_ptr<float>(),

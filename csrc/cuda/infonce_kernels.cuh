@@ -68,13 +68,13 @@ __device__ void chain_store_row(const float* u, const float* du, float norm, out
   out_t* dst = g + b * C * P + p;
   for (int c = lane; c < C; c += 32)
     dst[static_cast<int64_t>(c) * P] =
-        static_cast<out_t>(normalize_backward(du[c], u[c], dot, inv, clamped));
+        static_cast<out_t>(normalise_backward(du[c], u[c], dot, inv, clamped));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Normalisation
 // ---------------------------------------------------------------------------------------------
-__global__ void normalize_rows_kernel(const float* __restrict__ z, const int64_t* __restrict__ rows,
+__global__ void normalise_rows_kernel(const float* __restrict__ z, const int64_t* __restrict__ rows,
                                       float* __restrict__ u, float* __restrict__ norm_out,
                                       int64_t R, int C, int64_t P, int64_t sb, int64_t sc,
                                       int64_t sp) {

@@ -97,10 +97,10 @@ __device__ void store_loss(acc_t loss, int64_t v, int64_t num_voxels, acc_t* vox
 
 // Softmax statistics and loss of one voxel (two passes over its classes).
 template <typename scalar_t, typename acc_t>
-__device__ ps::UrpVoxel<acc_t> urp_voxel_at(const scalar_t* z, const scalar_t* t, int64_t stride_z,
-                                            int64_t stride_t, int64_t num_classes,
-                                            acc_t inv_temperature, acc_t* student_max,
-                                            acc_t* teacher_max) {
+__device__ ps::RectifiedVoxel<acc_t> rectified_voxel_at(const scalar_t* z, const scalar_t* t,
+                                                        int64_t stride_z, int64_t stride_t,
+                                                        int64_t num_classes, acc_t inv_temperature,
+                                                        acc_t* student_max, acc_t* teacher_max) {
   acc_t z_max = -INFINITY, t_max = -INFINITY;
   for (int64_t c = 0; c < num_classes; ++c) {
     const acc_t zc = static_cast<acc_t>(z[c * stride_z]);
@@ -110,7 +110,7 @@ __device__ ps::UrpVoxel<acc_t> urp_voxel_at(const scalar_t* z, const scalar_t* t
   }
   acc_t sum_z = 0, sum_t = 0, sum_s = 0, sharpened_dot_half = 0, teacher_gap_half = 0;
   for (int64_t c = 0; c < num_classes; ++c) {
-    const ps::UrpClassTerms<acc_t> terms = ps::urp_class_terms<acc_t>(
+    const ps::RectifiedClassTerms<acc_t> terms = ps::rectified_class_terms<acc_t>(
         static_cast<acc_t>(z[c * stride_z]), static_cast<acc_t>(t[c * stride_t]), z_max, t_max,
         inv_temperature, ExpFn());
     sum_z += terms.exp_student;
@@ -121,48 +121,46 @@ __device__ ps::UrpVoxel<acc_t> urp_voxel_at(const scalar_t* z, const scalar_t* t
   }
   *student_max = z_max;
   *teacher_max = t_max;
-  return ps::urp_voxel<acc_t>(sum_z, sum_t, sum_s, sharpened_dot_half, teacher_gap_half, LogFn(),
-                              ExpFn());
+  return ps::rectified_voxel<acc_t>(sum_z, sum_t, sum_s, sharpened_dot_half, teacher_gap_half,
+                                    LogFn(), ExpFn());
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void urp_forward_kernel(const scalar_t* __restrict__ student,
-                                   const scalar_t* __restrict__ teacher, Layout zl, Layout tl,
-                                   int64_t num_voxels, int64_t voxels_per_item, int64_t num_classes,
-                                   acc_t inv_temperature, acc_t* voxel_loss,
-                                   double* block_partials) {
+__global__ void rectified_pseudo_supervision_forward_kernel(
+    const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher, Layout zl,
+    Layout tl, int64_t num_voxels, int64_t voxels_per_item, int64_t num_classes,
+    acc_t inv_temperature, acc_t* voxel_loss, double* block_partials) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   acc_t loss = 0;
   if (v < num_voxels) {
     acc_t z_max, t_max;
-    loss = urp_voxel_at<scalar_t, acc_t>(student + zl.voxel(v, voxels_per_item),
-                                         teacher + tl.voxel(v, voxels_per_item), zl.stride_c,
-                                         tl.stride_c, num_classes, inv_temperature, &z_max, &t_max)
+    loss = rectified_voxel_at<scalar_t, acc_t>(
+               student + zl.voxel(v, voxels_per_item), teacher + tl.voxel(v, voxels_per_item),
+               zl.stride_c, tl.stride_c, num_classes, inv_temperature, &z_max, &t_max)
                .loss;
   }
   store_loss(loss, v, num_voxels, voxel_loss, block_partials);
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void urp_backward_kernel(const scalar_t* __restrict__ student,
-                                    const scalar_t* __restrict__ teacher, scalar_t* grad, Layout zl,
-                                    Layout tl, Layout gl, int64_t num_voxels,
-                                    int64_t voxels_per_item, int64_t num_classes,
-                                    acc_t inv_temperature, GradScale<acc_t> scale) {
+__global__ void rectified_pseudo_supervision_backward_kernel(
+    const scalar_t* __restrict__ student, const scalar_t* __restrict__ teacher, scalar_t* grad,
+    Layout zl, Layout tl, Layout gl, int64_t num_voxels, int64_t voxels_per_item,
+    int64_t num_classes, acc_t inv_temperature, GradScale<acc_t> scale) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (v >= num_voxels) return;
   const scalar_t* z = student + zl.voxel(v, voxels_per_item);
   const scalar_t* t = teacher + tl.voxel(v, voxels_per_item);
   scalar_t* g = grad + gl.voxel(v, voxels_per_item);
   acc_t z_max, t_max;
-  const ps::UrpVoxel<acc_t> vox = urp_voxel_at<scalar_t, acc_t>(
+  const ps::RectifiedVoxel<acc_t> vox = rectified_voxel_at<scalar_t, acc_t>(
       z, t, zl.stride_c, tl.stride_c, num_classes, inv_temperature, &z_max, &t_max);
   const acc_t grad_scale = scale(v);
   for (int64_t c = 0; c < num_classes; ++c) {
-    const ps::UrpClassTerms<acc_t> terms = ps::urp_class_terms<acc_t>(
+    const ps::RectifiedClassTerms<acc_t> terms = ps::rectified_class_terms<acc_t>(
         static_cast<acc_t>(z[c * zl.stride_c]), static_cast<acc_t>(t[c * tl.stride_c]), z_max,
         t_max, inv_temperature, ExpFn());
-    g[c * gl.stride_c] = static_cast<scalar_t>(ps::urp_student_grad<acc_t>(
+    g[c * gl.stride_c] = static_cast<scalar_t>(ps::rectified_student_grad<acc_t>(
         terms.exp_student, terms.exp_teacher, terms.exp_sharpened, vox, grad_scale));
   }
 }
@@ -197,11 +195,12 @@ __device__ ps::CosineVoxel<acc_t> cosine_voxel_at(const scalar_t* a, const scala
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void cosine_forward_kernel(const scalar_t* __restrict__ logits_a,
-                                      const scalar_t* __restrict__ logits_b, Layout al, Layout bl,
-                                      int64_t num_voxels, int64_t voxels_per_item,
-                                      int64_t num_classes, acc_t eps, acc_t* voxel_loss,
-                                      double* block_partials) {
+__global__ void logit_cosine_consistency_forward_kernel(const scalar_t* __restrict__ logits_a,
+                                                        const scalar_t* __restrict__ logits_b,
+                                                        Layout al, Layout bl, int64_t num_voxels,
+                                                        int64_t voxels_per_item,
+                                                        int64_t num_classes, acc_t eps,
+                                                        acc_t* voxel_loss, double* block_partials) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   acc_t loss = 0;
   if (v < num_voxels) {
@@ -215,11 +214,10 @@ __global__ void cosine_forward_kernel(const scalar_t* __restrict__ logits_a,
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void cosine_backward_kernel(const scalar_t* __restrict__ logits_a,
-                                       const scalar_t* __restrict__ logits_b, scalar_t* grad_a,
-                                       scalar_t* grad_b, Layout al, Layout bl, Layout gal,
-                                       Layout gbl, int64_t num_voxels, int64_t voxels_per_item,
-                                       int64_t num_classes, acc_t eps, GradScale<acc_t> scale) {
+__global__ void logit_cosine_consistency_backward_kernel(
+    const scalar_t* __restrict__ logits_a, const scalar_t* __restrict__ logits_b, scalar_t* grad_a,
+    scalar_t* grad_b, Layout al, Layout bl, Layout gal, Layout gbl, int64_t num_voxels,
+    int64_t voxels_per_item, int64_t num_classes, acc_t eps, GradScale<acc_t> scale) {
   const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (v >= num_voxels) return;
   const scalar_t* a = logits_a + al.voxel(v, voxels_per_item);
@@ -305,16 +303,17 @@ GradScale<acc_t> grad_scale_of(const Tensor& grad_output, int64_t reduction, int
   return GradScale<acc_t>{holder->data_ptr<acc_t>(), false, factor};
 }
 
-Tensor urp_forward(const Tensor& student, const Tensor& teacher, double temperature,
-                   int64_t reduction) {
-  check_pair(student, teacher, "rcps_cuda::urp_forward");
+Tensor rectified_pseudo_supervision_forward(const Tensor& student, const Tensor& teacher,
+                                            double temperature, int64_t reduction) {
+  check_pair(student, teacher, "rcps_cuda::rectified_pseudo_supervision_forward");
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), num_classes = student.size(1), P = student.size(2), N = B * P;
   const LossBuffers buffers(student, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, student.scalar_type(), "rcps_cuda::urp_forward", [&] {
+      at::kHalf, at::kBFloat16, student.scalar_type(),
+      "rcps_cuda::rectified_pseudo_supervision_forward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        urp_forward_kernel<scalar_t, acc_t>
+        rectified_pseudo_supervision_forward_kernel<scalar_t, acc_t>
             <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                 student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(), Layout(student),
                 Layout(teacher), N, P, num_classes, static_cast<acc_t>(1.0 / temperature),
@@ -324,18 +323,20 @@ Tensor urp_forward(const Tensor& student, const Tensor& teacher, double temperat
   return buffers.result(reduction, N);
 }
 
-Tensor urp_backward(const Tensor& grad_output, const Tensor& student, const Tensor& teacher,
-                    double temperature, int64_t reduction) {
-  check_pair(student, teacher, "rcps_cuda::urp_backward");
+Tensor rectified_pseudo_supervision_backward(const Tensor& grad_output, const Tensor& student,
+                                             const Tensor& teacher, double temperature,
+                                             int64_t reduction) {
+  check_pair(student, teacher, "rcps_cuda::rectified_pseudo_supervision_backward");
   const c10::cuda::CUDAGuard guard(student.device());
   const int64_t B = student.size(0), num_classes = student.size(1), P = student.size(2), N = B * P;
   Tensor grad = at::empty_like(student);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, student.scalar_type(), "rcps_cuda::urp_backward", [&] {
+      at::kHalf, at::kBFloat16, student.scalar_type(),
+      "rcps_cuda::rectified_pseudo_supervision_backward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         Tensor holder;
         const GradScale<acc_t> scale = grad_scale_of<acc_t>(grad_output, reduction, B, P, &holder);
-        urp_backward_kernel<scalar_t, acc_t>
+        rectified_pseudo_supervision_backward_kernel<scalar_t, acc_t>
             <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                 student.data_ptr<scalar_t>(), teacher.data_ptr<scalar_t>(),
                 grad.data_ptr<scalar_t>(), Layout(student), Layout(teacher), Layout(grad), N, P,
@@ -345,18 +346,18 @@ Tensor urp_backward(const Tensor& grad_output, const Tensor& student, const Tens
   return grad;
 }
 
-Tensor cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b, double eps,
-                                  int64_t reduction) {
-  check_pair(logits_a, logits_b, "rcps_cuda::cosine_consistency_forward");
+Tensor logit_cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b, double eps,
+                                        int64_t reduction) {
+  check_pair(logits_a, logits_b, "rcps_cuda::logit_cosine_consistency_forward");
   const c10::cuda::CUDAGuard guard(logits_a.device());
   const int64_t B = logits_a.size(0), num_classes = logits_a.size(1), P = logits_a.size(2),
                 N = B * P;
   const LossBuffers buffers(logits_a, reduction);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits_a.scalar_type(), "rcps_cuda::cosine_consistency_forward",
-      [&] {
+      at::kHalf, at::kBFloat16, logits_a.scalar_type(),
+      "rcps_cuda::logit_cosine_consistency_forward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        cosine_forward_kernel<scalar_t, acc_t>
+        logit_cosine_consistency_forward_kernel<scalar_t, acc_t>
             <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                 logits_a.data_ptr<scalar_t>(), logits_b.data_ptr<scalar_t>(), Layout(logits_a),
                 Layout(logits_b), N, P, num_classes, static_cast<acc_t>(eps),
@@ -366,12 +367,12 @@ Tensor cosine_consistency_forward(const Tensor& logits_a, const Tensor& logits_b
   return buffers.result(reduction, N);
 }
 
-std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output,
-                                                       const Tensor& logits_a,
-                                                       const Tensor& logits_b, double eps,
-                                                       int64_t reduction, bool need_grad_a,
-                                                       bool need_grad_b) {
-  check_pair(logits_a, logits_b, "rcps_cuda::cosine_consistency_backward");
+std::tuple<Tensor, Tensor> logit_cosine_consistency_backward(const Tensor& grad_output,
+                                                             const Tensor& logits_a,
+                                                             const Tensor& logits_b, double eps,
+                                                             int64_t reduction, bool need_grad_a,
+                                                             bool need_grad_b) {
+  check_pair(logits_a, logits_b, "rcps_cuda::logit_cosine_consistency_backward");
   const c10::cuda::CUDAGuard guard(logits_a.device());
   const int64_t B = logits_a.size(0), num_classes = logits_a.size(1), P = logits_a.size(2),
                 N = B * P;
@@ -379,12 +380,12 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output
   Tensor grad_b = need_grad_b ? at::empty_like(logits_b) : at::empty({0}, logits_b.options());
   if (!need_grad_a && !need_grad_b) return {grad_a, grad_b};
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, logits_a.scalar_type(), "rcps_cuda::cosine_consistency_backward",
-      [&] {
+      at::kHalf, at::kBFloat16, logits_a.scalar_type(),
+      "rcps_cuda::logit_cosine_consistency_backward", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         Tensor holder;
         const GradScale<acc_t> scale = grad_scale_of<acc_t>(grad_output, reduction, B, P, &holder);
-        cosine_backward_kernel<scalar_t, acc_t>
+        logit_cosine_consistency_backward_kernel<scalar_t, acc_t>
             <<<num_blocks(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                 logits_a.data_ptr<scalar_t>(), logits_b.data_ptr<scalar_t>(),
                 need_grad_a ? grad_a.data_ptr<scalar_t>() : nullptr,
@@ -402,18 +403,20 @@ std::tuple<Tensor, Tensor> cosine_consistency_backward(const Tensor& grad_output
 }  // namespace rcps
 
 TORCH_LIBRARY_FRAGMENT(rcps_cuda, m) {
-  m.def("urp_forward(Tensor student, Tensor teacher, float temperature, int reduction) -> Tensor",
-        &rcps::cuda::urp_forward);
   m.def(
-      "urp_backward(Tensor grad_output, Tensor student, Tensor teacher, float temperature, "
+      "rectified_pseudo_supervision_forward(Tensor student, Tensor teacher, float temperature, "
       "int reduction) -> Tensor",
-      &rcps::cuda::urp_backward);
+      &rcps::cuda::rectified_pseudo_supervision_forward);
   m.def(
-      "cosine_consistency_forward(Tensor logits_a, Tensor logits_b, float eps, "
+      "rectified_pseudo_supervision_backward(Tensor grad_output, Tensor student, Tensor teacher, "
+      "float temperature, int reduction) -> Tensor",
+      &rcps::cuda::rectified_pseudo_supervision_backward);
+  m.def(
+      "logit_cosine_consistency_forward(Tensor logits_a, Tensor logits_b, float eps, "
       "int reduction) -> Tensor",
-      &rcps::cuda::cosine_consistency_forward);
+      &rcps::cuda::logit_cosine_consistency_forward);
   m.def(
-      "cosine_consistency_backward(Tensor grad_output, Tensor logits_a, Tensor logits_b, "
+      "logit_cosine_consistency_backward(Tensor grad_output, Tensor logits_a, Tensor logits_b, "
       "float eps, int reduction, bool need_grad_a, bool need_grad_b) -> (Tensor, Tensor)",
-      &rcps::cuda::cosine_consistency_backward);
+      &rcps::cuda::logit_cosine_consistency_backward);
 }

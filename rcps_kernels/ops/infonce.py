@@ -4,7 +4,7 @@ Two custom ops, with fake (meta) implementations so that ``torch.compile(fullgra
 traces through them (docs/design.md section 4):
 
 - ``rcps::voxel_infonce_loss`` -> per-anchor loss l1 + l2 (N,), float64 for float64 features,
-  else float32 (``_validation.accumulation_dtype``). Its backward is the op
+  else float32 (``validation.accumulation_dtype``). Its backward is the op
   ``rcps::voxel_infonce_backward``, which recomputes the similarity tiles for per-anchor weights
   grad_loss (any reduction, any grad_output).
 - ``rcps::voxel_infonce_mean`` -> (mean loss, grad_anchor, grad_positive, grad_pool): the
@@ -12,7 +12,7 @@ traces through them (docs/design.md section 4):
   kernel computes the gradients of mean_i l_i while the similarity tiles are still in cache (as
   fused linear-cross-entropy kernels do) and backward only scales them by grad_output.
 
-The ops' ``backend`` argument picks the kernel from ``kernels.kernels(backend)``; their
+The ops' ``backend`` argument picks the kernel from ``backends.kernel_table(backend)``; their
 ``deterministic`` argument (True/False, or None to follow ``torch.use_deterministic_algorithms``)
 is in effect while their bodies run, in forward and in backward. Outside torch.compile the same
 bodies run as plain ``autograd.Function``s (:func:`per_anchor_loss`,
@@ -27,53 +27,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from .._backend import deterministic_override
-from .._validation import accumulation_dtype, refuse_double_backward
-from .kernels import kernels
-
-
-@dataclasses.dataclass(frozen=True)
-class InfoNCEParams:
-    """Everything an InfoNCE kernel takes besides the features.
-
-    Attributes:
-        anchor_labels: (N,) int64 pseudo-class of every anchor.
-        neg_index: (num_classes, L) int64 pool voxels per class (-1: padding).
-        neg_count: (num_classes,) int64 valid entries of each row of neg_index.
-        temperature: tau.
-        num_negatives: K, negatives per anchor.
-        random: random sampling (K Philox draws per anchor from its class's row) instead of topk
-            (the row's first K entries, shared by the class).
-        seed, offset: key and counter offset of the Philox draws (random mode).
-    """
-
-    anchor_labels: Tensor
-    neg_index: Tensor
-    neg_count: Tensor
-    temperature: float
-    num_negatives: int
-    random: bool
-    seed: int = 0
-    offset: int = 0
-
-    def op_args(self) -> tuple:
-        """The fields in the order of the ops' schemas (and the compiled kernels')."""
-        return (
-            self.anchor_labels,
-            self.neg_index,
-            self.neg_count,
-            float(self.temperature),
-            int(self.num_negatives),
-            bool(self.random),
-            int(self.seed),
-            int(self.offset),
-        )
-
-    def tables(self) -> tuple[Tensor, Tensor, Tensor]:
-        return self.anchor_labels, self.neg_index, self.neg_count
-
-    def scalars(self) -> tuple[float, int, bool, int, int]:
-        return self.temperature, self.num_negatives, self.random, self.seed, self.offset
+from ..backends import kernel_table
+from ..determinism import deterministic_override
+from ..validation import accumulation_dtype, refuse_double_backward
+from .kernels import InfoNCEParams
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,7 +40,7 @@ def _loss(
     anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams, backend: str, deterministic: bool | None
 ) -> Tensor:
     with deterministic_override(deterministic):
-        loss, _, _, _ = kernels(backend).voxel_infonce(anchor, positive, pool, params)
+        loss, _, _, _ = kernel_table(backend).voxel_infonce(anchor, positive, pool, params)
     return loss.to(accumulation_dtype(anchor.dtype))
 
 
@@ -100,7 +57,7 @@ def _loss_backward(
     # d(sum_i g_i l_i)/dz: the kernel's weighted gradient with grad_weight = grad_loss.
     weights = grad_loss.to(accumulation_dtype(anchor.dtype)).contiguous()
     with deterministic_override(deterministic):
-        _, grad_anchor, grad_positive, grad_pool = kernels(backend).voxel_infonce(
+        _, grad_anchor, grad_positive, grad_pool = kernel_table(backend).voxel_infonce(
             anchor, positive, pool, params, grad_weight=weights, grad_scale=1.0, pool_grad=pool_grad
         )
     return grad_anchor, grad_positive, grad_pool
@@ -118,7 +75,7 @@ def _mean_with_grads(
     # d(mean_i l_i)/dz = (1/N) sum_i dl_i/dz: the kernel's gradient with grad_scale = 1/N.
     num_anchors = params.anchor_labels.numel()
     with deterministic_override(deterministic):
-        loss, grad_anchor, grad_positive, grad_pool = kernels(backend).voxel_infonce(
+        loss, grad_anchor, grad_positive, grad_pool = kernel_table(backend).voxel_infonce(
             anchor, positive, pool, params, grad_scale=1.0 / max(num_anchors, 1), pool_grad=pool_grad
         )
     return loss.to(accumulation_dtype(anchor.dtype)).mean(), grad_anchor, grad_positive, grad_pool
@@ -127,15 +84,15 @@ def _mean_with_grads(
 def _save_inputs(
     ctx, anchor: Tensor, positive: Tensor, pool: Tensor, params: InfoNCEParams, backend: str, deterministic: bool | None
 ) -> None:
-    ctx.save_for_backward(anchor, positive, pool, *params.tables())
+    ctx.save_for_backward(anchor, positive, pool, *params.tensors())
     ctx.scalars = params.scalars()
     ctx.backend, ctx.deterministic, ctx.pool_grad = backend, deterministic, pool.requires_grad
 
 
 def _backward_from_saved(ctx, grad_loss: Tensor, backward=_loss_backward) -> tuple:
     refuse_double_backward("bidirectional_voxel_infonce")
-    anchor, positive, pool, *tables = ctx.saved_tensors
-    params = InfoNCEParams(*tables, *ctx.scalars)
+    anchor, positive, pool, *param_tensors = ctx.saved_tensors
+    params = InfoNCEParams.from_parts(param_tensors, ctx.scalars)
     grad_anchor, grad_positive, grad_pool = backward(
         grad_loss, anchor, positive, pool, params, ctx.backend, ctx.deterministic, ctx.pool_grad
     )
@@ -175,73 +132,77 @@ def _save_mean_grads(ctx, output: tuple, pool_grad: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The custom ops (flat schemas: a custom op takes tensors and scalars, not a params object)
+# The custom ops. A custom op takes tensors and scalars, not a params object, so each schema
+# spells the InfoNCEParams fields out (from the dataclass) and each body unpacks them by name.
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("rcps::voxel_infonce_loss", mutates_args=())
-def voxel_infonce_loss(
-    anchor: Tensor,
-    positive: Tensor,
-    pool: Tensor,
-    anchor_labels: Tensor,
-    neg_index: Tensor,
-    neg_count: Tensor,
-    temperature: float,
-    num_negatives: int,
-    random: bool,
-    seed: int,
-    offset: int,
-    backend: str,
-    deterministic: bool | None,
-) -> Tensor:
-    params = InfoNCEParams(anchor_labels, neg_index, neg_count, temperature, num_negatives, random, seed, offset)
-    return _loss(anchor, positive, pool, params, backend, deterministic)
+# The schema type of each InfoNCEParams field's annotation.
+_SCHEMA_TYPES = {"Tensor": "Tensor", "float": "float", "int": "int", "bool": "bool"}
+_FEATURES = "Tensor anchor, Tensor positive, Tensor pool"
+_PARAMS = ", ".join(f"{_SCHEMA_TYPES[field.type]} {field.name}" for field in dataclasses.fields(InfoNCEParams))
+# The options after the params (name -> schema type): the loss op's, and the gradient ops'.
+_LOSS_OPTIONS = {"backend": "str", "deterministic": "bool?"}
+_GRAD_OPTIONS = {**_LOSS_OPTIONS, "pool_grad": "bool"}
+
+
+def _schema(leading: str, options: dict[str, str], returns: str) -> str:
+    spelled = ", ".join(f"{kind} {name}" for name, kind in options.items())
+    return f"({leading}, {_PARAMS}, {spelled}) -> {returns}"
+
+
+def _unpack(args: tuple, options: dict[str, str]) -> tuple[InfoNCEParams, dict]:
+    """(the params, the options by name) from an op's flat arguments after its feature tensors."""
+    count = InfoNCEParams.count()
+    if len(args) != count + len(options):
+        raise AssertionError(f"expected the InfoNCE params and {tuple(options)}, got {len(args)} arguments")
+    return InfoNCEParams.from_args(args), dict(zip(options, args[count:]))
+
+
+@torch.library.custom_op(
+    "rcps::voxel_infonce_loss", mutates_args=(), schema=_schema(_FEATURES, _LOSS_OPTIONS, "Tensor")
+)
+def voxel_infonce_loss(anchor: Tensor, positive: Tensor, pool: Tensor, *args) -> Tensor:
+    params, options = _unpack(args, _LOSS_OPTIONS)
+    return _loss(anchor, positive, pool, params, **options)
 
 
 @voxel_infonce_loss.register_fake
-def _(anchor, positive, pool, anchor_labels, *_scalars) -> Tensor:
-    return anchor_labels.new_empty(anchor_labels.shape, dtype=accumulation_dtype(anchor.dtype))
+def _(anchor, positive, pool, *args) -> Tensor:
+    params, _ = _unpack(args, _LOSS_OPTIONS)
+    labels = params.anchor_labels
+    return labels.new_empty(labels.shape, dtype=accumulation_dtype(anchor.dtype))
 
 
-@torch.library.custom_op("rcps::voxel_infonce_backward", mutates_args=())
+@torch.library.custom_op(
+    "rcps::voxel_infonce_backward",
+    mutates_args=(),
+    schema=_schema(f"Tensor grad_loss, {_FEATURES}", _GRAD_OPTIONS, "(Tensor, Tensor, Tensor)"),
+)
 def voxel_infonce_backward(
-    grad_loss: Tensor,
-    anchor: Tensor,
-    positive: Tensor,
-    pool: Tensor,
-    anchor_labels: Tensor,
-    neg_index: Tensor,
-    neg_count: Tensor,
-    temperature: float,
-    num_negatives: int,
-    random: bool,
-    seed: int,
-    offset: int,
-    backend: str,
-    deterministic: bool | None,
-    pool_grad: bool,
+    grad_loss: Tensor, anchor: Tensor, positive: Tensor, pool: Tensor, *args
 ) -> tuple[Tensor, Tensor, Tensor]:
-    params = InfoNCEParams(anchor_labels, neg_index, neg_count, temperature, num_negatives, random, seed, offset)
-    return _loss_backward(grad_loss, anchor, positive, pool, params, backend, deterministic, pool_grad)
+    params, options = _unpack(args, _GRAD_OPTIONS)
+    return _loss_backward(grad_loss, anchor, positive, pool, params, **options)
 
 
 @voxel_infonce_backward.register_fake
 def _(grad_loss, anchor, positive, pool, *args):
-    pool_grad = args[-1]
+    _, options = _unpack(args, _GRAD_OPTIONS)
     return (
         anchor.new_empty(anchor.shape),
         positive.new_empty(positive.shape),
-        pool.new_empty(pool.shape if pool_grad else (0,)),
+        pool.new_empty(pool.shape if options["pool_grad"] else (0,)),
     )
 
 
 def _setup_loss_op(ctx, inputs, output) -> None:
-    anchor, positive, pool = inputs[:3]
-    backend, deterministic = inputs[11:13]
-    _save_inputs(ctx, anchor, positive, pool, InfoNCEParams(*inputs[3:11]), backend, deterministic)
+    anchor, positive, pool, *args = inputs
+    params, options = _unpack(args, _LOSS_OPTIONS)
+    _save_inputs(ctx, anchor, positive, pool, params, **options)
+    ctx.num_options = len(args)  # the params and options take no gradient
 
 
 def _loss_op_backward(ctx, grad_loss):
-    return (*_backward_from_saved(ctx, grad_loss, _op_form_of_backward), *[None] * 10)
+    return (*_backward_from_saved(ctx, grad_loss, _op_form_of_backward), *(None,) * ctx.num_options)
 
 
 def _op_form_of_backward(grad_loss, anchor, positive, pool, params, backend, deterministic, pool_grad):
@@ -254,44 +215,36 @@ def _op_form_of_backward(grad_loss, anchor, positive, pool, params, backend, det
 voxel_infonce_loss.register_autograd(_loss_op_backward, setup_context=_setup_loss_op)
 
 
-@torch.library.custom_op("rcps::voxel_infonce_mean", mutates_args=())
-def voxel_infonce_mean(
-    anchor: Tensor,
-    positive: Tensor,
-    pool: Tensor,
-    anchor_labels: Tensor,
-    neg_index: Tensor,
-    neg_count: Tensor,
-    temperature: float,
-    num_negatives: int,
-    random: bool,
-    seed: int,
-    offset: int,
-    backend: str,
-    deterministic: bool | None,
-    pool_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    params = InfoNCEParams(anchor_labels, neg_index, neg_count, temperature, num_negatives, random, seed, offset)
-    return _mean_with_grads(anchor, positive, pool, params, backend, deterministic, pool_grad)
+@torch.library.custom_op(
+    "rcps::voxel_infonce_mean",
+    mutates_args=(),
+    schema=_schema(_FEATURES, _GRAD_OPTIONS, "(Tensor, Tensor, Tensor, Tensor)"),
+)
+def voxel_infonce_mean(anchor: Tensor, positive: Tensor, pool: Tensor, *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    params, options = _unpack(args, _GRAD_OPTIONS)
+    return _mean_with_grads(anchor, positive, pool, params, **options)
 
 
 @voxel_infonce_mean.register_fake
-def _(anchor, positive, pool, anchor_labels, *args):
-    pool_grad = args[-1]
+def _(anchor, positive, pool, *args):
+    params, options = _unpack(args, _GRAD_OPTIONS)
     return (
-        anchor_labels.new_empty((), dtype=accumulation_dtype(anchor.dtype)),
+        params.anchor_labels.new_empty((), dtype=accumulation_dtype(anchor.dtype)),
         anchor.new_empty(anchor.shape),
         positive.new_empty(positive.shape),
-        pool.new_empty(pool.shape if pool_grad else (0,)),
+        pool.new_empty(pool.shape if options["pool_grad"] else (0,)),
     )
 
 
 def _setup_mean_op(ctx, inputs, output) -> None:
-    _save_mean_grads(ctx, output, pool_grad=inputs[13])
+    _anchor, _positive, _pool, *args = inputs
+    _, options = _unpack(args, _GRAD_OPTIONS)
+    _save_mean_grads(ctx, output, options["pool_grad"])
+    ctx.num_options = len(args)  # the params and options take no gradient
 
 
 def _mean_op_backward(ctx, grad_loss, *_unused):
-    return (*_scale_saved_grads(ctx, grad_loss), *[None] * 11)
+    return (*_scale_saved_grads(ctx, grad_loss), *(None,) * ctx.num_options)
 
 
 voxel_infonce_mean.register_autograd(_mean_op_backward, setup_context=_setup_mean_op)
@@ -369,7 +322,6 @@ def mean_loss_with_grads(
 
 
 __all__ = [
-    "InfoNCEParams",
     "voxel_infonce_loss",
     "voxel_infonce_backward",
     "voxel_infonce_mean",

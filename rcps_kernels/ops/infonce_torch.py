@@ -22,7 +22,7 @@ which keeps tiny losses of confident anchors accurate (m = x makes the first ter
 argument of log1p exactly s). Pool gradients are added with ``index_add_`` (serial on the CPU;
 on a GPU a topk block's rows are distinct, and random mode's repeated rows go through
 ``index_put_(accumulate=True)``, sorted and reduced in a fixed order, when
-``_backend.deterministic_algorithms()`` asks for it), so the CPU results are bitwise reproducible.
+``determinism.deterministic_algorithms()`` asks for it), so the CPU results are bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from .._backend import deterministic_algorithms
+from ..determinism import deterministic_algorithms
 from .selection import anchor_class_order
 
 #: Budget of one tile in elements (4 MiB of float32): similarities (topk), gathered pool rows (random).

@@ -5,7 +5,7 @@ is cast to fp32 right away, so fp16/bf16/fp64 inputs work the same way); flat of
 multiply a voxel index by a channel count or a stride are int64.
 
 topk mode (one bank N_c per class):
-  1. ``normalize_rows`` (infonce_triton_common.py): fp32 normalised copies of the anchors and positives
+  1. ``normalise_rows`` (infonce_triton_common.py): fp32 normalised copies of the anchors and positives
      in class-sorted order (a stable partition by pseudo-label: ``_class_order_kernel`` up to
      64Ki anchors, the op ``anchor_class_order`` past that), both in one launch, (N, C) each,
      plus their norms; the class banks (classes, L, C) likewise (padding rows are zero).
@@ -27,7 +27,7 @@ topk mode (one bank N_c per class):
      pool's normalisation into the (Bn, C, Pn) output (writes every element).
 
 random mode: infonce_triton_random.py. Deterministic mode (int64 fixed-point atomics for the
-pool gradient) follows ``_backend.deterministic_algorithms()``, asked when the kernel runs: the call's
+pool gradient) follows ``determinism.deterministic_algorithms()``, asked when the kernel runs: the call's
 ``deterministic=`` keyword, else ``torch.are_deterministic_algorithms_enabled()``.
 """
 
@@ -40,12 +40,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import deterministic_algorithms
+from ..determinism import deterministic_algorithms
 from ..settings import triton_dot_precision, triton_interpreting
 from .infonce_triton_common import (
     block_c,
     chain_store,
-    normalize_rows,
+    normalise_rows,
     pool_input_grad,
     positive_nll,
     softmax_weight,
@@ -290,7 +290,7 @@ def _bank_scatter_kernel(
     part_ptr,
     neg_index_ptr,
     neg_count_ptr,
-    pool_grad_ptr,
+    pool_grad_sum_ptr,
     first_cls,
     C,
     L,
@@ -299,7 +299,7 @@ def _bank_scatter_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """pool_grad[neg_index[cls, k]] += sum_split partial[split, cls, k], cls = first_cls +
+    """pool_grad_sum[neg_index[cls, k]] += sum_split partial[split, cls, k], cls = first_cls +
     program_id(1). Rows of one bank are distinct voxels; banks launched together must be too."""
     cls = first_cls + tl.program_id(1)
     k = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -312,7 +312,7 @@ def _bank_scatter_kernel(
     acc = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for sp in tl.static_range(SPLIT):
         acc += tl.load(part_ptr + ((sp * num_classes + cls) * L + k[:, None]) * C + cc[None, :], mask=m2, other=0.0)
-    dst = pool_grad_ptr + j[:, None] * C + cc[None, :]
+    dst = pool_grad_sum_ptr + j[:, None] * C + cc[None, :]
     tl.store(dst, tl.load(dst, mask=m2, other=0.0) + acc, mask=m2)
 
 
@@ -392,7 +392,7 @@ def class_order(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, t
     return order, class_start
 
 
-def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want_grad, want_pool_grad):
+def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want_grad, pool_grad):
     B, C, P = z1.shape
     N = B * P
     num_classes, L = neg_index.shape
@@ -409,8 +409,8 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     )
     order, class_start = class_order(labels, num_classes)
     num_tiles = triton.cdiv(N, bm) + num_classes  # >= sum_c ceil(n_c / bm); spares do nothing
-    (u1, u2), (norm1, norm2) = normalize_rows(z1, order, N, z2=z2)
-    bank, _ = normalize_rows(zn, neg_index.reshape(-1), num_classes * L, want_norm=False)
+    (u1, u2), (norm1, norm2) = normalise_rows(z1, order, N, z2=z2)
+    bank, _ = normalise_rows(zn, neg_index.reshape(-1), num_classes * L, want_norm=False)
     loss = torch.empty((N,), device=dev, dtype=torch.float32)
     lse1, lse2 = torch.empty((2, N, 2), device=dev, dtype=torch.float32)  # (anchor, rel) per row
     _topk_lse_kernel[(num_tiles,)](
@@ -456,10 +456,10 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
         HAS_W=w is not None,
         **tiles,
     )
-    if not want_pool_grad:
+    if not pool_grad:
         return loss, g1, g2, None
     M = zn.shape[0] * zn.shape[2]
-    pool_grad = torch.zeros((M, C), device=dev, dtype=torch.float32)
+    pool_grad_sum = torch.zeros((M, C), device=dev, dtype=torch.float32)
     nblocks = triton.cdiv(L, bn)
     if triton_interpreting():
         split = 2
@@ -494,9 +494,9 @@ def _topk(z1, z2, zn, labels, neg_index, neg_count, inv_tau, w, grad_scale, want
     together = num_classes if num_classes == 2 else 1
     for c in range(0, num_classes, together):
         _bank_scatter_kernel[(triton.cdiv(L, block_r), together)](
-            partial, neg_index, neg_count, pool_grad, c, C, L, num_classes, SPLIT=split, BLOCK_R=block_r, BLOCK_C=bc
+            partial, neg_index, neg_count, pool_grad_sum, c, C, L, num_classes, SPLIT=split, BLOCK_R=block_r, BLOCK_C=bc
         )
-    return loss, g1, g2, pool_input_grad(zn, pool_grad, None)
+    return loss, g1, g2, pool_input_grad(zn, pool_grad_sum, None)
 
 
 def voxel_infonce(anchor, positive, pool, params, *, grad_weight=None, grad_scale=0.0, pool_grad=False):
@@ -516,7 +516,10 @@ def voxel_infonce(anchor, positive, pool, params, *, grad_weight=None, grad_scal
     dev = anchor.device
     want_grad = grad_scale != 0.0
     pool_grad = want_grad and pool_grad
-    labels, neg_index, neg_count = (t.to(device=dev, dtype=torch.int64).contiguous() for t in params.tables())
+    labels, neg_index, neg_count = (
+        t.to(device=dev, dtype=torch.int64).contiguous()
+        for t in (params.anchor_labels, params.neg_index, params.neg_count)
+    )
     w = None
     if want_grad and grad_weight is not None:
         w = grad_weight.to(device=dev, dtype=torch.float32).contiguous()

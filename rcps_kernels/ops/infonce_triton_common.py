@@ -73,7 +73,7 @@ def softmax_weight(logit, ptr, rows, rmask):
 
 
 @triton.jit
-def _normalize_kernel(
+def _normalise_kernel(
     z_ptr,
     z2_ptr,
     rows_ptr,
@@ -166,7 +166,7 @@ def block_c(C: int) -> int:
     return max(16, triton.next_power_of_2(C))
 
 
-def normalize_rows(z: Tensor, rows: Tensor | None, R: int, want_norm: bool = True, z2: Tensor | None = None):
+def normalise_rows(z: Tensor, rows: Tensor | None, R: int, want_norm: bool = True, z2: Tensor | None = None):
     """Rows of z (R, C) normalised in fp32, and their norms; with z2 (z's shape), both in one
     launch as (2, R, C) and (2, R)."""
     C = z.shape[1]
@@ -176,7 +176,7 @@ def normalize_rows(z: Tensor, rows: Tensor | None, R: int, want_norm: bool = Tru
     if R > 0:
         block_r = 16 if triton_interpreting() else 32
         other = z if z2 is None else z2
-        _normalize_kernel[(triton.cdiv(R, block_r), views)](
+        _normalise_kernel[(triton.cdiv(R, block_r), views)](
             z,
             other,
             rows,

@@ -6,7 +6,7 @@ the layout of csrc/common/rcps_math.h's philox_randint), gathers the normalised 
 with gradients a second pass over the same draws accumulates the anchor gradients and adds the
 pool gradient with fp32 atomics, or, in deterministic mode, with int64 fixed-point atomics
 (integer addition is associative: bitwise identical run to run). Deterministic mode is on when
-``_backend.deterministic_algorithms()`` says so at call time (the ``deterministic=`` keyword, else
+``determinism.deterministic_algorithms()`` says so at call time (the ``deterministic=`` keyword, else
 ``torch.are_deterministic_algorithms_enabled()``).
 
 Fixed point: every contribution is bounded by |w_i| / tau * (p1 + p2) per channel, and the p of
@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..settings import triton_interpreting
-from .infonce_triton_common import block_c, chain_store, normalize_rows, pool_input_grad, positive_nll, row_norms
+from .infonce_triton_common import block_c, chain_store, normalise_rows, pool_input_grad, positive_nll, row_norms
 
 _FIXED_POINT_BITS = 61
 
@@ -70,7 +70,7 @@ def _random_kernel(
     grad_scale,
     g1_ptr,
     g2_ptr,
-    pool_grad_ptr,
+    pool_grad_sum_ptr,
     qscale_ptr,
     C,
     P,
@@ -81,7 +81,7 @@ def _random_kernel(
     inv_tau,
     HAS_W: tl.constexpr,
     WANT_GRAD: tl.constexpr,
-    WANT_POOL_GRAD: tl.constexpr,
+    POOL_GRAD: tl.constexpr,
     FIXED: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -156,9 +156,9 @@ def _random_kernel(
             mass += tl.sum(p1, 0) + tl.sum(p2, 0)
             du1 += tl.sum(p1[:, None] * un, 0)
             du2 += tl.sum(p2[:, None] * un, 0)
-            if WANT_POOL_GRAD:
+            if POOL_GRAD:
                 contrib = p1[:, None] * u1[None, :] + p2[:, None] * u2[None, :]
-                dst = pool_grad_ptr + j[:, None] * C + cc[None, :]
+                dst = pool_grad_sum_ptr + j[:, None] * C + cc[None, :]
                 if FIXED:
                     tl.atomic_add(dst, (contrib * qscale).to(tl.int64), mask=m2d)
                 else:
@@ -185,7 +185,7 @@ def random_mode(
     w,
     grad_scale,
     want_grad,
-    want_pool_grad,
+    pool_grad,
     deterministic,
 ):
     B, C, P = z1.shape
@@ -193,17 +193,17 @@ def random_mode(
     L = neg_index.shape[1]
     dev = z1.device
     M = zn.shape[0] * zn.shape[2]
-    un, _ = normalize_rows(zn, None, M, want_norm=False)
+    un, _ = normalise_rows(zn, None, M, want_norm=False)
     loss = torch.empty((N,), device=dev, dtype=torch.float32)
-    g1 = g2 = pool_grad = qscale = descale = None
+    g1 = g2 = pool_grad_sum = qscale = descale = None
     fixed = False
     if want_grad:
         g1 = torch.empty((B, C, P), device=dev, dtype=z1.dtype)
         g2 = torch.empty((B, C, P), device=dev, dtype=z2.dtype)
-    if want_pool_grad:
+    if pool_grad:
         fixed = deterministic
         if fixed:
-            pool_grad = torch.zeros((M, C), device=dev, dtype=torch.int64)
+            pool_grad_sum = torch.zeros((M, C), device=dev, dtype=torch.int64)
             wsum = (
                 w.double().abs().sum() if w is not None else torch.full((), float(N), device=dev, dtype=torch.float64)
             )
@@ -211,7 +211,7 @@ def random_mode(
             qscale = (float(2**_FIXED_POINT_BITS) / unit).clamp(max=1e38).float().reshape(1)
             descale = (1.0 / qscale.double()).reshape(1)
         else:
-            pool_grad = torch.zeros((M, C), device=dev, dtype=torch.float32)
+            pool_grad_sum = torch.zeros((M, C), device=dev, dtype=torch.float32)
     block_k = 16 if triton_interpreting() else 64
     _random_kernel[(N,)](
         z1,
@@ -231,7 +231,7 @@ def random_mode(
         grad_scale,
         g1,
         g2,
-        pool_grad,
+        pool_grad_sum,
         qscale,
         C,
         P,
@@ -242,19 +242,19 @@ def random_mode(
         inv_tau,
         HAS_W=w is not None,
         WANT_GRAD=want_grad,
-        WANT_POOL_GRAD=want_pool_grad,
+        POOL_GRAD=pool_grad,
         FIXED=fixed,
         BLOCK_K=block_k,
         BLOCK_C=block_c(C),
         num_warps=1 if triton_interpreting() else 2,
     )
-    gn = pool_input_grad(zn, pool_grad, descale) if want_pool_grad else None
+    gn = pool_input_grad(zn, pool_grad_sum, descale) if pool_grad else None
     return loss, g1, g2, gn
 
 
 def random_draws(params) -> Tensor:
     """(N, K) pool voxels that the Triton random mode draws (-1: nothing eligible); for tests."""
-    labels, neg_index, neg_count = params.tables()
+    labels, neg_index, neg_count = params.anchor_labels, params.neg_index, params.neg_count
     N, K = labels.numel(), params.num_negatives
     out = torch.empty((N, K), device=labels.device, dtype=torch.int64)
     if N and K:

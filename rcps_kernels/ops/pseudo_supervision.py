@@ -1,4 +1,4 @@
-"""L_urp, L_cr and one head's three losses as torch ops: ops, fake backendementations and autograd.
+"""L_urp, L_cr and one head's three losses as torch ops: ops, fake implementations and autograd.
 
 For ``(B, num_classes, *S)`` logits (docs/design.md section 3), per voxel v:
 
@@ -11,8 +11,8 @@ The fused kernels read the logits once in forward and once in backward (the back
 the per-voxel softmax sums instead of storing them) and allocate no logits-sized tensor besides
 the gradients. Each loss is a ``torch.library`` custom op (``rcps::rectified_pseudo_supervision``,
 ``rcps::logit_cosine_consistency``, ``rcps::pseudo_supervision_losses``) with a fake
-backendementation and a backward op, so ``torch.compile(fullgraph=True)`` traces through it; the
-op's ``backend`` argument picks the kernels from ``kernels.kernels(backend)``. The ops take
+implementation and a backward op, so ``torch.compile(fullgraph=True)`` traces through it; the
+op's ``backend`` argument picks the kernels from ``backends.kernel_table(backend)``. The ops take
 ``(B, num_classes, P)`` views (the public functions flatten the spatial dims) and return the loss
 as a ``(B, P)`` map or a 0-dim tensor, in float32 (float64 for float64 inputs).
 
@@ -28,8 +28,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validation import accumulation_dtype, refuse_double_backward
-from .kernels import REDUCTION_CODES, kernels
+from ..backends import kernel_table
+from ..validation import accumulation_dtype, refuse_double_backward
+from .kernels import REDUCTION_CODES
 
 
 def _loss_shape(logits: Tensor, reduction: str) -> tuple[int, ...]:
@@ -59,7 +60,9 @@ def _as_input_layout(grad: Tensor, logits: Tensor) -> Tensor:
 def rectified_pseudo_supervision_op(
     student: Tensor, teacher: Tensor, temperature: float, reduction: str, backend: str
 ) -> Tensor:
-    return kernels(backend).urp_forward(student, teacher, temperature, REDUCTION_CODES[reduction])
+    return kernel_table(backend).rectified_pseudo_supervision_forward(
+        student, teacher, temperature, REDUCTION_CODES[reduction]
+    )
 
 
 @rectified_pseudo_supervision_op.register_fake
@@ -71,7 +74,9 @@ def _(student, teacher, temperature, reduction, backend):
 def rectified_pseudo_supervision_backward(
     grad_output: Tensor, student: Tensor, teacher: Tensor, temperature: float, reduction: str, backend: str
 ) -> Tensor:
-    grad = kernels(backend).urp_backward(grad_output, student, teacher, temperature, REDUCTION_CODES[reduction])
+    grad = kernel_table(backend).rectified_pseudo_supervision_backward(
+        grad_output, student, teacher, temperature, REDUCTION_CODES[reduction]
+    )
     return _as_input_layout(grad, student)
 
 
@@ -80,13 +85,13 @@ def _(grad_output, student, teacher, temperature, reduction, backend):
     return torch.empty_like(student)
 
 
-def _urp_setup_context(ctx, inputs, output) -> None:
+def _rectified_pseudo_supervision_setup_context(ctx, inputs, output) -> None:
     student, teacher, *options = inputs
     ctx.save_for_backward(student, teacher)
     ctx.options = options
 
 
-def _urp_backward(ctx, grad_output):
+def _rectified_pseudo_supervision_autograd(ctx, grad_output):
     refuse_double_backward("rectified_pseudo_supervision")
     if not ctx.needs_input_grad[0]:
         return None, None, None, None, None
@@ -94,7 +99,9 @@ def _urp_backward(ctx, grad_output):
     return grad_student, None, None, None, None  # the teacher never receives gradient
 
 
-rectified_pseudo_supervision_op.register_autograd(_urp_backward, setup_context=_urp_setup_context)
+rectified_pseudo_supervision_op.register_autograd(
+    _rectified_pseudo_supervision_autograd, setup_context=_rectified_pseudo_supervision_setup_context
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -102,7 +109,7 @@ rectified_pseudo_supervision_op.register_autograd(_urp_backward, setup_context=_
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("rcps::logit_cosine_consistency", mutates_args=())
 def logit_cosine_consistency_op(logits_a: Tensor, logits_b: Tensor, eps: float, reduction: str, backend: str) -> Tensor:
-    return kernels(backend).cosine_forward(logits_a, logits_b, eps, REDUCTION_CODES[reduction])
+    return kernel_table(backend).logit_cosine_consistency_forward(logits_a, logits_b, eps, REDUCTION_CODES[reduction])
 
 
 @logit_cosine_consistency_op.register_fake
@@ -121,7 +128,7 @@ def logit_cosine_consistency_backward(
     need_grad_a: bool,
     need_grad_b: bool,
 ) -> tuple[Tensor, Tensor]:
-    grad_a, grad_b = kernels(backend).cosine_backward(
+    grad_a, grad_b = kernel_table(backend).logit_cosine_consistency_backward(
         grad_output, logits_a, logits_b, eps, REDUCTION_CODES[reduction], need_grad_a, need_grad_b
     )
     return (
@@ -138,13 +145,13 @@ def _(grad_output, logits_a, logits_b, eps, reduction, backend, need_grad_a, nee
     )
 
 
-def _cosine_setup_context(ctx, inputs, output) -> None:
+def _logit_cosine_consistency_setup_context(ctx, inputs, output) -> None:
     logits_a, logits_b, *options = inputs
     ctx.save_for_backward(logits_a, logits_b)
     ctx.options = options
 
 
-def _cosine_backward(ctx, grad_output):
+def _logit_cosine_consistency_autograd(ctx, grad_output):
     refuse_double_backward("logit_cosine_consistency")
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_a or need_b):
@@ -153,7 +160,9 @@ def _cosine_backward(ctx, grad_output):
     return grad_a if need_a else None, grad_b if need_b else None, None, None, None
 
 
-logit_cosine_consistency_op.register_autograd(_cosine_backward, setup_context=_cosine_setup_context)
+logit_cosine_consistency_op.register_autograd(
+    _logit_cosine_consistency_autograd, setup_context=_logit_cosine_consistency_setup_context
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,9 +172,11 @@ logit_cosine_consistency_op.register_autograd(_cosine_backward, setup_context=_c
 def pseudo_supervision_losses_op(
     view_a: Tensor, view_b: Tensor, teacher: Tensor, temperature: float, eps: float, reduction: str, backend: str
 ) -> tuple[Tensor, Tensor]:
-    table, code = kernels(backend), REDUCTION_CODES[reduction]
-    urp = table.urp_forward(view_a, teacher, temperature, code) + table.urp_forward(view_b, teacher, temperature, code)
-    return urp, table.cosine_forward(view_a, view_b, eps, code)
+    table, code = kernel_table(backend), REDUCTION_CODES[reduction]
+    urp = table.rectified_pseudo_supervision_forward(
+        view_a, teacher, temperature, code
+    ) + table.rectified_pseudo_supervision_forward(view_b, teacher, temperature, code)
+    return urp, table.logit_cosine_consistency_forward(view_a, view_b, eps, code)
 
 
 @pseudo_supervision_losses_op.register_fake
@@ -185,15 +196,15 @@ def pseudo_supervision_losses_backward(
     reduction: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    table, code = kernels(backend), REDUCTION_CODES[reduction]
+    table, code = kernel_table(backend), REDUCTION_CODES[reduction]
     if table.pseudo_supervision_losses_backward is not None:
         grad_a, grad_b = table.pseudo_supervision_losses_backward(
             grad_urp, grad_cr, view_a, view_b, teacher, temperature, eps, code
         )
     else:
-        grad_a = table.urp_backward(grad_urp, view_a, teacher, temperature, code)
-        grad_b = table.urp_backward(grad_urp, view_b, teacher, temperature, code)
-        cr_a, cr_b = table.cosine_backward(grad_cr, view_a, view_b, eps, code, True, True)
+        grad_a = table.rectified_pseudo_supervision_backward(grad_urp, view_a, teacher, temperature, code)
+        grad_b = table.rectified_pseudo_supervision_backward(grad_urp, view_b, teacher, temperature, code)
+        cr_a, cr_b = table.logit_cosine_consistency_backward(grad_cr, view_a, view_b, eps, code, True, True)
         grad_a += cr_a
         grad_b += cr_b
     return _as_input_layout(grad_a, view_a), _as_input_layout(grad_b, view_b)
@@ -204,13 +215,13 @@ def _(grad_urp, grad_cr, view_a, view_b, teacher, temperature, eps, reduction, b
     return torch.empty_like(view_a), torch.empty_like(view_b)
 
 
-def _losses_setup_context(ctx, inputs, output) -> None:
+def _pseudo_supervision_losses_setup_context(ctx, inputs, output) -> None:
     view_a, view_b, teacher, *options = inputs
     ctx.save_for_backward(view_a, view_b, teacher)
     ctx.options = options
 
 
-def _losses_backward(ctx, grad_urp, grad_cr):
+def _pseudo_supervision_losses_autograd(ctx, grad_urp, grad_cr):
     refuse_double_backward("pseudo_supervision_losses")
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_a or need_b):
@@ -227,6 +238,8 @@ def _losses_backward(ctx, grad_urp, grad_cr):
     )  # the teacher never receives gradient
 
 
-pseudo_supervision_losses_op.register_autograd(_losses_backward, setup_context=_losses_setup_context)
+pseudo_supervision_losses_op.register_autograd(
+    _pseudo_supervision_losses_autograd, setup_context=_pseudo_supervision_losses_setup_context
+)
 
 __all__ = ["rectified_pseudo_supervision_op", "logit_cosine_consistency_op", "pseudo_supervision_losses_op"]

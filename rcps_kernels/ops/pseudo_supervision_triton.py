@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import accumulation_dtype
 from ..settings import triton_interpreting
+from ..validation import accumulation_dtype
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _load_tile(
 
 
 @triton.jit
-def _urp_tile(student, teacher, inv_temperature):
+def _rectified_pseudo_supervision_tile(student, teacher, inv_temperature):
     """Per-voxel loss and softmax statistics of a (BLOCK_C, BLOCK_V) tile (padded with -inf).
 
     The shifted student logits are carried in halves (z/2 - max/2), which cannot overflow where
@@ -95,7 +95,7 @@ def _power_of_two_scale(max_abs, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _cosine_tile(a, b, eps, IS_FP64: tl.constexpr):
+def _logit_cosine_consistency_tile(a, b, eps, IS_FP64: tl.constexpr):
     """Per-voxel 1 - cos and what the gradient needs, from two (BLOCK_C, BLOCK_V) tiles.
 
     Each voxel's logits are scaled by a power of two before squaring (|a| >= 2e19 would overflow
@@ -149,7 +149,7 @@ def _store_tile(ptr, value, stride_b, stride_c, stride_p, item, position, classe
 
 
 @triton.jit
-def _urp_kernel(
+def _rectified_pseudo_supervision_kernel(
     student_ptr,
     teacher_ptr,
     loss_ptr,
@@ -185,7 +185,9 @@ def _urp_kernel(
     teacher = _load_tile(
         teacher_ptr, t_sb, t_sc, t_sp, item, position, classes, voxel_mask, float("-inf"), IS_FP64, BLOCK_C
     )
-    loss, p, q, q_sharpened, weight, kl_coefficient = _urp_tile(student, teacher, inv_temperature)
+    loss, p, q, q_sharpened, weight, kl_coefficient = _rectified_pseudo_supervision_tile(
+        student, teacher, inv_temperature
+    )
     if BACKWARD:
         # d/dz [w CE + D] = w (p - q~) + (1 - w CE)(p - q), since dw/dz = -w (p - q).
         scale = _grad_scale(grad_output_ptr, voxels, voxel_mask, PER_VOXEL_GRAD)
@@ -196,7 +198,7 @@ def _urp_kernel(
 
 
 @triton.jit
-def _cosine_kernel(
+def _logit_cosine_consistency_kernel(
     a_ptr,
     b_ptr,
     loss_ptr,
@@ -234,7 +236,9 @@ def _cosine_kernel(
     position = voxels % voxels_per_item
     a = _load_tile(a_ptr, a_sb, a_sc, a_sp, item, position, classes, voxel_mask, 0.0, IS_FP64, BLOCK_C)
     b = _load_tile(b_ptr, b_sb, b_sc, b_sp, item, position, classes, voxel_mask, 0.0, IS_FP64, BLOCK_C)
-    loss, cosine, a_hat, b_hat, inv_norm_a, inv_norm_b, clamped_a, clamped_b = _cosine_tile(a, b, eps, IS_FP64)
+    loss, cosine, a_hat, b_hat, inv_norm_a, inv_norm_b, clamped_a, clamped_b = _logit_cosine_consistency_tile(
+        a, b, eps, IS_FP64
+    )
     if BACKWARD:
         # d(1 - cos)/da = -(b^ - cos a^) / |a| with unit vectors a^, b^; a clamped norm is a
         # constant (no radial term).
@@ -295,10 +299,12 @@ def _grad_output_arguments(grad_output: torch.Tensor, x: torch.Tensor, reduction
     return (scale / num_voxels if reduction == 1 else scale), False
 
 
-def urp_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: int) -> torch.Tensor:
+def rectified_pseudo_supervision_forward(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: int
+) -> torch.Tensor:
     num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(student)
     loss = _forward_output(student, reduction, programs)
-    _urp_kernel[(programs,)](
+    _rectified_pseudo_supervision_kernel[(programs,)](
         student,
         teacher,
         loss,
@@ -323,13 +329,13 @@ def urp_forward(student: torch.Tensor, teacher: torch.Tensor, temperature: float
     return _reduce(loss, reduction, num_voxels, student.dtype)
 
 
-def urp_backward(
+def rectified_pseudo_supervision_backward(
     grad_output: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: int
 ) -> torch.Tensor:
     num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(student)
     scale, per_voxel = _grad_output_arguments(grad_output, student, reduction)
     grad = torch.empty_like(student)
-    _urp_kernel[(programs,)](
+    _rectified_pseudo_supervision_kernel[(programs,)](
         student,
         teacher,
         scale,
@@ -352,10 +358,12 @@ def urp_backward(
     return grad
 
 
-def cosine_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, eps: float, reduction: int) -> torch.Tensor:
+def logit_cosine_consistency_forward(
+    logits_a: torch.Tensor, logits_b: torch.Tensor, eps: float, reduction: int
+) -> torch.Tensor:
     num_voxels, voxels_per_item, block_c, block_v, programs = _launch_geometry(logits_a)
     loss = _forward_output(logits_a, reduction, programs)
-    _cosine_kernel[(programs,)](
+    _logit_cosine_consistency_kernel[(programs,)](
         logits_a,
         logits_b,
         loss,
@@ -386,7 +394,7 @@ def cosine_forward(logits_a: torch.Tensor, logits_b: torch.Tensor, eps: float, r
     return _reduce(loss, reduction, num_voxels, logits_a.dtype)
 
 
-def cosine_backward(
+def logit_cosine_consistency_backward(
     grad_output: torch.Tensor,
     logits_a: torch.Tensor,
     logits_b: torch.Tensor,
@@ -402,7 +410,7 @@ def cosine_backward(
     if need_grad_a or need_grad_b:
         grad_a_strides = grad_a.stride() if need_grad_a else (0, 0, 0)
         grad_b_strides = grad_b.stride() if need_grad_b else (0, 0, 0)
-        _cosine_kernel[(programs,)](
+        _logit_cosine_consistency_kernel[(programs,)](
             logits_a,
             logits_b,
             scale,

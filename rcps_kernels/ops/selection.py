@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validation as v
-from .._extension import load_cpu_extension
+from .. import validation as v
+from ..extension import load_cpu_extension
 
 
 def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

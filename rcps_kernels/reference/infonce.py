@@ -7,6 +7,8 @@ and on small inputs, not at training sizes.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -76,7 +78,7 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     return z.movedim(1, -1).reshape(-1, z.shape[1])
 
 
-def normalize(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def normalise(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """F.normalize(rows, dim=1, eps=eps) with the norm scaled before squaring: in float32 the
     squared norm overflows from ||z|| ~ 1.8e19, and torch's norm does not scale on every device.
     The scale (each row's largest |z_c|) is a constant for autograd: ||z|| = s ||z / s||."""
@@ -84,6 +86,14 @@ def normalize(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     norm = torch.linalg.vector_norm(rows / scale, dim=1, keepdim=True) * scale
     return rows / norm.clamp_min(eps)
+
+
+def normalize(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Deprecated name of :func:`normalise` (the project spells it with an s); warns, then calls it."""
+    warnings.warn(
+        "rcps_kernels.reference.infonce.normalize is deprecated, use normalise", DeprecationWarning, stacklevel=2
+    )
+    return normalise(rows, eps)
 
 
 def negatives_per_anchor(
@@ -130,7 +140,7 @@ def bidirectional_voxel_infonce_reference(
     shape (B, *S) ("none"). Arguments as in :func:`rcps_kernels.bidirectional_voxel_infonce`;
     ``seed``/``offset`` key the random draws.
     """
-    u1, u2, un = normalize(_rows(anchor)), normalize(_rows(positive)), normalize(_rows(pool))
+    u1, u2, un = normalise(_rows(anchor)), normalise(_rows(positive)), normalise(_rows(pool))
     neg = negatives_per_anchor(
         anchor_logits,
         pool_logits,

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .._validation import accumulation_dtype
+from ..validation import accumulation_dtype
 
 
 def reduce_per_voxel(per_voxel: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -18,7 +18,12 @@ import warnings
 
 import torch
 
-from . import _build_config, settings
+from . import build_config, settings
+
+#: The module setup.py writes next to the binaries (generated at build time, not in the sources).
+BUILD_INFO_MODULE = "rcps_kernels._build_info"
+#: The compiled modules: ``COMPILED_PREFIX + variant`` for the CPU variants, ``COMPILED_PREFIX + "cuda"``.
+COMPILED_PREFIX = "rcps_kernels._C_"
 
 #: Preference among built variants: a build for this machine first, then the widest ISA.
 VARIANT_PREFERENCE = ("native", "custom", "default", "avx512", "avx2", "baseline")
@@ -42,12 +47,13 @@ def _release(version: str) -> str:
 def build_info():
     """The module setup.py writes next to the binaries (torch/CUDA versions, variants), or None."""
     try:
-        return importlib.import_module("rcps_kernels._build_info")
+        return importlib.import_module(BUILD_INFO_MODULE)
     except ImportError:
         return None
 
 
-def _cpuinfo_flags() -> set[str] | None:
+def cpuinfo_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo, or None where that cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -64,13 +70,13 @@ def supported_x86_variants() -> tuple[str, ...]:
     A level counts when /proc/cpuinfo lists all its flags AND torch's CPUID-based checks agree
     (under an emulator such as qemu-user, /proc/cpuinfo shows the host's flags, CPUID the guest's).
     """
-    if not _build_config.is_x86_64():
+    if not build_config.is_x86_64():
         return ()
-    flags = _cpuinfo_flags()
+    flags = cpuinfo_flags()
     cpuid_says = {"baseline": True, "avx2": torch.cpu._is_avx2_supported(), "avx512": torch.cpu._is_avx512_supported()}
     supported = []
-    for name in _build_config.X86_VARIANTS:  # lowest first: each level includes the ones below
-        listed = flags is None or flags.issuperset(_build_config.X86_LEVEL_FLAGS[name])
+    for name in build_config.X86_VARIANTS:  # lowest first: each level includes the ones below
+        listed = flags is None or flags.issuperset(build_config.X86_LEVEL_FLAGS[name])
         if not (cpuid_says[name] and listed):
             break
         supported.append(name)
@@ -79,7 +85,7 @@ def supported_x86_variants() -> tuple[str, ...]:
 
 def _runnable(variant: str, supported: tuple[str, ...]) -> bool:
     # native/custom/default builds are only made for (and by) the machine that runs them.
-    return variant not in _build_config.X86_VARIANTS or variant in supported
+    return variant not in build_config.X86_VARIANTS or variant in supported
 
 
 def choose_cpu_variant(built: tuple[str, ...], supported: tuple[str, ...]) -> tuple[str | None, str | None]:
@@ -93,9 +99,9 @@ def choose_cpu_variant(built: tuple[str, ...], supported: tuple[str, ...]) -> tu
         if requested not in built:
             raise ValueError(f"RCPS_CPU_VARIANT={requested}, but the built CPU variants are {list(built)}")
         if not _runnable(requested, supported):
-            missing = sorted(set(_build_config.X86_LEVEL_FLAGS[requested]) - (_cpuinfo_flags() or set()))
+            missing = sorted(set(build_config.X86_LEVEL_FLAGS[requested]) - (cpuinfo_flags() or set()))
             raise ValueError(
-                f"RCPS_CPU_VARIANT={requested} needs {_build_config.X86_VARIANTS[requested]}, which this CPU "
+                f"RCPS_CPU_VARIANT={requested} needs {build_config.X86_VARIANTS[requested]}, which this CPU "
                 f"does not support (it runs {list(supported) or 'none of the portable variants'}"
                 + (f"; missing flags: {', '.join(missing)}" if missing else "")
                 + ")"
@@ -111,9 +117,9 @@ def _jit_build(why: str) -> str | None:
     """JIT-compile the CPU kernels for this CPU. Returns None on success, else the reason it failed."""
     if settings.jit_disabled():
         return why + "; JIT build disabled by RCPS_NO_JIT=1"
-    csrc = _build_config.find_csrc()
+    csrc = build_config.find_csrc()
     if csrc is None:
-        return why + f"; no C++ sources under {_build_config.PACKAGED_CSRC} or {_build_config.CHECKOUT_CSRC}"
+        return why + f"; no C++ sources under {build_config.PACKAGED_CSRC} or {build_config.CHECKOUT_CSRC}"
     try:
         from torch.utils.cpp_extension import load
 
@@ -124,9 +130,9 @@ def _jit_build(why: str) -> str | None:
         # The torch release is part of the name: torch's JIT cache does not key on it.
         load(
             name="rcps_kernels_C_jit_torch" + _release(torch.__version__).replace(".", "_"),
-            sources=_build_config.cpu_sources(csrc),
-            extra_cflags=_build_config.cpu_compile_args(_build_config.jit_march()),
-            extra_ldflags=_build_config.cpu_link_args(),
+            sources=build_config.cpu_sources(csrc),
+            extra_cflags=build_config.cpu_compile_args(build_config.jit_march()),
+            extra_ldflags=build_config.cpu_link_args(),
             verbose=False,
         )
         return None
@@ -157,7 +163,7 @@ def cpu_extension() -> CpuExtension:
             return state(variant=None, reason=str(exc))
         if variant is not None:
             try:
-                importlib.import_module(f"rcps_kernels._C_{variant}")
+                importlib.import_module(COMPILED_PREFIX + variant)
                 return state(variant=variant)
             except ImportError as exc:
                 why = f"rcps_kernels._C_{variant} not importable ({exc})"
@@ -211,7 +217,7 @@ def load_cuda_extension() -> str | None:
             "rebuild from source (pip install --no-build-isolation ...)"
         )
     try:
-        importlib.import_module("rcps_kernels._C_cuda")
+        importlib.import_module(COMPILED_PREFIX + "cuda")
         return None
     except ImportError as exc:
         return f"rcps_kernels._C_cuda not importable ({exc})"
