@@ -5,7 +5,7 @@ setup.py imports torch, so install with ``pip install --no-build-isolation .`` (
 Environment switches:
     RCPS_BUILD_CUDA=0|1   skip / force the CUDA extension (default: build it when nvcc and a CUDA
                           build of torch are both present)
-    RCPS_CUDA_ARCHS       explicit arch list, default "8.0;9.0" (never a device query); PTX of the
+    RCPS_CUDA_ARCHS       explicit arch list, default "7.5;8.0;8.6;8.9;9.0;10.0;12.0" (never a device query); PTX of the
                           highest one is embedded too
     RCPS_CPU_ARCH         build one CPU variant for this -march (e.g. "native") instead of the
                           portable x86-64-v2 / v3 / v4 variants

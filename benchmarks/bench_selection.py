@@ -1,5 +1,5 @@
 """pytest-benchmark of the selection step: ``rcps_cpu::negative_tables`` against the same op sequence
-issued from Python (rcps_kernels/ops/selection.py, the oracle of tests/test_selection.py).
+issued from Python (rcps_kernels/ops/selection.py, the oracle of tests/kernels/test_selection.py).
 
     python -m pytest benchmarks/bench_selection.py
     RCPS_BENCH_SMALL=1 python -m pytest benchmarks --benchmark-disable   # smoke run (CI)

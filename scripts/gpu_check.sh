@@ -38,9 +38,7 @@ echo "=== build: $((SECONDS - start)) s" | tee -a "$log"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -m rcps_kernels.info --json 2>&1 | tee -a "$log"
 
-step "gpu tests" "${TEST_LIMIT:-240}" "$py" -m pytest -m gpu tests/test_infonce.py \
-  tests/test_infonce_random.py tests/test_infonce_numerics.py tests/test_selection.py \
-  tests/test_pseudo_supervision.py tests/test_head_losses.py tests/test_api_validation.py -q -rfE \
+step "gpu tests" "${TEST_LIMIT:-240}" "$py" -m pytest -m gpu tests/kernels -q -rfE \
   --tb=short -p no:cacheprovider -n 4
 step "where the LA call's time goes" 60 "$py" scripts/profile_infonce_gpu.py --backend triton \
   --k 400 --rows 15

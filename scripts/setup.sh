@@ -23,7 +23,7 @@ stamp=.venv/.rcps-build-stamp
 digest=$(cat setup.py pyproject.toml rcps_kernels/build_config.py rcps_kernels/settings.py $(find csrc -type f | sort) \
          | sha256sum | cut -d' ' -f1)-${RCPS_BUILD_CUDA:-auto}-${RCPS_CPU_ARCH:-portable}
 loads_built_kernels() {  # a compiled CPU variant imports (no JIT build as a stand-in)
-  RCPS_NO_JIT=1 .venv/bin/python -c "from rcps_kernels._extension import cpu_extension as c; assert c().variant" 2>/dev/null
+  RCPS_NO_JIT=1 .venv/bin/python -c "from rcps_kernels.extension import cpu_extension as c; assert c().variant" 2>/dev/null
 }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ] || ! loads_built_kernels; then
   echo "building rcps_kernels (C++ CPU extension; CUDA extension when nvcc is present) ..."

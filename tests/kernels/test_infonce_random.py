@@ -15,7 +15,7 @@ from rcps_kernels.backends import kernel_table
 from rcps_kernels.ops.kernels import InfoNCEParams
 from rcps_kernels.ops.selection import anchor_class_order, eligible_negatives, pseudo_labels
 from rcps_kernels.reference.infonce import philox_randint, random_negative_draws_reference
-from tests.op_template import CPU, CUDA, INFONCE_TARGETS, TORCH, TRITON, TRITON_GPU, infonce_case, targets
+from tests.kernels.op_template import CPU, CUDA, INFONCE_TARGETS, TORCH, TRITON, TRITON_GPU, infonce_case, targets
 
 
 def test_philox_known_answer():

@@ -9,8 +9,8 @@ import torch
 
 import rcps_kernels as rk
 from rcps_kernels.functional import MIN_TEMPERATURE
-from tests.numerics import assert_relative_error_below
-from tests.op_template import CPU, INFONCE_TARGETS, check_infonce, infonce_case, infonce_run, targets
+from tests.kernels.numerics import assert_relative_error_below
+from tests.kernels.op_template import CPU, INFONCE_TARGETS, check_infonce, infonce_case, infonce_run, targets
 
 # The interpreter evaluates masked-out lanes too ((-inf) - (-inf), and exp of logits ~1/tau);
 # numpy warns, and the lanes are discarded.

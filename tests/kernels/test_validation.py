@@ -1,8 +1,8 @@
-"""The public API's argument checks, meta tensors, loss dtypes and the determinism switch.
+"""Every input check of the public API, in one place; meta tensors, loss dtypes and the determinism switch.
 
-Numerics live in test_infonce.py / test_pseudo_supervision.py; here: what a wrong argument gets
-(a TypeError or ValueError naming it, before any work), what shape-only meta tensors get, and
-which path (deterministic or not) the kernels are told to take, and when.
+Numerics live in test_infonce*.py / test_pseudo_supervision*.py; here: what a wrong argument gets (a TypeError
+or ValueError naming it, before any work; non-finite inputs), what shape-only meta tensors get, and which path
+(deterministic or not) the kernels are told to take, and when.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import rcps_kernels as rk
 from rcps_kernels import backends, determinism
 from rcps_kernels.backends import kernel_table
 from rcps_kernels.ops import infonce as infonce_ops
+from tests.kernels.op_template import infonce_case, logits, needs_cpu
 
 
 def infonce_inputs(dtype=torch.float32, device="cpu", seed=0):
@@ -458,3 +459,160 @@ def test_the_old_spelling_of_the_reference_normalise_warns_and_agrees():
         old = reference.normalize(rows)
     assert torch.equal(old, reference.normalise(rows))
     assert torch.equal(old[0], torch.tensor([0.6, 0.8]))
+
+
+# --- bidirectional_voxel_infonce ----------------------------------------------------------------
+def _infonce_case_inputs():
+    feats, logits = infonce_case((4, 4, 3), classes=2)
+    return [*feats, *logits]
+
+
+@pytest.mark.parametrize(
+    "mutate,kwargs,match",
+    [
+        (lambda x: x.__setitem__(0, x[0].unsqueeze(-1)), {}, "anchor must be"),
+        (lambda x: x.__setitem__(1, x[1][..., :2]), {}, "positive must have"),
+        (lambda x: x.__setitem__(2, x[2][:, :4]), {}, "pool must be"),
+        (lambda x: x.__setitem__(3, x[3][..., :2]), {}, "anchor_logits must be"),
+        (lambda x: x.__setitem__(4, x[4][..., :2]), {}, "pool_logits must be"),
+        (lambda x: x.__setitem__(4, torch.cat([x[4], x[4][:, :1]], 1)), {}, "same number of classes"),
+        (lambda x: x.__setitem__(1, x[1].double()), {}, "share a dtype"),
+        (lambda x: x.__setitem__(2, x[2].to("meta")), {}, "one device"),
+        (lambda x: x[0].view(-1).__setitem__(3, float("nan")), {}, "anchor contains NaN"),
+        (lambda x: x[4].view(-1).__setitem__(0, float("inf")), {}, "pool_logits contains NaN or Inf"),
+        (lambda x: x.__setitem__(0, x[0].long()), {}, "floating"),
+        (lambda x: None, {"num_negatives": 0}, "num_negatives"),
+        (lambda x: None, {"temperature": 0.0}, "temperature"),
+        (lambda x: None, {"sampling": "gumbel"}, "sampling"),
+        (lambda x: None, {"reduction": "max"}, "reduction"),
+        (lambda x: None, {"backend": "tpu"}, "backend"),
+        (lambda x: None, {"confidence_threshold": 1.5}, "confidence_threshold"),
+    ],
+)
+def test_infonce_bad_inputs_raise_value_errors_naming_the_argument(mutate, kwargs, match):
+    x = _infonce_case_inputs()
+    mutate(x)
+    with pytest.raises(ValueError, match=match):
+        rk.bidirectional_voxel_infonce(*x, **kwargs)
+
+
+def test_cpu_backend_refuses_other_devices():
+    x = [t.to("meta") for t in _infonce_case_inputs()]
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        rk.bidirectional_voxel_infonce(*x, backend="cpu")
+
+
+# --- rectified_pseudo_supervision, logit_cosine_consistency ---------------------------------------
+X = torch.zeros(2, 3, 4, 4)
+
+
+def _urp(student, teacher, **kw):
+    return rk.rectified_pseudo_supervision(student, teacher, **kw)
+
+
+def _cr(a, b, **kw):
+    return rk.logit_cosine_consistency(a, b, **kw)
+
+
+BAD_CALLS = [
+    ("shape", lambda: _urp(X, torch.zeros(2, 3, 4, 5)), r"teacher_logits.*\(2, 3, 4, 5\)"),
+    ("one class", lambda: _urp(torch.zeros(2, 1, 4), torch.zeros(2, 1, 4)), r"student_logits.*\(2, 1, 4\)"),
+    ("rank 2", lambda: _cr(torch.zeros(2, 3), torch.zeros(2, 3)), r"logits_a.*\(2, 3\)"),
+    ("rank 6", lambda: _cr(torch.zeros(1, 2, 1, 1, 1, 1), torch.zeros(1, 2, 1, 1, 1, 1)), "logits_a"),
+    ("integer", lambda: _urp(X.long(), X.long()), r"student_logits.*int64"),
+    ("dtype mix", lambda: _cr(X, X.double()), r"logits_a and logits_b.*dtype"),
+    ("device", lambda: _urp(X, X.to("meta")), r"teacher_logits.*meta"),
+    ("temperature 0", lambda: _urp(X, X, temperature=0.0), "temperature"),
+    ("temperature < 0", lambda: _urp(X, X, temperature=-1.0), "temperature"),
+    ("temperature inf", lambda: _urp(X, X, temperature=float("inf")), "temperature.*finite"),
+    ("temperature nan", lambda: _urp(X, X, temperature=float("nan")), "temperature.*finite"),
+    # 1/T overflows float32 (it would make the sharpened target NaN); float64 takes it
+    ("temperature 1e-45", lambda: _urp(X, X, temperature=1e-45), r"temperature=1e-45.*1/temperature"),
+    ("temperature 1e39", lambda: _urp(X, X, temperature=1e39), r"temperature.*out of range"),
+    ("eps 1e-45", lambda: _cr(X, X, eps=1e-45), r"eps=1e-45.*out of range"),
+    ("eps 0", lambda: _cr(X, X, eps=0.0), "eps"),
+    ("reduction", lambda: _cr(X, X, reduction="avg"), "reduction"),
+    ("module temperature", lambda: rk.RectifiedPseudoSupervisionLoss(temperature=0), "temperature"),
+    ("module eps", lambda: rk.LogitCosineConsistencyLoss(eps=-1e-8), "eps"),
+]
+
+
+@pytest.mark.parametrize("call,pattern", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_invalid_arguments_raise(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+BAD_TYPES = [
+    ("temperature bool", lambda: _urp(X, X, temperature=True), "temperature must be a real number"),
+    ("temperature str", lambda: _urp(X, X, temperature="0.5"), "temperature must be a real number"),
+    ("temperature None", lambda: _urp(X, X, temperature=None), "temperature must be a real number"),
+    ("eps None", lambda: _cr(X, X, eps=None), "eps must be a real number"),
+    (
+        "module temperature str",
+        lambda: rk.RectifiedPseudoSupervisionLoss(temperature="hot"),
+        "temperature must be a real number",
+    ),
+    (
+        "head temperature bool",
+        lambda: rk.pseudo_supervision_losses(X, X, X, temperature=True),
+        "temperature must be a real",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,pattern", [c[1:] for c in BAD_TYPES], ids=[c[0] for c in BAD_TYPES])
+def test_wrong_argument_types_raise_type_errors(call, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        call()
+
+
+def _with(value, index):
+    x = torch.randn(2, 3, 4)
+    x[index] = value
+    return x
+
+
+NON_FINITE = [
+    ("student nan", lambda b: _urp(_with(float("nan"), (0, 1, 2)), torch.randn(2, 3, 4), backend=b), "student_logits"),
+    (
+        "student -inf",
+        lambda b: _urp(_with(float("-inf"), (0, 1, 2)), torch.randn(2, 3, 4), backend=b),
+        "student_logits",
+    ),
+    ("teacher +inf", lambda b: _urp(torch.randn(2, 3, 4), _with(float("inf"), (1, 0, 0)), backend=b), "teacher_logits"),
+    ("teacher nan", lambda b: _urp(torch.randn(2, 3, 4), _with(float("nan"), (1, 0, 0)), backend=b), "teacher_logits"),
+    (
+        "teacher all -inf",
+        lambda b: _urp(torch.randn(2, 3, 4), _with(float("-inf"), (1, slice(None), 3)), backend=b),
+        "all -inf",
+    ),
+    ("cosine b inf", lambda b: _cr(torch.randn(2, 3, 4), _with(float("inf"), (0, 0, 0)), backend=b), "logits_b"),
+    ("cosine a nan", lambda b: _cr(_with(float("nan"), (0, 2, 1)), torch.randn(2, 3, 4), backend=b), "logits_a"),
+]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), "reference"])
+@pytest.mark.parametrize("call,pattern", [c[1:] for c in NON_FINITE], ids=[c[0] for c in NON_FINITE])
+def test_non_finite_inputs_raise(backend, call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call(backend)
+
+
+# --- pseudo_supervision_losses ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mutate,kwargs,match",
+    [
+        (lambda a, b, t: (a, b[:, :, :-1], t), {}, "view_a and view_b must have the same shape"),
+        (lambda a, b, t: (a, b, t[:, :2]), {}, "view_a and teacher_logits must have the same shape"),
+        (lambda a, b, t: (a[:, :1], b[:, :1], t[:, :1]), {}, "view_a needs at least 2 classes"),
+        (lambda a, b, t: (a, b, t), {"temperature": 0.0}, "temperature must be > 0"),
+        (lambda a, b, t: (a, b, t), {"eps": -1.0}, "eps must be > 0"),
+        (lambda a, b, t: (a, b.index_fill(1, torch.tensor([0]), float("nan")), t), {}, "view_b contains NaN"),
+    ],
+)
+def test_pseudo_supervision_losses_bad_inputs_raise_value_errors_naming_the_argument(mutate, kwargs, match):
+    shape = (1, 3, 4, 4)
+    inputs = mutate(*(logits(shape, seed=s).float() for s in (53, 54, 55)))
+    with pytest.raises(ValueError, match=match):
+        rk.pseudo_supervision_losses(*inputs, backend="reference" if "NaN" in match else "auto", **kwargs)

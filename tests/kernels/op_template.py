@@ -22,7 +22,7 @@ import torch
 import rcps_kernels as rk
 from rcps_kernels.extension import load_cpu_extension
 from rcps_kernels.settings import triton_interpreting
-from tests.numerics import assert_close_to_reference
+from tests.kernels.numerics import assert_close_to_reference
 
 HAVE_CPU = load_cpu_extension() is None
 HAVE_TRITON = importlib.util.find_spec("triton") is not None

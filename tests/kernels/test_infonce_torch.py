@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rcps_kernels as rk
 from rcps_kernels.ops import infonce_torch
-from tests.op_template import TORCH, check_infonce, infonce_case, infonce_run, random_grad_out
+from tests.kernels.op_template import TORCH, check_infonce, infonce_case, infonce_run, random_grad_out
 
 
 @pytest.fixture
