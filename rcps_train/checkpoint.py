@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,9 +24,7 @@ from .config import ConfigError, load_config, resume_changes
 from .data import data_changes
 from .files import read_json, replace_atomically, write_csv_atomic, write_text_atomic
 from .model import ProjectorUNet, build_model
-
-if TYPE_CHECKING:  # the engine imports this module
-    from .engine import TrainingRun
+from .run import TrainingRun
 
 BEST_ENTRIES = ("epoch", "val_dice", "val_cases")
 RESUME_ENTRIES = (

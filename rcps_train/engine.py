@@ -8,7 +8,7 @@ step), ``val_log.csv`` (validation-split Dice per scored epoch), ``checkpoint.pt
 ``metrics_best.csv``). The test split is read once before the first step to check its files, and predicted only
 after the last step, for both checkpoints: it never chooses anything.
 Checkpoints (their format), RNG streams and the CSV logs are written and read back by :mod:`rcps_train.checkpoint`;
-the network is built by :mod:`rcps_train.model`. The run's helpers all take the :class:`TrainingRun`.
+the network is built by :mod:`rcps_train.model`. The run's helpers all take the :class:`~rcps_train.run.TrainingRun`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import random
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +56,10 @@ from .deprecation import deprecated_names
 from .evaluate import distance_unit, evaluate_cases, format_table, metrics_record, write_metrics_csv
 from .files import write_text_atomic
 from .losses import TERMS, learning_rate, ramp_weight
-from .model import ProjectorUNet, build_parallel_model
+from .model import build_parallel_model
 from .plots import plot_run
 from .prepare import PREPROCESSING_FILE, read_preprocessing
+from .run import TrainingRun
 from .step import StepContext, train_step
 from .tensorboard_log import TensorBoardLog, require_tensorboard
 
@@ -122,42 +122,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-@dataclass
-class TrainingRun:
-    """What a training run carries from step to step: where it runs, what it trains, and how far it got.
-
-    ``epoch``/``step_in_epoch`` always name the next step to take (the position a checkpoint resumes from).
-    """
-
-    config: dict
-    device: torch.device
-    rank: int
-    world_size: int
-    run_dir: Path
-    splits: Splits
-    dataset: PairedPatchDataset
-    raw_model: ProjectorUNet  # what is saved, validated and tested
-    step: StepContext  # what each step uses: its model is the DDP wrapper in a distributed run
-    epoch: int = 0
-    step_in_epoch: int = 0
-    global_step: int = 0
-    val_history: list[dict] = field(default_factory=list)
-    tensorboard: TensorBoardLog | None = None  # main process with log.tensorboard only
-    preprocessing: dict | None = None  # data.root's preprocessing.json (rcps-train prepare), saved with the weights
-    data: dict = field(default_factory=dict)  # the data the run started with (data_record), checked on --resume
-
-    @property
-    def main(self) -> bool:
-        """Whether this is the process that writes the run folder."""
-        return self.rank == 0
-
-    @property
-    def generators(self) -> dict[str, torch.Generator]:
-        """The run's own random streams by name, as checkpoints store them: ``augment`` (intensity views) and
-        ``negatives`` (random sampling)."""
-        return {"augment": self.step.augment_generator, "negatives": self.step.negative_generator}
 
 
 def train(config: dict, resume: bool = False, overwrite: bool = False) -> dict | None:

@@ -29,7 +29,8 @@ from .data import normalise_image
 from .evaluate import eval_settings, keep_largest_component, sliding_window_inference
 from .layouts import DataError
 from .model import segmenter
-from .prepare import RAW_SUFFIXES, apply_preparation, read_preprocessing
+from .prepare import apply_preparation, read_preprocessing
+from .raw_layouts import RAW_SUFFIXES
 
 # nnU-Net's channel files: <case>_0000.nii.gz, <case>_0001.nii.gz, ... form one case.
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

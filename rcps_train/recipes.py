@@ -23,7 +23,7 @@ import numpy as np
 
 from . import geometry
 from .layouts import DataError
-from .prepare import RawCase
+from .raw_layouts import RawCase
 
 RECIPES = ("la2018", "pancreas-nih")
 PANCREAS_IMAGES = "data"

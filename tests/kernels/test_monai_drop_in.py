@@ -2,15 +2,15 @@
 tensors equal to those of plain inputs, and the MONAI example runs."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import rcps_kernels as rk
+from tests.paths import REPO_ROOT
 
 monai_data = pytest.importorskip("monai.data")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "monai_drop_in.py"
+EXAMPLE = REPO_ROOT / "examples" / "monai_drop_in.py"
 
 
 def _meta(shape, seed, spacing, requires_grad=False):

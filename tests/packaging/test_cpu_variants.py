@@ -7,12 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from rcps_kernels import build_config, extension
+from tests.paths import REPO_ROOT
 
 PORTABLE = tuple(build_config.X86_VARIANTS)
 ALL_FLAGS = set().union(*build_config.X86_LEVEL_FLAGS.values())
@@ -97,7 +97,7 @@ def test_each_runnable_variant_matches_the_reference(variant):
         capture_output=True,
         text=True,
         env=env,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=REPO_ROOT,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

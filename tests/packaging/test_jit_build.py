@@ -14,9 +14,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+
+from tests.paths import REPO_ROOT
 
 CHILD = textwrap.dedent("""
     import importlib.abc, sys, types, warnings
@@ -82,7 +83,7 @@ def test_cpu_kernels_build_with_ninja_when_the_compiled_ones_are_unusable(scenar
         capture_output=True,
         text=True,
         env=env,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=REPO_ROOT,
         timeout=1800,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

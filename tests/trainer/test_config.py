@@ -3,7 +3,6 @@
 import dataclasses
 import importlib
 import tomllib
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from rcps_train.config import (
     toml_value,
 )
 from rcps_train.knobs import KNOBS
+from tests.paths import REPO_ROOT
 from tests.trainer.tiny_data import tiny_dataset, tiny_overrides
 
 
@@ -118,7 +118,7 @@ def test_every_key_has_a_rule_and_every_default_and_shipped_config_passes_it():
 
 
 def test_the_config_reference_in_the_docs_is_up_to_date(capsys):
-    reference = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    reference = REPO_ROOT / "docs" / "config.md"
     assert main(["config-reference"]) == 0
     assert capsys.readouterr().out == reference.read_text(), "regenerate: rcps-train config-reference > docs/config.md"
     for dotted, knob in KNOBS.items():  # every knob has a row naming its default and help
