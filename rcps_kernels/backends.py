@@ -39,8 +39,8 @@ class Backend:
 
     Attributes:
         name: the value.
-        device_types: the device types whose tensors it takes (None: any); a request for another
-            is a ValueError.
+        device_types: the device types whose tensors it takes (None: any), or a function giving
+            them when they depend on the environment; a request for another is a ValueError.
         auto_device_types: the device types on which ``auto`` may pick it (None: any, (): never,
             only by name).
         unusable: why it cannot run on tensors on a device of one of its types here, or None.
@@ -50,15 +50,20 @@ class Backend:
     """
 
     name: str
-    device_types: tuple[str, ...] | None
+    device_types: tuple[str, ...] | Callable[[], tuple[str, ...]] | None
     auto_device_types: tuple[str, ...] | None
     unusable: Callable[[torch.device], str | None]
     missing: Callable[[], str | None]
     kernels: Callable[[], kernel_tables.Kernels] | None
 
+    def accepted_device_types(self) -> tuple[str, ...] | None:
+        """The device types whose tensors it takes now (None: any)."""
+        return self.device_types() if callable(self.device_types) else self.device_types
+
     def takes(self, device: torch.device) -> bool:
         """Whether it takes tensors on `device` at all."""
-        return self.device_types is None or device.type in self.device_types
+        accepted = self.accepted_device_types()
+        return accepted is None or device.type in accepted
 
     def auto_may_pick(self, device: torch.device) -> bool:
         """Whether ``auto`` tries it for tensors on `device`."""
@@ -154,6 +159,10 @@ def _triton_missing() -> str | None:
     return None if triton_version() is not None else "triton is not installed"
 
 
+def _triton_device_types() -> tuple[str, ...]:
+    return ("cuda", "cpu") if settings.triton_interpreting() else ("cuda",)
+
+
 def _triton_unusable(device: torch.device) -> str | None:
     missing = _triton_missing()
     if missing is not None:
@@ -187,7 +196,7 @@ REGISTRY: tuple[Backend, ...] = (
     Backend("cpu", ("cpu",), ("cpu",), _cpu_unusable, _cpu_missing, kernel_tables.cpu_kernels),
     # Triton before CUDA until a GPU benchmark (benchmarks/bench_infonce_gpu.py) says otherwise: its
     # tiles use tensor cores, the CUDA kernels plain FP32 FMAs. CPU tensors only in the interpreter.
-    Backend("triton", ("cuda", "cpu"), ("cuda",), _triton_unusable, _triton_missing, kernel_tables.triton_kernels),
+    Backend("triton", _triton_device_types, ("cuda",), _triton_unusable, _triton_missing, kernel_tables.triton_kernels),
     Backend("cuda", ("cuda",), ("cuda",), _cuda_unusable, _cuda_missing, kernel_tables.cuda_kernels),
     Backend("torch", None, None, _always, _always, kernel_tables.torch_kernels),
     Backend("reference", None, (), _always, _always, None),
@@ -328,7 +337,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return chosen
     record = BY_NAME[backend]
     if not record.takes(device):
-        kinds = " or ".join(kind.upper() for kind in record.device_types)
+        kinds = " or ".join(kind.upper() for kind in record.accepted_device_types())
         raise ValueError(f"backend={backend!r} needs {kinds} tensors, got tensors on {device}")
     reason = record.unusable(device)
     if reason is not None:

@@ -126,6 +126,14 @@ def test_other_devices_take_torch_quietly(device):
         backends.resolve("cuda", torch.device(device))
 
 
+def test_triton_takes_cpu_tensors_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backends.resolve("triton", "cpu") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors, got tensors on cpu"):
+        backends.resolve("triton", "cpu")
+
+
 def test_cpu_takes_the_cpu_kernels_and_falls_back_to_torch_with_one_warning(monkeypatch):
     if extension.load_cpu_extension() is not None:
         pytest.skip("the CPU extension is not usable")
