@@ -3,10 +3,11 @@
 Runs every op on the op template's CPU cases (the InfoNCE in both sampling modes, every reduction and dtype,
 with and without a confidence threshold; L_urp, L_cr and one head's losses in every layout; the negative
 selection) through the public API and saves the outputs and gradients; ``compare`` reports every tensor whose
-bytes differ between two such files. Each CPU variant computes its own bits, so compare like with like:
+bytes differ between two such files. Each CPU variant computes its own bits, and random mode's pool gradient
+depends on the thread count (it is summed per thread), so compare like with like:
 
-    RCPS_CPU_VARIANT=avx2 python scripts/cpu_bitwise.py dump before_avx2.pt     # on the old build
-    RCPS_CPU_VARIANT=avx2 python scripts/cpu_bitwise.py dump after_avx2.pt      # after rebuilding
+    OMP_NUM_THREADS=1 RCPS_CPU_VARIANT=avx2 python scripts/cpu_bitwise.py dump before_avx2.pt   # the old build
+    OMP_NUM_THREADS=1 RCPS_CPU_VARIANT=avx2 python scripts/cpu_bitwise.py dump after_avx2.pt    # rebuilt
     python scripts/cpu_bitwise.py compare before_avx2.pt after_avx2.pt
 """
 
