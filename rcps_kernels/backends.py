@@ -160,6 +160,7 @@ def _triton_missing() -> str | None:
 
 
 def _triton_device_types() -> tuple[str, ...]:
+    # CPU tensors only through the interpreter (TRITON_INTERPRET=1: for tests, slow).
     return ("cuda", "cpu") if settings.triton_interpreting() else ("cuda",)
 
 
@@ -168,9 +169,7 @@ def _triton_unusable(device: torch.device) -> str | None:
     if missing is not None:
         return missing
     if device.type == "cpu":
-        if settings.triton_interpreting():
-            return None
-        return "CPU tensors need TRITON_INTERPRET=1 (the interpreter: for tests, slow)"
+        return None  # taken only under the interpreter (_triton_device_types)
     if _is_rocm():
         return None  # with the ieee dot precision (settings.triton_dot_precision)
     return triton_capability_reason(triton_version(), _capability(device))

@@ -1,7 +1,7 @@
 """Run configuration: nested defaults, TOML files (stdlib ``tomllib``), ``--set key=value`` overrides, checks.
 
 Every knob of a run is declared once in :data:`rcps_train.knobs.KNOBS`; :data:`DEFAULTS`, :data:`RULES`,
-:data:`RESUME_SAFE_KEYS` and the reference ``docs/config.md`` (``python -m rcps_train.config --markdown``) come
+:data:`RESUME_SAFE_KEYS` and the reference ``docs/config.md`` (``rcps-train config-reference``) come
 from there. A TOML file overrides any subset of the defaults. Unknown keys and values of the wrong type are errors
 that name the key, so a typo never silently falls back to a default.
 """
